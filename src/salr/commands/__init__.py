@@ -1,0 +1,1 @@
+"""Sub-commands of the `salr` CLI; each module has `register(subparsers)`."""

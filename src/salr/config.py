@@ -1,0 +1,102 @@
+"""SALRConfig: every knob of a SALR conversion, validated up front (PEFT-style names where they exist)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from salr.errors import SALRError
+
+PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
+GRANULARITIES = ("layer", "row", "global")
+SVD_METHODS = ("auto", "exact", "randomized")
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): keep N of every M consecutive weights along the input dim; None for 'unstructured'."""
+    match = PATTERN_RE.match(pattern)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+@dataclass
+class SALRConfig:
+    sparsity: float | None = field(
+        default=0.5,
+        metadata={"help": "fraction of each base weight set to zero, in [0, 1); implied (1 - N/M) for N:M patterns"},
+    )
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'"})
+    granularity: str = field(
+        default="layer",
+        metadata={"help": "unstructured only: threshold per 'layer', per output 'row', or 'global' across layers"},
+    )
+    residual_rank: int = field(default=64, metadata={"help": "rank of the SVD residual adapter (0 = naive pruning)"})
+    r: int = field(default=16, metadata={"help": "LoRA rank (0 = no LoRA block)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: scale = lora_alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input only (never the residual)"})
+    target_modules: list[str] | str | None = field(
+        default="all-linear",
+        metadata={"help": "module names (suffix match), a regex (full match), or 'all-linear'"},
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "names or regex to skip"})
+    svd_method: str = field(
+        default="auto", metadata={"help": "'exact', 'randomized', or 'auto' (randomized for large layers)"}
+    )
+    train_residual: bool = field(
+        default=True, metadata={"help": "False freezes the residual block (the paper's ablation)"}
+    )
+    adapter_dtype: str = field(default="float32", metadata={"help": "dtype of A_cat/B_cat"})
+    seed: int = field(default=0, metadata={"help": "seed for LoRA init and randomized SVD"})
+
+    def __post_init__(self) -> None:
+        nm = parse_nm(self.pattern)
+        if self.pattern != "unstructured" and nm is None:
+            raise SALRError(f"pattern {self.pattern!r} is not understood: use 'unstructured' or 'N:M' such as '2:4'")
+        if nm is not None:
+            n, m = nm
+            if not 0 < n <= m:
+                raise SALRError(f"pattern {self.pattern!r}: need 0 < N <= M (keep N of every M weights)")
+            implied = 1.0 - n / m
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise SALRError(
+                    f"pattern {self.pattern} implies sparsity {implied:g}, but sparsity={self.sparsity:g} was given: "
+                    "leave sparsity unset for N:M patterns"
+                )
+            self.sparsity = implied
+            if self.granularity != "layer":
+                raise SALRError("granularity applies to unstructured pruning only; N:M is always per group")
+        if self.sparsity is None or not 0.0 <= float(self.sparsity) < 1.0:
+            raise SALRError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        self.sparsity = float(self.sparsity)
+        if self.granularity not in GRANULARITIES:
+            raise SALRError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        for name in ("residual_rank", "r"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise SALRError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.r > 0 and self.lora_alpha <= 0:
+            raise SALRError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise SALRError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.svd_method not in SVD_METHODS:
+            raise SALRError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        if self.adapter_dtype not in ("float32", "bfloat16", "float16"):
+            raise SALRError(f"adapter_dtype must be float32, bfloat16 or float16, got {self.adapter_dtype!r}")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_nm(self.pattern)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.r if self.r > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SALRConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("pattern", "unstructured") != "unstructured":
+            known["sparsity"] = None  # implied by the pattern; avoids float round-trip mismatch
+        return cls(**known)

@@ -1,0 +1,97 @@
+"""SALR for mixture-of-experts blocks whose experts are fused 3-D parameters (transformers 5 Mixtral, Qwen-MoE).
+
+Such a block holds `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] instead of nn.Linear modules. Each
+expert is pruned on its own and gets its own residual + LoRA blocks: A_cat [E, r, in], B_cat [E, out, r].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from salr.errors import SALRError
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """True for a transformers-5 experts block with 3-D `gate_up_proj` and `down_proj` parameters."""
+    params = dict(module.named_parameters(recurse=False))
+    return all(name in params and params[name].dim() == 3 for name in EXPERT_PARAMS)
+
+
+def check_supported(module: nn.Module, name: str) -> None:
+    """Only the standard eager layout is re-implemented; refuse anything else instead of computing wrong outputs."""
+    problems = []
+    if getattr(module, "is_transposed", False):
+        problems.append("transposed weights")
+    if not getattr(module, "is_concatenated", True):
+        problems.append("interleaved gate/up layout")
+    if getattr(module, "has_bias", False) or hasattr(module, "gate_up_proj_bias"):
+        problems.append("expert biases")
+    if getattr(module, "has_post_expert_norm", False):
+        problems.append("post-expert norms")
+    if not hasattr(module, "act_fn"):
+        problems.append("no act_fn")
+    if problems:
+        raise SALRError(
+            f"experts block {name!r} ({type(module).__name__}) uses {', '.join(problems)}, which salr does not "
+            "support yet: exclude it with exclude_modules"
+        )
+
+
+class SALRExpertsProjection(nn.Module):
+    """One fused expert projection: frozen masked base [E, out, in] + per-expert fused adapters."""
+
+    def __init__(
+        self, base: torch.Tensor, A_cat: torch.Tensor, B_cat: torch.Tensor, residual_rank: int, lora_scale: float
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", base.detach())
+        self.A_cat = nn.Parameter(A_cat)  # [E, r, in]
+        self.B_cat = nn.Parameter(B_cat)  # [E, out, r]
+        self.residual_rank = residual_rank
+        self.lora_rank = A_cat.shape[1] - residual_rank
+        self.lora_scale = lora_scale
+        scale = torch.cat([torch.ones(residual_rank), torch.full((self.lora_rank,), float(lora_scale))])
+        self.register_buffer("rank_scale", scale.to(A_cat.dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        y = F.linear(x, self.weight[expert])
+        if self.A_cat.shape[1] > 0:
+            h = F.linear(x.to(self.A_cat.dtype), self.A_cat[expert]) * self.rank_scale
+            y = y + F.linear(h, self.B_cat[expert]).to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        delta = torch.einsum("eor,er,eri->eoi", self.B_cat.float(), self.rank_scale.float()[None].expand(
+            self.B_cat.shape[0], -1), self.A_cat.float())
+        return (self.weight.float() + delta).to(self.weight.dtype)
+
+
+class SALRExperts(nn.Module):
+    """Replaces a fused experts block; same forward signature (hidden_states, top_k_index, top_k_weights)."""
+
+    def __init__(self, original: nn.Module, gate_up_proj: SALRExpertsProjection, down_proj: SALRExpertsProjection):
+        super().__init__()
+        self.num_experts = gate_up_proj.weight.shape[0]
+        self.act_fn = original.act_fn
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # hidden_states: [T, H]; top_k_index, top_k_weights: [T, k]
+        out = torch.zeros_like(hidden_states)
+        for expert in torch.unique(top_k_index).tolist():
+            if not 0 <= expert < self.num_experts:
+                continue  # padding index used by expert-parallel routing
+            token_idx, k_pos = torch.where(top_k_index == expert)
+            x = hidden_states[token_idx]
+            gate, up = self.gate_up_proj(x, expert).chunk(2, dim=-1)
+            y = self.down_proj(self.act_fn(gate) * up, expert)
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        return out

@@ -1,0 +1,135 @@
+"""SALRLinear: a frozen sparse base plus one fused low-rank branch holding the residual and LoRA blocks.
+
+    y = base(x) + bias + B_cat @ (scale ⊙ (A_cat @ x))
+
+A_cat = [A_res; A_lora] (r_res + r_lora, in) and B_cat = [B_res, B_lora] (out, r_res + r_lora), so the adapter
+branch is two GEMMs however many blocks there are. scale is 1 on the residual block and lora_alpha / r on the
+LoRA block. At init B_lora = 0, so the layer computes (M ⊙ W0) x + E_r x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DenseBase(nn.Module):
+    """Frozen base weight stored dense (pruned entries are zeros). Same interface as sparse.BitmapBase."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach())
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str = "meta") -> DenseBase:
+        return cls(torch.empty(shape, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class SALRLinear(nn.Module):
+    """Drop-in replacement for nn.Linear: frozen `base` (+ bias) and a trainable fused `A_cat` / `B_cat`."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        bias: torch.Tensor | None,
+        A_cat: torch.Tensor,
+        B_cat: torch.Tensor,
+        residual_rank: int,
+        lora_scale: float,
+        lora_dropout: float = 0.0,
+        train_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.out_features, self.in_features = base.shape
+        self.residual_rank = residual_rank
+        self.lora_rank = A_cat.shape[0] - residual_rank
+        self.lora_scale = lora_scale
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self.A_cat = nn.Parameter(A_cat)
+        self.B_cat = nn.Parameter(B_cat)
+        scale = torch.cat([torch.ones(residual_rank), torch.full((self.lora_rank,), float(lora_scale))])
+        self.register_buffer("rank_scale", scale.to(A_cat.dtype), persistent=False)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.train_residual = train_residual
+        if not train_residual and residual_rank > 0:
+            # The paper's ablation: the residual block stays at its SVD init. Its gradient rows/cols are zeroed;
+            # train with weight_decay=0 on adapters (salr.train does) so the optimizer leaves them bit-identical.
+            self.A_cat.register_hook(self._zero_residual_grad_rows)
+            self.B_cat.register_hook(self._zero_residual_grad_cols)
+
+    def _zero_residual_grad_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[: self.residual_rank] = 0
+        return grad
+
+    def _zero_residual_grad_cols(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:, : self.residual_rank] = 0
+        return grad
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense frozen base (masked W0), for code that inspects `.weight` of linear layers."""
+        return self.base.to_dense()
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        x = x.to(self.A_cat.dtype)
+        if self.training and not isinstance(self.lora_dropout, nn.Identity) and self.lora_rank > 0:
+            # Dropout may only touch the LoRA input: the residual block must reconstruct E_r exactly.
+            r = self.residual_rank
+            h = torch.cat([F.linear(x, self.A_cat[:r]), F.linear(self.lora_dropout(x), self.A_cat[r:])], dim=-1)
+        else:
+            h = F.linear(x, self.A_cat)
+        return F.linear(h * self.rank_scale, self.B_cat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.A_cat.shape[0] > 0:
+            y = y + self.adapter_forward(x).to(y.dtype)
+        return y
+
+    def delta_weight(self) -> torch.Tensor:
+        """B_cat diag(scale) A_cat in fp32: everything the adapters add to the base."""
+        return (self.B_cat.float() * self.rank_scale.float()) @ self.A_cat.float()
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """Dense M ⊙ W0 + B_cat diag(scale) A_cat, in the base dtype, for export."""
+        return (self.base.to_dense().float() + self.delta_weight()).to(self.base.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """An nn.Linear with the merged weight (adapters folded in)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, residual_rank={self.residual_rank}, "
+            f"lora_rank={self.lora_rank}, lora_scale={self.lora_scale:g}, train_residual={self.train_residual}"
+        )

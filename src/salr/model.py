@@ -1,0 +1,282 @@
+"""Find the target layers of any Hugging Face causal LM and convert them to SALR layers in place.
+
+Data flow per layer (one layer at a time, so memory stays bounded): W0 -> mask -> M ⊙ W0 (frozen base)
+-> E = W0 - M ⊙ W0 -> truncated SVD -> [A_res; A_lora], [B_res, B_lora] -> SALRLinear.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from salr.config import SALRConfig
+from salr.errors import SALRError
+from salr.experts import EXPERT_PARAMS, SALRExperts, SALRExpertsProjection, check_supported, is_fused_experts
+from salr.layer import DenseBase, SALRLinear
+from salr.pruning import global_threshold, magnitude_mask
+from salr.residual import residual_svd
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Target:
+    name: str  # "model.layers.0.self_attn.q_proj" or "model.layers.0.mlp.experts.gate_up_proj"
+    module_name: str  # the nn.Linear itself, or the experts block that owns the 3-D parameter
+    kind: str  # "linear" or "experts"
+
+
+def _candidates(model: nn.Module) -> list[Target]:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | SALRLinear):
+            found.append(Target(name, name, "linear"))
+        elif is_fused_experts(module):
+            found.extend(Target(f"{name}.{p}", name, "experts") for p in EXPERT_PARAMS)
+        if module is output and found and found[-1].module_name == name:
+            found[-1].kind = "output"  # lm_head: only pruned when named explicitly
+    return found
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def find_targets(model: nn.Module, config: SALRConfig) -> list[Target]:
+    """Targets named by config.target_modules minus exclude_modules (PEFT semantics: suffix names or a regex)."""
+    candidates = _candidates(model)
+    spec = config.target_modules
+    if spec is None or spec == "all-linear":
+        chosen = [t for t in candidates if t.kind != "output"]
+    else:
+        chosen = [t for t in candidates if _matches(t.name, spec)]
+        if isinstance(spec, list):
+            missing = [s for s in spec if not any(_matches(t.name, [s]) for t in candidates)]
+            if missing:
+                leaves = sorted({t.name.rsplit(".", 1)[-1] for t in candidates})
+                raise SALRError(f"target_modules {missing} match no linear layer of this model; available: {leaves}")
+    if config.exclude_modules:
+        chosen = [t for t in chosen if not _matches(t.name, config.exclude_modules)]
+    if not chosen:
+        raise SALRError(f"no layer matches target_modules={spec!r} (after exclude_modules={config.exclude_modules!r})")
+    return chosen
+
+
+def _lora_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    # PEFT's default LoRA init: kaiming-uniform A (a = sqrt(5)), zero B.
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+
+
+def _salr_factors(
+    weight: torch.Tensor, config: SALRConfig, threshold: float | None, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Prune one 2-D weight and build its fused adapters. Returns (base, A_cat, B_cat, report row)."""
+    out_dim, in_dim = weight.shape
+    w0 = weight.detach().float()
+    mask = magnitude_mask(w0, config.sparsity, config.pattern, config.granularity, threshold)
+    factors = residual_svd(w0 - w0 * mask, config.residual_rank, config.svd_method, seed=config.seed)
+    A_cat = torch.cat([factors.A, _lora_A(config.r, in_dim, generator)])
+    B_cat = torch.cat([factors.B, torch.zeros(out_dim, config.r)], dim=1)
+    rank = config.residual_rank
+    row = {
+        "shape": [out_dim, in_dim],
+        "sparsity": 1.0 - float(mask.float().mean()),
+        "pruned_energy": factors.error_energy,
+        "residual_energy_after_svd": factors.tail_energy,
+        "svd_tail_energy": float(factors.singular_values[rank:].pow(2).sum())
+        if factors.singular_values.numel() == min(out_dim, in_dim)
+        else None,
+        "theorem3_bound": (1.0 - rank / min(out_dim, in_dim)) * factors.error_energy,
+    }
+    base = (w0 * mask).to(weight.dtype)
+    return base, A_cat, B_cat, row
+
+
+def _check_ranks(target: Target, shape: tuple[int, ...], config: SALRConfig) -> None:
+    limit = min(shape[-2:])
+    if config.residual_rank > limit:
+        raise SALRError(
+            f"residual_rank {config.residual_rank} exceeds min(out, in) = {limit} of {target.name} "
+            f"{tuple(shape)}: choose residual_rank <= {limit} or exclude the layer"
+        )
+    nm = config.nm
+    if nm and shape[-1] % nm[1]:
+        raise SALRError(
+            f"pattern {config.pattern} needs the input dimension of {target.name} {tuple(shape)} divisible by "
+            f"{nm[1]}: exclude the layer (exclude_modules) or use unstructured pruning"
+        )
+
+
+def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Replace every target layer of `model` with its SALR version, in place, and return the report.
+
+    With `init=False` only the structure is built (empty tensors, nothing pruned): the checkpoint loader uses it
+    before loading saved tensors. The base stays in the model's dtype; adapters are in config.adapter_dtype.
+    """
+    started = time.perf_counter()
+    targets = find_targets(model, config)
+    modules = dict(model.named_modules())
+    adapter_dtype = DTYPES[config.adapter_dtype]
+    for target in targets:
+        owner = modules[target.module_name]
+        shape = getattr(owner, target.name.rsplit(".", 1)[-1]).shape if target.kind == "experts" else owner.weight.shape
+        _check_ranks(target, tuple(shape), config)
+    threshold = None
+    if init and config.granularity == "global" and config.nm is None:
+        threshold = global_threshold(
+            [getattr(modules[t.module_name], t.name.rsplit(".", 1)[-1]) if t.kind == "experts"
+             else modules[t.module_name].weight for t in targets],
+            config.sparsity,
+        )
+    generator = torch.Generator().manual_seed(config.seed)
+    rows: list[dict[str, Any]] = []
+    experts_done: dict[str, dict[str, SALRExpertsProjection]] = {}
+    for target in tqdm(targets, desc="salr convert", disable=not progress or not init, unit="layer"):
+        owner = modules[target.module_name]
+        if target.kind == "experts":
+            param_name = target.name.rsplit(".", 1)[-1]
+            proj, proj_rows = _convert_experts_param(owner, param_name, target.name, config, threshold, generator, init)
+            experts_done.setdefault(target.module_name, {})[param_name] = proj
+            rows.extend(proj_rows)
+            continue
+        if isinstance(owner, SALRLinear):
+            raise SALRError(f"{target.name} is already a SALR layer: convert a dense model")
+        weight = owner.weight
+        if init:
+            base, A_cat, B_cat, row = _salr_factors(weight, config, threshold, generator)
+            rows.append({"name": target.name, **row})
+        else:
+            out_dim, in_dim = weight.shape
+            rank = config.residual_rank + config.r
+            base = torch.empty(out_dim, in_dim, dtype=weight.dtype, device="meta")
+            A_cat = torch.empty(rank, in_dim, device="meta")
+            B_cat = torch.empty(out_dim, rank, device="meta")
+        layer = SALRLinear(
+            DenseBase(base),
+            owner.bias,
+            A_cat.to(adapter_dtype),
+            B_cat.to(adapter_dtype),
+            residual_rank=config.residual_rank,
+            lora_scale=config.lora_scale,
+            lora_dropout=config.lora_dropout,
+            train_residual=config.train_residual,
+        )
+        _set_submodule(model, target.module_name, layer)
+    for module_name, projections in experts_done.items():
+        original = modules[module_name]
+        missing = [p for p in EXPERT_PARAMS if p not in projections]
+        if missing:
+            raise SALRError(f"{module_name}: both {EXPERT_PARAMS} must be targeted together (missing {missing})")
+        _set_submodule(model, module_name, SALRExperts(original, projections["gate_up_proj"], projections["down_proj"]))
+    mark_trainable(model)
+    if not init:
+        return {"config": config.to_dict(), "layers": [], "totals": {"target_layers": len(targets)}}
+    report = build_report(model, rows, config)
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _convert_experts_param(
+    owner: nn.Module,
+    param_name: str,
+    name: str,
+    config: SALRConfig,
+    threshold: float | None,
+    generator: torch.Generator,
+    init: bool,
+) -> tuple[SALRExpertsProjection, list[dict[str, Any]]]:
+    check_supported(owner, name)
+    weight = getattr(owner, param_name)
+    n_experts, out_dim, in_dim = weight.shape
+    rank = config.residual_rank + config.r
+    adapter_dtype = DTYPES[config.adapter_dtype]
+    if not init:
+        base = torch.empty_like(weight, device="meta")
+        A_cat = torch.empty(n_experts, rank, in_dim, device="meta", dtype=adapter_dtype)
+        B_cat = torch.empty(n_experts, out_dim, rank, device="meta", dtype=adapter_dtype)
+        return SALRExpertsProjection(base, A_cat, B_cat, config.residual_rank, config.lora_scale), []
+    bases, As, Bs, rows = [], [], [], []
+    for e in range(n_experts):
+        base, A_cat, B_cat, row = _salr_factors(weight[e], config, threshold, generator)
+        bases.append(base)
+        As.append(A_cat)
+        Bs.append(B_cat)
+        rows.append({"name": f"{name}[{e}]", **row})
+    proj = SALRExpertsProjection(
+        torch.stack(bases),
+        torch.stack(As).to(adapter_dtype),
+        torch.stack(Bs).to(adapter_dtype),
+        config.residual_rank,
+        config.lora_scale,
+    )
+    return proj, rows
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def salr_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SALRLinear | SALRExpertsProjection)]
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freeze everything except A_cat / B_cat (PEFT-style)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(("A_cat", "B_cat")))
+
+
+def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfig) -> dict[str, Any]:
+    """Per-layer rows plus totals. Counts are of weights (parameters and frozen base buffers)."""
+    layers = salr_modules(model)
+    base_numel = base_nonzero = adapter_params = 0
+    for _, module in layers:
+        dense = module.base.to_dense() if isinstance(module, SALRLinear) else module.weight
+        base_numel += dense.numel()
+        base_nonzero += int((dense != 0).sum()) if dense.device.type != "meta" else 0
+        adapter_params += module.A_cat.numel() + module.B_cat.numel()
+    other = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat")))
+    other_nonzero = sum(
+        int((p != 0).sum()) for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat"))
+    )
+    bias = sum(m.bias.numel() for _, m in layers if getattr(m, "bias", None) is not None)
+    return {
+        "config": config.to_dict(),
+        "layers": rows,
+        "totals": {
+            "target_layers": len(rows),
+            "sparsity": 1.0 - base_nonzero / base_numel if base_numel else 0.0,
+            "parameters": other + base_numel + bias,
+            "nonzero_parameters": other_nonzero + base_nonzero + bias,
+            "adapter_parameters": adapter_params,
+            "pruned_energy": sum(r["pruned_energy"] for r in rows),
+            "residual_energy_after_svd": sum(r["residual_energy_after_svd"] for r in rows),
+        },
+    }
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold adapters into dense weights and put plain nn.Linear / 3-D expert parameters back, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SALRLinear):
+            _set_submodule(model, name, module.to_linear())
+        elif isinstance(module, SALRExperts):
+            raise SALRError("merge_and_unload of SALR experts blocks is not supported yet; save the SALR checkpoint")
+    return model

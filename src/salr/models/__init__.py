@@ -1,0 +1,70 @@
+"""Load any supported `--model`: 'default', a Hugging Face directory or hub id, a llama2.c checkpoint, or a SALR
+checkpoint directory. Every loader returns (transformers causal LM in eval mode, tokenizer)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from salr.errors import SALRError
+from salr.models.default import load_default
+from salr.models.llama2c import load_llama2c_model, load_llama2c_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _llama2c_tokenizer_path(model_path: Path) -> Path:
+    for candidate in [model_path.parent / "tokenizer.bin", *sorted(model_path.parent.glob("tok*.bin"))]:
+        if candidate.is_file():
+            return candidate
+    raise SALRError(f"no tokenizer found beside {model_path}: put llama2.c's tokenizer.bin (or tok*.bin) next to it")
+
+
+def is_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
+
+
+def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) for `spec`; `dtype` ('float32', 'bfloat16', 'float16') casts the weights."""
+    path = Path(spec).expanduser()
+    if spec == "default":
+        model, tokenizer = load_default()
+    elif path.is_file() and path.suffix == ".bin":
+        model, tokenizer = load_llama2c_model(path), load_llama2c_tokenizer(_llama2c_tokenizer_path(path))
+    elif path.is_dir() and (path / "salr_config.json").is_file():
+        from salr.checkpoint import load  # local import: checkpoint imports this module
+
+        model, tokenizer = load(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer = _from_pretrained(str(path))
+    elif path.is_dir():
+        raise SALRError(f"{path} is neither a Hugging Face model directory (config.json) nor a SALR checkpoint")
+    elif is_hub_id(spec):
+        model, tokenizer = _from_pretrained(spec)
+    else:
+        raise SALRError(
+            f"model {spec!r} not found: pass 'default', a Hugging Face model directory or hub id, a llama2.c "
+            "checkpoint (*.bin with its tokenizer beside it), or a SALR checkpoint directory"
+        )
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        model = model.to(DTYPES[dtype])
+    return model.eval(), tokenizer
+
+
+def _from_pretrained(name: str) -> tuple[PreTrainedModel, object]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001 - any failure here is a bad or unreachable model for the user
+        raise SALRError(
+            f"could not load {name!r} ({type(err).__name__}: {err}). If it is a hub id, are you offline? "
+            "Pass a local model directory instead; if it is a directory, its files may be missing or corrupt."
+        ) from err
+    return model, tokenizer

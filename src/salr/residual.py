@@ -1,0 +1,57 @@
+"""Residual adapter initialisation: truncated SVD of the pruning error E = W0 - M ⊙ W0.
+
+B_res = U_r sqrt(S_r), A_res = sqrt(S_r) V_r^T, so B_res @ A_res = E_r, the best rank-r approximation of E
+(Eckart–Young). Always computed in fp32, whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from salr.errors import SALRError
+
+# Above this many rows/cols an exact SVD costs seconds per layer; randomized SVD is near-exact for small ranks.
+RANDOMIZED_MIN_DIM = 2048
+
+
+@dataclass
+class ResidualFactors:
+    B: torch.Tensor  # [out, r] fp32
+    A: torch.Tensor  # [r, in]  fp32
+    singular_values: torch.Tensor  # the top-r singular values of E (all of them for the exact method)
+    error_energy: float  # ||E||_F^2
+    tail_energy: float  # ||E - B A||_F^2, measured
+
+
+def residual_svd(error: torch.Tensor, rank: int, method: str = "auto", seed: int = 0) -> ResidualFactors:
+    """Rank-`rank` factors of `error` [out, in]; `method` is 'exact', 'randomized' or 'auto'."""
+    out_dim, in_dim = error.shape
+    if rank < 0 or rank > min(out_dim, in_dim):
+        raise SALRError(
+            f"residual rank {rank} is larger than the layer allows (min(out, in) = {min(out_dim, in_dim)} for shape "
+            f"{tuple(error.shape)}): choose a rank <= {min(out_dim, in_dim)}"
+        )
+    e = error.detach().float()
+    energy = float(e.pow(2).sum())
+    if rank == 0:
+        empty = e.new_zeros
+        return ResidualFactors(empty(out_dim, 0), empty(0, in_dim), empty(0), energy, energy)
+    if method == "auto":
+        method = "randomized" if min(out_dim, in_dim) > RANDOMIZED_MIN_DIM and rank * 4 < min(out_dim, in_dim) else "exact"
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(e, full_matrices=False)
+    elif method == "randomized":
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(e, q=min(rank + 16, min(out_dim, in_dim)), niter=4)
+        torch.random.set_rng_state(gen_state)
+        vh = v.T
+    else:
+        raise SALRError(f"svd method must be 'exact', 'randomized' or 'auto', got {method!r}")
+    root = s[:rank].sqrt()
+    B = u[:, :rank] * root
+    A = root[:, None] * vh[:rank]
+    tail = float((e - B @ A).pow(2).sum())
+    return ResidualFactors(B.contiguous(), A.contiguous(), s, energy, tail)
