@@ -1,9 +1,9 @@
 """salr: Sparsity-Aware Low-Rank Representation (SALR, arXiv 2601.16991) for Hugging Face causal LMs.
 
-    model, tok = salr.load_model("default")
-    report = salr.convert(model, salr.SALRConfig(sparsity=0.5, residual_rank=64, r=16))
-    salr.save(model, "out/", config, tokenizer=tok)
-    model, tok = salr.load("out/")
+model, tok = salr.load_model("default")
+report = salr.convert(model, salr.SALRConfig(sparsity=0.5, residual_rank=64, r=16))
+salr.save(model, "out/", config, tokenizer=tok)
+model, tok = salr.load("out/")
 """
 
 from salr.checkpoint import load, save

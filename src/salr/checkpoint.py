@@ -127,7 +127,9 @@ def read_salr_config(directory: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise SALRError(f"{path} is corrupt ({err}): re-create the checkpoint with `salr compress`") from err
     if meta.get("format_version") != FORMAT_VERSION:
-        raise SALRError(f"{path}: format version {meta.get('format_version')} is not supported (need {FORMAT_VERSION})")
+        raise SALRError(
+            f"{path}: format version {meta.get('format_version')} is not supported (need {FORMAT_VERSION})"
+        )
     return meta
 
 

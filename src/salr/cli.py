@@ -14,7 +14,7 @@ import sys
 from salr.errors import SALRError
 
 # Sub-command name -> module under salr.commands. Imported lazily so `salr --help` stays fast.
-COMMANDS = ["compress", "eval", "theory", "bench", "train", "demo"]
+COMMANDS = ["compress", "demo"]  # grows as commands land: eval, theory, bench, train, demo
 
 logger = logging.getLogger("salr")
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"salr.commands.{name.replace('-', '_')}")
+        module = importlib.import_module(f"salr.commands.{name}")
         module.register(subparsers)
     return parser
 

@@ -66,8 +66,12 @@ class SALRExpertsProjection(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        delta = torch.einsum("eor,er,eri->eoi", self.B_cat.float(), self.rank_scale.float()[None].expand(
-            self.B_cat.shape[0], -1), self.A_cat.float())
+        delta = torch.einsum(
+            "eor,er,eri->eoi",
+            self.B_cat.float(),
+            self.rank_scale.float()[None].expand(self.B_cat.shape[0], -1),
+            self.A_cat.float(),
+        )
         return (self.weight.float() + delta).to(self.weight.dtype)
 
 

@@ -133,13 +133,19 @@ def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: b
     adapter_dtype = DTYPES[config.adapter_dtype]
     for target in targets:
         owner = modules[target.module_name]
-        shape = getattr(owner, target.name.rsplit(".", 1)[-1]).shape if target.kind == "experts" else owner.weight.shape
+        shape = (
+            getattr(owner, target.name.rsplit(".", 1)[-1]).shape if target.kind == "experts" else owner.weight.shape
+        )
         _check_ranks(target, tuple(shape), config)
     threshold = None
     if init and config.granularity == "global" and config.nm is None:
         threshold = global_threshold(
-            [getattr(modules[t.module_name], t.name.rsplit(".", 1)[-1]) if t.kind == "experts"
-             else modules[t.module_name].weight for t in targets],
+            [
+                getattr(modules[t.module_name], t.name.rsplit(".", 1)[-1])
+                if t.kind == "experts"
+                else modules[t.module_name].weight
+                for t in targets
+            ],
             config.sparsity,
         )
     generator = torch.Generator().manual_seed(config.seed)
@@ -149,7 +155,9 @@ def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: b
         owner = modules[target.module_name]
         if target.kind == "experts":
             param_name = target.name.rsplit(".", 1)[-1]
-            proj, proj_rows = _convert_experts_param(owner, param_name, target.name, config, threshold, generator, init)
+            proj, proj_rows = _convert_experts_param(
+                owner, param_name, target.name, config, threshold, generator, init
+            )
             experts_done.setdefault(target.module_name, {})[param_name] = proj
             rows.extend(proj_rows)
             continue
@@ -181,7 +189,9 @@ def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: b
         missing = [p for p in EXPERT_PARAMS if p not in projections]
         if missing:
             raise SALRError(f"{module_name}: both {EXPERT_PARAMS} must be targeted together (missing {missing})")
-        _set_submodule(model, module_name, SALRExperts(original, projections["gate_up_proj"], projections["down_proj"]))
+        _set_submodule(
+            model, module_name, SALRExperts(original, projections["gate_up_proj"], projections["down_proj"])
+        )
     mark_trainable(model)
     if not init:
         return {"config": config.to_dict(), "layers": [], "totals": {"target_layers": len(targets)}}
@@ -252,9 +262,7 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
         base_nonzero += int((dense != 0).sum()) if dense.device.type != "meta" else 0
         adapter_params += module.A_cat.numel() + module.B_cat.numel()
     other = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat")))
-    other_nonzero = sum(
-        int((p != 0).sum()) for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat"))
-    )
+    other_nonzero = sum(int((p != 0).sum()) for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat")))
     bias = sum(m.bias.numel() for _, m in layers if getattr(m, "bias", None) is not None)
     return {
         "config": config.to_dict(),

@@ -39,7 +39,9 @@ def residual_svd(error: torch.Tensor, rank: int, method: str = "auto", seed: int
         empty = e.new_zeros
         return ResidualFactors(empty(out_dim, 0), empty(0, in_dim), empty(0), energy, energy)
     if method == "auto":
-        method = "randomized" if min(out_dim, in_dim) > RANDOMIZED_MIN_DIM and rank * 4 < min(out_dim, in_dim) else "exact"
+        method = (
+            "randomized" if min(out_dim, in_dim) > RANDOMIZED_MIN_DIM and rank * 4 < min(out_dim, in_dim) else "exact"
+        )
     if method == "exact":
         u, s, vh = torch.linalg.svd(e, full_matrices=False)
     elif method == "randomized":

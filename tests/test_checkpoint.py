@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+import salr
+from salr.errors import SALRError
+
+
+@pytest.fixture
+def saved(stories, tmp_path):
+    model, tokenizer = stories
+    config = salr.SALRConfig(sparsity=0.5, residual_rank=8, r=4)
+    salr.convert(model, config, progress=False)
+    with torch.no_grad():  # make LoRA non-zero so the round trip checks it too
+        for name, p in model.named_parameters():
+            if name.endswith("B_cat"):
+                p.add_(0.01)
+    out = tmp_path / "ckpt"
+    salr.save(model, out, config, tokenizer=tokenizer, base_model="stories260K")
+    return model, tokenizer, out
+
+
+def test_round_trip_gives_identical_logits_and_structure(saved):
+    model, tokenizer, out = saved
+    loaded, loaded_tok = salr.load(out)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied weights stay tied
+    assert loaded_tok("Once upon a time").input_ids == tokenizer("Once upon a time").input_ids
+    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("A_cat", "B_cat")) for n in trainable)
+
+
+def test_salr_checkpoint_loads_through_load_model(saved):
+    model, tokenizer, out = saved
+    loaded, _ = salr.load_model(str(out))
+    ids = tokenizer("The dog", return_tensors="pt").input_ids
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_corrupt_weights_are_detected(saved):
+    _, _, out = saved
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SALRError, match="corrupt"):
+        salr.load(out)
+
+
+def test_truncated_weights_are_detected_even_without_checksums(saved):
+    _, _, out = saved
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SALRError, match="sha256 mismatch"):
+        salr.load(out)
+    with pytest.raises(SALRError, match="cannot be read"):
+        salr.load(out, verify_checksums=False)
+
+
+def test_missing_file_and_bad_config_are_clear_errors(saved, tmp_path):
+    _, _, out = saved
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(SALRError, match="missing"):
+        salr.load(out)
+    (out / "salr_config.json").write_text("{not json")
+    with pytest.raises(SALRError, match="corrupt"):
+        salr.load(out)
+    with pytest.raises(SALRError, match="not a SALR checkpoint"):
+        salr.load(tmp_path)
+
+
+def test_save_replaces_existing_checkpoint_and_leaves_no_temp_dirs(saved):
+    model, tokenizer, out = saved
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.B_cat.add_(1.0)
+    salr.save(model, out, salr.SALRConfig(sparsity=0.5, residual_rank=8, r=4), tokenizer=tokenizer)
+    assert [p.name for p in out.parent.iterdir()] == ["ckpt"]
+    loaded, _ = salr.load(out)
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.B_cat, model.model.layers[0].self_attn.q_proj.B_cat)
+
+
+def test_save_refuses_to_overwrite_a_foreign_directory(stories, tmp_path):
+    model, tokenizer = stories
+    config = salr.SALRConfig(residual_rank=2, r=2)
+    salr.convert(model, config, progress=False)
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(SALRError, match="refusing to overwrite"):
+        salr.save(model, target, config)
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_mixtral_round_trip(tiny_mixtral, tmp_path):
+    config = salr.SALRConfig(residual_rank=4, r=2)
+    salr.convert(tiny_mixtral, config, progress=False)
+    salr.save(tiny_mixtral, tmp_path / "moe", config)
+    loaded, tok = salr.load(tmp_path / "moe")
+    ids = torch.randint(0, 128, (2, 9))
+    assert tok is None
+    assert torch.equal(loaded(ids).logits, tiny_mixtral(ids).logits)

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from salr.errors import SALRError
+from salr.pruning import magnitude_mask
+from salr.residual import residual_svd
+
+
+def _error(shape, sparsity=0.5, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(shape)
+    return w - w * magnitude_mask(w, sparsity)
+
+
+@pytest.mark.parametrize("shape,rank", [((40, 60), 8), ((60, 40), 40), ((33, 17), 1), ((16, 16), 0)])
+def test_exact_svd_factors_give_best_rank_r_approximation(shape, rank):
+    e = _error(shape)
+    f = residual_svd(e, rank, method="exact")
+    assert f.B.shape == (shape[0], rank) and f.A.shape == (rank, shape[1])
+    s = torch.linalg.svdvals(e.double())
+    tail = float(s[rank:].pow(2).sum())
+    assert f.tail_energy == pytest.approx(tail, rel=1e-4, abs=1e-6)
+    # Theorem 3: the tail is at most (1 - r / min(d, k)) of the pruned energy.
+    assert f.tail_energy <= (1 - rank / min(shape)) * f.error_energy + 1e-6 * f.error_energy
+    # B = U sqrt(S), A = sqrt(S) V^T: both factors carry the same singular values.
+    if rank:
+        assert torch.allclose(f.B.norm(dim=0), f.A.norm(dim=1), rtol=1e-4)
+
+
+def test_randomized_svd_is_close_to_exact_on_large_layer():
+    e = _error((600, 300))
+    exact = residual_svd(e, 16, method="exact")
+    approx = residual_svd(e, 16, method="randomized")
+    assert approx.tail_energy >= exact.tail_energy * (1 - 1e-5)  # cannot beat Eckart–Young
+    assert approx.tail_energy <= exact.tail_energy * 1.02
+
+
+def test_half_precision_error_is_decomposed_in_fp32():
+    e = _error((32, 48)).to(torch.bfloat16)
+    f = residual_svd(e, 4)
+    assert f.A.dtype == torch.float32 and f.B.dtype == torch.float32
+
+
+def test_rank_larger_than_layer_is_a_clear_error():
+    with pytest.raises(SALRError, match="residual rank 20 is larger"):
+        residual_svd(torch.randn(10, 30), 20)
