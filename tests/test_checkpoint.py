@@ -100,3 +100,25 @@ def test_mixtral_round_trip(tiny_mixtral, tmp_path):
     ids = torch.randint(0, 128, (2, 9))
     assert tok is None
     assert torch.equal(loaded(ids).logits, tiny_mixtral(ids).logits)
+
+
+def test_bitmap_base_checkpoint_round_trip_and_size(stories_path, tmp_path):
+    from salr.checkpoint import size_report
+    from salr.model import pack_bases
+    from salr.sparse import BitmapBase
+
+    model, tokenizer = salr.load_model(str(stories_path), dtype="bfloat16")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    config = salr.SALRConfig(sparsity=0.5, residual_rank=4, r=2, adapter_dtype="bfloat16")
+    salr.convert(model, config, progress=False)
+    assert pack_bases(model) == 35
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    expected = model(ids).logits
+    salr.save(model, tmp_path / "bm", config, tokenizer=tokenizer)
+    loaded, _ = salr.load(tmp_path / "bm")
+    assert isinstance(loaded.model.layers[0].mlp.up_proj.base, BitmapBase)
+    assert torch.equal(loaded(ids).logits, expected)
+    sizes = size_report(loaded, tmp_path / "bm")
+    # Above the ideal only by the int64 row offsets (8 bytes per 64-wide row here: ~11 %) and the header.
+    assert sizes["ideal_bytes"] < sizes["checkpoint_bytes"] < 1.15 * sizes["ideal_bytes"]
+    assert sizes["checkpoint_bytes"] < sizes["dense_bytes"]

@@ -31,7 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.io import atomic_write_json
-from salr.model import convert
+from salr.layer import SALRLinear
+from salr.model import base_format, convert, mark_trainable, salr_modules
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def save(
                 "format_version": FORMAT_VERSION,
                 "salr": config.to_dict(),
                 "base_model": base_model,
+                "base_format": base_format(model),
                 "tied_tensors": aliases,
                 "files": files,
             },
@@ -103,6 +105,37 @@ def save(
         raise
     logger.info("saved SALR checkpoint to %s", directory)
     return directory
+
+
+def size_report(model: nn.Module, directory: str | os.PathLike) -> dict[str, int]:
+    """Bytes of the saved weights vs the format's ideal and the dense model in the same dtypes.
+
+    ideal: 1 bit per base weight + the kept values for bitmap bases (row offsets excluded), every other tensor
+    (adapters, dense bases, everything not pruned) at its own size. dense: every weight dense, no adapters.
+    """
+    from salr.sparse import BitmapBase
+    from salr.sparse.format import dense_nbytes, ideal_bitmap_nbytes
+
+    tensors, _ = _unique_state_dict(model)
+    ideal = dense = 0
+    bitmap_prefixes = set()
+    for name, module in model.named_modules():
+        if isinstance(module, BitmapBase):
+            bitmap_prefixes.add(f"{name}.")
+            ideal += ideal_bitmap_nbytes(module.shape, module.nnz, module.dtype)
+            dense += dense_nbytes(module.shape, module.dtype)
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if any(name.startswith(p) for p in bitmap_prefixes):
+            continue
+        ideal += nbytes
+        if not name.endswith(("A_cat", "B_cat")):
+            dense += nbytes
+    return {
+        "checkpoint_bytes": (Path(directory) / WEIGHTS_NAME).stat().st_size,
+        "ideal_bytes": ideal,
+        "dense_bytes": dense,
+    }
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -160,9 +193,21 @@ def load(directory: str | os.PathLike, verify_checksums: bool = True) -> tuple[P
         tensors = load_file(directory / WEIGHTS_NAME)
     except (SafetensorError, OSError) as err:
         raise SALRError(f"{directory / WEIGHTS_NAME} cannot be read ({err}): re-create the checkpoint") from err
+    if meta.get("base_format", "dense") == "bitmap":
+        from salr.sparse import BitmapBase
+
+        for name, module in salr_modules(model):
+            if isinstance(module, SALRLinear):
+                nnz = tensors[f"{name}.base.values"].numel() if f"{name}.base.values" in tensors else 0
+                module.base = BitmapBase.empty(module.base.shape, nnz, device="meta")
     for alias, source in meta.get("tied_tensors", {}).items():
         tensors[alias] = tensors[source]
-    result = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as err:
+        raise SALRError(
+            f"{directory}: saved tensors do not fit the model ({str(err)[:300]}): the checkpoint is corrupt"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         raise SALRError(
             f"{directory}: tensors do not match the model structure (missing {result.missing_keys[:5]}, "
@@ -173,8 +218,6 @@ def load(directory: str | os.PathLike, verify_checksums: bool = True) -> tuple[P
     meta_left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta_left:
         raise SALRError(f"{directory}: no saved values for {meta_left[:5]}: the checkpoint is incomplete")
-    from salr.model import mark_trainable
-
     mark_trainable(model)
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer

@@ -279,6 +279,30 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
     }
 
 
+def pack_bases(model: nn.Module) -> int:
+    """Store every SALRLinear's frozen base in the bitmap format (1 bit per weight + packed nonzeros), in place.
+
+    Returns the number of layers packed. Outputs are unchanged: the bitmap holds exactly the masked weights.
+    MoE expert bases stay dense (3-D) for now.
+    """
+    from salr.sparse import BitmapBase  # the sparse package loads the native kernel; only needed here
+
+    packed = 0
+    for _, module in salr_modules(model):
+        if isinstance(module, SALRLinear) and isinstance(module.base, DenseBase):
+            module.base = BitmapBase.from_dense(module.base.weight)
+            packed += 1
+    return packed
+
+
+def base_format(model: nn.Module) -> str:
+    """'bitmap' if the SALR layers store their bases as bitmaps, else 'dense'."""
+    from salr.sparse import BitmapBase
+
+    layers = [m for _, m in salr_modules(model) if isinstance(m, SALRLinear)]
+    return "bitmap" if layers and all(isinstance(m.base, BitmapBase) for m in layers) else "dense"
+
+
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold adapters into dense weights and put plain nn.Linear / 3-D expert parameters back, in place."""

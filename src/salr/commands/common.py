@@ -30,6 +30,9 @@ def add_salr_args(parser: argparse.ArgumentParser, residual_rank: int = 64, lora
     g.add_argument("--exclude-modules", default=None, help="comma-separated names or a regex")
     g.add_argument("--svd-method", default="auto", choices=["auto", "exact", "randomized"])
     g.add_argument("--freeze-residual", action="store_true", help="keep the residual block at its SVD init")
+    g.add_argument(
+        "--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of A_cat/B_cat"
+    )
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -57,5 +60,6 @@ def config_from_args(args: argparse.Namespace) -> SALRConfig:
         exclude_modules=_modules(args.exclude_modules),
         svd_method=args.svd_method,
         train_residual=not args.freeze_residual,
+        adapter_dtype=args.adapter_dtype,
         seed=args.seed,
     )

@@ -54,8 +54,24 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
     if dtype is not None:
         if dtype not in DTYPES:
             raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        model = model.to(DTYPES[dtype])
+        cast_weights(model, DTYPES[dtype])
     return model.eval(), tokenizer
+
+
+def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Cast parameters and persistent buffers, as `from_pretrained(dtype=...)` would.
+
+    Unlike `model.to(dtype)` this leaves non-persistent buffers (RoPE `inv_freq`) in fp32, so a model saved and
+    reloaded gives bit-identical logits.
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buf.to(dtype))
+    model.config.dtype = dtype
 
 
 def _from_pretrained(name: str) -> tuple[PreTrainedModel, object]:
