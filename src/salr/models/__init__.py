@@ -65,7 +65,7 @@ def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
     reloaded gives bit-identical logits.
     """
     for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if param.is_floating_point():
                 param.data = param.data.to(dtype)
         for name, buf in module.named_buffers(recurse=False):
