@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable must be set before anything imports
+# triton (transformers does), so it is set here, first.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -59,3 +66,10 @@ def tiny_mixtral() -> MixtralForCausalLM:
         max_position_embeddings=64,
     )
     return MixtralForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def wikitext_path() -> Path:
+    if not WIKITEXT.is_file():
+        pytest.fail(f"test data missing: {WIKITEXT}")
+    return WIKITEXT

@@ -132,3 +132,18 @@ def test_merge_and_unload_gives_plain_linear_with_same_logits(tiny_llama):
     salr.merge_and_unload(tiny_llama)
     assert not any(isinstance(m, SALRLinear) for m in tiny_llama.modules())
     assert torch.allclose(tiny_llama(ids).logits, before, atol=1e-4)
+
+
+def test_merge_and_unload_mixtral_restores_native_experts(tiny_mixtral):
+    ids = _ids()
+    experts_type = type(tiny_mixtral.model.layers[0].mlp.experts)
+    salr.convert(tiny_mixtral, salr.SALRConfig(residual_rank=4, r=2), progress=False)
+    with torch.no_grad():
+        for name, p in tiny_mixtral.named_parameters():
+            if name.endswith("B_cat"):
+                p.add_(0.01)
+    before = tiny_mixtral(ids).logits
+    salr.merge_and_unload(tiny_mixtral)
+    experts = tiny_mixtral.model.layers[0].mlp.experts
+    assert type(experts) is experts_type and experts.gate_up_proj.shape == (4, 96, 32)
+    assert torch.allclose(tiny_mixtral(ids).logits, before, atol=1e-4)

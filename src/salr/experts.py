@@ -84,6 +84,19 @@ class SALRExperts(nn.Module):
         self.act_fn = original.act_fn
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
+        # Keep the original block (not as a submodule) with its dense weights released, so merging can hand back
+        # the model's own experts class.
+        for name in EXPERT_PARAMS:
+            setattr(original, name, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
+        self._original = [original]
+
+    @torch.no_grad()
+    def to_original(self) -> nn.Module:
+        """The model's own experts module with merged dense weights (M ⊙ W0 + B diag(s) A per expert)."""
+        original = self._original[0]
+        for name in EXPERT_PARAMS:
+            setattr(original, name, nn.Parameter(getattr(self, name).merged_weight(), requires_grad=False))
+        return original
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -310,5 +310,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if isinstance(module, SALRLinear):
             _set_submodule(model, name, module.to_linear())
         elif isinstance(module, SALRExperts):
-            raise SALRError("merge_and_unload of SALR experts blocks is not supported yet; save the SALR checkpoint")
+            _set_submodule(model, name, module.to_original())
     return model

@@ -1,0 +1,409 @@
+"""Triton kernel: y = x @ W.T with W stored as a bitmap + packed nonzeros (the GPU path of `salr::bitmap_linear`).
+
+Layout (shared with the CPU kernel, the compressed-tensors "sparse-bitmask" format), for W [rows=N, cols=K]:
+  bitmask     uint8 [N, ceil(K/8)], bit (c % 8) of byte [r, c // 8] set iff W[r, c] != 0 (LSB first)
+  values      1-D bf16/fp16/fp32, the nonzeros in row-major order
+  row_offsets int64 [N], start of each row in `values`
+plus metadata computed once per weight and cached (see `bitmap_block_prefix`):
+  block_prefix int32 [N, ceil(K/PREFIX_BLOCK)], nonzeros of the row before each PREFIX_BLOCK-column block.
+
+Each program owns a BLOCK_M x BLOCK_N output tile and walks K in BLOCK_K steps. Per step it loads the
+[BLOCK_N, BLOCK_K/8] bitmap bytes, popcounts them, takes an exclusive prefix sum over the bytes and a popcount of
+the bits below each column, so every nonzero knows its index in `values` without a sequential scan:
+  index(r, c) = row_offsets[r] + block_prefix[r, k0 / PREFIX_BLOCK] + byte_prefix + popcount(byte & ((1 << bit) - 1))
+The decoded tile (zeros where the bit is clear) goes to `tl.dot`. The K loop is a `tl.range` with `num_stages`,
+so the loads and decode of tile k+1 overlap the tensor-core multiply of tile k (the two-stage decode + GEMM).
+Small M (decode, M <= 16) uses split-K with fp32 atomics to fill the GPU; large M (prefill) one K pass per tile.
+An optional low-rank branch `((x @ A_cat.T) * scale) @ B_cat.T` is added in the epilogue.
+
+Under TRITON_INTERPRET=1 the kernel runs on CPU tensors (for tests and the bench's interpreter mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+
+from salr.errors import SALRError
+
+log = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    # @triton.jit picks the interpreter when it decorates, so this is fixed at import time of this module
+    _knobs = getattr(triton, "knobs", None)
+    _INTERPRETED = bool(_knobs.runtime.interpret) if _knobs else os.environ.get("TRITON_INTERPRET", "0") == "1"
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+    _INTERPRETED = False
+
+PREFIX_BLOCK = 128  # columns per block_prefix entry; every BLOCK_K is a multiple of it (0.25 bit/weight of metadata)
+DECODE_MAX_M = 16  # M up to this uses the split-K decode configs
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metadata
+
+
+_BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def bitmap_block_prefix(bitmask: torch.Tensor, cols: int, block: int = PREFIX_BLOCK) -> torch.Tensor:
+    """int32 [rows, ceil(cols/block)]: number of nonzeros of each row before each `block`-column block.
+
+    `bitmask` is uint8 [rows, ceil(cols/8)]; `block` must be a multiple of 8. Runs on the bitmask's device.
+    """
+    if block % 8:
+        raise SALRError(f"prefix block must be a multiple of 8 columns, got {block}")
+    rows, nbytes = bitmask.shape
+    nblocks = -(-cols // block)
+    counts = _BYTE_POPCOUNT.to(bitmask.device)[bitmask.long()]  # [rows, nbytes]
+    per_block = block // 8
+    pad = nblocks * per_block - nbytes
+    if pad > 0:
+        counts = torch.nn.functional.pad(counts, (0, pad))
+    block_counts = counts[:, : nblocks * per_block].reshape(rows, nblocks, per_block).sum(-1)
+    return (torch.cumsum(block_counts, dim=1) - block_counts).to(torch.int32).contiguous()
+
+
+# id(bitmask) -> (weakref to it, its version counter, prefix); entries leave when the bitmask is freed.
+_PREFIX_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def cached_block_prefix(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
+    """`bitmap_block_prefix` computed once per bitmask tensor (recomputed if the tensor is modified in place)."""
+    key = id(bitmask)
+    hit = _PREFIX_CACHE.get(key)
+    if hit is not None and hit[0]() is bitmask and hit[1] == bitmask._version and hit[2].device == bitmask.device:
+        return hit[2]
+    prefix = bitmap_block_prefix(bitmask, cols)
+    ref = weakref.ref(bitmask, lambda _r, key=key: _PREFIX_CACHE.pop(key, None))
+    _PREFIX_CACHE[key] = (ref, bitmask._version, prefix)
+    return prefix
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernel
+
+if HAS_TRITON:
+    # Only our own @triton.jit helpers are called from the kernel (no tl.cumsum, tl.cdiv or tl.zeros: jit functions
+    # of triton's standard library): under TRITON_INTERPRET=1 those would be compiled-mode objects whenever triton
+    # was imported before the variable was set (e.g. by transformers), and the interpreter refuses to call them.
+    @triton.jit
+    def _popcount8(b):
+        # popcount of values in [0, 255], SWAR bit tricks on int32 lanes
+        b = b - ((b >> 1) & 0x55)
+        b = (b & 0x33) + ((b >> 2) & 0x33)
+        return (b + (b >> 4)) & 0x0F
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _bitmap_linear_kernel(
+        x_ptr,
+        bitmask_ptr,
+        values_ptr,
+        row_offsets_ptr,
+        prefix_ptr,
+        out_ptr,
+        t_ptr,  # adapter: t = (x @ A_cat.T) * scale, [M, R] (unused unless HAS_LORA)
+        b_ptr,  # adapter: B_cat [N, R]
+        M,
+        N,
+        K,
+        R,
+        M_BUCKET,  # autotune key only: next power of two of M
+        stride_xm,
+        stride_xk,
+        stride_om,
+        stride_on,
+        stride_tm,
+        stride_bn,
+        NBYTES,  # bitmask row stride, ceil(K / 8)
+        NPREFIX,  # block_prefix row stride, ceil(K / PREFIX_BLOCK)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        PREFIX_BLOCK: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        DOT_FP32: tl.constexpr,  # upcast dot operands (the interpreter's bf16 dot is wrong)
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        # grouped ordering of output tiles so neighbouring programs share x rows / W rows in L2
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+        group_size = GROUP_M * num_pid_n
+        first_m = (pid // group_size) * GROUP_M
+        group_m = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group_size) % group_m
+        pid_n = (pid % group_size) // group_m
+
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        row_start = tl.load(row_offsets_ptr + rn, mask=n_ok, other=0).to(tl.int64)  # [BN]
+
+        num_kb = (K + BLOCK_K - 1) // BLOCK_K
+        kb_per_split = (num_kb + SPLIT_K - 1) // SPLIT_K
+        kb_begin = pid_k * kb_per_split
+        kb_end = min(kb_begin + kb_per_split, num_kb)
+
+        rbyte = tl.arange(0, BLOCK_K // 8)
+        bitpos = tl.arange(0, 8)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for kb in tl.range(kb_begin, kb_end, num_stages=NUM_STAGES):
+            k0 = kb * BLOCK_K
+            # stage 1: decode the [BN, BK] tile of W from its bitmap bytes and packed values
+            byte_col = k0 // 8 + rbyte
+            bytes_ = tl.load(
+                bitmask_ptr + rn[:, None].to(tl.int64) * NBYTES + byte_col[None, :],
+                mask=n_ok[:, None] & (byte_col < NBYTES)[None, :],
+                other=0,
+            ).to(tl.int32)  # [BN, BK/8]
+            base = tl.load(prefix_ptr + rn.to(tl.int64) * NPREFIX + k0 // PREFIX_BLOCK, mask=n_ok, other=0)
+            cnt = _popcount8(bytes_)
+            # nonzeros of the row before each byte: exclusive prefix sum over the bytes + the block prefix
+            byte_prefix = tl.associative_scan(cnt, 1, _add) - cnt + base[:, None]
+            b3 = tl.reshape(bytes_, (BLOCK_N, BLOCK_K // 8, 1))
+            present = ((b3 >> bitpos[None, None, :]) & 1) != 0  # [BN, BK/8, 8]
+            below = _popcount8(b3 & ((1 << bitpos[None, None, :]) - 1))
+            rank = tl.reshape(byte_prefix, (BLOCK_N, BLOCK_K // 8, 1)) + below
+            rank = tl.reshape(rank, (BLOCK_N, BLOCK_K))
+            present = tl.reshape(present, (BLOCK_N, BLOCK_K))
+            w = tl.load(values_ptr + row_start[:, None] + rank.to(tl.int64), mask=present, other=0.0)
+            # stage 2: multiply
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
+                mask=m_ok[:, None] & (rk < K)[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=INPUT_PRECISION)
+
+        if HAS_LORA:
+            if pid_k == 0:
+                rr = tl.arange(0, BLOCK_R)
+                r_ok = rr < R
+                t = tl.load(
+                    t_ptr + rm[:, None] * stride_tm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+                )
+                bb = tl.load(
+                    b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0
+                )
+                if DOT_FP32:
+                    acc = tl.dot(t.to(tl.float32), tl.trans(bb.to(tl.float32)), acc, input_precision=INPUT_PRECISION)
+                else:
+                    acc = tl.dot(t, tl.trans(bb.to(t.dtype)), acc, input_precision=INPUT_PRECISION)
+
+        out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+    def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
+        kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, NUM_STAGES=stages, GROUP_M=8)
+        return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+    # GPU configs (small on purpose: autotuning time is paid on first use of each shape bucket)
+    _DECODE_CONFIGS = [_cfg(16, bn, 128, sk, 4, 3) for bn in (32, 64, 128) for sk in (1, 4, 8)]
+    _DECODE_CONFIGS += [_cfg(16, 64, 256, sk, 4, 3) for sk in (1, 4)]
+    _PREFILL_CONFIGS = [
+        _cfg(128, 128, 128, 1, 8, 3),
+        _cfg(128, 64, 128, 1, 4, 3),
+        _cfg(64, 128, 128, 1, 4, 3),
+        _cfg(64, 64, 128, 1, 4, 4),
+        _cfg(32, 64, 128, 1, 4, 4),
+    ]
+    _KEY = ["M_BUCKET", "N", "K", "HAS_LORA"]
+    _decode_tuned = triton.autotune(_DECODE_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(_bitmap_linear_kernel)
+    _prefill_tuned = triton.autotune(_PREFILL_CONFIGS, key=_KEY)(_bitmap_linear_kernel)
+
+# fixed small configs for the interpreter; the decode one uses split-K so the atomic path is exercised too
+_INTERPRET_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, NUM_STAGES=2, GROUP_M=8)
+_INTERPRET_PREFILL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, NUM_STAGES=2, GROUP_M=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host wrapper
+
+
+def _check(
+    x: torch.Tensor,
+    bitmask: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    block_prefix: torch.Tensor | None,
+) -> None:
+    if not HAS_TRITON:
+        raise SALRError("the Triton bitmap kernel needs the `triton` package: pip install triton")
+    if x.device.type != "cuda" and not interpreting():
+        raise SALRError(
+            f"the Triton bitmap kernel runs on CUDA tensors (got {x.device}); "
+            "set TRITON_INTERPRET=1 before importing triton to run it on the CPU interpreter"
+        )
+    for name, t in (("bitmask", bitmask), ("values", values), ("row_offsets", row_offsets)):
+        if t.device != x.device:
+            raise SALRError(f"{name} is on {t.device} but x is on {x.device}: move them to the same device")
+    if x.dtype not in _DTYPES or values.dtype not in _DTYPES:
+        raise SALRError(f"x and values must be bf16, fp16 or fp32, got {x.dtype} and {values.dtype}")
+    if x.shape[-1] != cols:
+        raise SALRError(f"x has {x.shape[-1]} input features but the bitmap weight has {cols} columns")
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, -(-cols // 8)):
+        raise SALRError(
+            f"bitmask must be uint8 [{rows}, {-(-cols // 8)}] for a {rows}x{cols} weight, "
+            f"got {bitmask.dtype} {list(bitmask.shape)}"
+        )
+    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (rows,):
+        raise SALRError(f"row_offsets must be int64 [{rows}], got {row_offsets.dtype} {list(row_offsets.shape)}")
+    if values.dim() != 1:
+        raise SALRError(f"values must be 1-D (the packed nonzeros), got shape {list(values.shape)}")
+    if block_prefix is not None:
+        want = (rows, -(-cols // PREFIX_BLOCK))
+        if block_prefix.dtype != torch.int32 or tuple(block_prefix.shape) != want:
+            raise SALRError(
+                f"block_prefix must be int32 {list(want)} (see bitmap_block_prefix), "
+                f"got {block_prefix.dtype} {list(block_prefix.shape)}"
+            )
+
+
+def triton_bitmap_linear(
+    x: torch.Tensor,
+    bitmask: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    block_prefix: torch.Tensor | None = None,
+    *,
+    a_cat: torch.Tensor | None = None,
+    b_cat: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ W.T (+ ((x @ a_cat.T) * scale) @ b_cat.T) with W [rows, cols] in bitmap form.
+
+    x: [..., cols] bf16/fp16/fp32 (any strides); returns [..., rows] in x.dtype. `block_prefix` is the
+    `bitmap_block_prefix` metadata; when omitted it is computed once per bitmask tensor and cached.
+    Optional adapter: a_cat [r, cols], b_cat [rows, r], scale [r] (per-rank factor, default 1).
+    Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1.
+    """
+    _check(x, bitmask, values, row_offsets, rows, cols, block_prefix)
+    if (a_cat is None) != (b_cat is None):
+        raise SALRError("pass both a_cat and b_cat for the adapter branch, or neither")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)
+    m = x2.shape[0]
+    if m == 0 or rows == 0:
+        return x.new_zeros(*lead, rows)
+    if block_prefix is None:
+        block_prefix = cached_block_prefix(bitmask, cols)
+    bitmask = bitmask.contiguous()
+    block_prefix = block_prefix.contiguous()
+    if values.numel() == 0:  # all-zero weight: keep a valid pointer, nothing is ever loaded from it
+        values = values.new_zeros(1)
+
+    has_lora = a_cat is not None
+    if has_lora:
+        r = a_cat.shape[0]
+        if tuple(a_cat.shape) != (r, cols) or tuple(b_cat.shape) != (rows, r):
+            raise SALRError(
+                f"adapter shapes must be a_cat [r, {cols}] and b_cat [{rows}, r], "
+                f"got {list(a_cat.shape)} and {list(b_cat.shape)}"
+            )
+        t = torch.nn.functional.linear(x2, a_cat.to(x.dtype))  # [M, r]: a small cuBLAS GEMM
+        if scale is not None:
+            t = t * scale.to(t.dtype)
+        t = t.contiguous()
+        b_cat = b_cat.to(x.dtype).contiguous()
+        block_r = max(16, triton.next_power_of_2(r))
+    else:
+        r, block_r = 0, 16
+        t = b_cat = x2  # placeholders, never read
+
+    decode = m <= DECODE_MAX_M
+    out_dtype = torch.float32 if decode else x.dtype  # split-K accumulates with fp32 atomics
+    out = torch.zeros(m, rows, dtype=out_dtype, device=x.device)
+    interp = interpreting()
+    args = (x2, bitmask, values, row_offsets, block_prefix, out, t, b_cat, m, rows, cols, r)
+    args += (triton.next_power_of_2(m), x2.stride(0), x2.stride(1), out.stride(0), out.stride(1))
+    args += (t.stride(0), b_cat.stride(0), bitmask.shape[1], block_prefix.shape[1])
+    common = dict(
+        BLOCK_R=block_r,
+        PREFIX_BLOCK=PREFIX_BLOCK,
+        HAS_LORA=has_lora,
+        DOT_FP32=interp,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+    )
+
+    def grid(meta: dict) -> tuple[int, int]:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(rows, meta["BLOCK_N"])
+        return (tiles, meta["SPLIT_K"])
+
+    if interp:
+        cfg = _INTERPRET_DECODE if decode else _INTERPRET_PREFILL
+        _bitmap_linear_kernel[grid(cfg)](*args, **common, **cfg)
+    elif decode:
+        _decode_tuned[grid](*args, **common)
+    else:
+        _prefill_tuned[grid](*args, **common)
+    return out.to(x.dtype).reshape(*lead, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def _bitmap_linear_cuda(
+    x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
+) -> torch.Tensor:
+    if x.dtype not in _DTYPES:  # the op accepts any float dtype; fp64 etc. take the reference path
+        from salr.kernels.reference import bitmap_linear_reference
+
+        return bitmap_linear_reference(x, bitmask, values, row_offsets, rows, cols)
+    return triton_bitmap_linear(x, bitmask, values, row_offsets, rows, cols)
+
+
+def register() -> bool:
+    """Install the Triton kernel as the CUDA backend of `salr::bitmap_linear`; False (logged) if not possible.
+
+    Called by salr.sparse.ops.register_triton_backend; the input-gradient op keeps its reference CUDA path.
+    """
+    if not HAS_TRITON:
+        log.info("triton is not installed: salr::bitmap_linear has no Triton CUDA backend")
+        return False
+    try:
+        from salr.sparse.ops import register_cuda_backend
+    except ImportError as exc:
+        log.warning("salr.sparse.ops is not importable (%s): Triton backend not registered", exc)
+        return False
+    register_cuda_backend(_bitmap_linear_cuda)
+    return True

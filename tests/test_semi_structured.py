@@ -1,0 +1,109 @@
+"""2:4 semi-structured helper: mask validation and availability logic on CPU; the sparse matmul on a GPU."""
+
+import logging
+import re
+
+import pytest
+import torch
+
+from salr.errors import SALRError
+from salr.kernels.semi_structured import (
+    SemiStructuredLinear,
+    check_2to4,
+    semi_structured_available,
+    semi_structured_linear,
+    support_reason,
+)
+
+CUDA = torch.cuda.is_available()
+
+
+def two_four(rows: int, cols: int, dtype=torch.float32, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """Random weight with the 2 largest-magnitude entries kept in every group of 4 columns."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    groups = w.reshape(rows, cols // 4, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(rows, cols).to(dtype).to(device)
+
+
+def test_check_2to4_accepts_valid_and_sparser_patterns():
+    w = two_four(8, 32)
+    check_2to4(w)
+    w[:, :4] = 0  # fewer than 2 nonzeros in a group is still 2:4
+    check_2to4(w)
+
+
+def test_check_2to4_rejects_dense_groups_with_count():
+    w = two_four(8, 32)
+    w[0, 0:4] = 1.0  # one group with 4 nonzeros
+    w[3, 8:11] = 1.0  # one with 3
+    with pytest.raises(SALRError, match="2 of 64 groups"):
+        check_2to4(w)
+
+
+def test_check_2to4_rejects_bad_shapes():
+    with pytest.raises(SALRError, match="divisible by 4"):
+        check_2to4(torch.zeros(4, 10))
+    with pytest.raises(SALRError, match="2-D"):
+        check_2to4(torch.zeros(2, 4, 8))
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,device,cap,backend,expect",
+    [
+        ((64, 64), torch.float16, "cuda", (8, 0), "cusparselt", None),
+        ((64, 64), torch.bfloat16, "cuda", (9, 0), "cutlass", None),
+        ((48, 64), torch.float16, "cuda", (8, 6), "cusparselt", None),  # 48 is a multiple of 16
+        ((48, 64), torch.float16, "cuda", (8, 6), "cutlass", "multiples of \\[32, 64\\]"),
+        ((64, 64), torch.float16, "cpu", None, "cusparselt", "needs a CUDA device"),
+        ((64, 64), torch.float16, "cuda", (7, 5), "cusparselt", "compute capability >= 8.0"),
+        ((64, 64), torch.float32, "cuda", (8, 0), "cusparselt", "fp16/bf16"),
+        ((8, 64), torch.float16, "cuda", (8, 0), "cusparselt", "multiples of \\[16, 16\\]"),
+        ((64, 40), torch.bfloat16, "cuda", (8, 0), "cusparselt", "multiples"),
+    ],
+)
+def test_support_reason(shape, dtype, device, cap, backend, expect):
+    reason = support_reason(shape, dtype, device, cap, backend)
+    if expect is None:
+        assert reason is None
+    else:
+        assert reason is not None
+        assert re.search(expect, reason), reason
+
+
+def test_fallback_without_cuda_is_dense_exact_and_logged(caplog):
+    w = two_four(32, 64, seed=1)
+    bias = torch.randn(32)
+    ok, reason = semi_structured_available(w)
+    assert not ok and "CUDA" in reason
+    with caplog.at_level(logging.INFO, logger="salr.kernels.semi_structured"):
+        mod = semi_structured_linear(w, bias)
+    assert isinstance(mod, SemiStructuredLinear)
+    assert mod.backend == "dense" and "CUDA" in mod.reason
+    assert any("runs dense" in r.message for r in caplog.records)
+    x = torch.randn(2, 3, 64)
+    y = mod(x)
+    assert y.shape == (2, 3, 32)
+    torch.testing.assert_close(y, x @ w.T + bias)
+
+
+def test_invalid_pattern_rejected_before_conversion():
+    w = torch.randn(32, 64)
+    with pytest.raises(SALRError, match="not 2:4"):
+        semi_structured_linear(w)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_matmul_on_gpu(dtype):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs compute capability >= 8.0")
+    w = two_four(256, 512, dtype, device="cuda")
+    mod = semi_structured_linear(w)
+    assert mod.backend in ("cusparselt", "cutlass"), mod.reason
+    x = torch.randn(4, 37, 512, device="cuda", dtype=dtype)  # 148 rows: not a multiple of the tile
+    ref = x.double() @ w.double().T
+    y = mod(x)
+    rel = (y.double() - ref).norm() / ref.norm()
+    assert rel < 1e-2
