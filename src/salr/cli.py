@@ -14,7 +14,7 @@ import sys
 from salr.errors import SALRError
 
 # Sub-command name -> module under salr.commands. Imported lazily so `salr --help` stays fast.
-COMMANDS = ["compress", "demo"]  # grows as commands land: eval, theory, bench, train, demo
+COMMANDS = ["compress", "demo", "theory"]
 
 logger = logging.getLogger("salr")
 
