@@ -1,0 +1,365 @@
+/*
+ * Native CPU kernels for the salr bitmap sparse format (see docs/format.md).
+ *
+ * A weight W [rows, cols] is stored as
+ *   bitmask      uint8 [rows, nbytes], nbytes = ceil(cols / 8); bit (c % 8) of byte [r, c / 8] set iff W[r, c] != 0
+ *   values       the nonzeros in row-major order (bf16, fp16 or fp32)
+ *   row_offsets  int64 [rows], index in `values` of each row's first nonzero
+ *
+ * Two entry points, both called through ctypes with raw pointers (no torch headers, no Python headers):
+ *   salr_bitmap_gemv    y[t, r] = sum_c x[t, c] * W[r, c] for a few tokens t: each bitmap byte is expanded
+ *                       to 8 fp32 lanes with one shuffle (AVX2) and FMA-ed against every token.
+ *   salr_bitmap_decode  rows [r0, r1) of W as dense fp32, for the large-M path (decode a tile, then sgemm).
+ * Both check every row they touch: the popcount of the row's bitmap must equal the number of values the
+ * offsets give it, so corrupt inputs are reported (return value >= 0 = a bad row) and never read out of bounds.
+ *
+ * x must be fp32 with at least nbytes * 8 columns per row (columns >= cols zero-padded): the AVX2 path loads
+ * 8 columns per bitmap byte. The AVX2 code uses target attributes so the file builds with plain -O3 and a CPU
+ * without AVX2 runs the scalar code (runtime check with __builtin_cpu_supports).
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#define SALR_X86 1
+#include <immintrin.h>
+#else
+#define SALR_X86 0
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+
+#define ISA_SCALAR 0
+#define ISA_AVX2 1
+
+#define MAX_NT 8 /* tokens per register block in the gemv path */
+
+#define AVX2_FN __attribute__((target("avx2,fma,f16c,popcnt")))
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c,popcnt")))
+
+/* ---------------------------------------------------------------------------------------------- tables */
+
+static uint8_t POPCNT8[256];
+static uint8_t SHUF_BF16[256][32] __attribute__((aligned(32))); /* vpshufb: bf16 k -> high half of fp32 lane */
+static uint8_t SHUF_F16[256][16] __attribute__((aligned(16)));  /* pshufb: fp16 k -> fp16 lane, then vcvtph2ps */
+static int32_t PERM_F32[256][8] __attribute__((aligned(32)));   /* vpermps index: fp32 k -> lane */
+static int32_t MASK_F32[256][8] __attribute__((aligned(32)));   /* all-ones where the bit is set */
+
+__attribute__((constructor)) static void init_tables(void) {
+    for (int b = 0; b < 256; b++) {
+        int k = 0;
+        memset(SHUF_BF16[b], 0x80, 32);
+        memset(SHUF_F16[b], 0x80, 16);
+        for (int i = 0; i < 8; i++) {
+            PERM_F32[b][i] = 0;
+            MASK_F32[b][i] = 0;
+            if (!((b >> i) & 1)) continue;
+            /* fp32 lane i: bytes 4i..4i+3 (little endian); bf16 goes to the two high bytes. Lanes 4..7 live in
+             * the upper 128-bit half, whose shuffle indexes the (broadcast) upper copy of the same 16 bytes. */
+            SHUF_BF16[b][4 * i + 2] = (uint8_t)(2 * k);
+            SHUF_BF16[b][4 * i + 3] = (uint8_t)(2 * k + 1);
+            SHUF_F16[b][2 * i] = (uint8_t)(2 * k);
+            SHUF_F16[b][2 * i + 1] = (uint8_t)(2 * k + 1);
+            PERM_F32[b][i] = k;
+            MASK_F32[b][i] = -1;
+            k++;
+        }
+        POPCNT8[b] = (uint8_t)k;
+    }
+}
+
+int salr_cpu_has_avx2(void) {
+#if !SALR_X86
+    return 0;
+#else
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("popcnt");
+#endif
+}
+
+int salr_cpu_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------- helpers */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13); /* inf / nan */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign; /* +-0 */
+    } else {          /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400)) {
+            man <<= 1;
+            exp--;
+        }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float load_value(int dt, const uint8_t *values, int64_t i) {
+    if (dt == DT_F32) {
+        float f;
+        memcpy(&f, values + 4 * i, 4);
+        return f;
+    }
+    uint16_t h;
+    memcpy(&h, values + 2 * i, 2);
+    if (dt == DT_F16) return half_to_float(h);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline int64_t row_popcount(const uint8_t *bm, int64_t nbytes) {
+    int64_t n = 0, j = 0;
+    for (; j + 8 <= nbytes; j += 8) {
+        uint64_t w;
+        memcpy(&w, bm + j, 8);
+        n += __builtin_popcountll(w);
+    }
+    for (; j < nbytes; j++) n += POPCNT8[bm[j]];
+    return n;
+}
+
+/* True when row r's offsets are in range and agree with its bitmap popcount. */
+static inline int row_ok(const uint8_t *bm_row, int64_t nbytes, const int64_t *offs, int64_t r, int64_t rows,
+                         int64_t nnz) {
+    int64_t start = offs[r], end = r + 1 < rows ? offs[r + 1] : nnz;
+    if (start < 0 || end < start || end > nnz) return 0;
+    return row_popcount(bm_row, nbytes) == end - start;
+}
+
+static inline int elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* ---------------------------------------------------------------------------------------------- scalar path */
+
+/* y[t * ldy + r] = dot(x[t], W[r]) for t < m, walking the set bits of row r. */
+static void gemv_row_scalar(int dt, const uint8_t *bm, const uint8_t *values, int64_t start, int64_t nbytes,
+                            const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, int64_t r) {
+    for (int64_t t0 = 0; t0 < m; t0 += MAX_NT) {
+        int64_t nt = m - t0 < MAX_NT ? m - t0 : MAX_NT;
+        float acc[MAX_NT] = {0};
+        int64_t v = start;
+        for (int64_t j = 0; j < nbytes; j++) {
+            unsigned b = bm[j];
+            while (b) {
+                int i = __builtin_ctz(b);
+                float w = load_value(dt, values, v++);
+                for (int64_t t = 0; t < nt; t++) acc[t] += w * x[(t0 + t) * ldx + 8 * j + i];
+                b &= b - 1;
+            }
+        }
+        for (int64_t t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = acc[t];
+    }
+}
+
+static void decode_row_scalar(int dt, const uint8_t *bm, const uint8_t *values, int64_t start, int64_t nbytes,
+                              int64_t cols, float *out) {
+    memset(out, 0, sizeof(float) * cols);
+    int64_t v = start;
+    for (int64_t j = 0; j < nbytes; j++) {
+        unsigned b = bm[j];
+        while (b) {
+            int i = __builtin_ctz(b);
+            float w = load_value(dt, values, v++);
+            if (8 * j + i < cols) out[8 * j + i] = w;
+            b &= b - 1;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- AVX2 path */
+#if SALR_X86
+
+/* 8 fp32 lanes of one bitmap byte: value k of `v` goes to the lane of the k-th set bit, zeros elsewhere.
+ * Reads 16 bytes (bf16/fp16) or 32 bytes (fp32) at v, whatever the popcount: callers keep that in bounds. */
+AVX2_INLINE __m256 expand8(int dt, const uint8_t *v, unsigned b) {
+    if (dt == DT_BF16) {
+        __m256i src = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)v));
+        return _mm256_castsi256_ps(_mm256_shuffle_epi8(src, _mm256_load_si256((const __m256i *)SHUF_BF16[b])));
+    }
+    if (dt == DT_F16) {
+        __m128i h = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)v), _mm_load_si128((const __m128i *)SHUF_F16[b]));
+        return _mm256_cvtph_ps(h);
+    }
+    __m256 src = _mm256_loadu_ps((const float *)v);
+    __m256 p = _mm256_permutevar8x32_ps(src, _mm256_load_si256((const __m256i *)PERM_F32[b]));
+    return _mm256_and_ps(p, _mm256_castsi256_ps(_mm256_load_si256((const __m256i *)MASK_F32[b])));
+}
+
+AVX2_INLINE float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* NT tokens (a compile-time constant after inlining) against one row. The bitmap is read 8 bytes at a time; each
+ * byte's first value is found with a popcount of the bits below it in the 64-bit word, so the 8 expansions are
+ * independent (no serial pointer chain). NB accumulator banks per token hide the FMA latency when NT is small. */
+AVX2_INLINE void gemv_row_block_avx2(int dt, int NT, const uint8_t *bm, const uint8_t *v, int64_t nbytes,
+                                     const float *x, int64_t ldx, float *y, int64_t ldy) {
+    const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+    const int esz = elem_size(dt);
+    __m256 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= nbytes; j += 8) {
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) {
+            const uint8_t *vu = u ? v + esz * __builtin_popcountll(word << (64 - 8 * u)) : v;
+            __m256 w = expand8(dt, vu, bm[j + u]);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + 8 * (j + u)), acc[u % NB][t]);
+        }
+        v += esz * __builtin_popcountll(word);
+    }
+    for (; j < nbytes; j++) {
+        unsigned b = bm[j];
+        __m256 w = expand8(dt, v, b);
+        v += esz * POPCNT8[b];
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) acc[0][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + 8 * j), acc[0][t]);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        __m256 s = acc[0][t];
+#pragma GCC unroll 4
+        for (int u = 1; u < NB; u++) s = _mm256_add_ps(s, acc[u][t]);
+        y[t * ldy] = hsum8(s);
+    }
+}
+
+AVX2_INLINE void gemv_row_avx2_dt(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, const float *x,
+                                  int64_t m, int64_t ldx, float *y, int64_t ldy) {
+    int64_t t = 0;
+    for (; t + MAX_NT <= m; t += MAX_NT) gemv_row_block_avx2(dt, 8, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy);
+    switch (m - t) {
+    case 1: gemv_row_block_avx2(dt, 1, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
+    case 2: gemv_row_block_avx2(dt, 2, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
+    case 3: gemv_row_block_avx2(dt, 3, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
+    case 4: gemv_row_block_avx2(dt, 4, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
+    case 5: gemv_row_block_avx2(dt, 5, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
+    case 6: gemv_row_block_avx2(dt, 6, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
+    case 7: gemv_row_block_avx2(dt, 7, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
+    default: break;
+    }
+}
+
+/* One entry per dtype so each is compiled with its dtype branches folded away. */
+AVX2_FN static void gemv_row_avx2(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, const float *x,
+                                  int64_t m, int64_t ldx, float *y, int64_t ldy) {
+    if (dt == DT_BF16) gemv_row_avx2_dt(DT_BF16, bm, v, nbytes, x, m, ldx, y, ldy);
+    else if (dt == DT_F16) gemv_row_avx2_dt(DT_F16, bm, v, nbytes, x, m, ldx, y, ldy);
+    else gemv_row_avx2_dt(DT_F32, bm, v, nbytes, x, m, ldx, y, ldy);
+}
+
+AVX2_INLINE void decode_row_avx2_dt(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, float *out) {
+    const int esz = elem_size(dt);
+    for (int64_t j = 0; j < nbytes; j++) {
+        unsigned b = bm[j];
+        _mm256_storeu_ps(out + 8 * j, expand8(dt, v, b));
+        v += esz * POPCNT8[b];
+    }
+}
+
+AVX2_FN static void decode_row_avx2(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, float *out) {
+    if (dt == DT_BF16) decode_row_avx2_dt(DT_BF16, bm, v, nbytes, out);
+    else if (dt == DT_F16) decode_row_avx2_dt(DT_F16, bm, v, nbytes, out);
+    else decode_row_avx2_dt(DT_F32, bm, v, nbytes, out);
+}
+
+#endif /* SALR_X86 */
+
+/* ---------------------------------------------------------------------------------------------- entry points */
+
+/* The AVX2 loads read up to 32 bytes from a row's first value; rows that end that close to the end of `values`
+ * take the scalar path (at most the last few rows). */
+static inline int avx2_safe(int dt, int64_t row_end, int64_t nnz) { return (row_end + 32 / elem_size(dt)) <= nnz; }
+
+/* y[t * ldy + r] = sum_c x[t * ldx + c] * W[r, c] for t < m, r < rows. Returns -1, or a row whose offsets
+ * disagree with its bitmap (that row's outputs are left at 0). */
+int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *values, const int64_t *row_offsets,
+                         int64_t nnz, int64_t rows, int64_t cols, const float *x, int64_t m, int64_t ldx, float *y,
+                         int64_t ldy, int nthreads) {
+    const int64_t nbytes = (cols + 7) / 8;
+    const uint8_t *vals = (const uint8_t *)values;
+    const int esz = elem_size(dt);
+    int64_t bad = -1;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *bm = bitmask + r * nbytes;
+        if (!row_ok(bm, nbytes, row_offsets, r, rows, nnz)) {
+            for (int64_t t = 0; t < m; t++) y[t * ldy + r] = 0.0f;
+#pragma omp atomic write
+            bad = r;
+            continue;
+        }
+        int64_t start = row_offsets[r], end = r + 1 < rows ? row_offsets[r + 1] : nnz;
+#if SALR_X86
+        if (isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+            gemv_row_avx2(dt, bm, vals + esz * start, nbytes, x, m, ldx, y + r, ldy);
+            continue;
+        }
+#endif
+        gemv_row_scalar(dt, bm, vals, start, nbytes, x, m, ldx, y, ldy, r);
+    }
+    return bad;
+}
+
+/* out[(r - r0) * ldo + c] = W[r, c] in fp32 for r0 <= r < r1 and c < nbytes * 8 (columns >= cols are 0; the AVX2
+ * path writes whole bytes, so ldo must be >= nbytes * 8). Returns -1 or a bad row (its output row is zeroed). */
+int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *values, const int64_t *row_offsets,
+                           int64_t nnz, int64_t rows, int64_t cols, int64_t r0, int64_t r1, float *out, int64_t ldo,
+                           int nthreads) {
+    const int64_t nbytes = (cols + 7) / 8;
+    const uint8_t *vals = (const uint8_t *)values;
+    const int esz = elem_size(dt);
+    int64_t bad = -1;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *bm = bitmask + r * nbytes;
+        float *o = out + (r - r0) * ldo;
+        if (!row_ok(bm, nbytes, row_offsets, r, rows, nnz)) {
+            memset(o, 0, sizeof(float) * nbytes * 8);
+#pragma omp atomic write
+            bad = r;
+            continue;
+        }
+        int64_t start = row_offsets[r], end = r + 1 < rows ? row_offsets[r + 1] : nnz;
+#if SALR_X86
+        if (isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+            decode_row_avx2(dt, bm, vals + esz * start, nbytes, o);
+            continue;
+        }
+#endif
+        decode_row_scalar(dt, bm, vals, start, nbytes, nbytes * 8, o);
+    }
+    return bad;
+}

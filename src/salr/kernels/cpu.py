@@ -1,0 +1,200 @@
+"""Loader and Python side of the native CPU kernel (`salr._bitmap_cpu`, built from csrc/bitmap_cpu.c).
+
+The extension is a plain C shared library called through ctypes with tensor data pointers (no torch headers, so
+it builds in pip's isolated environment). Two paths:
+  - few tokens (M <= GEMV_MAX_TOKENS): the C kernel streams the bitmap once and FMAs each expanded byte against
+    every token (memory bound: reads ~9 bits/weight at 50 % sparsity instead of 16);
+  - many tokens: the C kernel decodes row tiles of W to fp32 and torch.mm (MKL sgemm) multiplies them.
+All arithmetic is fp32; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+from salr.errors import SALRError
+
+logger = logging.getLogger(__name__)
+
+GEMV_MAX_TOKENS = 8  # at or below: the fused GEMV kernel; above: decode tiles + sgemm (measured crossover)
+TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ISA_CODES = {"scalar": 0, "avx2": 1}
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The native library, or None (logged once) when the extension was not built."""
+    spec = importlib.util.find_spec("salr._bitmap_cpu")
+    if spec is None or not spec.origin:
+        logger.info("native CPU kernel salr._bitmap_cpu is not built: using the reference backend")
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as exc:
+        logger.warning("could not load the native CPU kernel %s: %s", spec.origin, exc)
+        return None
+    lib.salr_cpu_has_avx2.restype = _INT
+    lib.salr_cpu_max_threads.restype = _INT
+    common = [_INT, _INT, _P, _P, _P, _I64, _I64, _I64]
+    lib.salr_bitmap_gemv.argtypes = common + [_P, _I64, _I64, _P, _I64, _INT]
+    lib.salr_bitmap_gemv.restype = _I64
+    lib.salr_bitmap_decode.argtypes = common + [_I64, _I64, _P, _I64, _INT]
+    lib.salr_bitmap_decode.restype = _I64
+    return lib
+
+
+def available() -> bool:
+    """True when the native kernel is built and loadable."""
+    return load() is not None
+
+
+@functools.cache
+def _cpu_isa() -> str:
+    lib = load()
+    return "avx2" if lib is not None and lib.salr_cpu_has_avx2() else "scalar"
+
+
+def isa() -> str:
+    """The instruction set the kernel uses: "avx2" (detected at run time) or "scalar" (or SALR_CPU_ISA=scalar)."""
+    forced = os.environ.get("SALR_CPU_ISA", "").lower()
+    if forced == "scalar":
+        return "scalar"
+    return _cpu_isa()
+
+
+def _check_bad_row(bad: int) -> None:
+    if bad >= 0:
+        raise SALRError(
+            f"bitmap row {bad}: row_offsets disagree with the bitmask popcount (corrupt or mismatched tensors); "
+            "validate with salr.sparse.format.validate"
+        )
+
+
+def _threads(work: int) -> int:
+    # Small layers are not worth waking a second thread for.
+    return 1 if work < (1 << 16) else torch.get_num_threads()
+
+
+def _check_args(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int) -> None:
+    if values.dtype not in _DTYPE_CODES:
+        raise SALRError(f"bitmap values must be bf16, fp16 or fp32, got {values.dtype}")
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, -(-cols // 8)):
+        raise SALRError(f"bitmask must be uint8 [{rows}, {-(-cols // 8)}], got {bitmask.dtype} {list(bitmask.shape)}")
+    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (rows,):
+        raise SALRError(f"row_offsets must be int64 [{rows}], got {row_offsets.dtype} {list(row_offsets.shape)}")
+    for name, t in (("bitmask", bitmask), ("values", values), ("row_offsets", row_offsets)):
+        if t.device.type != "cpu":
+            raise SALRError(f"the native CPU kernel needs CPU tensors, {name} is on {t.device}")
+
+
+def _padded_x(x2: torch.Tensor, kp: int) -> torch.Tensor:
+    """x as contiguous fp32 [M, kp], zero columns past cols (the kernel reads whole bitmap bytes)."""
+    cols = x2.shape[1]
+    if kp == cols:
+        return x2.to(torch.float32).contiguous()
+    xp = x2.new_zeros(x2.shape[0], kp, dtype=torch.float32)
+    xp[:, :cols] = x2
+    return xp
+
+
+def decode_rows(
+    bitmask: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    r0: int,
+    r1: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write rows [r0, r1) of W as fp32 into out [>= r1 - r0, >= 8 * ceil(cols/8)] (contiguous rows); returns out.
+    Columns past `cols` come out as zeros."""
+    lib = load()
+    kp = 8 * -(-cols // 8)
+    if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape[1] < kp or out.shape[0] < r1 - r0:
+        raise SALRError(f"decode buffer must be fp32 [>= {r1 - r0}, >= {kp}] with unit column stride")
+    bad = lib.salr_bitmap_decode(
+        _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(),
+        row_offsets.data_ptr(), values.numel(), rows, cols, r0, r1, out.data_ptr(), out.stride(0),
+        _threads((r1 - r0) * kp),
+    )  # fmt: skip
+    _check_bad_row(bad)
+    return out
+
+
+def _tile_rows(kp: int) -> int:
+    return max(16, min(4096, (TILE_BYTES // (4 * kp)) // 16 * 16))
+
+
+def bitmap_linear_cpu(
+    x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
+) -> torch.Tensor:
+    """y = x @ W.T with the native kernel: x [..., cols] (any float dtype and strides) -> [..., rows] in x.dtype."""
+    lib = load()
+    if lib is None:
+        raise SALRError("the native CPU kernel is not built: reinstall salr (pip install -e .) or use the reference")
+    _check_args(bitmask, values, row_offsets, rows, cols)
+    if x.device.type != "cpu" or x.shape[-1] != cols:
+        raise SALRError(f"x must be a CPU tensor [..., {cols}], got {list(x.shape)} on {x.device}")
+    bitmask, values, row_offsets = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)
+    m = x2.shape[0]
+    kp = 8 * -(-cols // 8)
+    if m == 0 or rows == 0 or cols == 0:
+        return x.new_zeros(*lead, rows)
+    xp = _padded_x(x2, kp)
+    if m <= GEMV_MAX_TOKENS:
+        y = torch.empty(m, rows, dtype=torch.float32)
+        bad = lib.salr_bitmap_gemv(
+            _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(),
+            row_offsets.data_ptr(), values.numel(), rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows,
+            _threads(rows * kp),
+        )  # fmt: skip
+        _check_bad_row(bad)
+        return y.to(x.dtype).reshape(*lead, rows)
+    # Many tokens: decode row tiles to fp32 and let sgemm do the work; y.T is built tile by tile (contiguous).
+    tile = _tile_rows(kp)
+    buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+    yt = torch.empty(rows, m, dtype=torch.float32)
+    for r0 in range(0, rows, tile):
+        r1 = min(rows, r0 + tile)
+        decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
+        torch.mm(buf[: r1 - r0], xp.T, out=yt[r0:r1])
+    return yt.T.to(x.dtype).reshape(*lead, rows)
+
+
+def bitmap_grad_input_cpu(
+    grad: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
+) -> torch.Tensor:
+    """grad_x = grad_y @ W for a frozen bitmap W: grad [..., rows] -> [..., cols] in grad.dtype.
+    Decodes row tiles of W to fp32 and accumulates grad[:, tile] @ W[tile] (no dense copy of W)."""
+    if load() is None:
+        raise SALRError("the native CPU kernel is not built: reinstall salr (pip install -e .) or use the reference")
+    _check_args(bitmask, values, row_offsets, rows, cols)
+    if grad.device.type != "cpu" or grad.shape[-1] != rows:
+        raise SALRError(f"grad must be a CPU tensor [..., {rows}], got {list(grad.shape)} on {grad.device}")
+    bitmask, values, row_offsets = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
+    lead = grad.shape[:-1]
+    g2 = grad.reshape(-1, rows).to(torch.float32)
+    kp = 8 * -(-cols // 8)
+    gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
+    if g2.shape[0] and rows and cols:
+        tile = _tile_rows(kp)
+        buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+        for r0 in range(0, rows, tile):
+            r1 = min(rows, r0 + tile)
+            decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
+            gx.addmm_(g2[:, r0:r1], buf[: r1 - r0])
+    return gx[:, :cols].to(grad.dtype).reshape(*lead, cols)

@@ -1,0 +1,178 @@
+"""salr::bitmap_linear: native CPU kernel vs the reference, autograd, the fake impl, BitmapBase."""
+
+import pytest
+import torch
+
+from salr.errors import SALRError
+from salr.kernels import cpu, reference
+from salr.sparse import BitmapBase, ops
+from salr.sparse import format as fm
+
+native = pytest.mark.skipif(not cpu.available(), reason="native kernel not built (python setup.py build_ext -i)")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def make(rows, cols, dtype=torch.bfloat16, sparsity=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[torch.rand(rows, cols, generator=g) < sparsity] = 0
+    if rows > 2:
+        w[1] = 0  # an empty row
+    w = w.to(dtype)
+    return w, fm.encode(w)
+
+
+def exact(x, w):
+    """x @ w.T in float64 (the kernel accumulates in fp32, so compare against something better than both)."""
+    return x.double() @ w.double().T
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+# fp32 accumulation over up to ~2k terms; the output cast to x.dtype dominates for bf16/fp16 inputs
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 33, 130, 600])
+@pytest.mark.parametrize("shape", [(37, 29), (64, 200), (300, 1037)])
+def test_cpu_kernel_matches_reference(dtype, m, shape):
+    w, bw = make(*shape, dtype=dtype, seed=m)
+    x = torch.randn(m, shape[1])
+    y = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, *shape)
+    assert y.shape == (m, shape[0]) and y.dtype == torch.float32
+    assert rel_err(y, exact(x, w)) < TOL[torch.float32]
+
+
+@native
+@pytest.mark.parametrize("xdtype", DTYPES)
+def test_3d_noncontiguous_input_keeps_dtype(xdtype):
+    w, bw = make(96, 77, dtype=torch.bfloat16)
+    base = torch.randn(77, 5, 3).to(xdtype)
+    x = base.permute(2, 1, 0)  # [3, 5, 77], non-contiguous
+    assert not x.is_contiguous()
+    y = ops.bitmap_linear(x, bw.bitmask, bw.values, bw.row_offsets, 96, 77)
+    assert y.shape == (3, 5, 96) and y.dtype == xdtype
+    assert rel_err(y, exact(x, w)) < TOL[xdtype]
+    ref = reference.bitmap_linear_reference(x, bw.bitmask, bw.values, bw.row_offsets, 96, 77)
+    assert rel_err(y, ref.double()) < 2 * TOL[xdtype]
+
+
+@native
+@pytest.mark.parametrize("m", [1, 6, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scalar_fallback_matches_avx2(monkeypatch, m, dtype):
+    w, bw = make(50, 123, dtype=dtype, sparsity=0.7)
+    x = torch.randn(m, 123)
+    fast = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, 50, 123)
+    monkeypatch.setenv("SALR_CPU_ISA", "scalar")
+    assert cpu.isa() == "scalar"
+    slow = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, 50, 123)
+    assert rel_err(slow, exact(x, w)) < TOL[torch.float32]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@native
+@pytest.mark.parametrize("fp16_value", [1e-7, 6.1e-5, 65504.0, -(2.0**-24)])
+def test_scalar_fp16_conversion_handles_subnormals_and_extremes(monkeypatch, fp16_value):
+    w = torch.zeros(4, 16, dtype=torch.float16)
+    w[2, 3] = fp16_value
+    bw = fm.encode(w)
+    x = torch.ones(1, 16)
+    monkeypatch.setenv("SALR_CPU_ISA", "scalar")
+    y = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, 4, 16)
+    assert y[0, 2].item() == float(w[2, 3].float()) and y[0, [0, 1, 3]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("m", [1, 4, 70])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_input_gradient_matches_dense(m, dtype):
+    w, bw = make(45, 66, dtype=dtype)
+    x = torch.randn(2, m, 66, requires_grad=True)
+    g = torch.randn(2, m, 45)
+    ops.bitmap_linear(x, bw.bitmask, bw.values, bw.row_offsets, 45, 66).backward(g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x_ref, w.float()).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_schema_fake_and_autograd():
+    _, bw = make(24, 40, dtype=torch.float32)
+    x = torch.randn(3, 40, requires_grad=True)
+    torch.library.opcheck(ops.bitmap_linear, (x, bw.bitmask, bw.values, bw.row_offsets, 24, 40))
+
+
+def test_fake_tensor_shape_for_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, bw = make(24, 40)
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(t) for t in (torch.randn(2, 7, 40, dtype=torch.float16), bw.bitmask, bw.values)]
+        y = ops.bitmap_linear(*args, mode.from_tensor(bw.row_offsets), 24, 40)
+    assert y.shape == (2, 7, 24) and y.dtype == torch.float16
+
+
+@native
+def test_corrupt_offsets_raise_instead_of_reading_out_of_bounds():
+    _, bw = make(20, 64)
+    bad = bw.row_offsets.clone()
+    bad[7] += 3
+    for m in (1, 20):  # gemv path and decode path
+        with pytest.raises(SALRError, match="row 7"):
+            cpu.bitmap_linear_cpu(torch.randn(m, 64), bw.bitmask, bw.values, bad, 20, 64)
+    with pytest.raises(SALRError, match="row"):  # values too short for the bitmap: last row overruns
+        cpu.bitmap_linear_cpu(torch.randn(1, 64), bw.bitmask, bw.values[:-5], bw.row_offsets, 20, 64)
+
+
+def test_backend_selection_errors():
+    _, bw = make(8, 16)
+    x = torch.randn(2, 16)
+    with pytest.raises(SALRError, match="unknown backend"):
+        ops.bitmap_linear_with("nope", x, bw.bitmask, bw.values, bw.row_offsets, 8, 16)
+    with pytest.raises(SALRError, match="16 columns"):
+        ops.bitmap_linear_with("reference", torch.randn(2, 15), bw.bitmask, bw.values, bw.row_offsets, 8, 16)
+    with pytest.raises(SALRError, match="CUDA"):
+        ops.bitmap_linear_with("triton", x, bw.bitmask, bw.values, bw.row_offsets, 8, 16)
+
+
+# ------------------------------------------------------------------------------------------------ BitmapBase
+
+
+def test_bitmap_base_forward_state_dict_and_dtype_moves():
+    w, _ = make(40, 52, dtype=torch.bfloat16)
+    base = BitmapBase.from_dense(w)
+    assert base.shape == (40, 52) and base.dtype == torch.bfloat16
+    assert torch.equal(base.to_dense(), w)
+    assert base.nbytes == 40 * 7 + base.nnz * 2 + 40 * 8
+    x = torch.randn(3, 52, dtype=torch.bfloat16)
+    assert rel_err(base(x), exact(x, w)) < TOL[torch.bfloat16]
+
+    loaded = BitmapBase.empty((40, 52), base.nnz, torch.bfloat16)
+    loaded.load_state_dict(base.state_dict())
+    assert set(base.state_dict()) == {"bitmask", "values", "row_offsets"}
+    assert torch.equal(loaded.to_dense(), w)
+
+    half = loaded.to(torch.float16)
+    assert half.bitmask.dtype == torch.uint8 and half.row_offsets.dtype == torch.int64
+    assert half.values.dtype == torch.float16 and half.dtype == torch.float16
+    torch.testing.assert_close(half.to_dense(), w.to(torch.float16))
+
+
+def test_bitmap_base_rejects_inconsistent_state_dict():
+    w, _ = make(16, 24)
+    sd = BitmapBase.from_dense(w).state_dict()
+    sd["row_offsets"] = sd["row_offsets"].flip(0).contiguous()
+    target = BitmapBase.empty((16, 24), sd["values"].numel())
+    with pytest.raises(SALRError, match="row_offsets disagree"):
+        target.load_state_dict(sd)
+
+
+def test_bitmap_base_meta_empty_then_assign():
+    w, _ = make(16, 24)
+    sd = BitmapBase.from_dense(w).state_dict()
+    target = BitmapBase.empty((16, 24), sd["values"].numel(), device="meta")
+    target.load_state_dict(sd, assign=True)
+    assert target.values.device.type == "cpu" and torch.equal(target.to_dense(), w)
