@@ -9,7 +9,7 @@ from torch import nn
 
 from salr.errors import SALRError
 from salr.sparse import format as bitmap_format
-from salr.sparse.ops import bitmap_linear
+from salr.sparse.ops import bitmap_linear, register_triton_backend
 
 
 class BitmapBase(nn.Module):
@@ -54,6 +54,8 @@ class BitmapBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out], in x.dtype
+        if x.is_cuda:
+            register_triton_backend()  # cached after the first call: the Triton kernel becomes the CUDA backend
         return bitmap_linear(x, self.bitmask, self.values, self.row_offsets, self.rows, self.cols)
 
     def to_dense(self) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""`salr eval`: perplexity (WikiText-2 or any text), zero-shot GSM8K, k-shot MMLU; optional on-the-fly pruning."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from salr.commands.common import add_model_arg
+from salr.errors import SALRError
+from salr.evaluate import TASKS, run_task
+from salr.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model: wikitext2 perplexity, GSM8K, MMLU")
+    add_model_arg(p)
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, help="wikitext2: a text file; gsm8k: a jsonl; mmlu: a csv or a directory")
+    p.add_argument("--dev", help="mmlu: the dev split (few-shot examples); default: a 'dev' directory beside --data")
+    p.add_argument("--shots", type=int, default=5, help="mmlu: number of few-shot examples (default 5)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions (wikitext2: N windows)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, help="wikitext2: window length (default min(context, 1024))")
+    p.add_argument("--stride", type=int, help="wikitext2: new tokens per window (default max-length // 2)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: generation budget per question")
+    p.add_argument("--json", help="write the report (metrics + settings) to this file")
+    g = p.add_argument_group("on-the-fly pruning (applied to the loaded model before evaluation)")
+    g.add_argument("--sparsity", type=float, help="prune this fraction of every target weight, in [0, 1)")
+    g.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
+    g.add_argument("--granularity", default="layer", choices=["layer", "row", "global"], help="unstructured only")
+    g.add_argument("--residual-rank", type=int, default=64, help="SVD residual rank (0 = naive pruning)")
+    p.set_defaults(func=run)
+
+
+def default_dev(data_path: str) -> Path | None:
+    """MMLU layout `<root>/{dev,val,test}`: the dev directory beside `data_path` (a directory or a csv in one)."""
+    path = Path(data_path)
+    for candidate in (path.parent / "dev", path.parent.parent / "dev"):
+        if candidate.is_dir() and candidate.resolve() != path.resolve():
+            return candidate
+    return None
+
+
+def prune(model: Any, sparsity: float | None, pattern: str, granularity: str, residual_rank: int) -> dict[str, Any]:
+    """Convert `model` in place to SALR layers (no LoRA) and return the settings plus the conversion totals."""
+    from salr import SALRConfig, convert  # heavy imports only when pruning
+
+    config = SALRConfig(sparsity=sparsity, pattern=pattern, granularity=granularity, residual_rank=residual_rank, r=0)
+    report = convert(model, config)
+    return {
+        "sparsity": sparsity,
+        "pattern": pattern,
+        "granularity": granularity,
+        "residual_rank": residual_rank,
+        "totals": report.get("totals"),
+    }
+
+
+def summary(task: str, m: dict[str, Any]) -> str:
+    if task == "wikitext2":
+        return (
+            f"perplexity {m['perplexity']:.4f} (nll {m['nll']:.4f} over {m['tokens']} tokens, "
+            f"{m['windows']} windows of {m['max_length']}, stride {m['stride']})"
+        )
+    if task == "gsm8k":
+        return f"accuracy {m['accuracy']:.4f} ({m['correct']}/{m['n']}), answer nll {m['answer_nll']:.4f}"
+    return (
+        f"accuracy {m['accuracy']:.4f} ({m['correct']}/{m['n']}), macro {m['macro_accuracy']:.4f} "
+        f"over {len(m['subjects'])} subjects, {m['k']}-shot"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from salr.models import load_model
+
+    dev = args.dev
+    if args.task == "mmlu" and args.shots > 0 and dev is None:
+        found = default_dev(args.data)
+        if found is None:
+            raise SALRError("MMLU few-shot examples need --dev DIR (the dev split), or pass --shots 0")
+        dev = str(found)
+        logger.info("using few-shot examples from %s", dev)
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    pruning = None
+    if args.sparsity is not None or args.pattern != "unstructured":
+        pruning = prune(model, args.sparsity, args.pattern, args.granularity, args.residual_rank)
+    metrics = run_task(
+        model,
+        tokenizer,
+        args.task,
+        args.data,
+        dev=dev,
+        k=args.shots,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        stride=args.stride,
+        max_new_tokens=args.max_new_tokens,
+    )
+    examples = metrics.pop("examples", None)
+    report = {
+        "task": args.task,
+        "model": args.model,
+        "data": args.data,
+        "dev": dev if args.task == "mmlu" else None,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "pruning": pruning,
+        "metrics": metrics,
+        "seconds": time.perf_counter() - started,
+        "examples": examples,
+    }
+    print(f"{args.task}: {summary(args.task, metrics)}")
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
