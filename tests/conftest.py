@@ -13,7 +13,8 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -73,3 +74,28 @@ def wikitext_path() -> Path:
     if not WIKITEXT.is_file():
         pytest.fail(f"test data missing: {WIKITEXT}")
     return WIKITEXT
+
+
+def build_bpe_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer (exact round trip) that prepends <s> like Llama tokenizers do."""
+    from salr import data
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [r["question"] + "\n" + r["answer"] for r in data.synthetic_arithmetic(200, seed=1)]
+    extra = "Question: Answer: user assistant A. B. C. D. The following are multiple choice"
+    tok.train_from_iterator([*corpus, extra], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer():
+    """Factory fixture: `make_tokenizer(chat_template=None)` builds the small BPE tokenizer."""
+    return build_bpe_tokenizer

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from salr import data
@@ -27,24 +26,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (exact round trip) that prepends <s> like Llama tokenizers do."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = [r["question"] + "\n" + r["answer"] for r in data.synthetic_arithmetic(200, seed=1)]
-    tok.train_from_iterator(corpus + ["Question: Answer: user assistant"], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = chat_template
-    return fast
-
-
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
+def tokenizer(make_tokenizer) -> PreTrainedTokenizerFast:
     return make_tokenizer()
 
 
@@ -163,7 +146,7 @@ def test_mmlu_wrong_column_count_and_bad_letter(tmp_path):
 # ----------------------------------------------------------------------------- prompts and SFT examples
 
 
-def test_format_prompt_plain_and_chat():
+def test_format_prompt_plain_and_chat(make_tokenizer):
     plain = make_tokenizer()
     assert data.format_prompt(plain, "What is 2 + 3?") == "Question: What is 2 + 3?\nAnswer:"
     chat = make_tokenizer(CHAT_TEMPLATE)
@@ -174,7 +157,7 @@ def test_format_prompt_plain_and_chat():
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_sft_labels_mask_exactly_the_prompt(chat):
+def test_sft_labels_mask_exactly_the_prompt(chat, make_tokenizer):
     tok = make_tokenizer(CHAT_TEMPLATE if chat else None)
     records = data.synthetic_arithmetic(8, seed=3)
     examples = data.build_sft_examples(records, tok, max_length=512)
@@ -192,7 +175,7 @@ def test_sft_labels_mask_exactly_the_prompt(chat):
             assert ex["input_ids"][0] == tok.bos_token_id
 
 
-def test_sft_truncation_and_dropping(caplog):
+def test_sft_truncation_and_dropping(caplog, make_tokenizer):
     tok = make_tokenizer()
     records = data.synthetic_arithmetic(4, seed=5)
     prompt_lens = [len(data.encode_prompt(tok, r["question"])) for r in records]

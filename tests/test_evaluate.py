@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from salr import data, evaluate
@@ -29,22 +28,8 @@ TEXT = (
 )
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (exact round trip) that prepends <s>, like a Llama tokenizer."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = [r["question"] + "\n" + r["answer"] for r in data.synthetic_arithmetic(200, seed=1)]
-    tok.train_from_iterator(corpus + ["Question: Answer: A. B. C. D. The following are multiple choice"], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
+def tokenizer(make_tokenizer) -> PreTrainedTokenizerFast:
     return make_tokenizer()
 
 
