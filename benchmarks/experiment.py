@@ -1,0 +1,289 @@
+"""The paper's comparisons at small scale: pretrained, LoRA, SALR, prune+LoRA, SALR with frozen residual.
+
+Every run fine-tunes the default model (SmolLM2-135M-Instruct) on GSM8K train minus its last `--holdout`
+problems, then evaluates on the held-out problems (GSM8K accuracy and answer NLL), MMLU k-shot and WikiText-2
+perplexity. Test files are arguments, so the real test splits can be used. Writes OUTPUT/results.json,
+OUTPUT/results.md and OUTPUT/{sparsity_sweep,loss_curves}.png.
+
+    python benchmarks/experiment.py --quick --output runs/quick     # target 20 min; took 57 min on a shared 2-core box
+    python benchmarks/experiment.py --output runs/full              # the default grid, ~3 h on 2 cores
+
+Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, exactly SALR's trainable count
+(A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
+LoRA block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from salr import data, evaluate  # noqa: E402
+from salr.config import SALRConfig  # noqa: E402
+from salr.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from salr.model import convert  # noqa: E402
+from salr.models import load_model  # noqa: E402
+from salr.train import TrainConfig, load_examples, method_config, train  # noqa: E402
+
+logger = logging.getLogger("experiment")
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@dataclass
+class Run:
+    name: str
+    method: str  # "pretrained" or one of salr.train.METHODS
+    pattern: str = "unstructured"
+    sparsity: float | None = 0.5
+
+
+def grid(quick: bool) -> list[Run]:
+    """Full: 4 methods x {50% unstructured, 2:4} + SALR sweep 10/30/60/70%. Quick: fewer 2:4 and sweep runs."""
+    methods = ["lora", "salr", "prune-lora", "salr-frozen-residual"]
+    runs = [Run("pretrained", "pretrained", sparsity=None)]
+    runs += [Run(f"{m}@50%", m) for m in methods]
+    patterns_24 = ["salr", "prune-lora"] if quick else [m for m in methods if m != "lora"]
+    runs += [Run(f"{m}@2:4", m, "2:4", None) for m in patterns_24]
+    sweep = [0.1, 0.3, 0.7] if quick else [0.1, 0.3, 0.6, 0.7]
+    runs += [Run(f"salr@{round(s * 100)}%", "salr", sparsity=s) for s in sweep]
+    return runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--train-data", default=str(SHARED / "gsm8k" / "train.jsonl"))
+    p.add_argument("--holdout", type=int, default=500, help="last N train problems = development evaluation set")
+    p.add_argument("--gsm8k-test", help="GSM8K-format file to evaluate on instead of the held-out problems")
+    p.add_argument("--mmlu", default=str(SHARED / "mmlu" / "val"), help="MMLU csv file or directory")
+    p.add_argument("--mmlu-dev", default=str(SHARED / "mmlu" / "dev"), help="few-shot examples")
+    p.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    p.add_argument("--output", required=True)
+    p.add_argument("--quick", action="store_true", help="small preset: 16 steps per run, small eval slices")
+    p.add_argument("--runs", help="comma-separated run names to keep (e.g. pretrained,salr@50%%)")
+    p.add_argument("--residual-rank", type=int, default=64)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
+    for name, full, quick in [
+        ("train-examples", 2000, 64),
+        ("steps", 250, 16),
+        ("batch-size", 8, 4),
+        ("max-length", 384, 256),
+        ("nll-limit", 200, 40),
+        ("accuracy-limit", 100, 10),
+        ("max-new-tokens", 256, 96),
+        ("mmlu-limit", 300, 12),
+        ("mmlu-shots", 5, 5),
+        ("wikitext-windows", 40, 2),
+    ]:
+        p.add_argument(f"--{name}", type=int, help=f"default {full} ({quick} with --quick)")
+        p.set_defaults(**{f"_{name.replace('-', '_')}_defaults": (full, quick)})
+    args = p.parse_args(argv)
+    for key in list(vars(args)):
+        if key.startswith("_") and key.endswith("_defaults"):
+            name = key[1 : -len("_defaults")]
+            if getattr(args, name) is None:
+                setattr(args, name, getattr(args, key)[1 if args.quick else 0])
+            delattr(args, key)
+    return args
+
+
+def evaluate_model(model: Any, tokenizer: Any, dev: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    nll = evaluate.answer_nll(model, tokenizer, dev[: args.nll_limit])
+    acc = evaluate.gsm8k(model, tokenizer, dev[: args.accuracy_limit], max_new_tokens=args.max_new_tokens)
+    mmlu = evaluate.mmlu(model, tokenizer, args.mmlu_dev, args.mmlu, k=args.mmlu_shots, limit=args.mmlu_limit)
+    text = data.load_text(args.wikitext)
+    ppl = evaluate.perplexity(model, tokenizer, text, max_length=512, limit=args.wikitext_windows)
+    return {
+        "gsm8k_answer_nll": nll["answer_nll"],
+        "gsm8k_nll_problems": min(len(dev), args.nll_limit),
+        "gsm8k_accuracy": acc["accuracy"],
+        "gsm8k_accuracy_problems": acc["n"],
+        "mmlu_accuracy": mmlu["accuracy"],
+        "mmlu_questions": mmlu["n"],
+        "wikitext2_perplexity": ppl["perplexity"],
+        "wikitext2_tokens": ppl["tokens"],
+        "eval_seconds": time.perf_counter() - started,
+    }
+
+
+def run_one(run: Run, dense: Any, tokenizer: Any, examples: list, dev: list, args: argparse.Namespace) -> dict:
+    model = copy.deepcopy(dense)
+    row: dict[str, Any] = {"name": run.name, "method": run.method, "pattern": run.pattern, "sparsity": run.sparsity}
+    if run.method != "pretrained":
+        # LoRA / prune+LoRA at SALR's trainable parameter count: one block of rank residual_rank + lora_rank.
+        no_residual = run.method in ("lora", "prune-lora")
+        r = args.residual_rank + args.lora_rank if no_residual else args.lora_rank
+        base = SALRConfig(
+            sparsity=run.sparsity,
+            pattern=run.pattern,
+            residual_rank=args.residual_rank,
+            r=r,
+            lora_alpha=2.0 * r,
+            seed=args.seed,
+        )
+        config = method_config(run.method, base)
+        conversion = convert(model, config, progress=False)
+        cfg = TrainConfig(
+            lr=args.lr,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            progress=False,
+        )
+        out = Path(args.output) / "runs" / run.name.replace("@", "_").replace("%", "pct").replace(":", "-")
+        report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
+        row.update(
+            sparsity=config.sparsity,
+            trainable_parameters=report["trainable_parameters"],
+            base_sparsity=conversion["totals"]["sparsity"],
+            train_seconds=report["seconds"],
+            final_loss=report["final_loss"],
+            loss_curve=[h["loss"] for h in report["history"]],
+            tokens_per_s=report["tokens"] / report["seconds"],
+            peak_memory_mib=report["peak_memory_mib"],
+        )
+        if not args.keep_runs:
+            shutil.rmtree(out, ignore_errors=True)
+    row.update(evaluate_model(model, tokenizer, dev, args))
+    logger.info("%s: %s", run.name, {k: v for k, v in row.items() if k != "loss_curve"})
+    return row
+
+
+def markdown(rows: list[dict], settings: dict) -> str:
+    lines = [
+        "| run | method | pattern | sparsity | trainable params | GSM8K answer NLL | GSM8K acc | MMLU acc | "
+        "WikiText-2 ppl | final train loss |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sparsity = "-" if r["sparsity"] is None else f"{r['sparsity']:.0%}"
+        loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['pattern'] if r['method'] != 'pretrained' else '-'} | {sparsity} | "
+            f"{r.get('trainable_parameters', 0):,} | {r['gsm8k_answer_nll']:.4f} | "
+            f"{r['gsm8k_accuracy']:.3f} ({r['gsm8k_accuracy_problems']}) | "
+            f"{r['mmlu_accuracy']:.3f} ({r['mmlu_questions']}) | {r['wikitext2_perplexity']:.2f} | {loss} |"
+        )
+    check = issue_check(rows)
+    if check:
+        lines += ["", check]
+    return "\n".join(lines) + "\n"
+
+
+def issue_check(rows: list[dict]) -> str:
+    """The issue's check: SALR@50% answer NLL within 3% of LoRA's, below prune-lora's and frozen-residual's."""
+    by = {r["name"]: r["gsm8k_answer_nll"] for r in rows}
+    if not all(k in by for k in ("salr@50%", "lora@50%", "prune-lora@50%", "salr-frozen-residual@50%")):
+        return ""
+    gap = by["salr@50%"] / by["lora@50%"] - 1
+    return (
+        f"SALR@50% answer NLL {by['salr@50%']:.4f} vs LoRA {by['lora@50%']:.4f} ({gap:+.2%}; "
+        f"{'within' if abs(gap) <= 0.03 or gap < 0 else 'NOT within'} 3%), prune-lora {by['prune-lora@50%']:.4f} "
+        f"({'better' if by['salr@50%'] < by['prune-lora@50%'] else 'NOT better'}), frozen residual "
+        f"{by['salr-frozen-residual@50%']:.4f} "
+        f"({'better' if by['salr@50%'] < by['salr-frozen-residual@50%'] else 'NOT better'})."
+    )
+
+
+def plots(rows: list[dict], output: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    sweep = sorted(
+        (r for r in rows if r["method"] == "salr" and r["pattern"] == "unstructured"), key=lambda r: r["sparsity"]
+    )
+    refs = {r["name"]: r for r in rows if r["name"] in ("pretrained", "lora@50%", "prune-lora@50%")}
+    if sweep:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, label in [
+            (axes[0], "gsm8k_answer_nll", "GSM8K answer NLL (held out)"),
+            (axes[1], "wikitext2_perplexity", "WikiText-2 perplexity"),
+        ]:
+            ax.plot([r["sparsity"] for r in sweep], [r[key] for r in sweep], "o-", label="SALR (fine-tuned)")
+            for name, style in [("pretrained", ":"), ("lora@50%", "--")]:
+                if name in refs:
+                    ax.axhline(refs[name][key], linestyle=style, color="gray", label=name)
+            if "prune-lora@50%" in refs:
+                ax.plot([0.5], [refs["prune-lora@50%"][key]], "x", color="red", label="prune-lora@50%")
+            ax.set_xlabel("sparsity of the frozen base")
+            ax.set_ylabel(label)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(output / "sparsity_sweep.png", dpi=120)
+        plt.close(fig)
+        written.append("sparsity_sweep.png")
+    curves = [r for r in rows if r.get("loss_curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in curves:
+            ax.plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=r["name"])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (answer tokens)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(output / "loss_curves.png", dpi=120)
+        plt.close(fig)
+        written.append("loss_curves.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    records = data.load_gsm8k(args.train_data)
+    if len(records) <= args.holdout:
+        raise SystemExit(f"{args.train_data} has {len(records)} problems, not more than --holdout {args.holdout}")
+    train_records, dev = records[: -args.holdout], records[-args.holdout :]
+    if args.gsm8k_test:
+        dev = data.load_gsm8k(args.gsm8k_test)
+    dense, tokenizer = load_model(args.model)
+    examples = load_examples(None, tokenizer, args.max_length, records=train_records[: args.train_examples])
+    runs = grid(args.quick)
+    if args.runs:
+        keep = set(args.runs.split(","))
+        runs = [r for r in runs if r.name in keep]
+    rows = []
+    settings = dict(vars(args))
+    for run in runs:
+        rows.append(run_one(run, dense, tokenizer, examples, dev, args))
+        result = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/experiment.py", *(argv if argv is not None else sys.argv[1:])]),
+            "settings": settings,
+            "runs": rows,
+            "check": issue_check(rows),
+            "seconds": time.perf_counter() - started,
+        }
+        atomic_write_json(output / "results.json", result)  # after every run: partial results survive a crash
+        atomic_write_bytes(output / "results.md", markdown(rows, settings).encode())
+    result["plots"] = plots(rows, output)
+    atomic_write_json(output / "results.json", result)
+    print(markdown(rows, settings))
+    print(f"wrote {output}/results.json, results.md, {', '.join(result['plots'])} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""salr.train: the loss falls, only adapters change, frozen residual stays put, runs reload and resume exactly,
+two DDP processes equal one, Theorem 4's per-layer lr is applied as documented, bad data fails clearly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import salr
+from salr import data
+from salr.cli import main
+from salr.layer import SALRLinear
+from salr.train import (
+    AnswerLoss,
+    TrainConfig,
+    latest_checkpoint,
+    load_examples,
+    method_config,
+    prepare_model,
+    theorem4_rates,
+    train,
+)
+
+SALR_CFG = salr.SALRConfig(sparsity=0.5, residual_rank=4, r=4, lora_alpha=8, seed=0)
+
+
+def tiny_examples(n: int = 32, seed: int = 0, vocab: int = 128) -> list[dict[str, list[int]]]:
+    """Prompt of random tokens, answer = the prompt's first 6 tokens (learnable); labels -100 on the prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(3, vocab, (8 + i % 5,), generator=gen).tolist()
+        answer = prompt[:6]
+        out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return out
+
+
+def converted(model: torch.nn.Module, config: salr.SALRConfig = SALR_CFG) -> torch.nn.Module:
+    salr.convert(model, config, progress=False)
+    return model
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def cfg(**kw) -> TrainConfig:
+    defaults = dict(lr=1e-2, max_steps=12, batch_size=8, warmup_steps=2, max_length=64, progress=False)
+    return TrainConfig(**{**defaults, **kw})
+
+
+def test_short_train_on_stories(stories_path, tmp_path):
+    """Real model, real tokenizer, synthetic GSM8K-format data: loss falls; bases bit-identical; run reloads."""
+    model, tok, config, _ = prepare_model(str(stories_path), "salr", salr.SALRConfig(residual_rank=8, r=8))
+    examples = load_examples(None, tok, 96, records=data.synthetic_arithmetic(48, seed=3))
+    before = snapshot(model)
+    report = train(model, tok, examples, config, cfg(lr=3e-3, max_steps=24), tmp_path / "run", "stories")
+    losses = [h["loss"] for h in report["history"]]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    after = model.state_dict()
+    for name, value in before.items():
+        if name.endswith(("A_cat", "B_cat")):
+            assert not torch.equal(value, after[name]), f"{name} did not train"
+        else:  # frozen bases (hence their masks), embeddings, norms: bit for bit
+            assert torch.equal(value, after[name]), f"{name} changed"
+    reloaded, tok2 = salr.load(tmp_path / "run")
+    ids = torch.tensor([examples[0]["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert tok2 is not None
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 24 and {"step", "loss", "lr", "tokens_per_s", "peak_memory_mib"} <= set(eval(lines[0]))
+
+
+def test_frozen_residual_block_is_bit_identical(tiny_llama, tmp_path):
+    config = method_config("salr-frozen-residual", SALR_CFG)
+    model = converted(tiny_llama, config)
+    before = snapshot(model)
+    # weight decay would shrink a block that only gets zero gradients: the loop must still keep it exact
+    train(model, None, tiny_examples(), config, cfg(weight_decay=0.1), tmp_path / "run")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SALRLinear)]
+    for name, layer in layers:
+        r = layer.residual_rank
+        assert torch.equal(layer.A_cat[:r], before[f"{name}.A_cat"][:r])
+        assert torch.equal(layer.B_cat[:, :r], before[f"{name}.B_cat"][:, :r])
+        assert not torch.equal(layer.A_cat[r:], before[f"{name}.A_cat"][r:])
+        assert not torch.equal(layer.B_cat[:, r:], before[f"{name}.B_cat"][:, r:])
+
+
+def test_methods_and_equal_parameter_lora(tiny_llama):
+    lora = method_config("lora", salr.SALRConfig(sparsity=0.5, residual_rank=4, r=8))
+    assert (lora.sparsity, lora.residual_rank, lora.r) == (0.0, 0, 8)
+    assert method_config("prune-lora", salr.SALRConfig(pattern="2:4")).residual_rank == 0
+    assert method_config("salr-frozen-residual", SALR_CFG).train_residual is False
+    # LoRA rank = residual rank + LoRA rank gives exactly SALR's trainable parameter count
+    a = converted(copy.deepcopy(tiny_llama), SALR_CFG)
+    b = converted(copy.deepcopy(tiny_llama), method_config("lora", salr.SALRConfig(residual_rank=0, r=8)))
+    count = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (a, b)]
+    assert count[0] == count[1] > 0
+    with pytest.raises(salr.SALRError, match="unknown method"):
+        method_config("qlora", SALR_CFG)
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash(model, tokenizer):
+    raise Crash
+
+
+def test_resume_matches_uninterrupted(tiny_llama, tmp_path):
+    config = SALR_CFG
+    examples = tiny_examples()
+    settings = cfg(max_steps=8, save_every=4, batch_size=4, grad_accum=2)
+    full_model = converted(copy.deepcopy(tiny_llama))
+    full = train(copy.deepcopy(full_model), None, examples, config, settings, tmp_path / "full")
+    full_model = salr.load(tmp_path / "full")[0]
+    # the same run killed at step 6 (an exception from the eval hook): the step-4 checkpoint is the latest
+    crashed = converted(copy.deepcopy(tiny_llama))
+    with pytest.raises(Crash):
+        train(
+            crashed,
+            None,
+            examples,
+            config,
+            TrainConfig(**{**vars(settings), "eval_every": 6}),
+            tmp_path / "run",
+            eval_fn=_crash,
+        )
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.name == "step-0000004"
+    resumed_model, _ = salr.load(checkpoint)
+    resumed = train(resumed_model, None, examples, config, settings, tmp_path / "run", resume_from=checkpoint)
+    assert resumed["resumed_from_step"] == 4
+    tail = [h["loss"] for h in full["history"][4:]]
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx(tail, rel=1e-6, abs=1e-7)
+    for (name, p), (_, q) in zip(full_model.named_parameters(), resumed_model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # the log was cut back to the checkpoint, then continued
+
+
+# Adam divides by sqrt(v): on entries whose gradient is near zero, float reordering between 1 and 2 processes is
+# amplified to about lr, so the comparison uses a small lr (the losses agree to ~1e-7 at any lr).
+DDP_CFG = cfg(lr=1e-3, max_steps=4, batch_size=8, grad_accum=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_config()).eval()
+    converted(model)
+    try:
+        train(model, None, tiny_examples(), SALR_CFG, DDP_CFG, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = converted(LlamaForCausalLM(_tiny_config()).eval())
+    init = snapshot(single)
+    report = train(single, None, tiny_examples(), SALR_CFG, DDP_CFG, tmp_path / "one")
+    ddp, _ = salr.load(tmp_path / "ddp")
+    ddp_report = json.loads((tmp_path / "ddp" / "train_report.json").read_text())
+    assert ddp_report["world_size"] == 2
+    assert [h["loss"] for h in ddp_report["history"]] == pytest.approx(
+        [h["loss"] for h in report["history"]], rel=1e-6
+    )
+    moved = 0.0
+    for (name, p), (_, q) in zip(single.named_parameters(), ddp.named_parameters(), strict=True):
+        if name.endswith(("A_cat", "B_cat")):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5, msg=name)
+            moved = max(moved, float((p.detach() - init[name]).abs().max()))
+    assert moved > 1e-3  # the adapters really trained (so equality is not trivial)
+
+
+def test_theorem4_rates_and_per_block_lr(tiny_llama, tmp_path):
+    model = converted(tiny_llama)
+    examples = tiny_examples(n=8)
+    rates = theorem4_rates(model, examples[:4], iters=200)
+    # reference: X = inputs of q_proj on those examples, stacked; η* = N / σ_max(X)²
+    xs = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0][0]))
+    with torch.no_grad():
+        for ex in examples[:4]:
+            model(input_ids=torch.tensor([ex["input_ids"]]))
+    handle.remove()
+    x = torch.cat(xs).double()
+    expected = x.shape[0] / float(torch.linalg.matrix_norm(x, 2)) ** 2
+    assert rates["model.layers.0.self_attn.q_proj"] == pytest.approx(expected, rel=1e-6)
+
+    # One AdamW step (no clipping, no warmup): the residual block moves by lr_res * g / (|g| + eps) per entry
+    # (Adam's first step), the LoRA block by lr * g / (|g| + eps).
+    lr, res_lr = 1e-2, 1e-3
+    layer_name = "model.layers.1.mlp.down_proj"
+    probe = copy.deepcopy(model)
+    loss = AnswerLoss(probe)(**data.collate(examples, 0))
+    (loss / sum(sum(t != -100 for t in ex["labels"][1:]) for ex in examples)).backward()
+    layer = model.get_submodule(layer_name)
+    grads = [probe.get_submodule(layer_name).A_cat.grad, probe.get_submodule(layer_name).B_cat.grad]
+    starts = [layer.A_cat.detach().clone(), layer.B_cat.detach().clone()]
+    settings = cfg(lr=lr, residual_lr=res_lr, max_steps=1, batch_size=8, warmup_steps=0, max_grad_norm=0)
+    report = train(model, None, examples, SALR_CFG, settings, tmp_path / "run")
+    assert report["residual_lr_per_layer"][layer_name] == pytest.approx(res_lr)
+    r = SALR_CFG.residual_rank
+    d_a, d_b = layer.A_cat.detach() - starts[0], layer.B_cat.detach() - starts[1]
+    s_a, s_b = (g / (g.abs() + 1e-8) for g in grads)
+    assert float(s_b[:, r:].abs().mean()) > 0.5  # the LoRA block really moves (B_lora starts at zero, A_lora not)
+    torch.testing.assert_close(d_a[:r], -res_lr * s_a[:r], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(d_b[:, :r], -res_lr * s_b[:, :r], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(d_b[:, r:], -lr * s_b[:, r:], rtol=1e-3, atol=1e-5)
+
+
+def test_theorem4_config_parsing():
+    assert TrainConfig(residual_lr="theorem4").theorem4_factor() == 1.0
+    assert TrainConfig(residual_lr="theorem4*0.01").theorem4_factor() == 0.01
+    assert TrainConfig(residual_lr="3e-4").residual_lr == 3e-4
+    for bad in ("theorem5", "theorem4x2"):
+        with pytest.raises(salr.SALRError, match="residual_lr"):
+            TrainConfig(residual_lr=bad)
+
+
+def test_bad_data_file_is_one_clear_error(stories_path, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{not json}\n')
+    argv = ["train", "--model", str(stories_path), "--data", str(bad), "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: invalid JSON" in err and "Traceback" not in err
+    argv[argv.index("--data") + 1] = str(tmp_path / "missing.jsonl")
+    assert main(argv) == 2
+    assert "no such file" in capsys.readouterr().err
