@@ -12,6 +12,12 @@
  *   salr_bitmap_decode  rows [r0, r1) of W as dense fp32, for the large-M path (decode a tile, then sgemm).
  * Both check every row they touch: the popcount of the row's bitmap must equal the number of values the
  * offsets give it, so corrupt inputs are reported (return value >= 0 = a bad row) and never read out of bounds.
+ * The AVX2 paths check on the fly (a word's popcount must keep the running count within the row before the word
+ * is used), so the bitmap is read once; the scalar paths count the row first.
+ *
+ * The M = 1 GEMV (decode) is compute bound at ~9 instructions per bitmap byte: per byte a shift + popcount for the
+ * value offset (independent for the 8 bytes of a word, no serial chain), a 16-byte broadcast load of the values,
+ * one vpshufb with the byte's table entry, one FMA; 8 accumulators. Measured ~2 cycles per bitmap byte on Zen 3.
  *
  * x must be fp32 with at least nbytes * 8 columns per row (columns >= cols zero-padded): the AVX2 path loads
  * 8 columns per bitmap byte. The AVX2 code uses target attributes so the file builds with plain -O3 and a CPU
@@ -37,6 +43,9 @@
 #define ISA_AVX2 1
 
 #define MAX_NT 8 /* tokens per register block in the gemv path */
+/* Rows per work item: threads take chunks as they come (dynamic schedule), so a thread that the OS delays (a busy
+ * shared machine) does not hold up the others at the end of the call. */
+#define ROW_CHUNK 32
 
 #define AVX2_FN __attribute__((target("avx2,fma,f16c,popcnt")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c,popcnt")))
@@ -139,14 +148,6 @@ static inline int64_t row_popcount(const uint8_t *bm, int64_t nbytes) {
     return n;
 }
 
-/* True when row r's offsets are in range and agree with its bitmap popcount. */
-static inline int row_ok(const uint8_t *bm_row, int64_t nbytes, const int64_t *offs, int64_t r, int64_t rows,
-                         int64_t nnz) {
-    int64_t start = offs[r], end = r + 1 < rows ? offs[r + 1] : nnz;
-    if (start < 0 || end < start || end > nnz) return 0;
-    return row_popcount(bm_row, nbytes) == end - start;
-}
-
 static inline int elem_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 
 /* ---------------------------------------------------------------------------------------------- scalar path */
@@ -212,85 +213,117 @@ AVX2_INLINE float hsum8(__m256 a) {
     return _mm_cvtss_f32(s);
 }
 
-/* NT tokens (a compile-time constant after inlining) against one row. The bitmap is read 8 bytes at a time; each
- * byte's first value is found with a popcount of the bits below it in the 64-bit word, so the 8 expansions are
- * independent (no serial pointer chain). NB accumulator banks per token hide the FMA latency when NT is small. */
-AVX2_INLINE void gemv_row_block_avx2(int dt, int NT, const uint8_t *bm, const uint8_t *v, int64_t nbytes,
-                                     const float *x, int64_t ldx, float *y, int64_t ldy) {
-    const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+/* NT tokens (a compile-time constant after inlining) against one row of n_row values. The bitmap is read 8 bytes at
+ * a time; each byte's first value is found with a popcount of the bits below it in the 64-bit word, so the 8
+ * expansions are independent (no serial pointer chain). NB accumulator banks per token hide the FMA latency when NT
+ * is small. The row's bitmap is validated on the fly: before a word is used, its popcount must keep the running count
+ * within n_row, so reads stay below value n_row + 8 of the row. Returns the number of values consumed (== n_row for
+ * a consistent row) or -1 when the bitmap asks for more values than the row has. */
+AVX2_INLINE int64_t gemv_row_block_avx2(int dt, int NT, const uint8_t *bm, const uint8_t *v0, int64_t nbytes,
+                                        int64_t n_row, const float *x, int64_t ldx, float *y, int64_t ldy) {
+    const int NB = NT == 1 ? 8 : (NT == 2 ? 4 : (NT <= 4 ? 2 : 1));
     const int esz = elem_size(dt);
-    __m256 acc[4][MAX_NT];
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; u++)
+    __m256 acc[8][MAX_NT];
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; u++)
 #pragma GCC unroll 8
         for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm256_setzero_ps();
-    int64_t j = 0;
+    int64_t j = 0, cnt = 0;
     for (; j + 8 <= nbytes; j += 8) {
         uint64_t word;
         memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > n_row) return -1;
+        const uint8_t *v = v0 + esz * cnt;
 #pragma GCC unroll 8
         for (int u = 0; u < 8; u++) {
             const uint8_t *vu = u ? v + esz * __builtin_popcountll(word << (64 - 8 * u)) : v;
-            __m256 w = expand8(dt, vu, bm[j + u]);
+            __m256 w = expand8(dt, vu, (unsigned)(word >> (8 * u)) & 0xff);
 #pragma GCC unroll 8
             for (int t = 0; t < NT; t++)
                 acc[u % NB][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + 8 * (j + u)), acc[u % NB][t]);
         }
-        v += esz * __builtin_popcountll(word);
+        cnt += wc;
     }
     for (; j < nbytes; j++) {
         unsigned b = bm[j];
-        __m256 w = expand8(dt, v, b);
-        v += esz * POPCNT8[b];
+        if (cnt + POPCNT8[b] > n_row) return -1;
+        __m256 w = expand8(dt, v0 + esz * cnt, b);
+        cnt += POPCNT8[b];
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++) acc[0][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + 8 * j), acc[0][t]);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < NT; t++) {
         __m256 s = acc[0][t];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int u = 1; u < NB; u++) s = _mm256_add_ps(s, acc[u][t]);
         y[t * ldy] = hsum8(s);
     }
+    return cnt;
 }
 
-AVX2_INLINE void gemv_row_avx2_dt(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, const float *x,
-                                  int64_t m, int64_t ldx, float *y, int64_t ldy) {
-    int64_t t = 0;
-    for (; t + MAX_NT <= m; t += MAX_NT) gemv_row_block_avx2(dt, 8, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy);
+/* Returns the values consumed by the row, or -1 (see gemv_row_block_avx2); m > 8 runs blocks of 8 tokens. */
+AVX2_INLINE int64_t gemv_row_avx2_dt(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, int64_t n_row,
+                                     const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
+    int64_t t = 0, got = n_row;
+    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
+        got = gemv_row_block_avx2(dt, 8, bm, v, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy);
+    if (got != n_row) return got;
+    x += t * ldx;
+    y += t * ldy;
     switch (m - t) {
-    case 1: gemv_row_block_avx2(dt, 1, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
-    case 2: gemv_row_block_avx2(dt, 2, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
-    case 3: gemv_row_block_avx2(dt, 3, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
-    case 4: gemv_row_block_avx2(dt, 4, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
-    case 5: gemv_row_block_avx2(dt, 5, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
-    case 6: gemv_row_block_avx2(dt, 6, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
-    case 7: gemv_row_block_avx2(dt, 7, bm, v, nbytes, x + t * ldx, ldx, y + t * ldy, ldy); break;
-    default: break;
+    case 1: return gemv_row_block_avx2(dt, 1, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 2: return gemv_row_block_avx2(dt, 2, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 3: return gemv_row_block_avx2(dt, 3, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 4: return gemv_row_block_avx2(dt, 4, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 5: return gemv_row_block_avx2(dt, 5, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 6: return gemv_row_block_avx2(dt, 6, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 7: return gemv_row_block_avx2(dt, 7, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    default: return got;
     }
 }
 
 /* One entry per dtype so each is compiled with its dtype branches folded away. */
-AVX2_FN static void gemv_row_avx2(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, const float *x,
-                                  int64_t m, int64_t ldx, float *y, int64_t ldy) {
-    if (dt == DT_BF16) gemv_row_avx2_dt(DT_BF16, bm, v, nbytes, x, m, ldx, y, ldy);
-    else if (dt == DT_F16) gemv_row_avx2_dt(DT_F16, bm, v, nbytes, x, m, ldx, y, ldy);
-    else gemv_row_avx2_dt(DT_F32, bm, v, nbytes, x, m, ldx, y, ldy);
+AVX2_FN static int64_t gemv_row_avx2(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, int64_t n_row,
+                                     const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
+    if (dt == DT_BF16) return gemv_row_avx2_dt(DT_BF16, bm, v, nbytes, n_row, x, m, ldx, y, ldy);
+    if (dt == DT_F16) return gemv_row_avx2_dt(DT_F16, bm, v, nbytes, n_row, x, m, ldx, y, ldy);
+    return gemv_row_avx2_dt(DT_F32, bm, v, nbytes, n_row, x, m, ldx, y, ldy);
 }
 
-AVX2_INLINE void decode_row_avx2_dt(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, float *out) {
+/* Same word-at-a-time walk and on-the-fly validation as the gemv; returns the values consumed or -1. */
+AVX2_INLINE int64_t decode_row_avx2_dt(int dt, const uint8_t *bm, const uint8_t *v0, int64_t nbytes, int64_t n_row,
+                                       float *out) {
     const int esz = elem_size(dt);
-    for (int64_t j = 0; j < nbytes; j++) {
-        unsigned b = bm[j];
-        _mm256_storeu_ps(out + 8 * j, expand8(dt, v, b));
-        v += esz * POPCNT8[b];
+    int64_t j = 0, cnt = 0;
+    for (; j + 8 <= nbytes; j += 8) {
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > n_row) return -1;
+        const uint8_t *v = v0 + esz * cnt;
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) {
+            const uint8_t *vu = u ? v + esz * __builtin_popcountll(word << (64 - 8 * u)) : v;
+            _mm256_storeu_ps(out + 8 * (j + u), expand8(dt, vu, (unsigned)(word >> (8 * u)) & 0xff));
+        }
+        cnt += wc;
     }
+    for (; j < nbytes; j++) {
+        unsigned b = bm[j];
+        if (cnt + POPCNT8[b] > n_row) return -1;
+        _mm256_storeu_ps(out + 8 * j, expand8(dt, v0 + esz * cnt, b));
+        cnt += POPCNT8[b];
+    }
+    return cnt;
 }
 
-AVX2_FN static void decode_row_avx2(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, float *out) {
-    if (dt == DT_BF16) decode_row_avx2_dt(DT_BF16, bm, v, nbytes, out);
-    else if (dt == DT_F16) decode_row_avx2_dt(DT_F16, bm, v, nbytes, out);
-    else decode_row_avx2_dt(DT_F32, bm, v, nbytes, out);
+AVX2_FN static int64_t decode_row_avx2(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, int64_t n_row,
+                                       float *out) {
+    if (dt == DT_BF16) return decode_row_avx2_dt(DT_BF16, bm, v, nbytes, n_row, out);
+    if (dt == DT_F16) return decode_row_avx2_dt(DT_F16, bm, v, nbytes, n_row, out);
+    return decode_row_avx2_dt(DT_F32, bm, v, nbytes, n_row, out);
 }
 
 #endif /* SALR_X86 */
@@ -301,8 +334,16 @@ AVX2_FN static void decode_row_avx2(int dt, const uint8_t *bm, const uint8_t *v,
  * take the scalar path (at most the last few rows). */
 static inline int avx2_safe(int dt, int64_t row_end, int64_t nnz) { return (row_end + 32 / elem_size(dt)) <= nnz; }
 
+/* Row r's value range [*start, *end) if the offsets are in range (the bitmap is checked by the row kernels). */
+static inline int row_range(const int64_t *offs, int64_t r, int64_t rows, int64_t nnz, int64_t *start, int64_t *end) {
+    *start = offs[r];
+    *end = r + 1 < rows ? offs[r + 1] : nnz;
+    return *start >= 0 && *end >= *start && *end <= nnz;
+}
+
 /* y[t * ldy + r] = sum_c x[t * ldx + c] * W[r, c] for t < m, r < rows. Returns -1, or a row whose offsets
- * disagree with its bitmap (that row's outputs are left at 0). */
+ * disagree with its bitmap (that row's outputs are left at 0). Rows go to threads in ROW_CHUNK pieces; pass
+ * nthreads = 1 for small layers, where waking a second thread costs more than it saves. */
 int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *values, const int64_t *row_offsets,
                          int64_t nnz, int64_t rows, int64_t cols, const float *x, int64_t m, int64_t ldx, float *y,
                          int64_t ldy, int nthreads) {
@@ -311,23 +352,23 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
     const int esz = elem_size(dt);
     int64_t bad = -1;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, ROW_CHUNK) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *bm = bitmask + r * nbytes;
-        if (!row_ok(bm, nbytes, row_offsets, r, rows, nnz)) {
+        int64_t start, end;
+        int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
+#if SALR_X86
+        if (ok && isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+            ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, x, m, ldx, y + r, ldy) == end - start;
+        } else
+#endif
+        if (ok && (ok = row_popcount(bm, nbytes) == end - start))
+            gemv_row_scalar(dt, bm, vals, start, nbytes, x, m, ldx, y, ldy, r);
+        if (!ok) {
             for (int64_t t = 0; t < m; t++) y[t * ldy + r] = 0.0f;
 #pragma omp atomic write
             bad = r;
-            continue;
         }
-        int64_t start = row_offsets[r], end = r + 1 < rows ? row_offsets[r + 1] : nnz;
-#if SALR_X86
-        if (isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
-            gemv_row_avx2(dt, bm, vals + esz * start, nbytes, x, m, ldx, y + r, ldy);
-            continue;
-        }
-#endif
-        gemv_row_scalar(dt, bm, vals, start, nbytes, x, m, ldx, y, ldy, r);
     }
     return bad;
 }
@@ -342,24 +383,24 @@ int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *
     const int esz = elem_size(dt);
     int64_t bad = -1;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, ROW_CHUNK) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *bm = bitmask + r * nbytes;
         float *o = out + (r - r0) * ldo;
-        if (!row_ok(bm, nbytes, row_offsets, r, rows, nnz)) {
+        int64_t start, end;
+        int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
+#if SALR_X86
+        if (ok && isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+            ok = decode_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, o) == end - start;
+        } else
+#endif
+        if (ok && (ok = row_popcount(bm, nbytes) == end - start))
+            decode_row_scalar(dt, bm, vals, start, nbytes, nbytes * 8, o);
+        if (!ok) {
             memset(o, 0, sizeof(float) * nbytes * 8);
 #pragma omp atomic write
             bad = r;
-            continue;
         }
-        int64_t start = row_offsets[r], end = r + 1 < rows ? row_offsets[r + 1] : nnz;
-#if SALR_X86
-        if (isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
-            decode_row_avx2(dt, bm, vals + esz * start, nbytes, o);
-            continue;
-        }
-#endif
-        decode_row_scalar(dt, bm, vals, start, nbytes, nbytes * 8, o);
     }
     return bad;
 }

@@ -1,13 +1,17 @@
-"""Benchmark plumbing (never timings): byte accounting, shape parsing, the JSON contract of `salr bench --kernel`."""
+"""Benchmark plumbing (never timings): byte accounting, shape parsing, JSON contracts of `salr bench`, the
+Llama-3-8B-shaped builder, checkpoint bytes on disk, generation and training helpers on tiny models."""
 
 import argparse
 import json
+import os
 
 import pytest
+import torch
 
 from salr import bench
 from salr.commands import bench as bench_cmd
 from salr.errors import SALRError
+from salr.sparse import BitmapBase
 
 
 def test_weight_bytes_at_half_sparsity():
@@ -69,8 +73,137 @@ def test_grid_json_has_every_case(tmp_path):
     assert r["environment"]["threads"] >= 1
 
 
-def test_bad_arguments_raise():
-    with pytest.raises(SALRError, match="--kernel"):
+def test_bad_arguments_raise(monkeypatch):
+    with pytest.raises(SALRError, match="--generate") as err:  # no mode: the error lists what can run
         _run([])
+    for mode in ("--kernel", "--checkpoint", "--train-memory"):
+        assert mode in str(err.value)
+    with pytest.raises(SALRError, match="one benchmark"):
+        _run(["--kernel", "--generate"])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SALRError, match="CUDA"):
         _run(["--kernel", "--shape", "8x8", "--tokens", "1", "--backend", "triton"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+@pytest.mark.parametrize("mode", ["--generate", "--train-memory", "--kernel"])
+def test_device_cuda_without_gpu_is_a_clear_error(mode):
+    with pytest.raises(SALRError, match="no CUDA device"):
+        _run([mode, "--device", "cuda"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter mode only")
+def test_triton_interpreter_kernel_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # conftest set it before triton was imported
+    out = tmp_path / "t.json"
+    argv = ["--kernel", "--backend", "triton", "--shape", "128x256", "--tokens", "16", "--json", str(out)]
+    assert _run(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["backend"] == "triton-interpreter" and r["shape"] == [128, 256] and r["tokens"] == 16
+    assert r["snr_db"] > 40  # bf16 output rounding gives ~55 dB; a wrong kernel gives < 10
+    assert r["max_abs_err"] < 0.05 * r["max_abs_ref"]
+
+
+def _tiny_llama_shape():
+    return {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "vocab_size": 96}  # fmt: skip
+
+
+def test_random_llama_has_requested_shapes_and_runs():
+    model = bench.random_llama("cpu", torch.bfloat16, **_tiny_llama_shape())
+    layer = model.model.layers[0]
+    assert layer.self_attn.k_proj.weight.shape == (2 * 16, 64)  # kv heads * head_dim, hidden
+    assert layer.mlp.down_proj.weight.shape == (64, 160)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu"
+    std = float(layer.mlp.up_proj.weight.detach().float().std())
+    assert 0.018 < std < 0.022 and float(layer.input_layernorm.weight.float().min()) == 1.0
+    assert bool(torch.isfinite(model.model.rotary_emb.inv_freq).all())
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 96) and bool(torch.isfinite(logits).all())
+    assert bench.LLAMA3_8B["intermediate_size"] == 14336 and bench.LLAMA3_8B["num_key_value_heads"] == 8
+
+
+def test_checkpoint_case_measures_files_on_disk():
+    shape = {**_tiny_llama_shape(), "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1}
+    model = bench.random_llama("cpu", torch.bfloat16, **shape)
+    c = bench.checkpoint_case(model, "tiny", sparsity=0.5, residual_rank=8, lora_rank=8)
+    linears = [m.weight for n, m in model.named_modules() if n.endswith("_proj")]
+    n = sum(w.numel() for w in linears)
+    # ideal = 1 bit + one bf16 value per kept weight (exactly half: per-layer magnitude threshold on random weights)
+    adapters = 2 * 16 * sum(sum(w.shape) for w in linears)
+    other = 2 * (2 * 96 * 256 + 3 * 256)  # embeddings + lm_head + 3 norms, dense in both
+    assert c["adapter_bytes"] == adapters
+    assert c["salr_ideal_bytes"] == pytest.approx(n // 8 + n + adapters + other, rel=1e-3)
+    assert 0 <= c["over_ideal"] < 0.03  # row offsets (8 bytes/row) + safetensors header
+    assert c["compression_vs_dense"] == pytest.approx(c["dense_checkpoint_bytes"] / c["salr_checkpoint_bytes"])
+    assert c["dense_checkpoint_bytes"] > 2 * (n + 2 * 96 * 256)  # the dense file holds every bf16 weight
+
+
+def test_checkpoint_sizes_json_contract():
+    r = bench.checkpoint_sizes(None, residual_rank=4, lora_rank=4, llama_layer=_tiny_llama_shape())
+    (case,) = r["cases"]
+    assert case["name"] == "llama3-8b-shaped-layer" and case["shape"]["hidden_size"] == 64
+    assert case["shape"]["vocab_size"] == 96
+    assert r["llama_layer_target_met"] == (case["compression_vs_dense"] >= 1.65)
+    assert r["within_ideal_target"] == (case["over_ideal"] <= 0.03)
+
+
+def test_generation_compare_same_tokens_for_lossless_salr(stories):
+    model, tok = stories
+    model = model.float()
+    salr_model, config = bench.salr_copy(model, sparsity=0.0, residual_rank=0, lora_rank=0)
+    assert isinstance(salr_model.model.layers[0].mlp.up_proj.base, BitmapBase)
+    assert config.adapter_dtype == "float32"
+    ids = torch.tensor([[1, 50, 60, 70]])
+    r = bench.generation_compare({"dense": model, "salr": salr_model}, ids, max_new_tokens=6, rounds=2)
+    assert r["dense"]["token_ids"] == r["salr"]["token_ids"] and len(r["dense"]["token_ids"]) == 7
+    for v in r.values():
+        assert v["decode_tokens_per_s"] > 0 and len(v["decode_tokens_per_s_rounds"]) == 2
+    assert r["salr"]["model_bytes"] < r["dense"]["model_bytes"] * 1.2  # bitmap of a full weight: 1 bit + value
+
+
+def test_train_steps_update_only_adapters(stories):
+    model, _ = stories
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for method in ("lora", "salr"):
+        m = bench._method_model(model, method, 0.5, 4, 4)
+        frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+        trained = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+        stats = bench.train_steps(m, ids, steps=2, lr=1e-2)
+        assert len(stats["losses"]) == 2 and all(torch.isfinite(torch.tensor(stats["losses"])))
+        assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)
+        assert any(not torch.equal(p, trained[n]) for n, p in m.named_parameters() if n in trained)
+        counts[method] = stats["trainable_parameters"]
+    assert counts["lora"] == counts["salr"]  # LoRA gets SALR's total rank
+
+
+def test_child_process_reports_its_own_numbers():
+    assert bench.in_child(os.getpid) != os.getpid()
+    assert 0 < bench._peak_rss_mib() and bench._rss_mib() <= bench._peak_rss_mib() + 1
+
+
+def test_peak_rss_reset_forgets_freed_memory():
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched (a large allocation: returned to the OS when freed)
+    peak_with_big = bench._peak_rss_mib()
+    del big
+    if not bench._reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    assert bench._peak_rss_mib() < peak_with_big - 32
+
+
+@pytest.mark.slow
+def test_train_memory_cpu_runs_both_methods(stories_path):
+    r = bench.train_memory(str(stories_path), "cpu", batch=2, seq=16, steps=2, residual_rank=4, lora_rank=4)
+    assert set(r["results"]) == {"lora", "salr"} and r["peak_metric"] == "peak_rss_mib"
+    assert r["salr_over_lora_peak"] == pytest.approx(
+        r["results"]["salr"]["peak_rss_mib"] / r["results"]["lora"]["peak_rss_mib"]
+    )
+
+
+@pytest.mark.slow
+def test_generate_report_on_stories(stories_path):
+    r = bench.generation_report(str(stories_path), max_new_tokens=4, rounds=1, residual_rank=4, lora_rank=4)
+    assert set(r["results"]) == {"dense_bf16", "dense_fp32", "salr"}
+    assert all(v["peak_rss_mib"] > v["rss_baseline_mib"] > 0 for v in r["results"].values())
+    assert r["target_met"] == (r["salr_speedup_vs_dense_bf16"] >= 1.3)

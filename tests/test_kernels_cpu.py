@@ -176,3 +176,33 @@ def test_bitmap_base_meta_empty_then_assign():
     target = BitmapBase.empty((16, 24), sd["values"].numel(), device="meta")
     target.load_state_dict(sd, assign=True)
     assert target.values.device.type == "cpu" and torch.equal(target.to_dense(), w)
+
+
+@native
+@pytest.mark.parametrize("m", [1, 3, 20])  # gemv (one token, a few tokens) and decode + sgemm
+@pytest.mark.parametrize("extra_bit_col", [5, 700, 1033])  # a set bit in the first word, a middle word, the tail
+def test_bitmap_with_extra_bits_is_caught_in_the_fast_path(m, extra_bit_col):
+    # Row 10 of 40 claims one more nonzero than its offsets give it: the AVX2 walk must notice it word by word
+    # (rows far from the end of `values` take the AVX2 path) and raise, not read the next row's values.
+    w, bw = make(40, 1037, sparsity=0.6)
+    bitmask = bw.bitmask.clone()
+    row = fm.unpack_mask(bitmask[10:11], 1037)[0]
+    col = extra_bit_col + int((~row[extra_bit_col:]).nonzero()[0, 0])  # the first clear column from there on
+    bitmask[10, col // 8] |= 1 << (col % 8)
+    with pytest.raises(SALRError, match="row 10"):
+        cpu.bitmap_linear_cpu(torch.randn(m, 1037), bitmask, bw.values, bw.row_offsets, 40, 1037)
+
+
+@native
+def test_multithreaded_gemv_matches_reference():
+    rows, cols = 1100, 1031  # above PARALLEL_MIN_WEIGHTS, rows not a multiple of the chunk, cols not of 64
+    assert rows * cols >= cpu.PARALLEL_MIN_WEIGHTS
+    w, bw = make(rows, cols)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1, cols)
+        y = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, rows, cols)
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_err(y, exact(x, w)) < TOL[torch.float32]

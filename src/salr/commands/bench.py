@@ -1,8 +1,10 @@
-"""`salr bench --kernel`: time the bitmap kernel against torch dense bf16 / fp32 and write JSON."""
+"""`salr bench`: the bitmap kernel (--kernel), end-to-end generation (--generate), checkpoint bytes (--checkpoint)
+and fine-tuning memory (--train-memory), on the CPU or a CUDA GPU (--device cuda); results as JSON."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -15,40 +17,130 @@ from salr.sparse.ops import BACKENDS
 
 logger = logging.getLogger(__name__)
 
+MODES = ("kernel", "generate", "checkpoint", "train_memory")
+WHAT_CAN_RUN = (
+    "choose a benchmark:\n"
+    "  --kernel        bitmap kernel vs torch dense bf16/fp32 per layer shape and token count (--shape, --tokens);\n"
+    "                  --backend triton: on --device cuda timings, on the CPU with TRITON_INTERPRET=1 correctness\n"
+    "  --generate      greedy decoding tokens/s and peak memory: dense bf16, dense fp32, SALR bitmap (--model);\n"
+    "                  with --device cuda: a random Llama-3-8B-shaped model and the default model, dense vs SALR\n"
+    "  --checkpoint    checkpoint bytes on disk: dense bf16 vs SALR for --model and a Llama-3-8B-shaped layer\n"
+    "  --train-memory  fine-tuning peak memory and step time, SALR vs LoRA (--device cpu: RSS of a child process)"
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmark the bitmap kernel against dense torch matmuls")
-    p.add_argument("--kernel", action="store_true", help="layer-level kernel benchmark (the only mode so far)")
+    p = subparsers.add_parser("bench", help="benchmark kernels, generation, checkpoint size and training memory")
+    mode = p.add_argument_group("benchmark (one)")
+    mode.add_argument("--kernel", action="store_true", help="layer-level kernel benchmark")
+    mode.add_argument("--generate", action="store_true", help="end-to-end greedy generation tokens/s and memory")
+    mode.add_argument("--checkpoint", action="store_true", help="checkpoint bytes: dense bf16 vs SALR")
+    mode.add_argument("--train-memory", action="store_true", help="fine-tuning peak memory: SALR vs LoRA")
     p.add_argument("--shape", action="append", type=bench.parse_shape, metavar="OUTxIN",
-                   help="weight shape, repeatable (default: the whole grid)")  # fmt: skip
-    p.add_argument("--tokens", action="append", type=int, metavar="M", help="tokens per call, repeatable")
-    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured magnitude sparsity of the weight")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="bitmap kernel backend (auto: the op's)")
+                   help="--kernel: weight shape, repeatable (default: the whole grid)")  # fmt: skip
+    p.add_argument("--tokens", action="append", type=int, metavar="M", help="--kernel: tokens per call, repeatable")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="--kernel: bitmap backend (auto: the op's)")
+    p.add_argument("--budget", type=float, default=1.0, help="--kernel: seconds of timing per case (>= 5 rounds)")
+    p.add_argument(
+        "--model",
+        help="model spec (default: 'default'; --device cuda --generate runs 'llama3-8b' and 'default'; "
+        "'llama3-8b' = random Llama-3-8B-shaped weights built on the GPU)",
+    )
+    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured magnitude sparsity of the base")
+    p.add_argument("--residual-rank", type=int, default=64, help="SALR residual adapter rank")
+    p.add_argument("--lora-rank", type=int, default=16, help="SALR LoRA rank (LoRA baseline: residual + LoRA rank)")
+    p.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens to decode per round")
+    p.add_argument("--prompt-tokens", type=int, help="--generate: prompt length (default: the built-in prompt)")
+    p.add_argument("--rounds", type=int, default=3, help="--generate: interleaved rounds (median reported)")
+    p.add_argument("--no-memory", action="store_true", help="--generate on CPU: skip the child-process RSS runs")
+    p.add_argument("--batch", type=int, default=2, help="--train-memory: sequences per step")
+    p.add_argument("--seq", type=int, default=128, help="--train-memory: tokens per sequence")
+    p.add_argument("--steps", type=int, default=3, help="--train-memory: optimizer steps (first is warm-up)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, help="torch / kernel threads (default: torch's)")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (at least 5 rounds)")
     p.add_argument("--json", metavar="OUT", help="write the results here")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.kernel:
-        raise SALRError("choose a benchmark: --kernel (end-to-end --generate is not wired up yet)")
+    chosen = [m for m in MODES if getattr(args, m)]
+    if len(chosen) != 1:
+        raise SALRError(WHAT_CAN_RUN if not chosen else "choose one benchmark per run, got --" + ", --".join(chosen))
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = args.shape or bench.SHAPES
-    tokens = args.tokens or bench.TOKENS
-    if any(m <= 0 for m in tokens):
-        raise SALRError("--tokens must be positive")
-    print(bench.TABLE_HEADER, flush=True)
-    report = bench.kernel_grid(
-        shapes, tokens, args.sparsity, args.backend, args.device, args.budget,
-        progress=lambda case: print(bench.format_row(case), flush=True),
-    )  # fmt: skip
-    if len(report["results"]) == 1:  # one case: its fields at the top level (the checks read them there)
-        report = {**report["results"][0], "environment": report["environment"]}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SALRError("--device cuda but no CUDA device is available (torch.cuda.is_available() is False)")
+    report = {"kernel": _kernel, "generate": _generate, "checkpoint": _checkpoint, "train_memory": _train}[chosen[0]](
+        args
+    )
     if args.json:
         atomic_write_json(args.json, report)
         logger.info("wrote %s", args.json)
     sys.stdout.flush()
     return 0
+
+
+def _kernel(args: argparse.Namespace) -> dict:
+    shapes = args.shape or bench.SHAPES
+    tokens = args.tokens or bench.TOKENS
+    if any(m <= 0 for m in tokens):
+        raise SALRError("--tokens must be positive")
+    if args.backend == "triton" or (args.device == "cuda" and args.backend == "auto"):
+        report = bench.triton_kernel_grid(shapes, tokens, args.sparsity, args.device)
+        for case in report["results"]:
+            print(json.dumps(case), flush=True)
+    else:
+        print(bench.TABLE_HEADER, flush=True)
+        report = bench.kernel_grid(
+            shapes, tokens, args.sparsity, args.backend, args.device, args.budget,
+            progress=lambda case: print(bench.format_row(case), flush=True),
+        )  # fmt: skip
+    if len(report["results"]) == 1:  # one case: its fields at the top level (the checks read them there)
+        report = {**report["results"][0], "environment": report["environment"]}
+    return report
+
+
+def _ranks(args: argparse.Namespace) -> dict:
+    return {"sparsity": args.sparsity, "residual_rank": args.residual_rank, "lora_rank": args.lora_rank}
+
+
+def _generate(args: argparse.Namespace) -> dict:
+    if args.device == "cuda":
+        specs = [args.model] if args.model else ["llama3-8b", "default"]
+        report = bench.cuda_generation_compare(
+            specs, args.new_tokens, args.prompt_tokens or 128, args.rounds, **_ranks(args)
+        )
+        for case in report["cases"]:
+            print(f"{case['model']}: SALR / dense bf16 decode = {case['salr_speedup_vs_dense_bf16']:.2f}x")
+        return report
+    report = bench.generation_report(
+        args.model or "default", args.new_tokens, args.rounds, prompt_tokens=args.prompt_tokens,
+        memory=not args.no_memory, **_ranks(args),
+    )  # fmt: skip
+    for name, r in report["results"].items():
+        mem = f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""
+        print(f"{name:>11}: prefill {r['prefill_ms']:8.1f} ms  decode {r['decode_tokens_per_s']:6.2f} tok/s{mem}")
+    print(f"SALR / dense bf16 decode: {report['salr_speedup_vs_dense_bf16']:.2f}x (target >= 1.3x)")
+    return report
+
+
+def _checkpoint(args: argparse.Namespace) -> dict:
+    if args.device != "cpu":
+        raise SALRError("--checkpoint measures files on disk; it runs on the CPU (drop --device cuda)")
+    report = bench.checkpoint_sizes(args.model or "default", **_ranks(args))
+    for c in report["cases"]:
+        dense, salr_bytes = c["dense_checkpoint_bytes"] / 2**20, c["salr_checkpoint_bytes"] / 2**20
+        print(
+            f"{c['name']}: dense {dense:.1f} MiB, SALR {salr_bytes:.1f} MiB "
+            f"({c['compression_vs_dense']:.2f}x smaller, {100 * c['over_ideal']:+.2f}% vs ideal)"
+        )
+    return report
+
+
+def _train(args: argparse.Namespace) -> dict:
+    spec = args.model or ("llama3-8b" if args.device == "cuda" else "default")
+    report = bench.train_memory(spec, args.device, args.batch, args.seq, args.steps, **_ranks(args))
+    for method, r in report["results"].items():
+        print(f"{method:>5}: peak {r[report['peak_metric']]:.0f} MiB, step {r['step_ms']:.0f} ms")
+    print(f"SALR / LoRA peak memory: {report['salr_over_lora_peak']:.2f} (target <= 0.75)")
+    return report

@@ -23,6 +23,7 @@ from salr.errors import SALRError
 logger = logging.getLogger(__name__)
 
 GEMV_MAX_TOKENS = 8  # at or below: the fused GEMV kernel; above: decode tiles + sgemm (measured crossover)
+PARALLEL_MIN_WEIGHTS = 1 << 20  # below: one thread (1536x576 takes ~90 us on one; a thread hand-off costs 10+ us)
 TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ISA_CODES = {"scalar": 0, "avx2": 1}
@@ -83,7 +84,7 @@ def _check_bad_row(bad: int) -> None:
 
 def _threads(work: int) -> int:
     # Small layers are not worth waking a second thread for.
-    return 1 if work < (1 << 16) else torch.get_num_threads()
+    return 1 if work < PARALLEL_MIN_WEIGHTS else torch.get_num_threads()
 
 
 def _check_args(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int) -> None:
