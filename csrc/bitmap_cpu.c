@@ -24,6 +24,7 @@
  * without AVX2 runs the scalar code (runtime check with __builtin_cpu_supports).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
 #define SALR_X86 1
@@ -402,5 +403,132 @@ int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *
             bad = r;
         }
     }
+    return bad;
+}
+
+/* ---------------------------------------------------------------------------------------------- fused SALR layer */
+
+/* A dense vector in dtype dt (fp32 / fp16 / bf16) dotted with an fp32 vector of length n. */
+static float dot_scalar(int dt, const uint8_t *a, const float *x, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += load_value(dt, a, i) * x[i];
+    return s;
+}
+
+#if SALR_X86
+AVX2_INLINE __m256 load8(int dt, const uint8_t *a) {
+    if (dt == DT_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)a)), 16));
+    if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)a));
+    return _mm256_loadu_ps((const float *)a);
+}
+
+AVX2_INLINE float dot_avx2_dt(int dt, const uint8_t *a, const float *x, int64_t n) {
+    const int esz = elem_size(dt);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(load8(dt, a + esz * i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(load8(dt, a + esz * (i + 8)), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(load8(dt, a + esz * i), _mm256_loadu_ps(x + i), acc0);
+    float s = hsum8(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) s += load_value(dt, a, i) * x[i];
+    return s;
+}
+
+AVX2_FN static float dot_avx2(int dt, const uint8_t *a, const float *x, int64_t n) {
+    if (dt == DT_BF16) return dot_avx2_dt(DT_BF16, a, x, n);
+    if (dt == DT_F16) return dot_avx2_dt(DT_F16, a, x, n);
+    return dot_avx2_dt(DT_F32, a, x, n);
+}
+#endif
+
+static inline float dot_any(int isa, int dt, const uint8_t *a, const float *x, int64_t n) {
+#if SALR_X86
+    if (isa == ISA_AVX2) return dot_avx2(dt, a, x, n);
+#endif
+    (void)isa;
+    return dot_scalar(dt, a, x, n);
+}
+
+/* fp32 -> bf16 with round-to-nearest-even, NaN kept a (quiet) NaN: what torch's .to(torch.bfloat16) does. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline void store_value(int dt, void *y, int64_t i, float v) {
+    if (dt == DT_BF16) {
+        ((uint16_t *)y)[i] = float_to_bf16(v);
+    } else {
+        ((float *)y)[i] = v;
+    }
+}
+
+/* One SALR linear layer for a few tokens (decode), in one call:
+ *   y[t, r] = sum_c W[r, c] x[t, c] + sum_k B[r, k] s_k h[t, k] + bias[r],   h[t, k] = sum_c A[k, c] x[t, c]
+ * with W the bitmap base, A [rank, cols] and B [rows, rank] contiguous in adt, s_k = 1 for k < residual_rank and
+ * lora_scale after. x [m, cols] (row stride ldx) and y [m, rows] (row stride ldy) are in xdt (fp32 or bf16); bias
+ * (NULL or [rows]) too. All arithmetic is fp32. m must be <= MAX_NT. Returns -1, or a row whose offsets disagree
+ * with its bitmap (its outputs are 0), or -2 for unsupported arguments. Threads share the h = A x step, then rows. */
+int64_t salr_linear_decode(int isa, int dt, const uint8_t *bitmask, const void *values, const int64_t *row_offsets,
+                           int64_t nnz, int64_t rows, int64_t cols, int xdt, const void *x, int64_t m, int64_t ldx,
+                           int adt, int64_t rank, int64_t residual_rank, float lora_scale, const void *A,
+                           const void *B, const void *bias, void *y, int64_t ldy, int nthreads) {
+    if (m < 1 || m > MAX_NT || (xdt != DT_F32 && xdt != DT_BF16)) return -2;
+    const int64_t nbytes = (cols + 7) / 8, kp = nbytes * 8;
+    const uint8_t *vals = (const uint8_t *)values;
+    const int esz = elem_size(dt), aesz = elem_size(adt), xesz = elem_size(xdt);
+    /* x in fp32, zero-padded to whole bitmap bytes (the AVX2 gemv reads 8 columns per byte); h = s * (A x). */
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(m * kp + m * (rank > 0 ? rank : 1)));
+    if (!xf) return -2;
+    float *h = xf + m * kp;
+    for (int64_t t = 0; t < m; t++) {
+        const uint8_t *xt = (const uint8_t *)x + xesz * t * ldx;
+        for (int64_t c = 0; c < cols; c++) xf[t * kp + c] = load_value(xdt, xt, c);
+        for (int64_t c = cols; c < kp; c++) xf[t * kp + c] = 0.0f;
+    }
+    int64_t bad = -1;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < rank; k++) {
+            const float s = k < residual_rank ? 1.0f : lora_scale;
+            const uint8_t *ak = (const uint8_t *)A + aesz * k * cols;
+            for (int64_t t = 0; t < m; t++) h[t * rank + k] = s * dot_any(isa, adt, ak, xf + t * kp, cols);
+        }
+        /* implicit barrier: every row needs all of h */
+#pragma omp for schedule(dynamic, ROW_CHUNK)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *bm = bitmask + r * nbytes;
+            float acc[MAX_NT] = {0};
+            int64_t start, end;
+            int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
+#if SALR_X86
+            if (ok && isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+                ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, xf, m, kp, acc, 1) == end - start;
+            } else
+#endif
+            if (ok && (ok = row_popcount(bm, nbytes) == end - start))
+                gemv_row_scalar(dt, bm, vals, start, nbytes, xf, m, kp, acc, 1, 0);
+            if (ok) {
+                const uint8_t *br = (const uint8_t *)B + aesz * r * rank;
+                const float b = bias ? load_value(xdt, (const uint8_t *)bias, r) : 0.0f;
+                for (int64_t t = 0; t < m; t++)
+                    acc[t] += (rank > 0 ? dot_any(isa, adt, br, h + t * rank, rank) : 0.0f) + b;
+            } else {
+                for (int64_t t = 0; t < m; t++) acc[t] = 0.0f;
+#pragma omp atomic write
+                bad = r;
+            }
+            for (int64_t t = 0; t < m; t++) store_value(xdt, y, t * ldy + r, acc[t]);
+        }
+    }
+    free(xf);
     return bad;
 }

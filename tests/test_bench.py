@@ -204,6 +204,22 @@ def test_train_memory_cpu_runs_both_methods(stories_path):
 @pytest.mark.slow
 def test_generate_report_on_stories(stories_path):
     r = bench.generation_report(str(stories_path), max_new_tokens=4, rounds=1, residual_rank=4, lora_rank=4)
-    assert set(r["results"]) == {"dense_bf16", "dense_fp32", "salr"}
-    assert all(v["peak_rss_mib"] > v["rss_baseline_mib"] > 0 for v in r["results"].values())
+    assert set(r["results"]) == {"dense_bf16", "dense_fp32", "salr", "no_linears"}
+    measured = {k: v for k, v in r["results"].items() if k != "no_linears"}
+    assert all(v["peak_rss_mib"] > v["rss_baseline_mib"] > 0 for v in measured.values())
     assert r["target_met"] == (r["salr_speedup_vs_dense_bf16"] >= 1.3)
+    b = r["breakdown"]
+    assert b["ms_per_token"]["salr"] == pytest.approx(1e3 / r["results"]["salr"]["decode_tokens_per_s"])
+    assert b["linears_ms"]["salr"] == pytest.approx(b["ms_per_token"]["salr"] - b["outside_linears_ms"])
+
+
+def test_without_decoder_linears_stubs_exactly_the_converted_layers(tiny_llama):
+    salr_model, _ = bench.salr_copy(tiny_llama, 0.5, 2, 2)
+    stub = bench.without_decoder_linears(tiny_llama, salr_model)
+    converted = {n for n, m in salr_model.named_modules() if type(m).__name__ == "SALRLinear"}
+    stubbed = {n for n, m in stub.named_modules() if isinstance(m, bench._ZeroLinear)}
+    assert converted and stubbed == converted
+    x = torch.randn(1, 3, tiny_llama.config.hidden_size)
+    layer = stub.get_submodule(sorted(stubbed)[0])
+    assert torch.equal(layer(x)[..., :1], torch.zeros(1, 3, 1))
+    assert isinstance(tiny_llama.get_submodule(sorted(stubbed)[0]), torch.nn.Linear)  # the original is untouched

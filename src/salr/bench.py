@@ -346,6 +346,55 @@ def generation_compare(
     return out
 
 
+class _ZeroLinear(nn.Module):
+    """Stands in for a linear layer at no cost: zeros of the right shape (for measuring everything else)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_decoder_linears(dense: nn.Module, salr_model: nn.Module) -> nn.Module:
+    """A copy of `dense` whose layers that SALR converted (the SALRLinear names in `salr_model`) return zeros."""
+    from salr.layer import SALRLinear
+
+    stub = copy.deepcopy(dense).eval()
+    for name, module in salr_model.named_modules():
+        if isinstance(module, SALRLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(stub.get_submodule(parent), child, _ZeroLinear(module.out_features))
+    return stub
+
+
+def decode_breakdown(results: dict[str, dict], salr_model: nn.Module) -> dict:
+    """Split decode time per token into the converted linears and everything else (attention, norms, lm_head,
+    Python), from the `no_linears` run; the speedup of the linears alone; and the end-to-end ceiling if the
+    linears ran exactly at their byte ratio (bf16 dense bytes / bitmap + adapter bytes): memory-bound decoding
+    cannot beat it."""
+    from salr.layer import SALRLinear
+
+    ms = {name: 1e3 / r["decode_tokens_per_s"] for name, r in results.items()}
+    rest = ms["no_linears"]
+    dense_bytes = salr_bytes = 0
+    for module in salr_model.modules():
+        if isinstance(module, SALRLinear):
+            dense_bytes += module.out_features * module.in_features * 2
+            salr_bytes += module.base.nbytes + sum(p.numel() * p.element_size() for p in (module.A_cat, module.B_cat))
+    byte_ratio = dense_bytes / salr_bytes
+    dense_linears, salr_linears = ms["dense_bf16"] - rest, ms["salr"] - rest
+    return {
+        "ms_per_token": ms,
+        "outside_linears_ms": rest,
+        "linears_ms": {"dense_bf16": dense_linears, "salr": salr_linears},
+        "linears_speedup": dense_linears / salr_linears if salr_linears > 0 else float("inf"),
+        "linears_byte_ratio": byte_ratio,
+        "speedup_ceiling_at_byte_ratio": ms["dense_bf16"] / (rest + dense_linears / byte_ratio),
+    }
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -441,6 +490,8 @@ def generation_report(
     salr_model, config = salr_copy(dense_bf16, sparsity, residual_rank, lora_rank)
     convert_s = time.perf_counter() - t0
     models = {"dense_bf16": dense_bf16, "dense_fp32": dense_fp32, "salr": salr_model}
+    # The same model with its decoder linears stubbed out: what decoding costs outside the layers SALR replaces.
+    models["no_linears"] = without_decoder_linears(dense_bf16, salr_model)
     results = generation_compare(models, input_ids, max_new_tokens, rounds)
     if memory:
         with tempfile.TemporaryDirectory(prefix="salr-bench-") as tmp:
@@ -457,6 +508,7 @@ def generation_report(
                     )
                 )  # fmt: skip
     speedup = results["salr"]["decode_tokens_per_s"] / results["dense_bf16"]["decode_tokens_per_s"]
+    breakdown = decode_breakdown(results, salr_model)
     same = sum(a == b for a, b in zip(results["salr"]["token_ids"], results["dense_bf16"]["token_ids"], strict=True))
     return {
         "benchmark": "generate",
@@ -474,6 +526,7 @@ def generation_report(
         "salr_tokens_matching_dense_bf16": same / len(results["salr"]["token_ids"]),
         "target_speedup_vs_dense_bf16": target,
         "target_met": speedup >= target,
+        "breakdown": breakdown,
         "environment": environment(),
     }
 

@@ -103,7 +103,24 @@ class SALRLinear(nn.Module):
             h = F.linear(x, self.A_cat)
         return F.linear(h * self.rank_scale, self.B_cat)
 
+    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        # Inference on a bitmap base: one native call for the whole layer (salr.kernels.cpu.salr_linear_decode)
+        # instead of ~6 small ops whose dispatch costs more than their arithmetic when decoding a token at a time.
+        # Runs ~200 times per generated token, hence the direct dict lookups (nn.Module.__getattr__ costs ~1 us).
+        fused = getattr(self._modules["base"], "fused_linear", None)
+        if fused is None or x.device.type != "cpu" or (self.training and self.lora_rank > 0):
+            return None
+        A, B = self._parameters["A_cat"], self._parameters["B_cat"]
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        return fused(x, A, B, self.residual_rank, self.lora_scale, self._buffers["bias"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._fused_decode(x)
+        if y is not None:
+            return y
         y = self.base(x)
         if self.bias is not None:
             y = y + self.bias

@@ -120,6 +120,13 @@ def _generate(args: argparse.Namespace) -> dict:
     for name, r in report["results"].items():
         mem = f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""
         print(f"{name:>11}: prefill {r['prefill_ms']:8.1f} ms  decode {r['decode_tokens_per_s']:6.2f} tok/s{mem}")
+    b = report["breakdown"]
+    print(
+        f"per token: {b['outside_linears_ms']:.1f} ms outside the converted linears; linears "
+        f"{b['linears_ms']['dense_bf16']:.1f} ms dense bf16 vs {b['linears_ms']['salr']:.1f} ms SALR "
+        f"({b['linears_speedup']:.2f}x; byte ratio {b['linears_byte_ratio']:.2f}x, so end-to-end <= "
+        f"{b['speedup_ceiling_at_byte_ratio']:.2f}x)"
+    )
     print(f"SALR / dense bf16 decode: {report['salr_speedup_vs_dense_bf16']:.2f}x (target >= 1.3x)")
     return report
 

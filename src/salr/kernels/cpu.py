@@ -6,6 +6,9 @@ it builds in pip's isolated environment). Two paths:
     every token (memory bound: reads ~9 bits/weight at 50 % sparsity instead of 16);
   - many tokens: the C kernel decodes row tiles of W to fp32 and torch.mm (MKL sgemm) multiplies them.
 All arithmetic is fp32; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path.
+
+`salr_linear_decode` runs a whole SALR layer (bitmap base + both adapter GEMVs + bias) for a few tokens in one
+call: in eager decoding the per-op dispatch of six small torch ops costs more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ PARALLEL_MIN_WEIGHTS = 1 << 20  # below: one thread (1536x576 takes ~90 us on on
 TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ISA_CODES = {"scalar": 0, "avx2": 1}
+_X_CODES = {torch.float32: 0, torch.bfloat16: 2}  # activation dtypes of the fused decode path
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -52,6 +56,9 @@ def load() -> ctypes.CDLL | None:
     lib.salr_bitmap_gemv.restype = _I64
     lib.salr_bitmap_decode.argtypes = common + [_I64, _I64, _P, _I64, _INT]
     lib.salr_bitmap_decode.restype = _I64
+    lib.salr_linear_decode.argtypes = common + [_INT, _P, _I64, _I64, _INT, _I64, _I64, ctypes.c_float, _P, _P, _P]
+    lib.salr_linear_decode.argtypes += [_P, _I64, _INT]
+    lib.salr_linear_decode.restype = _I64
     return lib
 
 
@@ -199,3 +206,48 @@ def bitmap_grad_input_cpu(
             decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
             gx.addmm_(g2[:, r0:r1], buf[: r1 - r0])
     return gx[:, :cols].to(grad.dtype).reshape(*lead, cols)
+
+
+def salr_linear_decode(
+    x: torch.Tensor,
+    bitmask: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    residual_rank: int,
+    lora_scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """y = x W.T + ((x A.T) * s) B.T + bias for a few tokens (decode) in one native call, or None when this path
+    does not apply (kernel not built, more than GEMV_MAX_TOKENS tokens, x not fp32/bf16, non-CPU or strided
+    tensors): the caller then runs the ops one by one. s is 1 on the first residual_rank rows of A, lora_scale after.
+    Hot path: only cheap checks, the bitmap was validated when it was built or loaded (the kernel still refuses
+    rows whose popcount disagrees with the offsets)."""
+    lib = load()
+    xdt = _X_CODES.get(x.dtype)
+    adt = _DTYPE_CODES.get(A.dtype)
+    if lib is None or xdt is None or adt is None or x.device.type != "cpu" or A.device.type != "cpu":
+        return None
+    shape = x.shape
+    m = x.numel() // cols if shape[-1] == cols else 0
+    if not 0 < m <= GEMV_MAX_TOKENS or not (x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        return None
+    rank = A.shape[0]
+    if A.shape[1] != cols or B.shape[0] != rows or B.shape[1] != rank or B.dtype != A.dtype:
+        raise SALRError(f"adapter shapes A {list(A.shape)}, B {list(B.shape)} do not fit a [{rows}, {cols}] layer")
+    y = torch.empty((*shape[:-1], rows), dtype=x.dtype)
+    bad = lib.salr_linear_decode(
+        _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(),
+        values.numel(), rows, cols, xdt, x.data_ptr(), m, cols, adt, rank, residual_rank, lora_scale, A.data_ptr(),
+        B.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
+    )  # fmt: skip
+    if bad != -1:
+        if bad == -2:
+            return None
+        _check_bad_row(bad)
+    return y

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from salr.errors import SALRError
+from salr.kernels import cpu as cpu_kernel
 from salr.sparse import format as bitmap_format
 from salr.sparse.ops import bitmap_linear, register_triton_backend
 
@@ -57,6 +58,23 @@ class BitmapBase(nn.Module):
         if x.is_cuda:
             register_triton_backend()  # cached after the first call: the Triton kernel becomes the CUDA backend
         return bitmap_linear(x, self.bitmask, self.values, self.row_offsets, self.rows, self.cols)
+
+    def fused_linear(
+        self,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        residual_rank: int,
+        lora_scale: float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The whole SALR layer `base(x) + ((x A.T) * scale) B.T + bias` in one native call for a few tokens on the
+        CPU (decode), or None where that path does not apply. No autograd: call it only when no gradient is needed."""
+        buffers = self._buffers  # hot path: skip nn.Module.__getattr__
+        return cpu_kernel.salr_linear_decode(
+            x, buffers["bitmask"], buffers["values"], buffers["row_offsets"], self.rows, self.cols, A, B,
+            residual_rank, lora_scale, bias,
+        )  # fmt: skip
 
     def to_dense(self) -> torch.Tensor:
         """Dense (out, in) weight in the values' dtype."""

@@ -1,0 +1,147 @@
+"""The fused CPU decode path: one native call for a whole SALRLinear (bitmap base + adapters + bias) vs the ops."""
+
+import pytest
+import torch
+
+from salr.errors import SALRError
+from salr.kernels import cpu
+from salr.layer import SALRLinear
+from salr.sparse import BitmapBase
+from salr.sparse import format as fm
+
+native = pytest.mark.skipif(not cpu.available(), reason="native kernel not built (python setup.py build_ext -i)")
+
+
+def make_layer(rows, cols, residual_rank, lora_rank, dtype, adapter_dtype=None, bias=True, sparsity=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[torch.rand(rows, cols, generator=g) < sparsity] = 0
+    if rows > 3:
+        w[1] = 0  # an all-zero row
+        w[2] = torch.randn(cols, generator=g)  # a fully dense row
+    adapter_dtype = adapter_dtype or dtype
+    rank = residual_rank + lora_rank
+    A = (0.1 * torch.randn(rank, cols, generator=g)).to(adapter_dtype)
+    B = (0.1 * torch.randn(rows, rank, generator=g)).to(adapter_dtype)
+    b = torch.randn(rows, generator=g).to(dtype) if bias else None
+    layer = SALRLinear(BitmapBase.from_dense(w.to(dtype)), b, A, B, residual_rank, lora_scale=2.0).eval()
+    return layer
+
+
+@torch.no_grad()
+def exact(layer, x):
+    """The layer in float64 from its dense parts (the fused kernel accumulates in fp32)."""
+    w = layer.base.to_dense().double()
+    scale = torch.tensor([1.0] * layer.residual_rank + [layer.lora_scale] * layer.lora_rank, dtype=torch.float64)
+    y = x.double() @ w.T + ((x.double() @ layer.A_cat.double().T) * scale) @ layer.B_cat.double().T
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize(
+    "shape,ranks",
+    [((37, 29), (5, 3)), ((64, 64), (0, 0)), ((100, 203), (0, 4)), ((576, 192), (64, 16)), ((130, 1031), (7, 0))],
+)
+def test_fused_layer_matches_exact(dtype, m, shape, ranks):
+    layer = make_layer(*shape, *ranks, dtype)
+    x = torch.randn(1, m, shape[1]).to(dtype)
+    with torch.no_grad():
+        fused = layer._fused_decode(x)
+    assert fused is not None and fused.dtype == dtype and fused.shape == (1, m, shape[0])
+    assert rel_err(fused, exact(layer, x)) < TOL[dtype]
+
+
+@native
+def test_fused_equals_unfused_ops_on_the_same_layer():
+    layer = make_layer(300, 200, 16, 8, torch.float32, seed=3)
+    x = torch.randn(3, 200)
+    with torch.no_grad():
+        fused = layer(x)
+    unfused = layer(x)  # grad enabled and adapters trainable: the op-by-op path
+    assert unfused.requires_grad
+    torch.testing.assert_close(fused, unfused.detach(), rtol=1e-5, atol=1e-5)
+
+
+@native
+def test_fp32_adapters_on_bf16_activations():
+    layer = make_layer(96, 80, 8, 8, torch.bfloat16, adapter_dtype=torch.float32)
+    x = torch.randn(1, 80).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, exact(layer, x)) < TOL[torch.bfloat16]
+
+
+@native
+def test_scalar_isa_matches(monkeypatch):
+    layer = make_layer(70, 45, 4, 4, torch.bfloat16)
+    x = torch.randn(4, 45).to(torch.bfloat16)
+    with torch.no_grad():
+        avx = layer(x)
+        monkeypatch.setenv("SALR_CPU_ISA", "scalar")
+        scalar = layer(x)
+    assert rel_err(scalar, exact(layer, x)) < TOL[torch.bfloat16]
+    assert rel_err(scalar, avx.double()) < TOL[torch.bfloat16]
+
+
+@native
+def test_two_threads_match_one():
+    layer = make_layer(1100, 1031, 32, 16, torch.float32)
+    x = torch.randn(2, 1031)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    assert rel_err(two, exact(layer, x)) < TOL[torch.float32]
+
+
+@native
+def test_fused_path_is_taken_only_where_it_applies():
+    layer = make_layer(40, 24, 4, 4, torch.float32)
+    with torch.no_grad():
+        assert layer._fused_decode(torch.randn(1, 24)) is not None
+        assert layer._fused_decode(torch.randn(9, 24)) is None  # prefill: the tiled sgemm path
+        assert layer._fused_decode(torch.randn(2, 24).to(torch.float16)) is None  # fp16 activations
+        assert layer._fused_decode(torch.randn(24, 2).T) is None  # strided activations
+        strided = torch.randn(2, 48)[:, ::2]
+        torch.testing.assert_close(layer(strided), exact(layer, strided).float(), rtol=1e-4, atol=1e-4)
+    assert layer._fused_decode(torch.randn(1, 24)) is None  # autograd needs the op path
+    layer.train()
+    with torch.no_grad():
+        assert layer._fused_decode(torch.randn(1, 24)) is None  # training mode (LoRA dropout)
+
+
+@native
+def test_corrupt_bitmap_raises_in_the_fused_path():
+    layer = make_layer(30, 40, 2, 2, torch.float32, sparsity=0.5)
+    bw = fm.encode(layer.base.to_dense())
+    bm = bw.bitmask.clone()
+    bm[5, 0] ^= 0x01  # one bit too many (or too few) in row 5: its popcount disagrees with the offsets
+    layer.base.bitmask.copy_(bm)
+    with torch.no_grad(), pytest.raises(SALRError, match="bitmap row"):
+        layer(torch.randn(1, 40))
+
+
+@native
+def test_adapter_shape_mismatch_is_a_clear_error():
+    layer = make_layer(30, 40, 2, 2, torch.float32)
+    with torch.no_grad(), pytest.raises(SALRError, match="adapter shapes"):
+        cpu.salr_linear_decode(
+            torch.randn(1, 40), layer.base.bitmask, layer.base.values, layer.base.row_offsets, 30, 40,
+            torch.randn(4, 40), torch.randn(31, 4), 2, 2.0,
+        )  # fmt: skip
