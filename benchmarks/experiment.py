@@ -16,15 +16,20 @@ LoRA block.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -32,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from salr import data, evaluate  # noqa: E402
 from salr.config import SALRConfig  # noqa: E402
 from salr.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from salr.layer import SALRLinear  # noqa: E402
 from salr.model import convert  # noqa: E402
 from salr.models import load_model  # noqa: E402
 from salr.train import TrainConfig, load_examples, method_config, train  # noqa: E402
@@ -49,15 +55,73 @@ class Run:
 
 
 def grid(quick: bool) -> list[Run]:
-    """Full: 4 methods x {50% unstructured, 2:4} + SALR sweep 10/30/60/70%. Quick: fewer 2:4 and sweep runs."""
+    """Full: 4 methods x {50% unstructured, 2:4} + SALR sweep 10/30/60/70%.
+
+    Quick: the 4 methods at 50% unstructured, SALR at 2:4 and a SALR sweep at 30% and 70% (with 50%, three
+    points), besides the pretrained model.
+    """
     methods = ["lora", "salr", "prune-lora", "salr-frozen-residual"]
     runs = [Run("pretrained", "pretrained", sparsity=None)]
     runs += [Run(f"{m}@50%", m) for m in methods]
-    patterns_24 = ["salr", "prune-lora"] if quick else [m for m in methods if m != "lora"]
+    patterns_24 = ["salr"] if quick else [m for m in methods if m != "lora"]
     runs += [Run(f"{m}@2:4", m, "2:4", None) for m in patterns_24]
-    sweep = [0.1, 0.3, 0.7] if quick else [0.1, 0.3, 0.6, 0.7]
+    sweep = [0.3, 0.7] if quick else [0.1, 0.3, 0.6, 0.7]
     runs += [Run(f"salr@{round(s * 100)}%", "salr", sparsity=s) for s in sweep]
     return runs
+
+
+def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
+    """The SALRConfig a (non-pretrained) run converts and trains with."""
+    # LoRA / prune+LoRA at SALR's trainable parameter count: one block of rank residual_rank + lora_rank.
+    no_residual = run.method in ("lora", "prune-lora")
+    r = args.residual_rank + args.lora_rank if no_residual else args.lora_rank
+    base = SALRConfig(
+        sparsity=run.sparsity,
+        pattern=run.pattern,
+        residual_rank=args.residual_rank,
+        r=r,
+        lora_alpha=2.0 * r,
+        seed=args.seed,
+    )
+    return method_config(run.method, base)
+
+
+def conversion_key(config: SALRConfig) -> str:
+    """Runs whose configs differ only in train_residual (salr and salr-frozen-residual) convert identically:
+    same mask, same SVD residual, same LoRA init. salr.train freezes the residual block through its
+    per-layer lr scales (gradients zeroed, blocks restored after every step), not through the layer."""
+    fields = config.to_dict()
+    fields.pop("train_residual")
+    return json.dumps(fields, sort_keys=True)
+
+
+class Conversions:
+    """Converted-but-untrained models kept for the later runs of the grid that convert identically."""
+
+    def __init__(self, runs: list[Run], args: argparse.Namespace) -> None:
+        keys = [conversion_key(run_config(r, args)) for r in runs if r.method != "pretrained"]
+        self.remaining = {k: keys.count(k) for k in keys}
+        self.kept: dict[str, tuple[Any, dict[str, Any], str]] = {}
+
+    def get(self, run: Run, config: SALRConfig, dense: Any) -> tuple[Any, dict[str, Any], str | None]:
+        """(converted model to train, conversion report, name of the run whose conversion was reused or None)."""
+        key = conversion_key(config)
+        self.remaining[key] = self.remaining.get(key, 1) - 1
+        if key in self.kept:
+            model, report, source = self.kept[key]
+            if self.remaining[key] <= 0:
+                del self.kept[key]
+            else:
+                model = copy.deepcopy(model)
+            for module in model.modules():
+                if isinstance(module, SALRLinear):
+                    module.train_residual = config.train_residual
+            return model, report, source
+        model = copy.deepcopy(dense)
+        report = convert(model, config, progress=False)
+        if self.remaining[key] > 0:
+            self.kept[key] = (copy.deepcopy(model), report, run.name)
+        return model, report, None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,22 +134,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mmlu-dev", default=str(SHARED / "mmlu" / "dev"), help="few-shot examples")
     p.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     p.add_argument("--output", required=True)
-    p.add_argument("--quick", action="store_true", help="small preset: 16 steps per run, small eval slices")
+    p.add_argument("--quick", action="store_true", help="small preset: 8 runs of 12 steps, small eval slices")
     p.add_argument("--runs", help="comma-separated run names to keep (e.g. pretrained,salr@50%%)")
     p.add_argument("--residual-rank", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
     for name, full, quick in [
         ("train-examples", 2000, 64),
-        ("steps", 250, 16),
+        ("steps", 250, 12),
         ("batch-size", 8, 4),
         ("max-length", 384, 256),
-        ("nll-limit", 200, 40),
-        ("accuracy-limit", 100, 10),
+        ("nll-limit", 200, 32),
+        ("accuracy-limit", 100, 8),
         ("max-new-tokens", 256, 96),
-        ("mmlu-limit", 300, 12),
+        ("mmlu-limit", 300, 8),
         ("mmlu-shots", 5, 5),
         ("wikitext-windows", 40, 2),
     ]:
@@ -101,18 +166,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def evaluate_model(model: Any, tokenizer: Any, dev: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the block to seconds[key]."""
     started = time.perf_counter()
-    nll = evaluate.answer_nll(model, tokenizer, dev[: args.nll_limit])
-    acc = evaluate.gsm8k(model, tokenizer, dev[: args.accuracy_limit], max_new_tokens=args.max_new_tokens)
-    mmlu = evaluate.mmlu(model, tokenizer, args.mmlu_dev, args.mmlu, k=args.mmlu_shots, limit=args.mmlu_limit)
-    text = data.load_text(args.wikitext)
-    ppl = evaluate.perplexity(model, tokenizer, text, max_length=512, limit=args.wikitext_windows)
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, dev: list[dict], text: str, args: argparse.Namespace, seconds: dict[str, float]
+) -> dict[str, Any]:
+    """The evaluation metrics of one run; each evaluation's wall time goes into `seconds`."""
+    started = time.perf_counter()
+    with timed(seconds, "eval_answer_nll"):
+        nll = evaluate.answer_nll(model, tokenizer, dev[: args.nll_limit])
+    with timed(seconds, "eval_gsm8k_generation"):
+        acc = evaluate.gsm8k(
+            model, tokenizer, dev[: args.accuracy_limit], max_new_tokens=args.max_new_tokens, with_answer_nll=False
+        )
+    with timed(seconds, "eval_mmlu"):
+        mmlu = evaluate.mmlu(model, tokenizer, args.mmlu_dev, args.mmlu, k=args.mmlu_shots, limit=args.mmlu_limit)
+    with timed(seconds, "eval_wikitext2"):
+        ppl = evaluate.perplexity(model, tokenizer, text, max_length=512, limit=args.wikitext_windows)
     return {
         "gsm8k_answer_nll": nll["answer_nll"],
         "gsm8k_nll_problems": min(len(dev), args.nll_limit),
         "gsm8k_accuracy": acc["accuracy"],
         "gsm8k_accuracy_problems": acc["n"],
+        "gsm8k_generated_tokens": acc["generated_tokens"],
         "mmlu_accuracy": mmlu["accuracy"],
         "mmlu_questions": mmlu["n"],
         "wikitext2_perplexity": ppl["perplexity"],
@@ -121,23 +205,26 @@ def evaluate_model(model: Any, tokenizer: Any, dev: list[dict], args: argparse.N
     }
 
 
-def run_one(run: Run, dense: Any, tokenizer: Any, examples: list, dev: list, args: argparse.Namespace) -> dict:
-    model = copy.deepcopy(dense)
+def run_one(
+    run: Run,
+    dense: Any,
+    tokenizer: Any,
+    examples: list,
+    dev: list,
+    text: str,
+    args: argparse.Namespace,
+    conversions: Conversions,
+) -> dict:
+    """Convert, train and evaluate one run; returns its row, with the wall time of each stage in `seconds`."""
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
     row: dict[str, Any] = {"name": run.name, "method": run.method, "pattern": run.pattern, "sparsity": run.sparsity}
-    if run.method != "pretrained":
-        # LoRA / prune+LoRA at SALR's trainable parameter count: one block of rank residual_rank + lora_rank.
-        no_residual = run.method in ("lora", "prune-lora")
-        r = args.residual_rank + args.lora_rank if no_residual else args.lora_rank
-        base = SALRConfig(
-            sparsity=run.sparsity,
-            pattern=run.pattern,
-            residual_rank=args.residual_rank,
-            r=r,
-            lora_alpha=2.0 * r,
-            seed=args.seed,
-        )
-        config = method_config(run.method, base)
-        conversion = convert(model, config, progress=False)
+    if run.method == "pretrained":
+        model = dense  # evaluated as loaded; nothing modifies it
+    else:
+        config = run_config(run, args)
+        with timed(seconds, "convert"):
+            model, conversion, reused = conversions.get(run, config, dense)
         cfg = TrainConfig(
             lr=args.lr,
             max_steps=args.steps,
@@ -147,11 +234,16 @@ def run_one(run: Run, dense: Any, tokenizer: Any, examples: list, dev: list, arg
             progress=False,
         )
         out = Path(args.output) / "runs" / run.name.replace("@", "_").replace("%", "pct").replace(":", "-")
-        report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
+        with timed(seconds, "train_and_save"):
+            report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
+        # salr.train.train saves the run's checkpoint after its loop; report["seconds"] covers the loop only.
+        seconds["train"] = report["seconds"]
+        seconds["save"] = seconds.pop("train_and_save") - report["seconds"]
         row.update(
             sparsity=config.sparsity,
             trainable_parameters=report["trainable_parameters"],
             base_sparsity=conversion["totals"]["sparsity"],
+            conversion_reused_from=reused,
             train_seconds=report["seconds"],
             final_loss=report["final_loss"],
             loss_curve=[h["loss"] for h in report["history"]],
@@ -159,8 +251,11 @@ def run_one(run: Run, dense: Any, tokenizer: Any, examples: list, dev: list, arg
             peak_memory_mib=report["peak_memory_mib"],
         )
         if not args.keep_runs:
-            shutil.rmtree(out, ignore_errors=True)
-    row.update(evaluate_model(model, tokenizer, dev, args))
+            with timed(seconds, "save"):
+                shutil.rmtree(out, ignore_errors=True)
+    row.update(evaluate_model(model, tokenizer, dev, text, args, seconds))
+    seconds["total"] = time.perf_counter() - started
+    row["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     logger.info("%s: %s", run.name, {k: v for k, v in row.items() if k != "loss_curve"})
     return row
 
@@ -183,7 +278,36 @@ def markdown(rows: list[dict], settings: dict) -> str:
     check = issue_check(rows)
     if check:
         lines += ["", check]
+    lines += ["", timing_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+STAGES = [
+    ("convert", "convert"),
+    ("train", "train"),
+    ("save", "save"),
+    ("eval_answer_nll", "answer NLL"),
+    ("eval_gsm8k_generation", "GSM8K generation"),
+    ("eval_mmlu", "MMLU"),
+    ("eval_wikitext2", "WikiText-2"),
+    ("total", "total"),
+]
+
+
+def timing_table(rows: list[dict]) -> str:
+    """Wall seconds per stage and run (convert includes pruning and the SVD; save is the checkpoint that
+    salr.train writes, plus deleting it)."""
+    lines = [
+        "| run | " + " | ".join(label for _, label in STAGES) + " |",
+        "|---|" + "---:|" * len(STAGES),
+    ]
+    for r in rows:
+        sec = r.get("seconds", {})
+        cells = [f"{sec[k]:.1f}" if k in sec else "-" for k, _ in STAGES]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    totals = [sum(r.get("seconds", {}).get(k, 0.0) for r in rows) for k, _ in STAGES]
+    lines.append("| all runs | " + " | ".join(f"{t:.1f}" for t in totals) + " |")
+    return "\n".join(lines)
 
 
 def issue_check(rows: list[dict]) -> str:
@@ -248,6 +372,8 @@ def plots(rows: list[dict], output: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -260,25 +386,35 @@ def main(argv: list[str] | None = None) -> int:
         dev = data.load_gsm8k(args.gsm8k_test)
     dense, tokenizer = load_model(args.model)
     examples = load_examples(None, tokenizer, args.max_length, records=train_records[: args.train_examples])
+    text = data.load_text(args.wikitext)
+    setup_seconds = time.perf_counter() - started
     runs = grid(args.quick)
     if args.runs:
         keep = set(args.runs.split(","))
         runs = [r for r in runs if r.name in keep]
+        if not runs:
+            raise SystemExit(
+                f"--runs {args.runs}: no such run (choose from {', '.join(r.name for r in grid(args.quick))})"
+            )
+    conversions = Conversions(runs, args)
     rows = []
     settings = dict(vars(args))
     for run in runs:
-        rows.append(run_one(run, dense, tokenizer, examples, dev, args))
+        rows.append(run_one(run, dense, tokenizer, examples, dev, text, args, conversions))
         result = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/experiment.py", *(argv if argv is not None else sys.argv[1:])]),
             "settings": settings,
             "runs": rows,
             "check": issue_check(rows),
+            "threads": torch.get_num_threads(),
+            "setup_seconds": setup_seconds,
             "seconds": time.perf_counter() - started,
         }
         atomic_write_json(output / "results.json", result)  # after every run: partial results survive a crash
         atomic_write_bytes(output / "results.md", markdown(rows, settings).encode())
     result["plots"] = plots(rows, output)
+    result["seconds"] = time.perf_counter() - started
     atomic_write_json(output / "results.json", result)
     print(markdown(rows, settings))
     print(f"wrote {output}/results.json, results.md, {', '.join(result['plots'])} in {result['seconds']:.0f} s")

@@ -165,6 +165,135 @@ def test_left_padded_batched_generation_equals_unbatched(model, tokenizer):
     assert all(len(tokenizer.encode(t, add_special_tokens=False)) > 0 for t in batched)
 
 
+class ScriptedLlama(LlamaForCausalLM):
+    """A tiny Llama whose greedy output is scripted: row i of the batch generates scripts[i][k] at step k.
+
+    Real forward passes (so `generate`'s cache and padding machinery runs as usual) with the logits replaced;
+    `calls` counts the forward passes, one per generated token.
+    """
+
+    def __init__(self, config: LlamaConfig, scripts: list[list[int]]):
+        super().__init__(config)
+        self.scripts, self.calls = scripts, 0
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        logits = torch.zeros_like(out.logits)
+        for row, script in enumerate(self.scripts):
+            logits[row, -1, script[self.calls]] = 10.0
+        self.calls += 1
+        out.logits = logits
+        return out
+
+
+def scripted(tokenizer, rows: list[list[str | int]], max_new_tokens: int) -> tuple[ScriptedLlama, list[int]]:
+    """A ScriptedLlama for `rows` (pieces: text encoded on its own, or a token id) and, per row, how many tokens
+    generation should keep: every piece up to and including the one marked by a following "|" entry."""
+    scripts, stops = [], []
+    filler = tokenizer.encode(" and so on", add_special_tokens=False)
+    for pieces in rows:
+        ids, stop = [], None
+        for piece in pieces:
+            if piece == "|":
+                stop = len(ids)
+            else:
+                ids += [piece] if isinstance(piece, int) else tokenizer.encode(piece, add_special_tokens=False)
+        while len(ids) <= max_new_tokens:
+            ids += filler
+        scripts.append(ids)
+        stops.append(stop)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    return ScriptedLlama(config, scripts).eval(), stops
+
+
+@pytest.mark.parametrize("kind", ["bpe", "stories"])
+def test_generation_stops_early_at_answer_end(kind, request):
+    tok = request.getfixturevalue("tokenizer") if kind == "bpe" else request.getfixturevalue("stories")[1]
+    max_new = 40
+    rows = [
+        [" 3 + 4 = 7.", "\n#### 7\n", "|", "Question: What is 2 + 2?\nAnswer: 4"],  # final-answer line
+        [" 12 apples", "\nQuestion:", "|", " How many pears?"],  # stop string (plain format)
+        [" 5 apples", tok.eos_token_id, "|", " and 99 more"],  # EOS
+        [" 8 pears.", "\n\nQuestion", "|", ": next"],  # the other stop string
+    ]
+    model, stops = scripted(tok, rows, max_new)
+    prompts = [tok.encode(q) for q in ("Question: a?\nAnswer:", "Question: b b?\nAnswer:", "Q", "Question: d")]
+    ids = evaluate.generate_greedy_ids(model, tok, prompts, max_new_tokens=max_new, batch_size=4)
+    assert [len(r) for r in ids] == stops  # each row ends exactly at the token that completes its answer
+    assert ids == [script[:n] for script, n in zip(model.scripts, stops, strict=True)]
+    assert model.calls == max(stops) < max_new  # the batch stopped when its last row was done
+    # The texts: the stop string is still there and `_stop_at` removes it; the answer line is kept.
+    model.calls = 0
+    texts = evaluate.generate_greedy(model, tok, prompts, max_new_tokens=max_new, batch_size=4)
+    assert texts[0].endswith("#### 7\n") and evaluate.extract_answer(texts[0]) == "7"
+    assert texts[1].endswith("\nQuestion:") and evaluate._stop_at(texts[1]).strip() == "12 apples"
+    assert texts[2].strip() == "5 apples"
+    assert texts[3].endswith("\n\nQuestion") and evaluate._stop_at(texts[3]).strip() == "8 pears."
+    # Without stop strings only EOS ends a row: the batch runs to max_new_tokens.
+    model.calls = 0
+    plain = evaluate.generate_greedy_ids(model, tok, prompts, max_new_tokens=max_new, batch_size=4, stop=False)
+    assert [len(r) for r in plain] == [max_new, max_new, stops[2], max_new]
+    assert model.calls == max_new
+
+
+def test_generation_stops_per_batch_and_runs_to_the_limit_without_a_stop(tokenizer):
+    rows = [[" 6 + 1 = 7\n#### 7\n", "|", "more"], [" 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16"]]
+    model, stops = scripted(tokenizer, rows, 20)
+    prompts = [tokenizer.encode("Question: x?\nAnswer:")] * 2
+    # One batch: the row that never stops keeps the batch going to max_new_tokens; the finished row is cut.
+    ids = evaluate.generate_greedy_ids(model, tokenizer, prompts, max_new_tokens=20, batch_size=2)
+    assert [len(r) for r in ids] == [stops[0], 20]
+    assert model.calls == 20
+
+
+def test_answer_stop_on_crafted_token_ids(tokenizer, stories):
+    for tok in (tokenizer, stories[1]):
+        prompt = tok.encode("Question: #### 5\nQuestion: 1 + 1?\nAnswer:", add_special_tokens=False)
+        strings = evaluate.stop_string_criteria(tok)
+
+        def first_stop(text: str, tok=tok, prompt=prompt, strings=strings) -> int | None:
+            """The number of generated tokens at which AnswerStop first fires on `text`, stepping token by token."""
+            new = tok.encode(text, add_special_tokens=False)
+            crit = evaluate.AnswerStop(tok, len(prompt), [tok.eos_token_id], strings)
+            for n in range(len(new) + 1):
+                if crit(torch.tensor([prompt + new[:n]]), None)[0]:
+                    assert crit.lengths == [n]
+                    return n
+            assert crit.lengths == [None]
+            return None
+
+        def n_tokens(text: str, tok=tok) -> int:
+            return len(tok.encode(text, add_special_tokens=False))
+
+        # The prompt holds "#### 5\n" and "\nQuestion:" but only generated tokens count.
+        assert first_stop(" 2 apples") is None
+        assert first_stop(" so 2\n#### 2") is None  # no newline after the answer yet
+        assert first_stop(" so 2\n####\nthen") is None  # a "####" line without a number
+        assert first_stop(" so 2\nQuestion") is None  # no colon: not a stop string
+        assert first_stop(" so 2\n#### 2\nmore text") == n_tokens(" so 2\n#### 2\n")
+        assert first_stop(" so 2\n#### $1,200.50\nmore") == n_tokens(" so 2\n#### $1,200.50\n")
+        assert first_stop(" so 2\nQuestion: 3?") == n_tokens(" so 2\nQuestion:")
+        assert first_stop(" so 2\n\nQuestion 3") == n_tokens(" so 2\n\nQuestion")
+    # Rows of a batch are judged separately; EOS ends a row.
+    eos = tokenizer.eos_token_id
+    a = tokenizer.encode(" 1\n#### 1\n", add_special_tokens=False)
+    b = tokenizer.encode(" 1 2 3 4", add_special_tokens=False)[: len(a) - 1] + [eos]
+    c = tokenizer.encode(" 1 2 3 4 5 6 7 8 9", add_special_tokens=False)[: len(a)]
+    crit = evaluate.AnswerStop(tokenizer, 2, [eos], evaluate.stop_string_criteria(tokenizer))
+    done = crit(torch.tensor([[9, 9, *a], [9, 9, *b], [9, 9, *c]]), None)
+    assert done.tolist() == [True, True, False]
+    assert crit.lengths == [len(a), len(a), None]
+
+
 def test_answer_nll_by_hand(model, tokenizer):
     records = data.synthetic_arithmetic(3, seed=4)
     total, count = 0.0, 0
@@ -182,14 +311,17 @@ def test_gsm8k_scores_extracted_numbers(model, tokenizer, monkeypatch):
     records = data.synthetic_arithmetic(3, seed=6)
     golds = [r["answer"].rsplit("#### ", 1)[1] for r in records]
     replies = [f"so it is {golds[0]}.", f"#### {golds[1]}\nQuestion: next one is 99999", "I think 99999"]
-    monkeypatch.setattr(evaluate, "generate_greedy", lambda model, tok, prompts, *a: replies[: len(prompts)])
+    reply_ids = [tokenizer.encode(r, add_special_tokens=False) for r in replies]
+    monkeypatch.setattr(evaluate, "generate_greedy_ids", lambda model, tok, prompts, *a: reply_ids[: len(prompts)])
     out = evaluate.gsm8k(model, tokenizer, records, batch_size=2, max_new_tokens=8)
+    assert out["generated_tokens"] == sum(len(ids) for ids in reply_ids)
     assert [e["correct"] for e in out["examples"]] == [True, True, False]
     assert out["accuracy"] == pytest.approx(2 / 3) and out["n"] == 3
     assert out["examples"][1]["generated"] == f"#### {golds[1]}"  # cut at the next "Question:"
     assert out["examples"][2]["extracted"] == "99999" and out["examples"][2]["gold"] == golds[2]
     assert out["answer_nll"] == pytest.approx(evaluate.answer_nll(model, tokenizer, records)["answer_nll"])
     assert evaluate.gsm8k(model, tokenizer, records, limit=1)["n"] == 1
+    assert "answer_nll" not in evaluate.gsm8k(model, tokenizer, records, with_answer_nll=False)
 
 
 # ----------------------------------------------------------------------------- MMLU

@@ -1,7 +1,8 @@
 """Evaluation of any `transformers` causal LM (dense, or with SALR layers swapped in): perplexity, GSM8K, MMLU.
 
 All three are built on one primitive, `score_tokens`: batched teacher-forced log-probabilities of chosen
-tokens at chosen positions. Generation (GSM8K) uses `model.generate` with left padding and greedy decoding.
+tokens at chosen positions. Generation (GSM8K) uses `model.generate` with left padding and greedy decoding,
+and stops each row as soon as its answer is complete (EOS, a stop string, or a ``#### <number>`` line).
 Everything runs under `torch.inference_mode()` with the model in eval mode (its training flag is restored).
 """
 
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from salr import data
 from salr.errors import SALRError
@@ -215,28 +218,99 @@ def extract_answer(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+# Where a GSM8K answer is over. Base models in the plain format go on with the next "Question:"; a GSM8K-style
+# solution ends with its "#### <number>" line. Generation stops there (`AnswerStop`); `_stop_at` then cuts the
+# text before the next question (a row that stopped on a string still contains it).
+STOP_STRINGS = ("\nQuestion:", "\n\nQuestion")
+_FINAL_ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
+
+
 def _stop_at(text: str) -> str:
-    # Base models in the plain format tend to go on with the next "Question:"; keep the first answer only.
-    for marker in ("\nQuestion:", "\n\nQuestion"):
+    # Keep the first answer only.
+    for marker in STOP_STRINGS:
         cut = text.find(marker)
         if cut >= 0:
             text = text[:cut]
     return text
 
 
-def generate_greedy(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int = 8
-) -> list[str]:
-    """Greedy continuations of tokenised prompts, batched with LEFT padding; decoded without special tokens."""
+class AnswerStop(StoppingCriteria):
+    """Stopping criterion for a LEFT-padded batch whose generated tokens start at column `prompt_width`.
+
+    A row is done at EOS (`eos_token_ids`), at a stop string (transformers' `StopStringCriteria`, matched on
+    the generated tokens only, so a prompt can never trigger it), or once a GSM8K final-answer line
+    ``#### <number>`` is followed by a newline (`final_answer`). ``lengths[i]`` is the number of tokens row
+    i generated up to and including the one that finished it (None while it runs). `model.generate` stops
+    when every row is done and pads the finished rows until then.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_width: int,
+        eos_token_ids: Sequence[int] = (),
+        strings: Any = None,
+        final_answer: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.width = prompt_width
+        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
+        self.strings = strings  # a transformers StopStringCriteria, or None
+        self.final_answer = final_answer
+        self.lengths: list[int | None] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        batch, n_new = input_ids.shape[0], input_ids.shape[1] - self.width
+        if not self.lengths:
+            self.lengths = [None] * batch
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        if n_new <= 0:
+            return done
+        if self.eos.numel():
+            done |= torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
+        new = input_ids[:, self.width :]
+        if self.strings is not None:
+            done |= self.strings(new, scores).to(done.device)
+        if self.final_answer:
+            rows = [i for i in range(batch) if self.lengths[i] is None and not done[i]]
+            texts = self.tokenizer.batch_decode(new[rows].tolist(), skip_special_tokens=True) if rows else []
+            for i, text in zip(rows, texts, strict=True):
+                if _FINAL_ANSWER_LINE.search(text):
+                    done[i] = True
+        for i in range(batch):
+            if self.lengths[i] is None and done[i]:
+                self.lengths[i] = n_new
+        return done
+
+
+def stop_string_criteria(tokenizer: Any, strings: Sequence[str] = STOP_STRINGS) -> Any:
+    """transformers' `StopStringCriteria` for `strings` (built once per call of `generate_greedy_ids`: building
+    it reads the whole vocabulary, ~0.5 s for a 49k-token tokenizer)."""
+    return StopStringCriteria(tokenizer, list(strings))
+
+
+def generate_greedy_ids(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    stop: bool = True,
+) -> list[list[int]]:
+    """Greedy continuations (token ids) of tokenised prompts, batched with LEFT padding.
+
+    With `stop` (the default) each row ends at EOS, at a stop string (`STOP_STRINGS`) or after a GSM8K
+    ``#### <number>`` line and its newline, see `AnswerStop`; the batch stops as soon as every row has, and
+    each returned list holds the row's tokens up to and including the one that ended it. Without `stop`, only
+    EOS ends a row. Never more than `max_new_tokens` tokens per prompt.
+    """
     pad = _pad_id(tokenizer)
     device = _device(model)
-    outputs: list[str] = []
-    from transformers import GenerationConfig
-
+    eos = tokenizer.eos_token_id
     # A fresh config: plain greedy decoding, whatever sampling defaults the checkpoint ships with.
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
-    )
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    strings = stop_string_criteria(tokenizer) if stop else None
+    outputs: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", leave=False, disable=None):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
@@ -245,11 +319,30 @@ def generate_greedy(
         for i, p in enumerate(chunk):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
+        criterion = AnswerStop(tokenizer, width, [] if eos is None else [eos], strings, final_answer=stop)
         out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([criterion]),
         )
-        outputs += tokenizer.batch_decode(out[:, width:].tolist(), skip_special_tokens=True)
+        new = out[:, width:].tolist()
+        lengths = criterion.lengths or [None] * len(chunk)
+        outputs += [row if n is None else row[:n] for row, n in zip(new, lengths, strict=True)]
     return outputs
+
+
+def generate_greedy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    stop: bool = True,
+) -> list[str]:
+    """`generate_greedy_ids`, decoded without special tokens."""
+    ids = generate_greedy_ids(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def answer_nll(
@@ -278,18 +371,22 @@ def gsm8k(
     batch_size: int = 8,
     max_new_tokens: int = 256,
     limit: int | None = None,
+    with_answer_nll: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot GSM8K: greedy generation from `data.format_prompt`, exact match on the extracted number.
 
-    Returns accuracy, correct, n, answer_nll (see `answer_nll`), answer_tokens, prompt_format and
-    `examples`: per question {question, generated, extracted, gold, correct}.
+    Generation stops at each answer's end (see `generate_greedy_ids`). Returns accuracy, correct, n,
+    answer_nll and answer_tokens (see `answer_nll`; left out when `with_answer_nll` is False),
+    generated_tokens (total over the questions), max_new_tokens, prompt_format and `examples`: per question
+    {question, generated, extracted, gold, correct}.
     """
     records = list(records)[:limit] if limit is not None else list(records)
     if not records:
         raise SALRError("no GSM8K records to evaluate")
     prompts = [data.encode_prompt(tokenizer, r["question"]) for r in records]
     with _eval_mode(model):
-        generated = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+        generated_ids = generate_greedy_ids(model, tokenizer, prompts, max_new_tokens, batch_size)
+    generated = tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
     examples = []
     for record, text in zip(records, generated, strict=True):
         text = _stop_at(text)
@@ -308,7 +405,8 @@ def gsm8k(
         "accuracy": correct / len(examples),
         "correct": correct,
         "n": len(examples),
-        **answer_nll(model, tokenizer, records, batch_size),
+        **(answer_nll(model, tokenizer, records, batch_size) if with_answer_nll else {}),
+        "generated_tokens": sum(len(ids) for ids in generated_ids),
         "max_new_tokens": max_new_tokens,
         "prompt_format": "chat_template" if data.has_chat_template(tokenizer) else "plain",
         "examples": examples,

@@ -1,0 +1,160 @@
+"""benchmarks/experiment.py: the quick grid, conversion reuse, per-stage timings in results.json."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from salr import data
+from salr.layer import SALRLinear
+from salr.model import convert
+from salr.train import TrainConfig, load_examples, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+STORIES = DATA / "models" / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("experiment", ROOT / "benchmarks" / "experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["experiment"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("experiment", None)
+
+
+def test_quick_grid_keeps_the_comparisons(experiment):
+    names = [r.name for r in experiment.grid(quick=True)]
+    assert names == [
+        "pretrained",
+        "lora@50%",
+        "salr@50%",
+        "prune-lora@50%",
+        "salr-frozen-residual@50%",
+        "salr@2:4",
+        "salr@30%",
+        "salr@70%",
+    ]
+    full = [r.name for r in experiment.grid(quick=False)]
+    assert set(names) < set(full) and len(full) == 12
+
+
+def _adapters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("A_cat", "B_cat"))}
+
+
+def test_frozen_residual_reuses_the_salr_conversion_and_trains_identically(experiment, make_tokenizer, tmp_path):
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    )
+    args = argparse.Namespace(residual_rank=4, lora_rank=2, seed=0)
+    runs = [experiment.Run(f"{m}@50%", m) for m in ("salr", "salr-frozen-residual", "prune-lora")]
+    conversions = experiment.Conversions(runs, args)
+    configs = [experiment.run_config(r, args) for r in runs]
+    salr, _, reused = conversions.get(runs[0], configs[0], dense)
+    assert reused is None
+    salr_init = _adapters(salr)
+    examples = load_examples(None, tokenizer, 96, records=data.synthetic_arithmetic(8, seed=3))
+    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, max_length=96, seed=0, progress=False, warmup_steps=0)
+    train(salr, tokenizer, examples, configs[0], cfg, tmp_path / "salr")  # must not touch the kept copy
+    frozen, report, reused = conversions.get(runs[1], configs[1], dense)
+    assert reused == "salr@50%" and report["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert all(torch.equal(salr_init[n], t) for n, t in _adapters(frozen).items())  # the untrained conversion
+    assert all(not m.train_residual for m in frozen.modules() if isinstance(m, SALRLinear))
+    assert not conversions.kept  # no later run needs it
+    _, _, reused = conversions.get(runs[2], configs[2], dense)
+    assert reused is None  # prune-lora: no residual, another conversion
+    # The reused model trains exactly like a fresh salr-frozen-residual conversion.
+    fresh = LlamaForCausalLM(dense.config)
+    fresh.load_state_dict(dense.state_dict())
+    convert(fresh, configs[1], progress=False)
+    train(frozen, tokenizer, examples, configs[1], cfg, tmp_path / "reused")
+    train(fresh, tokenizer, examples, configs[1], cfg, tmp_path / "fresh")
+    after_reused, after_fresh = _adapters(frozen), _adapters(fresh)
+    assert after_reused.keys() == after_fresh.keys()
+    assert all(torch.equal(after_reused[n], after_fresh[n]) for n in after_fresh)
+    changed = [n for n in after_fresh if not torch.equal(after_fresh[n], salr_init[n])]
+    assert changed  # the LoRA block did train
+    for name, layer in frozen.named_modules():
+        if isinstance(layer, SALRLinear):  # the residual block did not
+            r = layer.residual_rank
+            assert torch.equal(layer.A_cat[:r], salr_init[f"{name}.A_cat"][:r])
+            assert torch.equal(layer.B_cat[:, :r], salr_init[f"{name}.B_cat"][:, :r])
+
+
+def test_runner_writes_per_stage_seconds(experiment, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "exp"
+    argv = [
+        "--quick",
+        "--model",
+        str(STORIES),
+        "--output",
+        str(out),
+        "--runs",
+        "pretrained,salr@50%,salr-frozen-residual@50%",
+        "--residual-rank",
+        "8",
+        "--lora-rank",
+        "4",
+        "--train-examples",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "128",
+        "--nll-limit",
+        "4",
+        "--accuracy-limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--mmlu",
+        str(DATA / "mmlu" / "val" / "anatomy_val.csv"),
+        "--mmlu-limit",
+        "2",
+        "--mmlu-shots",
+        "1",
+        "--wikitext-windows",
+        "1",
+        "--threads",
+        "1",
+    ]
+    assert experiment.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in result["runs"]] == ["pretrained", "salr@50%", "salr-frozen-residual@50%"]
+    evals = {"eval_answer_nll", "eval_gsm8k_generation", "eval_mmlu", "eval_wikitext2"}
+    pretrained, salr, frozen = result["runs"]
+    assert set(pretrained["seconds"]) == evals | {"total"}
+    assert set(salr["seconds"]) == evals | {"convert", "train", "save", "total"}
+    for row in result["runs"]:
+        sec = row["seconds"]
+        assert all(v >= 0 for v in sec.values())
+        assert sum(v for k, v in sec.items() if k != "total") <= sec["total"] + 0.05
+        assert 0 < row["gsm8k_generated_tokens"] <= 2 * 8
+    assert salr["conversion_reused_from"] is None and frozen["conversion_reused_from"] == "salr@50%"
+    assert result["threads"] == 1 and result["seconds"] >= sum(r["seconds"]["total"] for r in result["runs"])
+    assert not (out / "runs" / "salr_50pct").exists()  # checkpoints deleted without --keep-runs
+    md = (out / "results.md").read_text()
+    assert "| GSM8K generation |" in md and "| all runs |" in md
