@@ -77,11 +77,16 @@ def check(x: torch.Tensor, w: torch.Tensor, **adapter) -> None:
     if adapter:
         t = torch.nn.functional.linear(x, adapter["a_cat"]) * adapter["scale"].to(x.dtype)  # kernel rounds t to x
         ref = ref + t.double() @ adapter["b_cat"].double().T
+    assert_close_to_reference(y, ref)
+
+
+def assert_close_to_reference(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Max error within REL_TOL of max |ref| and SNR at least MIN_SNR, for y's dtype."""
     err = (y.double() - ref).abs().max().item()
     scale = max(ref.abs().max().item(), 1e-6)
-    assert err <= REL_TOL[x.dtype] * scale, f"max abs err {err:.3g} vs max |ref| {scale:.3g}"
+    assert err <= REL_TOL[y.dtype] * scale, f"max abs err {err:.3g} vs max |ref| {scale:.3g}"
     if ref.abs().max() > 0:
-        assert snr_db(y, ref) >= MIN_SNR[x.dtype]
+        assert snr_db(y, ref) >= MIN_SNR[y.dtype]
 
 
 # ---------------------------------------------------------------- correctness on small shapes
@@ -104,10 +109,8 @@ def test_matches_reference(m, n, k, dtype):
     check(x, w)
 
 
-@pytest.mark.parametrize("m", [1, 33])
-def test_adversarial_rows(m):
-    """All-zero rows, fully dense rows, a single nonzero and the last column set, in one weight."""
-    n, k = 9, 203
+def adversarial_weight(n: int = 9, k: int = 203) -> torch.Tensor:
+    """All-zero rows, fully dense rows, a single nonzero and the last column set, in one fp32 weight."""
     w = random_weight(n, k, 0.5, torch.float32)
     w[0] = 0  # all-zero row
     w[1] = torch.randn(k).abs() + 0.1  # fully dense row
@@ -116,8 +119,12 @@ def test_adversarial_rows(m):
     w[4] = 0
     w[4, 0] = -2.0
     w[-1] = torch.randn(k).abs() + 0.1  # dense last row
-    x = torch.randn(m, k)
-    check(x.to(DEVICE), w.to(DEVICE))
+    return w.to(DEVICE)
+
+
+@pytest.mark.parametrize("m", [1, 33])
+def test_adversarial_rows(m):
+    check(torch.randn(m, 203).to(DEVICE), adversarial_weight(9, 203))
 
 
 def test_all_zero_matrix_gives_zeros():
@@ -164,6 +171,43 @@ def test_adapter_epilogue(m):
     base = tb.triton_bitmap_linear(x, bitmask, values, row_offsets, n, k)
     full = tb.triton_bitmap_linear(x, bitmask, values, row_offsets, n, k, a_cat=a_cat, b_cat=b_cat, scale=scale)
     assert (full.float() - base.float()).abs().max() > 0.1
+
+
+def check_grad_input(g: torch.Tensor, w: torch.Tensor) -> None:
+    """triton_bitmap_grad_input(g, bitmap(w)) against g @ w in float64."""
+    n, k = w.shape
+    gx = tb.triton_bitmap_grad_input(g, *encode(w), n, k)
+    assert gx.shape == (*g.shape[:-1], k) and gx.dtype == g.dtype
+    assert_close_to_reference(gx, g.double() @ w.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n,k", [(1, 33, 37), (5, 70, 300), (17, 40, 129)])
+def test_grad_input_matches_reference(m, n, k, dtype):
+    g = torch.Generator().manual_seed(m + n + k)
+    w = random_weight(n, k, 0.5, dtype, seed=k).to(DEVICE)
+    check_grad_input(torch.randn(m, n, generator=g).to(dtype).to(DEVICE), w)
+
+
+def test_grad_input_adversarial_rows_and_strides():
+    n = 9
+    w = adversarial_weight(n, 203)
+    check_grad_input(torch.randn(2, 3, 2 * n).to(DEVICE)[..., ::2], w)  # 3-D, strided last dim
+    check_grad_input(torch.randn(n, 4).to(DEVICE).T, w)  # transposed
+    zero = tb.triton_bitmap_grad_input(torch.randn(3, 7).to(DEVICE), *to(*encode(torch.zeros(7, 50))))
+    assert zero.shape == (3, 50) and torch.count_nonzero(zero) == 0
+    with pytest.raises(SALRError, match="rows"):
+        tb.triton_bitmap_grad_input(torch.randn(3, 8).to(DEVICE), *to(*encode(torch.zeros(7, 50))))
+
+
+def test_grad_input_is_the_autograd_of_the_forward_kernel():
+    """Through torch autograd: the gradient of sum(y * c) w.r.t. x is c @ W, matched by the grad kernel."""
+    w = random_weight(24, 130, 0.5, torch.float32, seed=4).to(DEVICE)
+    x = torch.randn(6, 130, device=DEVICE, requires_grad=True)
+    c = torch.randn(6, 24, device=DEVICE)
+    (x @ w.T * c).sum().backward()
+    gx = tb.triton_bitmap_grad_input(c, *encode(w), 24, 130)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- metadata and validation
@@ -260,6 +304,11 @@ def test_register_installs_cuda_backend_of_the_op():
         x = torch.randn(5, 100, device="cuda").bfloat16()
         y = bitmap_linear(x, *encode(w), 40, 100)
         assert snr_db(y, x.double() @ w.double().T) >= MIN_SNR[torch.bfloat16]
+        # and the input gradient goes through the Triton grad kernel, not a dense W
+        x.requires_grad_(True)
+        g = torch.randn(5, 40, device="cuda").bfloat16()
+        (bitmap_linear(x, *encode(w), 40, 100) * g).sum().backward()
+        assert snr_db(x.grad, g.double() @ w.double()) >= MIN_SNR[torch.bfloat16]
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter mode only (TRITON_INTERPRET is not set when a GPU is present)")

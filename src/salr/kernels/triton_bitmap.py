@@ -15,6 +15,7 @@ The decoded tile (zeros where the bit is clear) goes to `tl.dot`. The K loop is 
 so the loads and decode of tile k+1 overlap the tensor-core multiply of tile k (the two-stage decode + GEMM).
 Small M (decode, M <= 16) uses split-K with fp32 atomics to fill the GPU; large M (prefill) one K pass per tile.
 An optional low-rank branch `((x @ A_cat.T) * scale) @ B_cat.T` is added in the epilogue.
+The input gradient `grad_x = grad_y @ W` (`triton_bitmap_grad_input`) decodes the same tiles, walking W's rows.
 
 Under TRITON_INTERPRET=1 the kernel runs on CPU tensors (for tests and the bench's interpreter mode).
 """
@@ -115,6 +116,42 @@ if HAS_TRITON:
         return a + b
 
     @triton.jit
+    def _decode_tile(
+        bitmask_ptr,
+        values_ptr,
+        prefix_ptr,
+        rn,  # [BLOCK_N] rows of W
+        n_ok,
+        row_start,  # [BLOCK_N] row_offsets[rn], int64
+        k0,  # first column, a multiple of PREFIX_BLOCK
+        NBYTES,
+        NPREFIX,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREFIX_BLOCK: tl.constexpr,
+    ):
+        """The dense [BLOCK_N, BLOCK_K] tile W[rn, k0:k0+BLOCK_K] (zeros where the bit is clear or out of range)."""
+        rbyte = tl.arange(0, BLOCK_K // 8)
+        bitpos = tl.arange(0, 8)
+        byte_col = k0 // 8 + rbyte
+        bytes_ = tl.load(
+            bitmask_ptr + rn[:, None].to(tl.int64) * NBYTES + byte_col[None, :],
+            mask=n_ok[:, None] & (byte_col < NBYTES)[None, :],
+            other=0,
+        ).to(tl.int32)  # [BN, BK/8]
+        base = tl.load(prefix_ptr + rn.to(tl.int64) * NPREFIX + k0 // PREFIX_BLOCK, mask=n_ok, other=0)
+        cnt = _popcount8(bytes_)
+        # nonzeros of the row before each byte: exclusive prefix sum over the bytes + the block prefix
+        byte_prefix = tl.associative_scan(cnt, 1, _add) - cnt + base[:, None]
+        b3 = tl.reshape(bytes_, (BLOCK_N, BLOCK_K // 8, 1))
+        present = ((b3 >> bitpos[None, None, :]) & 1) != 0  # [BN, BK/8, 8]
+        below = _popcount8(b3 & ((1 << bitpos[None, None, :]) - 1))
+        rank = tl.reshape(byte_prefix, (BLOCK_N, BLOCK_K // 8, 1)) + below
+        rank = tl.reshape(rank, (BLOCK_N, BLOCK_K))
+        present = tl.reshape(present, (BLOCK_N, BLOCK_K))
+        return tl.load(values_ptr + row_start[:, None] + rank.to(tl.int64), mask=present, other=0.0)
+
+    @triton.jit
     def _bitmap_linear_kernel(
         x_ptr,
         bitmask_ptr,
@@ -171,29 +208,14 @@ if HAS_TRITON:
         kb_begin = pid_k * kb_per_split
         kb_end = min(kb_begin + kb_per_split, num_kb)
 
-        rbyte = tl.arange(0, BLOCK_K // 8)
-        bitpos = tl.arange(0, 8)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for kb in tl.range(kb_begin, kb_end, num_stages=NUM_STAGES):
             k0 = kb * BLOCK_K
             # stage 1: decode the [BN, BK] tile of W from its bitmap bytes and packed values
-            byte_col = k0 // 8 + rbyte
-            bytes_ = tl.load(
-                bitmask_ptr + rn[:, None].to(tl.int64) * NBYTES + byte_col[None, :],
-                mask=n_ok[:, None] & (byte_col < NBYTES)[None, :],
-                other=0,
-            ).to(tl.int32)  # [BN, BK/8]
-            base = tl.load(prefix_ptr + rn.to(tl.int64) * NPREFIX + k0 // PREFIX_BLOCK, mask=n_ok, other=0)
-            cnt = _popcount8(bytes_)
-            # nonzeros of the row before each byte: exclusive prefix sum over the bytes + the block prefix
-            byte_prefix = tl.associative_scan(cnt, 1, _add) - cnt + base[:, None]
-            b3 = tl.reshape(bytes_, (BLOCK_N, BLOCK_K // 8, 1))
-            present = ((b3 >> bitpos[None, None, :]) & 1) != 0  # [BN, BK/8, 8]
-            below = _popcount8(b3 & ((1 << bitpos[None, None, :]) - 1))
-            rank = tl.reshape(byte_prefix, (BLOCK_N, BLOCK_K // 8, 1)) + below
-            rank = tl.reshape(rank, (BLOCK_N, BLOCK_K))
-            present = tl.reshape(present, (BLOCK_N, BLOCK_K))
-            w = tl.load(values_ptr + row_start[:, None] + rank.to(tl.int64), mask=present, other=0.0)
+            w = _decode_tile(
+                bitmask_ptr, values_ptr, prefix_ptr, rn, n_ok, row_start, k0, NBYTES, NPREFIX,
+                BLOCK_N, BLOCK_K, PREFIX_BLOCK,
+            )  # fmt: skip
             # stage 2: multiply
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(
@@ -228,6 +250,61 @@ if HAS_TRITON:
         else:
             tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
+    @triton.jit
+    def _bitmap_grad_input_kernel(
+        g_ptr,  # grad_y [M, N]
+        bitmask_ptr,
+        values_ptr,
+        row_offsets_ptr,
+        prefix_ptr,
+        out_ptr,  # grad_x [M, K]
+        M,
+        N,
+        K,
+        M_BUCKET,  # autotune key only
+        stride_gm,
+        stride_gn,
+        stride_om,
+        stride_ok,
+        NBYTES,
+        NPREFIX,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        PREFIX_BLOCK: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        # grad_x = grad_y @ W: each program owns a [BLOCK_M, BLOCK_K] tile of grad_x and walks the rows of W
+        # (the reduction dim) in BLOCK_N steps, decoding W[n0:n0+BN, k0:k0+BK] exactly as the forward kernel does.
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        k0 = pid_k * BLOCK_K
+        rk = k0 + tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
+        for nb in tl.range(0, (N + BLOCK_N - 1) // BLOCK_N, num_stages=NUM_STAGES):
+            rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            row_start = tl.load(row_offsets_ptr + rn, mask=n_ok, other=0).to(tl.int64)
+            w = _decode_tile(
+                bitmask_ptr, values_ptr, prefix_ptr, rn, n_ok, row_start, k0, NBYTES, NPREFIX,
+                BLOCK_N, BLOCK_K, PREFIX_BLOCK,
+            )  # fmt: skip
+            g = tl.load(
+                g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :] * stride_gn,
+                mask=m_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(g, w.to(g.dtype), acc, input_precision=INPUT_PRECISION)
+        out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rk[None, :] * stride_ok
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (rk < K)[None, :])
+
     def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
         kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, NUM_STAGES=stages, GROUP_M=8)
         return triton.Config(kw, num_warps=warps, num_stages=stages)
@@ -245,10 +322,16 @@ if HAS_TRITON:
     _KEY = ["M_BUCKET", "N", "K", "HAS_LORA"]
     _decode_tuned = triton.autotune(_DECODE_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(_bitmap_linear_kernel)
     _prefill_tuned = triton.autotune(_PREFILL_CONFIGS, key=_KEY)(_bitmap_linear_kernel)
+    _GRAD_CONFIGS = [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, NUM_STAGES=3), num_warps=4, num_stages=3)
+        for bm, bn in ((16, 64), (32, 64), (64, 64), (128, 64), (64, 32))
+    ]
+    _grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["M_BUCKET", "N", "K"])(_bitmap_grad_input_kernel)
 
 # fixed small configs for the interpreter; the decode one uses split-K so the atomic path is exercised too
 _INTERPRET_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, NUM_STAGES=2, GROUP_M=8)
 _INTERPRET_PREFILL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, NUM_STAGES=2, GROUP_M=8)
+_INTERPRET_GRAD = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, NUM_STAGES=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,6 +346,7 @@ def _check(
     rows: int,
     cols: int,
     block_prefix: torch.Tensor | None,
+    grad: bool = False,
 ) -> None:
     if not HAS_TRITON:
         raise SALRError("the Triton bitmap kernel needs the `triton` package: pip install triton")
@@ -276,7 +360,9 @@ def _check(
             raise SALRError(f"{name} is on {t.device} but x is on {x.device}: move them to the same device")
     if x.dtype not in _DTYPES or values.dtype not in _DTYPES:
         raise SALRError(f"x and values must be bf16, fp16 or fp32, got {x.dtype} and {values.dtype}")
-    if x.shape[-1] != cols:
+    if grad and x.shape[-1] != rows:
+        raise SALRError(f"grad_y has {x.shape[-1]} features but the bitmap weight has {rows} rows (outputs)")
+    if not grad and x.shape[-1] != cols:
         raise SALRError(f"x has {x.shape[-1]} input features but the bitmap weight has {cols} columns")
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, -(-cols // 8)):
         raise SALRError(
@@ -294,6 +380,17 @@ def _check(
                 f"block_prefix must be int32 {list(want)} (see bitmap_block_prefix), "
                 f"got {block_prefix.dtype} {list(block_prefix.shape)}"
             )
+
+
+def _kernel_operands(
+    bitmask: torch.Tensor, values: torch.Tensor, cols: int, block_prefix: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous bitmask and block prefix (computed and cached if not given), and values with a valid pointer."""
+    if block_prefix is None:
+        block_prefix = cached_block_prefix(bitmask, cols)
+    if values.numel() == 0:  # all-zero weight: keep a valid pointer, nothing is ever loaded from it
+        values = values.new_zeros(1)
+    return bitmask.contiguous(), values, block_prefix.contiguous()
 
 
 def triton_bitmap_linear(
@@ -324,12 +421,7 @@ def triton_bitmap_linear(
     m = x2.shape[0]
     if m == 0 or rows == 0:
         return x.new_zeros(*lead, rows)
-    if block_prefix is None:
-        block_prefix = cached_block_prefix(bitmask, cols)
-    bitmask = bitmask.contiguous()
-    block_prefix = block_prefix.contiguous()
-    if values.numel() == 0:  # all-zero weight: keep a valid pointer, nothing is ever loaded from it
-        values = values.new_zeros(1)
+    bitmask, values, block_prefix = _kernel_operands(bitmask, values, cols, block_prefix)
 
     has_lora = a_cat is not None
     if has_lora:
@@ -378,6 +470,46 @@ def triton_bitmap_linear(
     return out.to(x.dtype).reshape(*lead, rows)
 
 
+def triton_bitmap_grad_input(
+    grad: torch.Tensor,
+    bitmask: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    block_prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W with W [rows, cols] in bitmap form: grad [..., rows] -> [..., cols] in grad.dtype.
+
+    The input gradient of `triton_bitmap_linear` (the base is frozen: no weight gradient), so fine-tuning on a
+    compressed base never materialises a dense W. Same inputs, devices and metadata as `triton_bitmap_linear`.
+    """
+    _check(grad, bitmask, values, row_offsets, rows, cols, block_prefix, grad=True)
+    lead = grad.shape[:-1]
+    g2 = grad.reshape(-1, rows)
+    m = g2.shape[0]
+    if m == 0 or rows == 0 or cols == 0:
+        return grad.new_zeros(*lead, cols)
+    bitmask, values, block_prefix = _kernel_operands(bitmask, values, cols, block_prefix)
+    out = torch.empty(m, cols, dtype=grad.dtype, device=grad.device)
+    args = (g2, bitmask, values, row_offsets, block_prefix, out, m, rows, cols, triton.next_power_of_2(m))
+    args += (g2.stride(0), g2.stride(1), out.stride(0), out.stride(1), bitmask.shape[1], block_prefix.shape[1])
+    common = dict(
+        PREFIX_BLOCK=PREFIX_BLOCK,
+        DOT_FP32=interpreting(),
+        INPUT_PRECISION="ieee" if grad.dtype == torch.float32 else None,
+    )
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_K"]))
+
+    if interpreting():
+        _bitmap_grad_input_kernel[grid(_INTERPRET_GRAD)](*args, **common, **_INTERPRET_GRAD)
+    else:
+        _grad_tuned[grid](*args, **common)
+    return out.reshape(*lead, cols)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library registration
 
@@ -392,10 +524,21 @@ def _bitmap_linear_cuda(
     return triton_bitmap_linear(x, bitmask, values, row_offsets, rows, cols)
 
 
+def _bitmap_grad_input_cuda(
+    grad: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
+) -> torch.Tensor:
+    if grad.dtype not in _DTYPES:
+        from salr.kernels.reference import bitmap_grad_input_reference
+
+        return bitmap_grad_input_reference(grad, bitmask, values, row_offsets, rows, cols)
+    return triton_bitmap_grad_input(grad, bitmask, values, row_offsets, rows, cols)
+
+
 def register() -> bool:
     """Install the Triton kernel as the CUDA backend of `salr::bitmap_linear`; False (logged) if not possible.
 
-    Called by salr.sparse.ops.register_triton_backend; the input-gradient op keeps its reference CUDA path.
+    Called by salr.sparse.ops.register_triton_backend; installs `triton_bitmap_grad_input` as the CUDA kernel of
+    `salr::bitmap_linear_grad_input` too.
     """
     if not HAS_TRITON:
         log.info("triton is not installed: salr::bitmap_linear has no Triton CUDA backend")
@@ -405,5 +548,5 @@ def register() -> bool:
     except ImportError as exc:
         log.warning("salr.sparse.ops is not importable (%s): Triton backend not registered", exc)
         return False
-    register_cuda_backend(_bitmap_linear_cuda)
+    register_cuda_backend(_bitmap_linear_cuda, _bitmap_grad_input_cuda)
     return True
