@@ -107,3 +107,70 @@ def test_sparse_matmul_on_gpu(dtype):
     y = mod(x)
     rel = (y.double() - ref).norm() / ref.norm()
     assert rel < 1e-2
+
+
+# ---------------------------------------------------------------- the 2:4 base of SALR layers
+
+
+def test_semi_structured_base_without_cuda_is_an_exact_dense_base():
+    from salr.kernels.semi_structured import SemiStructuredBase
+
+    w = two_four(24, 64)
+    base = SemiStructuredBase(w)
+    assert base.backend == "dense" and "CUDA" in base.reason
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(base(x), x @ w.T, rtol=0, atol=0)
+    assert base.shape == (24, 64) and base.dtype == torch.float32 and base.nbytes == w.numel() * 4
+    assert torch.equal(base.to_dense(), w)
+    assert list(base.state_dict()) == ["weight"] and torch.equal(base.state_dict()["weight"], w)
+    with pytest.raises(SALRError, match="not 2:4"):
+        SemiStructuredBase(torch.ones(4, 8))
+
+
+def _convert_2to4(model, device: str = "cpu"):
+    from salr.config import SALRConfig
+    from salr.model import convert
+
+    model.to(device)
+    return convert(model, SALRConfig(pattern="2:4", residual_rank=4, r=2, seed=0), progress=False)
+
+
+def test_use_semi_structured_on_cpu_keeps_every_base_and_says_why(tiny_llama):
+    from salr.layer import DenseBase
+    from salr.model import is_2to4, salr_modules, use_semi_structured
+
+    report = _convert_2to4(tiny_llama)
+    assert "semi_structured" not in report  # convert only swaps on CUDA
+    layers = [m for _, m in salr_modules(tiny_llama)]
+    assert layers and all(isinstance(m.base, DenseBase) and is_2to4(m.base.weight) for m in layers)
+    result = use_semi_structured(tiny_llama)
+    assert result == {"semi_structured": 0, "kept": len(layers), "reasons": {"not on a CUDA device": len(layers)}}
+    assert not is_2to4(torch.ones(2, 8)) and not is_2to4(torch.zeros(2, 6)) and is_2to4(two_four(4, 8))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_convert_2to4_on_gpu_uses_sparse_tensor_cores_and_saves_dense(tiny_llama, tmp_path):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs compute capability >= 8.0")
+    import salr
+    from salr.kernels.semi_structured import SemiStructuredBase
+    from salr.model import salr_modules
+
+    tiny_llama.to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    report = _convert_2to4(tiny_llama, "cuda")
+    layers = [m for _, m in salr_modules(tiny_llama)]
+    swapped = report["semi_structured"]["semi_structured"]
+    assert swapped == sum(isinstance(m.base, SemiStructuredBase) for m in layers) and swapped > 0
+    state = tiny_llama.state_dict()  # what salr.save writes: plain dense bases
+    for name, m in salr_modules(tiny_llama):
+        if isinstance(m.base, SemiStructuredBase):
+            saved = state[f"{name}.base.weight"]
+            assert type(saved) is torch.Tensor and torch.equal(saved, m.base.to_dense())
+    with torch.no_grad():
+        fast = tiny_llama(ids).logits.float()
+        for m in layers:  # the same weights, dense
+            if isinstance(m.base, SemiStructuredBase):
+                m.base = salr.DenseBase(m.base.to_dense())
+        ref = tiny_llama(ids).logits.float()
+    assert (fast - ref).norm() / ref.norm() < 2e-2

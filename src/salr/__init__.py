@@ -10,7 +10,7 @@ from salr.checkpoint import load, save
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.layer import DenseBase, SALRLinear
-from salr.model import convert, find_targets, mark_trainable, merge_and_unload
+from salr.model import convert, find_targets, mark_trainable, merge_and_unload, use_semi_structured
 from salr.models import load_model
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "mark_trainable",
     "merge_and_unload",
     "save",
+    "use_semi_structured",
 ]
 __version__ = "0.1.0"

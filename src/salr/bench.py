@@ -296,14 +296,20 @@ def salr_copy(
     lora_rank: int = 16,
     bitmap: bool = True,
     inplace: bool = False,
+    pattern: str = "unstructured",
 ) -> tuple[nn.Module, SALRConfig]:
     """A SALR version of a dense model (a deep copy unless `inplace`, which saves a second copy of an 8B model):
-    magnitude-pruned base, residual SVD, adapters in the model's dtype and unmerged, bitmap bases when `bitmap`."""
+    magnitude-pruned base, residual SVD, adapters in the model's dtype and unmerged, bitmap bases when `bitmap`.
+    With pattern="2:4" on a GPU, `convert` puts the bases on sparse tensor cores (pass bitmap=False)."""
     from salr.model import convert, pack_bases
 
     dtype = next(model.parameters()).dtype
     config = SALRConfig(
-        sparsity=sparsity, residual_rank=residual_rank, r=lora_rank, adapter_dtype=str(dtype).removeprefix("torch.")
+        sparsity=None if pattern == "2:4" else sparsity,
+        pattern=pattern,
+        residual_rank=residual_rank,
+        r=lora_rank,
+        adapter_dtype=str(dtype).removeprefix("torch."),
     )
     salr_model = model if inplace else copy.deepcopy(model)
     convert(salr_model, config, progress=False)
@@ -777,9 +783,12 @@ def cuda_generation_compare(
     llama_overrides: dict | None = None,
 ) -> dict:
     """`salr bench --device cuda --generate`: dense bf16 vs SALR (bitmap bases, Triton kernel as the op's CUDA
-    backend, bf16 adapters unmerged), both resident on the GPU and timed in interleaved rounds, per model spec
+    backend, bf16 adapters unmerged) vs SALR at 2:4 (bases on sparse tensor cores), all resident on the GPU and
+    timed in interleaved rounds, per model spec
     ("llama3-8b" = random weights with Llama-3-8B shapes, built on the GPU). Peak memory is
     torch.cuda.max_memory_allocated during one generation of each model alone."""
+    from salr.kernels.semi_structured import SemiStructuredBase
+
     if not torch.cuda.is_available():
         raise SALRError("--device cuda but no CUDA device is available")
     if not ops.register_triton_backend():
@@ -788,8 +797,10 @@ def cuda_generation_compare(
     for spec in specs:
         dense = _cuda_model(spec, **(llama_overrides or {}))
         salr_model, config = salr_copy(dense, sparsity, residual_rank, lora_rank)
+        # the same SALR layers with 2:4 bases on sparse tensor cores (convert swaps them in on the GPU)
+        salr_24, _ = salr_copy(dense, sparsity, residual_rank, lora_rank, bitmap=False, pattern="2:4")
         ids = torch.randint(0, dense.config.vocab_size, (1, prompt_tokens), device="cuda")
-        models = {"dense_bf16": dense, "salr": salr_model}
+        models = {"dense_bf16": dense, "salr": salr_model, "salr_2to4": salr_24}
         results = generation_compare(models, ids, max_new_tokens, rounds)
         for name, model in models.items():
             torch.cuda.empty_cache()
@@ -805,9 +816,12 @@ def cuda_generation_compare(
                 "results": results,
                 "salr_speedup_vs_dense_bf16": results["salr"]["decode_tokens_per_s"]
                 / results["dense_bf16"]["decode_tokens_per_s"],
+                "salr_2to4_speedup_vs_dense_bf16": results["salr_2to4"]["decode_tokens_per_s"]
+                / results["dense_bf16"]["decode_tokens_per_s"],
+                "salr_2to4_semi_structured_layers": sum(isinstance(m, SemiStructuredBase) for m in salr_24.modules()),
             }
         )
-        del dense, salr_model, models
+        del dense, salr_model, salr_24, models
         torch.cuda.empty_cache()
     env = environment()
     env["gpu"] = torch.cuda.get_device_name()

@@ -196,6 +196,8 @@ def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: b
     if not init:
         return {"config": config.to_dict(), "layers": [], "totals": {"target_layers": len(targets)}}
     report = build_report(model, rows, config)
+    if config.nm == (2, 4) and any(p.is_cuda for p in model.parameters()):
+        report["semi_structured"] = use_semi_structured(model)  # sparse tensor cores where the GPU has them
     report["seconds"] = time.perf_counter() - started
     return report
 
@@ -293,6 +295,47 @@ def pack_bases(model: nn.Module) -> int:
             module.base = BitmapBase.from_dense(module.base.weight)
             packed += 1
     return packed
+
+
+def is_2to4(weight: torch.Tensor) -> bool:
+    """True if every group of 4 consecutive input columns of a 2-D weight holds at most 2 nonzeros."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def use_semi_structured(model: nn.Module) -> dict[str, Any]:
+    """Run every 2:4 SALR base that sits on a CUDA GPU on sparse tensor cores (`SemiStructuredBase`), in place.
+
+    Dense and bitmap bases are swapped when their weight is 2:4 and the GPU, dtype and shape allow it
+    (`salr.kernels.semi_structured.support_reason`); the others are left as they are. Outputs are unchanged up to
+    rounding. Called by `convert` for `pattern="2:4"` models on CUDA; call it after moving a loaded 2:4 model to
+    the GPU. Returns {"semi_structured": layers swapped, "kept": layers left, "reasons": {why: count}}.
+    """
+    from salr.kernels.semi_structured import SemiStructuredBase
+
+    swapped, kept, reasons = 0, 0, {}
+    for _, module in salr_modules(model):
+        if not isinstance(module, SALRLinear) or isinstance(module.base, SemiStructuredBase):
+            continue
+        weight = module.base.to_dense()
+        why = None
+        if weight.device.type != "cuda":
+            why = "not on a CUDA device"
+        elif not is_2to4(weight):
+            why = "weight is not 2:4"
+        else:
+            base = SemiStructuredBase(weight)
+            why = base.reason
+            if why is None:
+                module.base = base
+                swapped += 1
+                continue
+        kept += 1
+        reasons[why] = reasons.get(why, 0) + 1
+    if reasons:
+        logger.info("2:4 bases left as they are: %s", reasons)
+    return {"semi_structured": swapped, "kept": kept, "reasons": reasons}
 
 
 def base_format(model: nn.Module) -> str:

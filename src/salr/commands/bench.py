@@ -111,7 +111,11 @@ def _generate(args: argparse.Namespace) -> dict:
             specs, args.new_tokens, args.prompt_tokens or 128, args.rounds, **_ranks(args)
         )
         for case in report["cases"]:
-            print(f"{case['model']}: SALR / dense bf16 decode = {case['salr_speedup_vs_dense_bf16']:.2f}x")
+            print(
+                f"{case['model']}: SALR / dense bf16 decode = {case['salr_speedup_vs_dense_bf16']:.2f}x; "
+                f"SALR 2:4 ({case['salr_2to4_semi_structured_layers']} layers on sparse tensor cores) = "
+                f"{case['salr_2to4_speedup_vs_dense_bf16']:.2f}x"
+            )
         return report
     report = bench.generation_report(
         args.model or "default", args.new_tokens, args.rounds, prompt_tokens=args.prompt_tokens,

@@ -79,6 +79,23 @@ def semi_structured_available(weight: torch.Tensor) -> tuple[bool, str]:
     return (reason is None, backend if reason is None else reason)
 
 
+def compress_2to4(weight: torch.Tensor) -> tuple[torch.Tensor, str, str | None]:
+    """(weight as a semi-structured sparse tensor, backend, None) where the hardware allows, else
+    (the dense weight, "dense", why). Raises SALRError unless `weight` is 2:4."""
+    check_2to4(weight)
+    weight = weight.detach().contiguous()
+    ok, info = semi_structured_available(weight)
+    if ok:
+        try:
+            if info == "cutlass":  # no cuSPARSELt in this build: pick CUTLASS without touching global flags
+                return torch.sparse.SparseSemiStructuredTensorCUTLASS.from_dense(weight), info, None
+            return torch.sparse.to_sparse_semi_structured(weight), info, None
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. a torch build without the kernels
+            info = f"to_sparse_semi_structured failed: {exc}"
+    log.info("2:4 weight %s runs dense: %s", list(weight.shape), info)
+    return weight, "dense", info
+
+
 class SemiStructuredLinear(nn.Module):
     """Frozen y = x @ W.T (+ bias) with a 2:4 W on sparse tensor cores, or dense when that is unavailable.
 
@@ -87,23 +104,7 @@ class SemiStructuredLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        check_2to4(weight)
-        weight = weight.detach().contiguous()
-        ok, info = semi_structured_available(weight)
-        self.backend, self.reason = "dense", None
-        if ok:
-            try:
-                if info == "cutlass":  # no cuSPARSELt in this build: pick CUTLASS without touching global flags
-                    weight = torch.sparse.SparseSemiStructuredTensorCUTLASS.from_dense(weight)
-                else:
-                    weight = torch.sparse.to_sparse_semi_structured(weight)
-                self.backend = info
-            except (RuntimeError, NotImplementedError) as exc:  # e.g. a torch build without the kernels
-                info = f"to_sparse_semi_structured failed: {exc}"
-                ok = False
-        if not ok:
-            self.reason = info
-            log.info("2:4 weight %s runs dense: %s", list(weight.shape), info)
+        weight, self.backend, self.reason = compress_2to4(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -119,3 +120,55 @@ class SemiStructuredLinear(nn.Module):
 def semi_structured_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> SemiStructuredLinear:
     """Module computing x @ weight.T (+ bias) for a 2:4 `weight` [out, in], on sparse tensor cores when possible."""
     return SemiStructuredLinear(weight, bias)
+
+
+class SemiStructuredBase(nn.Module):
+    """The frozen 2:4 base of a SALRLinear on sparse tensor cores: the interface of salr.layer.DenseBase
+    (`forward(x) = x @ W.T`, `to_dense`, `shape`, `dtype`, `nbytes`), with `backend` / `reason` as in
+    `SemiStructuredLinear`. Its state_dict holds the dense `weight`, exactly like DenseBase's, so saving a model
+    that uses it writes the usual checkpoint.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.rows, self.cols = (int(n) for n in weight.shape)
+        self._dtype = weight.dtype
+        weight, self.backend, self.reason = compress_2to4(weight)
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.cols).to(self._dtype)
+        weight = self.weight
+        if self.backend != "dense" and torch.is_grad_enabled() and x2.requires_grad:
+            # torch's semi-structured matmul has no backward to its dense operand: decompress for this call, so
+            # adapters can still be trained over a base converted for inference.
+            weight = weight.to_dense()
+        return F.linear(x2.contiguous(), weight).reshape(*lead, self.rows)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight if self.backend == "dense" else self.weight.to_dense()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.to_dense() if keep_vars else self.to_dense().detach()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device: the dense weight, or the compressed values + metadata."""
+        w = self.weight
+        if self.backend == "dense":
+            return w.numel() * w.element_size()
+        names, _ = w.__tensor_flatten__()
+        parts = [getattr(w, n) for n in names]
+        return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+
+    def extra_repr(self) -> str:
+        return f"shape=({self.rows}, {self.cols}), dtype={self._dtype}, backend={self.backend}"
