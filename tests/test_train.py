@@ -78,6 +78,21 @@ def test_short_train_on_stories(stories_path, tmp_path):
     assert len(lines) == 24 and {"step", "loss", "lr", "tokens_per_s", "peak_memory_mib"} <= set(eval(lines[0]))
 
 
+def test_output_holding_other_files_is_refused_before_training(tiny_llama, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    model = converted(tiny_llama)
+    before = snapshot(model)
+    with pytest.raises(salr.SALRError, match=r"holds \['notes.txt'\] and is not a salr run"):
+        train(model, None, tiny_examples(), SALR_CFG, cfg(max_steps=2), out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before any step
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(salr.SALRError, match="is a file"):
+        train(model, None, tiny_examples(), SALR_CFG, cfg(max_steps=2), tmp_path / "afile")
+
+
 def test_frozen_residual_block_is_bit_identical(tiny_llama, tmp_path):
     config = method_config("salr-frozen-residual", SALR_CFG)
     model = converted(tiny_llama, config)

@@ -99,7 +99,7 @@ def save(
                 "files": files,
             },
         )
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,7 +138,7 @@ def size_report(model: nn.Module, directory: str | os.PathLike) -> dict[str, int
     }
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Rename `new` to `target`; an existing `target` is moved aside first and removed only afterwards."""
     if target.exists():
         if not (target / CONFIG_NAME).is_file() and any(target.iterdir()):

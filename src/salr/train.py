@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salr import data
-from salr.checkpoint import CONFIG_NAME, read_salr_config, save
+from salr.checkpoint import CONFIG_NAME, read_salr_config, replace_dir, save
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.io import atomic_write_bytes, atomic_write_json
@@ -406,6 +406,19 @@ def load_train_state(path: Path) -> dict[str, Any]:
         raise SALRError(f"{path / STATE_NAME} cannot be read ({err}): delete {path.parent} and start over") from err
 
 
+def check_output_dir(output: Path) -> None:
+    """Fail before training, not after it, when `output` holds something other than a salr run (the final save
+    replaces the directory and will not delete files it did not write)."""
+    if output.exists() and not output.is_dir():
+        raise SALRError(f"output {output} is a file: pass a directory")
+    if output.is_dir() and not (output / CONFIG_NAME).is_file():
+        foreign = sorted(p.name for p in output.iterdir() if p.name not in (CHECKPOINTS, METRICS_NAME))
+        if foreign:
+            raise SALRError(
+                f"output {output} already holds {foreign[:3]} and is not a salr run: choose a new or empty directory"
+            )
+
+
 def save_final(output: Path, model: nn.Module, config: SALRConfig, tokenizer: Any, base_model: str, report: dict):
     """Make `output` itself a SALR checkpoint (loadable by salr.load / `salr eval --model output`).
 
@@ -417,13 +430,7 @@ def save_final(output: Path, model: nn.Module, config: SALRConfig, tokenizer: An
     for name in (CHECKPOINTS, METRICS_NAME):
         if (output / name).exists():
             os.replace(output / name, staging / name)
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
+    replace_dir(staging, output)  # refuses to replace a directory that holds anything but a SALR run
 
 
 def _rewrite_metrics(path: Path, keep_until_step: int) -> None:
@@ -457,6 +464,8 @@ def train(
     """
     env = init_distributed()
     output = Path(output)
+    if env.main and resume_from is None:
+        check_output_dir(output)
     torch.manual_seed(cfg.seed)
     model.to(env.device)
     mark_trainable(model)
