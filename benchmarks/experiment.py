@@ -6,7 +6,7 @@ perplexity. Test files are arguments, so the real test splits can be used. Write
 OUTPUT/results.md and OUTPUT/{sparsity_sweep,loss_curves}.png.
 
     python benchmarks/experiment.py --quick --output runs/quick     # < 20 min: 18.1 min on 2 cores (2026-11-30)
-    python benchmarks/experiment.py --output runs/full              # the default grid: ~2.9 h on 2 cores (estimated)
+    python benchmarks/experiment.py --output runs/full              # default grid: ~3.1 h on 2 cores (per-run times)
 
 Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, exactly SALR's trainable count
 (A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
@@ -142,8 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
-    # Full: sized to ~3 h on 2 cores from measured rates (train ~6.5 s/step at batch 4; answer NLL ~0.75 s/problem;
-    # generation ~2.5-4 s/problem; MMLU 5-shot ~1.1 s/question; WikiText-2 ~2.3 s/window): ~15 min per trained run.
+    # Full: sized to ~3 h on 2 cores. Measured 2026-11-30: pretrained 11.6 min (eval only), lora@50% 15.7 min
+    # (train 80 steps 515 s + eval 423 s), so 12 runs take ~3.1 h.
     for name, full, quick in [
         ("train-examples", 1000, 64),
         ("steps", 80, 12),
