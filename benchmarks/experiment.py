@@ -23,6 +23,7 @@ import logging
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -99,8 +100,7 @@ class Conversions:
     """Converted-but-untrained models kept for the later runs of the grid that convert identically."""
 
     def __init__(self, runs: list[Run], args: argparse.Namespace) -> None:
-        keys = [conversion_key(run_config(r, args)) for r in runs if r.method != "pretrained"]
-        self.remaining = {k: keys.count(k) for k in keys}
+        self.remaining = Counter(conversion_key(run_config(r, args)) for r in runs if r.method != "pretrained")
         self.kept: dict[str, tuple[Any, dict[str, Any], str]] = {}
 
     def get(self, run: Run, config: SALRConfig, dense: Any) -> tuple[Any, dict[str, Any], str | None]:

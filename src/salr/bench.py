@@ -301,11 +301,12 @@ def salr_copy(
     """A SALR version of a dense model (a deep copy unless `inplace`, which saves a second copy of an 8B model):
     magnitude-pruned base, residual SVD, adapters in the model's dtype and unmerged, bitmap bases when `bitmap`.
     With pattern="2:4" on a GPU, `convert` puts the bases on sparse tensor cores (pass bitmap=False)."""
+    from salr.config import parse_nm
     from salr.model import convert, pack_bases
 
     dtype = next(model.parameters()).dtype
     config = SALRConfig(
-        sparsity=None if pattern == "2:4" else sparsity,
+        sparsity=None if parse_nm(pattern) else sparsity,  # an N:M pattern sets its own sparsity
         pattern=pattern,
         residual_rank=residual_rank,
         r=lora_rank,

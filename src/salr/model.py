@@ -297,13 +297,6 @@ def pack_bases(model: nn.Module) -> int:
     return packed
 
 
-def is_2to4(weight: torch.Tensor) -> bool:
-    """True if every group of 4 consecutive input columns of a 2-D weight holds at most 2 nonzeros."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        return False
-    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
-
-
 def use_semi_structured(model: nn.Module) -> dict[str, Any]:
     """Run every 2:4 SALR base that sits on a CUDA GPU on sparse tensor cores (`SemiStructuredBase`), in place.
 
@@ -318,19 +311,20 @@ def use_semi_structured(model: nn.Module) -> dict[str, Any]:
     for _, module in salr_modules(model):
         if not isinstance(module, SALRLinear) or isinstance(module.base, SemiStructuredBase):
             continue
-        weight = module.base.to_dense()
-        why = None
-        if weight.device.type != "cuda":
+        # The device first: decoding a bitmap base only to find it is on the CPU would be wasted work.
+        if next(module.base.buffers()).device.type != "cuda":
             why = "not on a CUDA device"
-        elif not is_2to4(weight):
-            why = "weight is not 2:4"
         else:
-            base = SemiStructuredBase(weight)
-            why = base.reason
-            if why is None:
-                module.base = base
-                swapped += 1
-                continue
+            try:
+                base = SemiStructuredBase(module.base.to_dense())  # checks the 2:4 pattern, then the hardware
+            except SALRError:
+                why = "weight is not 2:4"
+            else:
+                why = base.reason
+                if why is None:
+                    module.base = base
+                    swapped += 1
+                    continue
         kept += 1
         reasons[why] = reasons.get(why, 0) + 1
     if reasons:
