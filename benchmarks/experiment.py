@@ -6,7 +6,7 @@ perplexity. Test files are arguments, so the real test splits can be used. Write
 OUTPUT/results.md and OUTPUT/{sparsity_sweep,loss_curves}.png.
 
     python benchmarks/experiment.py --quick --output runs/quick     # < 20 min: 18.1 min on 2 cores (2026-11-30)
-    python benchmarks/experiment.py --output runs/full              # default grid: ~3.1 h on 2 cores (per-run times)
+    python benchmarks/experiment.py --output runs/full              # 12 runs: 2.23 h on 2 cores (2026-12-01)
 
 Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, exactly SALR's trainable count
 (A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
@@ -142,17 +142,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
-    # Full: sized to ~3 h on 2 cores. Measured 2026-11-30: pretrained 11.6 min (eval only), lora@50% 15.7 min
-    # (train 80 steps 515 s + eval 423 s), so 12 runs take ~3.1 h.
+    # Full: sized to < 3 h on 2 cores. Measured 2026-11-30 at 80 steps / 100+30+100 eval items: pretrained 11.6 min
+    # (eval only), lora@50% 15.7 min (train 515 s + eval 423 s), 12 runs ~3.1 h. With the sizes below: 8024 s.
     for name, full, quick in [
         ("train-examples", 1000, 64),
-        ("steps", 80, 12),
+        ("steps", 60, 12),
         ("batch-size", 4, 4),
         ("max-length", 384, 256),
-        ("nll-limit", 100, 24),
-        ("accuracy-limit", 30, 8),
+        ("nll-limit", 80, 24),
+        ("accuracy-limit", 20, 8),
         ("max-new-tokens", 192, 80),
-        ("mmlu-limit", 100, 8),
+        ("mmlu-limit", 60, 8),
         ("mmlu-shots", 5, 5),
         ("wikitext-windows", 16, 2),
     ]:
