@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from salr import bench
+from salr import bench, memory
 from salr.commands import bench as bench_cmd
 from salr.errors import SALRError
 from salr.sparse import BitmapBase
@@ -180,16 +180,16 @@ def test_train_steps_update_only_adapters(stories):
 
 def test_child_process_reports_its_own_numbers():
     assert bench.in_child(os.getpid) != os.getpid()
-    assert 0 < bench._peak_rss_mib() and bench._rss_mib() <= bench._peak_rss_mib() + 1
+    assert 0 < memory.peak_rss_mib() and memory.rss_mib() <= memory.peak_rss_mib() + 1
 
 
 def test_peak_rss_reset_forgets_freed_memory():
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched (a large allocation: returned to the OS when freed)
-    peak_with_big = bench._peak_rss_mib()
+    peak_with_big = memory.peak_rss_mib()
     del big
-    if not bench._reset_peak_rss():
+    if not memory.reset_peak_rss():
         pytest.skip("/proc/self/clear_refs is not writable here")
-    assert bench._peak_rss_mib() < peak_with_big - 32
+    assert memory.peak_rss_mib() < peak_with_big - 32
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import salr
-from salr import data
+from salr import data, memory
 from salr.cli import main
 from salr.layer import SALRLinear
 from salr.train import (
@@ -91,6 +91,17 @@ def test_output_holding_other_files_is_refused_before_training(tiny_llama, tmp_p
     (tmp_path / "afile").write_text("x")
     with pytest.raises(salr.SALRError, match="is a file"):
         train(model, None, tiny_examples(), SALR_CFG, cfg(max_steps=2), tmp_path / "afile")
+
+
+def test_reported_peak_memory_is_the_runs_own(tiny_llama, tmp_path):
+    """A run inside a process that used a lot of memory earlier reports its own peak, not the process's."""
+    if not memory.reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here: the CPU peak cannot be reset")
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched, then returned to the OS
+    earlier_peak = memory.peak_rss_mib()
+    del big
+    report = train(converted(tiny_llama), None, tiny_examples(), SALR_CFG, cfg(max_steps=2), tmp_path / "run")
+    assert 0 < report["peak_memory_mib"] < earlier_peak - 128
 
 
 def test_frozen_residual_block_is_bit_identical(tiny_llama, tmp_path):

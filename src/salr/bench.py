@@ -17,7 +17,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from torch import nn
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.kernels import cpu as cpu_kernel
+from salr.memory import peak_rss_mib, reset_peak_rss, rss_mib
 from salr.sparse import format as bitmap_format
 from salr.sparse import ops
 
@@ -402,38 +402,10 @@ def decode_breakdown(results: dict[str, dict], salr_model: nn.Module) -> dict:
     }
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the parent through
-    fork + exec, so a spawned child would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; macOS: bytes (rough)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child_generation_memory(path: str, kind: str, prompt_ids: list[int], max_new_tokens: int, threads: int) -> dict:
     """Runs in a fresh process: load one model from disk, generate, report resident memory (MiB)."""
     torch.set_num_threads(threads)
-    baseline = _rss_mib()
+    baseline = rss_mib()
     if kind == "salr":
         from salr.checkpoint import load
 
@@ -442,13 +414,13 @@ def _child_generation_memory(path: str, kind: str, prompt_ids: list[int], max_ne
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, kind)).eval()
-    loaded = _rss_mib()
+    loaded = rss_mib()
     generation_bench(model, torch.tensor([prompt_ids]), max_new_tokens)
     return {
         "rss_baseline_mib": baseline,
         "rss_after_load_mib": loaded,
-        "peak_rss_mib": _peak_rss_mib(),
-        "peak_rss_over_baseline_mib": _peak_rss_mib() - baseline,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_over_baseline_mib": peak_rss_mib() - baseline,
     }
 
 
@@ -683,13 +655,13 @@ def _child_train_memory(spec: str, method: str, batch: int, seq: int, steps: int
     model = _method_model(model, method, *ranks, inplace=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     gc.collect()
-    before = _rss_mib()
-    reset = _reset_peak_rss()  # so the peak is the training's, not the conversion's (SVD, dense + bitmap bases)
+    before = rss_mib()
+    reset = reset_peak_rss()  # so the peak is the training's, not the conversion's (SVD, dense + bitmap bases)
     stats = train_steps(model, ids, steps)
     return {
         **stats,
         "rss_before_training_mib": before,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "peak_covers": "training steps only" if reset else "conversion and training (VmHWM could not be reset)",
         "model_bytes": model_bytes(model),
     }

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +44,7 @@ from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.io import atomic_write_bytes, atomic_write_json
 from salr.layer import SALRLinear
+from salr.memory import peak_memory_mib, reset_peak_memory
 from salr.model import convert, mark_trainable
 from salr.models import load_model
 
@@ -349,13 +349,6 @@ def init_distributed() -> Dist:
     return Dist(rank, local_rank, world, device)
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size (ru_maxrss, KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -517,6 +510,8 @@ def train(
     stream = micro_batches(examples, cfg.batch_size, cfg.seed, start=start * cfg.grad_accum)
     bar = tqdm(total=total, initial=start, desc="train", disable=not (env.main and cfg.progress), unit="step")
     history: list[dict[str, Any]] = []
+    # Peak memory in the log and report is this run's (from here on), not earlier work in the same process.
+    reset_peak_memory(env.device)
     started, tokens_seen = time.perf_counter(), 0
     for step in range(start, total):
         t0 = time.perf_counter()
