@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from salr.bench import environment, salr_copy  # noqa: E402
 from salr.io import atomic_write_json  # noqa: E402
 from salr.layer import SALRLinear  # noqa: E402
-from salr.models import load_model  # noqa: E402
+from salr.loaders import load_model  # noqa: E402
 
 
 def layer_pairs(model_spec: str, residual_rank: int, lora_rank: int) -> list[tuple[SALRLinear, torch.nn.Linear]]:

@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from salr import data, evaluate  # noqa: E402
 from salr.config import SALRConfig  # noqa: E402
+from salr.convert import convert  # noqa: E402
 from salr.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from salr.layer import SALRLinear  # noqa: E402
-from salr.model import convert  # noqa: E402
-from salr.models import load_model  # noqa: E402
+from salr.loaders import load_model  # noqa: E402
 from salr.train import TrainConfig, load_examples, method_config, train  # noqa: E402
 
 logger = logging.getLogger("experiment")

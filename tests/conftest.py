@@ -31,7 +31,7 @@ def stories_path() -> Path:
 
 @pytest.fixture
 def stories(stories_path):
-    from salr.models import load_model
+    from salr.loaders import load_model
 
     return load_model(str(stories_path))
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from salr import bench, memory
+from salr.bases import BitmapBase
 from salr.commands import bench as bench_cmd
 from salr.errors import SALRError
-from salr.sparse import BitmapBase
 
 
 def test_weight_bytes_at_half_sparsity():

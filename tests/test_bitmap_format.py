@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from salr import bitmap_format as fm
 from salr.errors import SALRError
-from salr.sparse import format as fm
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

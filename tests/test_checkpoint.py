@@ -103,9 +103,9 @@ def test_mixtral_round_trip(tiny_mixtral, tmp_path):
 
 
 def test_bitmap_base_checkpoint_round_trip_and_size(stories_path, tmp_path):
+    from salr.bases import BitmapBase
     from salr.checkpoint import size_report
-    from salr.model import pack_bases
-    from salr.sparse import BitmapBase
+    from salr.convert import pack_bases
 
     model, tokenizer = salr.load_model(str(stories_path), dtype="bfloat16")
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -17,11 +17,11 @@ def default_model():
 
 
 def test_default_model_answers_and_has_expected_shape(default_model):
-    from salr.generation import greedy_complete
+    from salr.evaluate import complete
 
     model, tokenizer = default_model
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    (answer,) = greedy_complete(model, tokenizer, ["What is the capital of France?"], max_new_tokens=12)
+    (answer,) = complete(model, tokenizer, ["What is the capital of France?"], max_new_tokens=12)
     assert "Paris" in answer
 
 

@@ -53,7 +53,7 @@ def model(tokenizer) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def stories():
-    from salr.models import load_model
+    from salr.loaders import load_model
 
     return load_model(str(STORIES))
 

@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from salr import data
+from salr.convert import convert
 from salr.layer import SALRLinear
-from salr.model import convert
 from salr.train import TrainConfig, load_examples, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from salr import bitmap_format as fm
+from salr.bases import BitmapBase
 from salr.errors import SALRError
-from salr.kernels import cpu
 from salr.layer import SALRLinear
-from salr.sparse import BitmapBase
-from salr.sparse import format as fm
+from salr.ops import cpu
 
 native = pytest.mark.skipif(not cpu.available(), reason="native kernel not built (python setup.py build_ext -i)")
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from salr import bitmap_format as fm
+from salr import ops
+from salr.bases import BitmapBase
 from salr.errors import SALRError
-from salr.kernels import cpu, reference
-from salr.sparse import BitmapBase, ops
-from salr.sparse import format as fm
+from salr.ops import cpu, reference
 
 native = pytest.mark.skipif(not cpu.available(), reason="native kernel not built (python setup.py build_ext -i)")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import salr
-from salr.layer import DenseBase, SALRLinear
+from salr.bases import DenseBase
+from salr.layer import SALRLinear
 
 
 def _layer(out_dim=24, in_dim=40, sparsity=0.5, residual_rank=6, r=4, dropout=0.0, seed=0, bias=True):

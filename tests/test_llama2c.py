@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from salr.errors import SALRError
-from salr.generation import greedy_complete
-from salr.models import load_model
-from salr.models.llama2c import load_llama2c_model, load_llama2c_tokenizer
+from salr.evaluate import continue_text
+from salr.loaders import load_model
+from salr.loaders.llama2c import load_llama2c_model, load_llama2c_tokenizer
 
 
 def test_stories260k_generates_fluent_tinystories_text(stories):
     model, tokenizer = stories
-    (text,) = greedy_complete(model, tokenizer, ["Once upon a time"], max_new_tokens=40)
+    (text,) = continue_text(model, tokenizer, ["Once upon a time"], max_new_tokens=40)
     # Greedy decoding of the real checkpoint: a coherent TinyStories sentence (pinned, so a broken RoPE permutation
     # or tokenizer shows up as a different continuation).
     assert text.startswith(", there was a little girl named Lily. She loved to play outside in the park.")

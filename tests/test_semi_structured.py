@@ -6,14 +6,13 @@ import re
 import pytest
 import torch
 
-from salr.errors import SALRError
-from salr.kernels.semi_structured import (
-    SemiStructuredLinear,
+from salr.bases.semi_structured import (
+    SemiStructuredBase,
     check_2to4,
     semi_structured_available,
-    semi_structured_linear,
     support_reason,
 )
+from salr.errors import SALRError
 
 CUDA = torch.cuda.is_available()
 
@@ -77,13 +76,12 @@ def test_fallback_without_cuda_is_dense_exact_and_logged(caplog):
     bias = torch.randn(32)
     ok, reason = semi_structured_available(w)
     assert not ok and "CUDA" in reason
-    with caplog.at_level(logging.INFO, logger="salr.kernels.semi_structured"):
-        mod = semi_structured_linear(w, bias)
-    assert isinstance(mod, SemiStructuredLinear)
+    with caplog.at_level(logging.INFO, logger="salr.bases.semi_structured"):
+        mod = SemiStructuredBase(w)
     assert mod.backend == "dense" and "CUDA" in mod.reason
     assert any("runs dense" in r.message for r in caplog.records)
     x = torch.randn(2, 3, 64)
-    y = mod(x)
+    y = mod(x) + bias
     assert y.shape == (2, 3, 32)
     torch.testing.assert_close(y, x @ w.T + bias)
 
@@ -91,7 +89,7 @@ def test_fallback_without_cuda_is_dense_exact_and_logged(caplog):
 def test_invalid_pattern_rejected_before_conversion():
     w = torch.randn(32, 64)
     with pytest.raises(SALRError, match="not 2:4"):
-        semi_structured_linear(w)
+        SemiStructuredBase(w)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -100,7 +98,7 @@ def test_sparse_matmul_on_gpu(dtype):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs compute capability >= 8.0")
     w = two_four(256, 512, dtype, device="cuda")
-    mod = semi_structured_linear(w)
+    mod = SemiStructuredBase(w)
     assert mod.backend in ("cusparselt", "cutlass"), mod.reason
     x = torch.randn(4, 37, 512, device="cuda", dtype=dtype)  # 148 rows: not a multiple of the tile
     ref = x.double() @ w.double().T
@@ -113,7 +111,7 @@ def test_sparse_matmul_on_gpu(dtype):
 
 
 def test_semi_structured_base_without_cuda_is_an_exact_dense_base():
-    from salr.kernels.semi_structured import SemiStructuredBase
+    from salr.bases.semi_structured import SemiStructuredBase
 
     w = two_four(24, 64)
     base = SemiStructuredBase(w)
@@ -129,15 +127,15 @@ def test_semi_structured_base_without_cuda_is_an_exact_dense_base():
 
 def _convert_2to4(model, device: str = "cpu"):
     from salr.config import SALRConfig
-    from salr.model import convert
+    from salr.convert import convert
 
     model.to(device)
     return convert(model, SALRConfig(pattern="2:4", residual_rank=4, r=2, seed=0), progress=False)
 
 
 def test_use_semi_structured_on_cpu_keeps_every_base_and_says_why(tiny_llama):
-    from salr.layer import DenseBase
-    from salr.model import salr_modules, use_semi_structured
+    from salr.bases import DenseBase
+    from salr.convert import salr_modules, use_semi_structured
 
     report = _convert_2to4(tiny_llama)
     assert "semi_structured" not in report  # convert only swaps on CUDA
@@ -154,8 +152,8 @@ def test_convert_2to4_on_gpu_uses_sparse_tensor_cores_and_saves_dense(tiny_llama
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs compute capability >= 8.0")
     import salr
-    from salr.kernels.semi_structured import SemiStructuredBase
-    from salr.model import salr_modules
+    from salr.bases.semi_structured import SemiStructuredBase
+    from salr.convert import salr_modules
 
     tiny_llama.to(torch.bfloat16)
     ids = torch.randint(0, 128, (2, 16), device="cuda")

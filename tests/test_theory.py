@@ -14,6 +14,7 @@ from salr import theory
 from salr.commands import theory as theory_command
 from salr.errors import SALRError
 from salr.pruning import magnitude_mask
+from salr.train.residual_lr import sigma_max_power_iteration
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
 
@@ -169,10 +170,10 @@ def test_power_iteration_matches_exact_spectral_norm():
     s = torch.linspace(7.0, 0.1, 40)
     s[1] = 5.0  # spectral gap 5/7
     x = (u @ torch.diag(s.double()) @ v.T).float()
-    sigma = theory.sigma_max_power_iteration(x, iters=200, seed=1)
+    sigma = sigma_max_power_iteration(x, iters=200, seed=1)
     assert sigma == pytest.approx(float(torch.linalg.matrix_norm(x.double(), 2)), rel=1e-6)
     # [batch, seq, in] is flattened to [tokens, in]
-    assert theory.sigma_max_power_iteration(x.reshape(3, 100, 40), iters=200) == pytest.approx(sigma, rel=1e-6)
+    assert sigma_max_power_iteration(x.reshape(3, 100, 40), iters=200) == pytest.approx(sigma, rel=1e-6)
     assert theory.theorem4_learning_rate(x, iters=200) == pytest.approx(1 / sigma**2, rel=1e-6)
     check = theory.theorem4_check(x, iters=200)
     assert check["rel_error"] < 1e-6 and check["shape"] == [300, 40]
@@ -181,7 +182,7 @@ def test_power_iteration_matches_exact_spectral_norm():
 def test_power_iteration_estimate_rises_to_sigma_max_from_below():
     x = torch.randn(500, 100, generator=torch.Generator().manual_seed(2))
     exact = float(torch.linalg.matrix_norm(x.double(), 2))
-    few, many = (theory.sigma_max_power_iteration(x, iters=n, tol=0.0) for n in (3, 300))
+    few, many = (sigma_max_power_iteration(x, iters=n, tol=0.0) for n in (3, 300))
     assert few <= many <= exact * (1 + 1e-9)
     assert many == pytest.approx(exact, rel=1e-3)
 
@@ -211,7 +212,7 @@ def test_theorem4_rejects_bad_input():
     with pytest.raises(SALRError, match="all zeros"):
         theory.theorem4_learning_rate(torch.zeros(10, 4))
     with pytest.raises(SALRError, match="at least 2 dims"):
-        theory.sigma_max_power_iteration(torch.ones(5))
+        sigma_max_power_iteration(torch.ones(5))
 
 
 # ------------------------------------------------------------------------------------------ report + CLI

@@ -15,16 +15,10 @@ import salr
 from salr import data, memory
 from salr.cli import main
 from salr.layer import SALRLinear
-from salr.train import (
-    AnswerLoss,
-    TrainConfig,
-    latest_checkpoint,
-    load_examples,
-    method_config,
-    prepare_model,
-    theorem4_rates,
-    train,
-)
+from salr.train import TrainConfig, load_examples, method_config, prepare_model, train
+from salr.train.loop import AnswerLoss
+from salr.train.residual_lr import theorem4_rates
+from salr.train.state import latest_checkpoint
 
 SALR_CFG = salr.SALRConfig(sparsity=0.5, residual_rank=4, r=4, lora_alpha=8, seed=0)
 
@@ -120,15 +114,18 @@ def test_frozen_residual_block_is_bit_identical(tiny_llama, tmp_path):
 
 
 def test_methods_and_equal_parameter_lora(tiny_llama):
-    lora = method_config("lora", salr.SALRConfig(sparsity=0.5, residual_rank=4, r=8))
-    assert (lora.sparsity, lora.residual_rank, lora.r) == (0.0, 0, 8)
-    assert method_config("prune-lora", salr.SALRConfig(pattern="2:4")).residual_rank == 0
+    lora = method_config("lora", salr.SALRConfig(sparsity=0.5, residual_rank=4, r=8, lora_alpha=16))
+    # one LoRA block of rank residual rank + LoRA rank, at SALR's LoRA scale (lora_alpha / r = 2)
+    assert (lora.sparsity, lora.residual_rank, lora.r, lora.lora_scale) == (0.0, 0, 12, 2.0)
+    prune_lora = method_config("prune-lora", salr.SALRConfig(pattern="2:4"))
+    assert (prune_lora.residual_rank, prune_lora.r, prune_lora.pattern) == (0, 80, "2:4")
     assert method_config("salr-frozen-residual", SALR_CFG).train_residual is False
-    # LoRA rank = residual rank + LoRA rank gives exactly SALR's trainable parameter count
-    a = converted(copy.deepcopy(tiny_llama), SALR_CFG)
-    b = converted(copy.deepcopy(tiny_llama), method_config("lora", salr.SALRConfig(residual_rank=0, r=8)))
-    count = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (a, b)]
-    assert count[0] == count[1] > 0
+    # so LoRA and prune-LoRA train exactly SALR's parameter count
+    counts = [
+        sum(p.numel() for p in converted(copy.deepcopy(tiny_llama), cfg).parameters() if p.requires_grad)
+        for cfg in (SALR_CFG, method_config("lora", SALR_CFG), method_config("prune-lora", SALR_CFG))
+    ]
+    assert counts[0] == counts[1] == counts[2] > 0
     with pytest.raises(salr.SALRError, match="unknown method"):
         method_config("qlora", SALR_CFG)
 

@@ -4,16 +4,21 @@ model, tok = salr.load_model("default")
 report = salr.convert(model, salr.SALRConfig(sparsity=0.5, residual_rank=64, r=16))
 salr.save(model, "out/", config, tokenizer=tok)
 model, tok = salr.load("out/")
+
+The pipeline, one module each: loaders (load) -> convert (targets) -> pruning (masks) -> residual (SVD) ->
+layer (SALRLinear) -> train (fine-tuning) -> checkpoint (save / load) -> bases + ops (frozen formats, kernels).
 """
 
+from salr.bases import BitmapBase, DenseBase
 from salr.checkpoint import load, save
 from salr.config import SALRConfig
+from salr.convert import convert, find_targets, mark_trainable, merge_and_unload, pack_bases, use_semi_structured
 from salr.errors import SALRError
-from salr.layer import DenseBase, SALRLinear
-from salr.model import convert, find_targets, mark_trainable, merge_and_unload, use_semi_structured
-from salr.models import load_model
+from salr.layer import SALRLinear
+from salr.loaders import load_model
 
 __all__ = [
+    "BitmapBase",
     "DenseBase",
     "SALRConfig",
     "SALRError",
@@ -24,6 +29,7 @@ __all__ = [
     "load_model",
     "mark_trainable",
     "merge_and_unload",
+    "pack_bases",
     "save",
     "use_semi_structured",
 ]

@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from salr import bitmap_format, ops
 from salr.config import SALRConfig
 from salr.errors import SALRError
-from salr.kernels import cpu as cpu_kernel
 from salr.memory import peak_rss_mib, reset_peak_rss, rss_mib
-from salr.sparse import format as bitmap_format
-from salr.sparse import ops
+from salr.ops import cpu as cpu_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +125,6 @@ def kernel_case(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SALRError("--device cuda but no CUDA device is available")
-    if backend in ("auto", "triton") and dev.type == "cuda":
-        ops.register_triton_backend()
     rows, cols = shape
     w32 = pruned_weight(rows, cols, sparsity, seed).to(dev)
     w16 = w32.to(torch.bfloat16)
@@ -234,7 +231,7 @@ def triton_kernel_grid(
 ) -> dict:
     """The Triton bitmap kernel: on a GPU, timings (dense cuBLAS vs Triton bitmap vs 2:4, `bench_gpu_kernel`); on
     the CPU under TRITON_INTERPRET=1, correctness only (`snr_db`, `max_abs_err` against float64)."""
-    from salr.kernels import gpu_bench
+    from salr.kernels import gpu_bench  # noqa: I001
 
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -302,7 +299,7 @@ def salr_copy(
     magnitude-pruned base, residual SVD, adapters in the model's dtype and unmerged, bitmap bases when `bitmap`.
     With pattern="2:4" on a GPU, `convert` puts the bases on sparse tensor cores (pass bitmap=False)."""
     from salr.config import parse_nm
-    from salr.model import convert, pack_bases
+    from salr.convert import convert, pack_bases
 
     dtype = next(model.parameters()).dtype
     config = SALRConfig(
@@ -460,7 +457,7 @@ def generation_report(
     decode the same prompt in one process; peak RSS of each comes from a child process that loads that model from
     disk (a saved checkpoint) and generates. `target` is the SALR / dense-bf16 decode tokens/s ratio to check."""
     from salr.checkpoint import save
-    from salr.models import load_model
+    from salr.loaders import load_model
 
     dense_bf16, tokenizer = load_model(spec, dtype="bfloat16")
     input_ids = _prompt_ids(tokenizer, prompt, prompt_tokens, dense_bf16.config.vocab_size)
@@ -586,7 +583,7 @@ def checkpoint_sizes(
     one Llama-3-8B-shaped decoder layer (a 1-layer LlamaForCausalLM with a 256-token vocabulary so the embeddings,
     kept dense in both, do not dominate; `llama_layer` overrides its shape, e.g. for tests). Targets: SALR within 3 %
     of the format's ideal (9 bits/weight at 50 % + adapters), and the 8B-shaped layer >= 1.65x smaller than dense."""
-    from salr.models import load_model
+    from salr.loaders import load_model
 
     cases = []
     if spec:
@@ -648,7 +645,7 @@ def _method_model(
 
 def _child_train_memory(spec: str, method: str, batch: int, seq: int, steps: int, ranks: tuple, threads: int) -> dict:
     """Runs in a fresh process (CPU): build one method's model, train `steps` steps, report peak RSS (MiB)."""
-    from salr.models import load_model
+    from salr.loaders import load_model
 
     torch.set_num_threads(threads)
     model, _ = load_model(spec, dtype="bfloat16")
@@ -690,7 +687,6 @@ def train_memory(
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SALRError("--device cuda but no CUDA device is available")
-        ops.register_triton_backend()
         for method in ("lora", "salr"):
             model = _method_model(_cuda_model(spec), method, *ranks, inplace=True)
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
@@ -740,7 +736,7 @@ def train_memory(
 def _cuda_model(spec: str, **llama_overrides) -> nn.Module:
     if spec == "llama3-8b":
         return random_llama("cuda", torch.bfloat16, **llama_overrides)
-    from salr.models import load_model
+    from salr.loaders import load_model
 
     return load_model(spec, dtype="bfloat16")[0].to("cuda")
 
@@ -760,11 +756,11 @@ def cuda_generation_compare(
     timed in interleaved rounds, per model spec
     ("llama3-8b" = random weights with Llama-3-8B shapes, built on the GPU). Peak memory is
     torch.cuda.max_memory_allocated during one generation of each model alone."""
-    from salr.kernels.semi_structured import SemiStructuredBase
+    from salr.bases.semi_structured import SemiStructuredBase
 
     if not torch.cuda.is_available():
         raise SALRError("--device cuda but no CUDA device is available")
-    if not ops.register_triton_backend():
+    if ops.triton_kernels() is None:
         raise SALRError("the CUDA bitmap backend needs triton: pip install triton")
     cases = []
     for spec in specs:

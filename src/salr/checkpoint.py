@@ -28,11 +28,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from salr.bases import BitmapBase, base_for_saved
+from salr.bitmap_format import dense_nbytes, ideal_bitmap_nbytes
 from salr.config import SALRConfig
+from salr.convert import base_format, base_slots, convert, mark_trainable
 from salr.errors import SALRError
 from salr.io import atomic_write_json
-from salr.layer import SALRLinear
-from salr.model import base_format, convert, mark_trainable, salr_modules
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +114,15 @@ def size_report(model: nn.Module, directory: str | os.PathLike) -> dict[str, int
     ideal: 1 bit per base weight + the kept values for bitmap bases (row offsets excluded), every other tensor
     (adapters, dense bases, everything not pruned) at its own size. dense: every weight dense, no adapters.
     """
-    from salr.sparse import BitmapBase
-    from salr.sparse.format import dense_nbytes, ideal_bitmap_nbytes
-
     tensors, _ = _unique_state_dict(model)
     ideal = dense = 0
     bitmap_prefixes = set()
-    for name, module in model.named_modules():
-        if isinstance(module, BitmapBase):
-            bitmap_prefixes.add(f"{name}.")
-            ideal += ideal_bitmap_nbytes(module.shape, module.nnz, module.dtype)
-            dense += dense_nbytes(module.shape, module.dtype)
+    for prefix, holder, attr in base_slots(model):
+        base = getattr(holder, attr)
+        if isinstance(base, BitmapBase):
+            bitmap_prefixes.add(f"{prefix}.")
+            ideal += ideal_bitmap_nbytes(base.shape, base.nnz, base.dtype)
+            dense += dense_nbytes(base.shape, base.dtype)
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if any(name.startswith(p) for p in bitmap_prefixes):
@@ -193,13 +192,8 @@ def load(directory: str | os.PathLike, verify_checksums: bool = True) -> tuple[P
         tensors = load_file(directory / WEIGHTS_NAME)
     except (SafetensorError, OSError) as err:
         raise SALRError(f"{directory / WEIGHTS_NAME} cannot be read ({err}): re-create the checkpoint") from err
-    if meta.get("base_format", "dense") == "bitmap":
-        from salr.sparse import BitmapBase
-
-        for name, module in salr_modules(model):
-            if isinstance(module, SALRLinear):
-                nnz = tensors[f"{name}.base.values"].numel() if f"{name}.base.values" in tensors else 0
-                module.base = BitmapBase.empty(module.base.shape, nnz, device="meta")
+    for prefix, holder, attr in base_slots(model):  # each base in the format its saved tensors have
+        setattr(holder, attr, base_for_saved(getattr(holder, attr).shape, tensors, f"{prefix}."))
     for alias, source in meta.get("tied_tensors", {}).items():
         tensors[alias] = tensors[source]
     try:

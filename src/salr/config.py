@@ -6,11 +6,15 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from salr.errors import SALRError
 
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 GRANULARITIES = ("layer", "row", "global")
 SVD_METHODS = ("auto", "exact", "randomized")
+DEFAULT_SPARSITY = 0.5
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -22,17 +26,25 @@ def parse_nm(pattern: str) -> tuple[int, int] | None:
 @dataclass
 class SALRConfig:
     sparsity: float | None = field(
-        default=0.5,
-        metadata={"help": "fraction of each base weight set to zero, in [0, 1); implied (1 - N/M) for N:M patterns"},
+        default=None,
+        metadata={
+            "help": "fraction of each base weight set to zero, in [0, 1): 0.5 when unset; implied (1 - N/M) "
+            "by an N:M pattern"
+        },
     )
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'"})
     granularity: str = field(
         default="layer",
-        metadata={"help": "unstructured only: threshold per 'layer', per output 'row', or 'global' across layers"},
+        metadata={
+            "help": "unstructured only: threshold per 'layer', per output 'row', or 'global' across layers",
+            "choices": GRANULARITIES,
+        },
     )
     residual_rank: int = field(default=64, metadata={"help": "rank of the SVD residual adapter (0 = naive pruning)"})
     r: int = field(default=16, metadata={"help": "LoRA rank (0 = no LoRA block)"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: scale = lora_alpha / r"})
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA scaling numerator, scale = lora_alpha / r; 2 * r when unset"}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input only (never the residual)"})
     target_modules: list[str] | str | None = field(
         default="all-linear",
@@ -40,12 +52,13 @@ class SALRConfig:
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "names or regex to skip"})
     svd_method: str = field(
-        default="auto", metadata={"help": "'exact', 'randomized', or 'auto' (randomized for large layers)"}
+        default="auto",
+        metadata={"help": "'exact', 'randomized', or 'auto' (randomized for large layers)", "choices": SVD_METHODS},
     )
     train_residual: bool = field(
         default=True, metadata={"help": "False freezes the residual block (the paper's ablation)"}
     )
-    adapter_dtype: str = field(default="float32", metadata={"help": "dtype of A_cat/B_cat"})
+    adapter_dtype: str = field(default="float32", metadata={"help": "dtype of A_cat/B_cat", "choices": tuple(DTYPES)})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init and randomized SVD"})
 
     def __post_init__(self) -> None:
@@ -65,7 +78,9 @@ class SALRConfig:
             self.sparsity = implied
             if self.granularity != "layer":
                 raise SALRError("granularity applies to unstructured pruning only; N:M is always per group")
-        if self.sparsity is None or not 0.0 <= float(self.sparsity) < 1.0:
+        if self.sparsity is None:
+            self.sparsity = DEFAULT_SPARSITY
+        if not isinstance(self.sparsity, int | float) or not 0.0 <= float(self.sparsity) < 1.0:
             raise SALRError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         self.sparsity = float(self.sparsity)
         if self.granularity not in GRANULARITIES:
@@ -74,13 +89,15 @@ class SALRConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise SALRError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * max(self.r, 1)
         if self.r > 0 and self.lora_alpha <= 0:
             raise SALRError(f"lora_alpha must be positive, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise SALRError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.svd_method not in SVD_METHODS:
             raise SALRError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
-        if self.adapter_dtype not in ("float32", "bfloat16", "float16"):
+        if self.adapter_dtype not in DTYPES:
             raise SALRError(f"adapter_dtype must be float32, bfloat16 or float16, got {self.adapter_dtype!r}")
 
     @property

@@ -345,6 +345,21 @@ def generate_greedy(
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
+def complete(model: torch.nn.Module, tokenizer: Any, messages: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to user `messages` in the one prompt format (`data.format_prompt`), one at a time (no padding
+    effects), special tokens and surrounding space stripped. Only EOS ends an answer early."""
+    prompts = [data.encode_prompt(tokenizer, message) for message in messages]
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size=1, stop=False)
+    return [answer.strip() for answer in answers]
+
+
+def continue_text(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuations of raw `texts` (no prompt format: for base models such as story generators)."""
+    prompts = [list(tokenizer.encode(text)) for text in texts]
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size=1, stop=False)
+    return [answer.strip() for answer in answers]
+
+
 def answer_nll(
     model: torch.nn.Module, tokenizer: Any, records: Sequence[dict[str, str]], batch_size: int = 8
 ) -> dict[str, float]:

@@ -1,16 +1,17 @@
 """SALR for mixture-of-experts blocks whose experts are fused 3-D parameters (transformers 5 Mixtral, Qwen-MoE).
 
 Such a block holds `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] instead of nn.Linear modules. Each
-expert is pruned on its own and gets its own residual + LoRA blocks: A_cat [E, r, in], B_cat [E, out, r].
+expert is pruned on its own, stores its base in any salr.bases format (bitmap on disk, like linear layers), and gets
+its own residual + LoRA blocks: A_cat [E, r, in], B_cat [E, out, r].
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from salr.errors import SALRError
+from salr.layer import FusedAdapters
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -41,38 +42,41 @@ def check_supported(module: nn.Module, name: str) -> None:
         )
 
 
-class SALRExpertsProjection(nn.Module):
-    """One fused expert projection: frozen masked base [E, out, in] + per-expert fused adapters."""
+class SALRExpertsProjection(FusedAdapters):
+    """One fused expert projection: a frozen base per expert (any salr.bases format, [out, in] each) plus
+    per-expert fused adapters A_cat [E, r, in], B_cat [E, out, r]."""
 
     def __init__(
-        self, base: torch.Tensor, A_cat: torch.Tensor, B_cat: torch.Tensor, residual_rank: int, lora_scale: float
+        self,
+        bases: list[nn.Module],
+        A_cat: torch.Tensor,
+        B_cat: torch.Tensor,
+        residual_rank: int,
+        lora_scale: float,
+        lora_dropout: float = 0.0,
+        train_residual: bool = True,
     ) -> None:
-        super().__init__()
-        self.register_buffer("weight", base.detach())
-        self.A_cat = nn.Parameter(A_cat)  # [E, r, in]
-        self.B_cat = nn.Parameter(B_cat)  # [E, out, r]
-        self.residual_rank = residual_rank
-        self.lora_rank = A_cat.shape[1] - residual_rank
-        self.lora_scale = lora_scale
-        scale = torch.cat([torch.ones(residual_rank), torch.full((self.lora_rank,), float(lora_scale))])
-        self.register_buffer("rank_scale", scale.to(A_cat.dtype), persistent=False)
+        super().__init__(A_cat, B_cat, residual_rank, lora_scale, lora_dropout, train_residual)
+        self.bases = nn.ModuleList(bases)
+        self.num_experts = len(bases)
+        self.out_features, self.in_features = bases[0].shape
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        y = F.linear(x, self.weight[expert])
-        if self.A_cat.shape[1] > 0:
-            h = F.linear(x.to(self.A_cat.dtype), self.A_cat[expert]) * self.rank_scale
-            y = y + F.linear(h, self.B_cat[expert]).to(y.dtype)
+        # x: [T, in] tokens routed to `expert` -> [T, out]
+        y = self.bases[expert](x)
+        if self.rank > 0:
+            y = y + self.adapter_forward(x, self.A_cat[expert], self.B_cat[expert]).to(y.dtype)
         return y
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bases[0].dtype
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        delta = torch.einsum(
-            "eor,er,eri->eoi",
-            self.B_cat.float(),
-            self.rank_scale.float()[None].expand(self.B_cat.shape[0], -1),
-            self.A_cat.float(),
-        )
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        """[E, out, in]: M ⊙ W0 + B diag(s) A per expert, in the base dtype."""
+        dense = torch.stack([base.to_dense().float() for base in self.bases])
+        return (dense + self.delta_weight()).to(self.dtype)
 
 
 class SALRExperts(nn.Module):
@@ -80,7 +84,7 @@ class SALRExperts(nn.Module):
 
     def __init__(self, original: nn.Module, gate_up_proj: SALRExpertsProjection, down_proj: SALRExpertsProjection):
         super().__init__()
-        self.num_experts = gate_up_proj.weight.shape[0]
+        self.num_experts = gate_up_proj.num_experts
         self.act_fn = original.act_fn
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj

@@ -4,7 +4,7 @@
 
 A_cat = [A_res; A_lora] (r_res + r_lora, in) and B_cat = [B_res, B_lora] (out, r_res + r_lora), so the adapter
 branch is two GEMMs however many blocks there are. scale is 1 on the residual block and lora_alpha / r on the
-LoRA block. At init B_lora = 0, so the layer computes (M ⊙ W0) x + E_r x.
+LoRA block. At init B_lora = 0, so the layer computes (M ⊙ W0) x + E_r x. The base is any salr.bases format.
 """
 
 from __future__ import annotations
@@ -14,37 +14,80 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class DenseBase(nn.Module):
-    """Frozen base weight stored dense (pruned entries are zeros). Same interface as sparse.BitmapBase."""
+class FusedAdapters(nn.Module):
+    """The trainable part shared by SALRLinear and the MoE expert projections: A_cat [..., r, in] and
+    B_cat [..., out, r] (a leading expert axis for experts), the per-rank scale, LoRA dropout, and the one
+    mechanism that freezes the residual block (`train_residual = False`)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(
+        self,
+        A_cat: torch.Tensor,
+        B_cat: torch.Tensor,
+        residual_rank: int,
+        lora_scale: float,
+        lora_dropout: float = 0.0,
+        train_residual: bool = True,
+    ) -> None:
         super().__init__()
-        self.register_buffer("weight", weight.detach())
-
-    @classmethod
-    def empty(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str = "meta") -> DenseBase:
-        return cls(torch.empty(shape, dtype=dtype, device=device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-    def to_dense(self) -> torch.Tensor:
-        return self.weight
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
+        self.residual_rank = residual_rank
+        self.lora_rank = A_cat.shape[-2] - residual_rank
+        self.lora_scale = lora_scale
+        self.A_cat = nn.Parameter(A_cat)
+        self.B_cat = nn.Parameter(B_cat)
+        scale = torch.cat([torch.ones(residual_rank), torch.full((self.lora_rank,), float(lora_scale))])
+        self.register_buffer("rank_scale", scale.to(A_cat.dtype), persistent=False)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._freeze_hooks: list = []
+        self.train_residual = train_residual
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
+    def train_residual(self) -> bool:
+        return not self._freeze_hooks
+
+    @train_residual.setter
+    def train_residual(self, value: bool) -> None:
+        # The paper's ablation: the residual block stays at its SVD init because its gradient is zero. Exact for any
+        # optimizer without weight decay on these rows (salr.train refuses weight decay with a frozen residual).
+        for handle in self._freeze_hooks:
+            handle.remove()
+        self._freeze_hooks = []
+        if not value and self.residual_rank > 0:
+            self._freeze_hooks = [
+                self.A_cat.register_hook(self._zero_residual_rows),
+                self.B_cat.register_hook(self._zero_residual_cols),
+            ]
+
+    def _zero_residual_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[..., : self.residual_rank, :] = 0
+        return grad
+
+    def _zero_residual_cols(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[..., : self.residual_rank] = 0
+        return grad
 
     @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+    def rank(self) -> int:
+        return self.residual_rank + self.lora_rank
+
+    def adapter_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """((x A.T) * scale) B.T for one 2-D pair A [r, in], B [out, r]: x [..., in] -> [..., out], adapter dtype."""
+        x = x.to(A.dtype)
+        if self.training and self.lora_rank > 0 and not isinstance(self.lora_dropout, nn.Identity):
+            # Dropout may only touch the LoRA input: the residual block must reconstruct E_r exactly.
+            r = self.residual_rank
+            h = torch.cat([F.linear(x, A[:r]), F.linear(self.lora_dropout(x), A[r:])], dim=-1)
+        else:
+            h = F.linear(x, A)
+        return F.linear(h * self.rank_scale, B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """B_cat diag(scale) A_cat in fp32 ([out, in], or [E, out, in] for experts): what the adapters add."""
+        return (self.B_cat.float() * self.rank_scale.float()) @ self.A_cat.float()
 
 
-class SALRLinear(nn.Module):
+class SALRLinear(FusedAdapters):
     """Drop-in replacement for nn.Linear: frozen `base` (+ bias) and a trainable fused `A_cat` / `B_cat`."""
 
     def __init__(
@@ -58,53 +101,18 @@ class SALRLinear(nn.Module):
         lora_dropout: float = 0.0,
         train_residual: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(A_cat, B_cat, residual_rank, lora_scale, lora_dropout, train_residual)
         self.base = base
         self.out_features, self.in_features = base.shape
-        self.residual_rank = residual_rank
-        self.lora_rank = A_cat.shape[0] - residual_rank
-        self.lora_scale = lora_scale
         self.register_buffer("bias", None if bias is None else bias.detach())
-        self.A_cat = nn.Parameter(A_cat)
-        self.B_cat = nn.Parameter(B_cat)
-        scale = torch.cat([torch.ones(residual_rank), torch.full((self.lora_rank,), float(lora_scale))])
-        self.register_buffer("rank_scale", scale.to(A_cat.dtype), persistent=False)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.train_residual = train_residual
-        if not train_residual and residual_rank > 0:
-            # The paper's ablation: the residual block stays at its SVD init. Its gradient rows/cols are zeroed;
-            # train with weight_decay=0 on adapters (salr.train does) so the optimizer leaves them bit-identical.
-            self.A_cat.register_hook(self._zero_residual_grad_rows)
-            self.B_cat.register_hook(self._zero_residual_grad_cols)
-
-    def _zero_residual_grad_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[: self.residual_rank] = 0
-        return grad
-
-    def _zero_residual_grad_cols(self, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[:, : self.residual_rank] = 0
-        return grad
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense frozen base (masked W0), for code that inspects `.weight` of linear layers."""
         return self.base.to_dense()
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]
-        x = x.to(self.A_cat.dtype)
-        if self.training and not isinstance(self.lora_dropout, nn.Identity) and self.lora_rank > 0:
-            # Dropout may only touch the LoRA input: the residual block must reconstruct E_r exactly.
-            r = self.residual_rank
-            h = torch.cat([F.linear(x, self.A_cat[:r]), F.linear(self.lora_dropout(x), self.A_cat[r:])], dim=-1)
-        else:
-            h = F.linear(x, self.A_cat)
-        return F.linear(h * self.rank_scale, self.B_cat)
-
     def _fused_decode(self, x: torch.Tensor) -> torch.Tensor | None:
-        # Inference on a bitmap base: one native call for the whole layer (salr.kernels.cpu.salr_linear_decode)
+        # Inference on a bitmap base: one native call for the whole layer (the CPU kernel of salr::salr_linear)
         # instead of ~6 small ops whose dispatch costs more than their arithmetic when decoding a token at a time.
         # Runs ~200 times per generated token, hence the direct dict lookups (nn.Module.__getattr__ costs ~1 us).
         fused = getattr(self._modules["base"], "fused_linear", None)
@@ -124,13 +132,9 @@ class SALRLinear(nn.Module):
         y = self.base(x)
         if self.bias is not None:
             y = y + self.bias
-        if self.A_cat.shape[0] > 0:
-            y = y + self.adapter_forward(x).to(y.dtype)
+        if self.rank > 0:
+            y = y + self.adapter_forward(x, self.A_cat, self.B_cat).to(y.dtype)
         return y
-
-    def delta_weight(self) -> torch.Tensor:
-        """B_cat diag(scale) A_cat in fp32: everything the adapters add to the base."""
-        return (self.B_cat.float() * self.rank_scale.float()) @ self.A_cat.float()
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ from salr.config import parse_nm
 from salr.errors import SALRError
 
 
-def _check_sparsity(sparsity: float) -> None:
+def check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:
         raise SALRError(f"sparsity must be in [0, 1), got {sparsity}")
 
@@ -29,7 +29,7 @@ def _keep_largest(scores: torch.Tensor, n_keep: int, dim: int) -> torch.Tensor:
 
 def unstructured_mask(weight: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
     """Keep the round((1 - sparsity) * n) largest |w| of the layer (or of each output row)."""
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     scores = weight.detach().abs().float()
     if per_row:
         n_keep = round((1.0 - sparsity) * scores.shape[-1])
@@ -54,7 +54,7 @@ def global_threshold(weights: Iterable[torch.Tensor], sparsity: float, iters: in
 
     Bisection on counts keeps memory at one layer at a time (no concatenation of a whole model).
     """
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     weights = list(weights)
     total = sum(w.numel() for w in weights)
     target = sparsity * total

@@ -25,8 +25,9 @@ import torch
 
 from salr.errors import SALRError
 from salr.io import atomic_write_bytes
-from salr.pruning import magnitude_mask
+from salr.pruning import check_sparsity, magnitude_mask
 from salr.residual import residual_svd
+from salr.train.residual_lr import sigma_max_power_iteration
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,9 @@ _STD = NormalDist()
 # ---------------------------------------------------------------------------------------------------- closed forms
 
 
-def _check_sparsity(p: float) -> None:
-    if not 0.0 <= p < 1.0:
-        raise SALRError(f"sparsity must be in [0, 1), got {p}")
-
-
 def pruning_threshold(p: float) -> float:
     """z_p = t/σ: magnitude pruning at ratio p zeroes |w| <= z_p σ for w ~ N(0, σ²)."""
-    _check_sparsity(p)
+    check_sparsity(p)
     return 0.0 if p == 0.0 else _STD.inv_cdf((1.0 + p) / 2.0)
 
 
@@ -90,7 +86,7 @@ def placement_mse(p: float, tau: float, delta: str = "gaussian", delta_rank: int
     its entries are Gaussian given the row of B, with variance τ²σ² χ²_ν/ν, so E3 is a scale-mixture integral.
     E1 and E2 only need Δ independent of W0 with mean 0 and variance τ²σ², so they are the same for both.
     """
-    _check_sparsity(p)
+    check_sparsity(p)
     if delta not in DELTA_KINDS:
         raise SALRError(f"delta must be one of {DELTA_KINDS}, got {delta!r}")
     e1 = pruning_mse(p)
@@ -188,7 +184,7 @@ def monte_carlo_placements(
     matrix (SALR's residual adapter), averaged over the first `recovery_samples` samples because SVDs dominate the
     cost. The three placements share W0 and Δ in every sample (common random numbers).
     """
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     if samples < 1:
         raise SALRError(f"samples must be >= 1, got {samples}")
     d, k = shape
@@ -324,38 +320,6 @@ def theorem3_on_weights(
 # ------------------------------------------------------------------------------------------------------- Theorem 4
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() < 2:
-        raise SALRError(f"layer input X must be [..., in] with at least 2 dims, got shape {tuple(x.shape)}")
-    return x.detach().reshape(-1, x.shape[-1]).double()
-
-
-def sigma_max_power_iteration(x: torch.Tensor, iters: int = 100, seed: int = 0, tol: float = 1e-9) -> float:
-    """Largest singular value of a layer input X [..., in] (rows = tokens) by power iteration on XᵀX.
-
-    XᵀX is never formed: each step is v ← Xᵀ(X v). The estimate ‖X v‖ (|v| = 1) is a lower bound that rises to
-    σ_max; it stops early once the relative change is below `tol`. Computed in float64.
-    """
-    x = _as_rows(x)
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
-    v /= v.norm()
-    sigma = 0.0
-    for _ in range(max(1, iters)):
-        u = x @ v
-        new_sigma = float(u.norm())
-        w = x.T @ u
-        norm = float(w.norm())
-        if norm == 0.0:
-            return 0.0
-        v = w / norm
-        if abs(new_sigma - sigma) <= tol * new_sigma:
-            sigma = new_sigma
-            break
-        sigma = new_sigma
-    return float((x @ v).norm())
-
-
 def theorem4_learning_rate(x: torch.Tensor, iters: int = 100, seed: int = 0) -> float:
     """Theorem 4's residual-adapter learning rate η* = 1/σ_max(X)² for a layer input X [..., in].
 
@@ -370,7 +334,7 @@ def theorem4_learning_rate(x: torch.Tensor, iters: int = 100, seed: int = 0) -> 
 
 def theorem4_check(x: torch.Tensor, iters: int = 100, seed: int = 0) -> dict:
     """Power-iteration σ_max and η* against torch.linalg.matrix_norm(X, 2)."""
-    rows = _as_rows(x)
+    rows = x.detach().reshape(-1, x.shape[-1]).double()
     power = sigma_max_power_iteration(rows, iters, seed)
     exact = float(torch.linalg.matrix_norm(rows, 2))
     return {
@@ -546,7 +510,10 @@ def theory_report(
 
 def plot_sweep(rows: list[dict], path: str, rank: int, shape: tuple[int, int], tau: float) -> None:
     """MSE vs sparsity for E1/E2/E3, with and without rank-r SVD recovery, one panel per Δ kind (PNG, atomic)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SALRError("plotting needs matplotlib: pip install 'salr[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

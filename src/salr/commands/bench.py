@@ -13,7 +13,7 @@ import torch
 from salr import bench
 from salr.errors import SALRError
 from salr.io import atomic_write_json
-from salr.sparse.ops import BACKENDS
+from salr.ops import BACKENDS
 
 logger = logging.getLogger(__name__)
 

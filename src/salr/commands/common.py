@@ -1,10 +1,78 @@
-"""Arguments shared by sub-commands that build a SALRConfig (compress, eval, train, demo)."""
+"""Command-line options generated from the library's dataclass configs, so flags, help and defaults have one source.
+
+`add_dataclass_args(parser, SALRConfig)` adds one flag per field (its `metadata["help"]`, its default) and
+`dataclass_from_args(args, SALRConfig)` builds the config back; a flag left unset keeps the library's default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+from typing import Any, TypeVar
 
-from salr.config import SALRConfig
+from salr.config import DTYPES, SALRConfig
+
+T = TypeVar("T")
+# Field names whose flag differs from the field name (PEFT's `r` is the LoRA rank on the command line).
+FLAG_NAMES = {"r": "lora-rank"}
+
+
+def flag(name: str) -> str:
+    return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def _modules(value: str) -> list[str] | str:
+    """'all-linear', a regex (kept as a string), or comma-separated names."""
+    if value == "all-linear" or any(c in value for c in "*()[]|^$\\+?"):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parser_for(annotation: Any) -> tuple[Any, bool]:
+    """(argparse type, is_bool) for a field annotation such as 'int', 'float | None', 'list[str] | str | None'."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if bool in args:
+        return None, True
+    if any(typing.get_origin(a) is list for a in args):
+        return _modules, False
+    for kind in (int, float, str):
+        if kind in args:
+            return (float if float in args and kind is int else kind), False
+    return str, False
+
+
+def add_dataclass_args(
+    parser: argparse._ActionsContainer,
+    cls: type,
+    only: list[str] | None = None,
+    skip: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One flag per field of dataclass `cls` (in `only`, or all but `skip`); `defaults` overrides a shown default."""
+    defaults = defaults or {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip:
+            continue
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        help_text = f.metadata.get("help", "")
+        kind, is_bool = _parser_for(hints[f.name])
+        if is_bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {default})")  # fmt: skip
+            continue
+        choices = f.metadata.get("choices")
+        parser.add_argument(flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS,
+                            metavar=None if choices else f.name.upper(),
+                            help=f"{help_text} (default: {default})")  # fmt: skip
+
+
+def dataclass_from_args(args: argparse.Namespace, cls: type[T], **overrides: Any) -> T:
+    """An instance of `cls` from the flags that were given; unset flags keep the dataclass defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return cls(**{**given, **overrides})
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -14,52 +82,13 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
         help="'default' (SmolLM2-135M-Instruct), a Hugging Face model dir or hub id, a llama2.c *.bin, "
         "or a SALR checkpoint dir",
     )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model weights")
 
 
-def add_salr_args(parser: argparse.ArgumentParser, residual_rank: int = 64, lora_rank: int = 16) -> None:
-    g = parser.add_argument_group("SALR")
-    g.add_argument("--sparsity", type=float, default=None, help="fraction pruned, in [0, 1) (default 0.5)")
-    g.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
-    g.add_argument("--granularity", default="layer", choices=["layer", "row", "global"], help="unstructured only")
-    g.add_argument("--residual-rank", type=int, default=residual_rank, help="SVD residual rank (0 = naive pruning)")
-    g.add_argument("--lora-rank", type=int, default=lora_rank, help="LoRA rank r")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--target-modules", default="all-linear", help="comma-separated names, a regex, or all-linear")
-    g.add_argument("--exclude-modules", default=None, help="comma-separated names or a regex")
-    g.add_argument("--svd-method", default="auto", choices=["auto", "exact", "randomized"])
-    g.add_argument("--freeze-residual", action="store_true", help="keep the residual block at its SVD init")
-    g.add_argument(
-        "--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of A_cat/B_cat"
-    )
-    g.add_argument("--seed", type=int, default=0)
+def add_salr_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Every SALRConfig field as a flag (--sparsity, --pattern, --residual-rank, --lora-rank, ...)."""
+    add_dataclass_args(parser.add_argument_group("SALR"), SALRConfig, skip=skip)
 
 
-def _modules(value: str | None) -> list[str] | str | None:
-    if value is None or value == "all-linear":
-        return value
-    if any(c in value for c in "*()[]|^$\\+?"):
-        return value  # a regex
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def config_from_args(args: argparse.Namespace) -> SALRConfig:
-    sparsity = args.sparsity
-    if sparsity is None and args.pattern == "unstructured":
-        sparsity = 0.5
-    return SALRConfig(
-        sparsity=sparsity,
-        pattern=args.pattern,
-        granularity=args.granularity,
-        residual_rank=args.residual_rank,
-        r=args.lora_rank,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * max(args.lora_rank, 1),
-        lora_dropout=args.lora_dropout,
-        target_modules=_modules(args.target_modules),
-        exclude_modules=_modules(args.exclude_modules),
-        svd_method=args.svd_method,
-        train_residual=not args.freeze_residual,
-        adapter_dtype=args.adapter_dtype,
-        seed=args.seed,
-    )
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> SALRConfig:
+    return dataclass_from_args(args, SALRConfig, **overrides)

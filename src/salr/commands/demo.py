@@ -13,13 +13,13 @@ import torch
 
 from salr.checkpoint import load, save
 from salr.commands.common import add_model_arg, add_salr_args, config_from_args
-from salr.commands.compress import REPORT_NAME, format_report
+from salr.compress import REPORT_NAME, format_report
 from salr.config import SALRConfig
+from salr.convert import convert
 from salr.errors import SALRError
-from salr.generation import greedy_complete
+from salr.evaluate import complete, continue_text
 from salr.io import atomic_write_json
-from salr.model import convert
-from salr.models import load_model
+from salr.loaders import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def summary_table(rows: dict[str, dict[str, float | None]], n_eval: int, n_accur
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # read (and check) the fine-tuning data before anything slow
-    train_records, held_out, source = demo_records(args.data, args.train_examples, args.eval_examples, args.seed)
+    train_records, held_out, source = demo_records(args.data, args.train_examples, args.eval_examples, config.seed)
     started = time.perf_counter()
     dense, tokenizer = load_model(args.model, dtype=args.dtype)
     print(f"loaded {args.model} in {time.perf_counter() - started:.1f} s")
@@ -102,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report, max_rows=14))
 
     variants = {"dense": dense, f"naive {config.pattern} pruned": naive, "SALR (init)": salr_model}
-    prompts = args.prompt or (DEFAULT_PROMPTS if getattr(tokenizer, "chat_template", None) else STORY_PROMPTS)
-    completions = {name: greedy_complete(m, tokenizer, prompts, args.max_new_tokens) for name, m in variants.items()}
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts = args.prompt or (DEFAULT_PROMPTS if chat else STORY_PROMPTS)
+    generate = complete if chat or args.prompt else continue_text  # story prompts are continued, not answered
+    completions = {name: generate(m, tokenizer, prompts, args.max_new_tokens) for name, m in variants.items()}
     for i, prompt in enumerate(prompts):
         print(f"\n### {prompt}")
         for name in variants:
@@ -140,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.train_steps,
             batch_size=min(args.batch_size, len(examples)),
             max_length=args.max_length,
-            seed=args.seed,
+            seed=config.seed,
         )
         run_report = train(
             salr_model, tokenizer, examples, config, cfg, args.output, args.model, extra_report={"demo": True}
         )
         scores["SALR (fine-tuned)"] = score(salr_model, tokenizer, held_out, n_acc)
-        tuned = greedy_complete(salr_model, tokenizer, prompts, args.max_new_tokens)
+        tuned = generate(salr_model, tokenizer, prompts, args.max_new_tokens)
         summary["completions"]["SALR (fine-tuned)"] = dict(zip(prompts, tuned, strict=True))
         for prompt, out in zip(prompts, tuned, strict=True):
             print(f"  {'SALR (fine-tuned)':>28} on {prompt!r}: {out!r}")

@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from salr.commands.common import add_model_arg
+from salr.commands.common import add_dataclass_args, add_model_arg, dataclass_from_args
+from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.evaluate import TASKS, run_task
 from salr.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
+# SALRConfig fields `salr eval` accepts for pruning on the fly (LoRA rank is 0: nothing is trained).
+PRUNING_FIELDS = ("sparsity", "pattern", "granularity", "residual_rank")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,11 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, help="wikitext2: new tokens per window (default max-length // 2)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: generation budget per question")
     p.add_argument("--json", help="write the report (metrics + settings) to this file")
-    g = p.add_argument_group("on-the-fly pruning (applied to the loaded model before evaluation)")
-    g.add_argument("--sparsity", type=float, help="prune this fraction of every target weight, in [0, 1)")
-    g.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
-    g.add_argument("--granularity", default="layer", choices=["layer", "row", "global"], help="unstructured only")
-    g.add_argument("--residual-rank", type=int, default=64, help="SVD residual rank (0 = naive pruning)")
+    g = p.add_argument_group("on-the-fly pruning (any of these converts the loaded model before evaluation)")
+    add_dataclass_args(g, SALRConfig, only=list(PRUNING_FIELDS))
     p.set_defaults(func=run)
 
 
@@ -46,19 +46,12 @@ def default_dev(data_path: str) -> Path | None:
     return None
 
 
-def prune(model: Any, sparsity: float | None, pattern: str, granularity: str, residual_rank: int) -> dict[str, Any]:
+def prune(model: Any, config: SALRConfig) -> dict[str, Any]:
     """Convert `model` in place to SALR layers (no LoRA) and return the settings plus the conversion totals."""
-    from salr import SALRConfig, convert  # heavy imports only when pruning
+    from salr.convert import convert  # heavy imports only when pruning
 
-    config = SALRConfig(sparsity=sparsity, pattern=pattern, granularity=granularity, residual_rank=residual_rank, r=0)
     report = convert(model, config)
-    return {
-        "sparsity": sparsity,
-        "pattern": pattern,
-        "granularity": granularity,
-        "residual_rank": residual_rank,
-        "totals": report.get("totals"),
-    }
+    return {**{name: getattr(config, name) for name in PRUNING_FIELDS}, "totals": report.get("totals")}
 
 
 def summary(task: str, m: dict[str, Any]) -> str:
@@ -76,7 +69,7 @@ def summary(task: str, m: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from salr.models import load_model
+    from salr.loaders import load_model
 
     dev = args.dev
     if args.task == "mmlu" and args.shots > 0 and dev is None:
@@ -88,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     pruning = None
-    if args.sparsity is not None or args.pattern != "unstructured":
-        pruning = prune(model, args.sparsity, args.pattern, args.granularity, args.residual_rank)
+    if any(hasattr(args, name) for name in PRUNING_FIELDS):
+        pruning = prune(model, dataclass_from_args(args, SALRConfig, r=0))
     metrics = run_task(
         model,
         tokenizer,

@@ -54,7 +54,7 @@ def _real_model_inputs(spec: str | None) -> tuple[str | None, list, dict]:
     if spec is None and not path.is_file():
         logger.warning("default model %s not found: skipping the real-weight checks (pass --model)", path)
         return None, [], {}
-    from salr.models import load_model  # heavy import (transformers), only when needed
+    from salr.loaders import load_model  # heavy import (transformers), only when needed
 
     model, tokenizer = load_model(str(path))
     model = model.float()

@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from salr.bitmap_format import encode
 from salr.errors import SALRError
 from salr.pruning import nm_mask, unstructured_mask
-from salr.sparse.format import encode
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def check_triton_on_cpu(
 
     shape is (out_features, in_features). Needs TRITON_INTERPRET=1 set before triton is imported.
     """
-    from salr.kernels import triton_bitmap as tb
+    from salr.ops import triton as tb
 
     if not tb.HAS_TRITON:
         raise SALRError("the Triton check needs the `triton` package: pip install --no-deps triton")
@@ -103,8 +103,8 @@ def bench_gpu_kernel(
     """
     if not torch.cuda.is_available():
         raise SALRError("bench_gpu_kernel needs a CUDA GPU; on CPU use check_triton_on_cpu with TRITON_INTERPRET=1")
-    from salr.kernels import semi_structured as ss
-    from salr.kernels import triton_bitmap as tb
+    from salr.bases import semi_structured as ss
+    from salr.ops import triton as tb
 
     if not tb.HAS_TRITON:
         raise SALRError("the GPU benchmark needs the `triton` package: pip install triton")
@@ -143,7 +143,7 @@ def bench_gpu_kernel(
     result["bitmap_speedup_vs_dense"] = dense_ms / bitmap_ms
 
     w24 = (w_dense.float() * nm_mask(w_dense, 2, 4)).to(dt)
-    mod = ss.semi_structured_linear(w24)
+    mod = ss.SemiStructuredBase(w24)
     result["semi_structured_backend"] = mod.backend
     if mod.backend == "dense":
         result["semi_structured_ms"] = None

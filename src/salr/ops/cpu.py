@@ -1,4 +1,5 @@
-"""Loader and Python side of the native CPU kernel (`salr._bitmap_cpu`, built from csrc/bitmap_cpu.c).
+"""The native CPU kernels of the salr ops (`salr._bitmap_cpu`, built from csrc/bitmap_cpu.c); registered as the ops'
+"cpu" kernels when this module is imported (the reference runs where the extension was not built).
 
 The extension is a plain C shared library called through ctypes with tensor data pointers (no torch headers, so
 it builds in pip's isolated environment). Two paths:
@@ -21,7 +22,10 @@ import os
 
 import torch
 
+from salr import bitmap_format
 from salr.errors import SALRError
+from salr.ops import reference
+from salr.ops.schema import bitmap_linear, bitmap_linear_grad_input, rank_scale, salr_linear
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ def _check_bad_row(bad: int) -> None:
     if bad >= 0:
         raise SALRError(
             f"bitmap row {bad}: row_offsets disagree with the bitmask popcount (corrupt or mismatched tensors); "
-            "validate with salr.sparse.format.validate"
+            "validate with salr.bitmap_format.validate"
         )
 
 
@@ -95,15 +99,9 @@ def _threads(work: int) -> int:
 
 
 def _check_args(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int) -> None:
-    if values.dtype not in _DTYPE_CODES:
-        raise SALRError(f"bitmap values must be bf16, fp16 or fp32, got {values.dtype}")
-    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, -(-cols // 8)):
-        raise SALRError(f"bitmask must be uint8 [{rows}, {-(-cols // 8)}], got {bitmask.dtype} {list(bitmask.shape)}")
-    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (rows,):
-        raise SALRError(f"row_offsets must be int64 [{rows}], got {row_offsets.dtype} {list(row_offsets.shape)}")
-    for name, t in (("bitmask", bitmask), ("values", values), ("row_offsets", row_offsets)):
-        if t.device.type != "cpu":
-            raise SALRError(f"the native CPU kernel needs CPU tensors, {name} is on {t.device}")
+    bitmap_format.check_operands(bitmask, values, row_offsets, rows, cols)
+    if values.device.type != "cpu":
+        raise SALRError(f"the native CPU kernel needs CPU tensors, got {values.device}")
 
 
 def _padded_x(x2: torch.Tensor, kp: int) -> torch.Tensor:
@@ -250,4 +248,39 @@ def salr_linear_decode(
         if bad == -2:
             return None
         _check_bad_row(bad)
+    return y
+
+
+# ----------------------------------------------------------------------------- registration as the ops' CPU kernels
+
+
+@bitmap_linear.register_kernel("cpu")
+def _bitmap_linear_kernel(x, bitmask, values, row_offsets, rows, cols):
+    if available():
+        return bitmap_linear_cpu(x, bitmask, values, row_offsets, rows, cols)
+    return reference.bitmap_linear_reference(x, bitmask, values, row_offsets, rows, cols)
+
+
+@bitmap_linear_grad_input.register_kernel("cpu")
+def _bitmap_grad_input_kernel(grad, bitmask, values, row_offsets, rows, cols):
+    if available():
+        return bitmap_grad_input_cpu(grad, bitmask, values, row_offsets, rows, cols)
+    return reference.bitmap_grad_input_reference(grad, bitmask, values, row_offsets, rows, cols)
+
+
+@salr_linear.register_kernel("cpu")
+def salr_linear_kernel(x, bitmask, values, row_offsets, rows, cols, A, B, residual_rank, lora_scale, bias):
+    """The CPU kernel of `salr::salr_linear`: one native call for a few tokens, else the base kernel + adapters.
+
+    SALRLinear calls this function directly on its eager decode path: a call through the torch dispatcher costs
+    30-45 us (measured), more than a whole small layer's arithmetic."""
+    y = salr_linear_decode(x, bitmask, values, row_offsets, rows, cols, A, B, residual_rank, lora_scale, bias)
+    if y is not None:
+        return y
+    scale = rank_scale(A.shape[0], residual_rank, lora_scale, A)
+    y = _bitmap_linear_kernel(x, bitmask, values, row_offsets, rows, cols)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if A.shape[0] > 0:
+        y = y + reference.adapter_reference(x, A, B, scale).to(y.dtype)
     return y

@@ -2,7 +2,7 @@
 
 A 2:4 weight (at most 2 nonzeros in every group of 4 consecutive input columns) stored this way runs on the
 sparse tensor cores of Ampere and newer GPUs (compute capability >= 8.0) in fp16/bf16. Anywhere else
-`semi_structured_linear` falls back to a plain dense F.linear and logs why, so callers never need to branch.
+`SemiStructuredBase` falls back to a plain dense F.linear and logs why, so callers never need to branch.
 """
 
 from __future__ import annotations
@@ -96,38 +96,16 @@ def compress_2to4(weight: torch.Tensor) -> tuple[torch.Tensor, str, str | None]:
     return weight, "dense", info
 
 
-class SemiStructuredLinear(nn.Module):
-    """Frozen y = x @ W.T (+ bias) with a 2:4 W on sparse tensor cores, or dense when that is unavailable.
-
-    `backend` is "cusparselt", "cutlass" or "dense"; `reason` says why dense was chosen (None otherwise).
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        weight, self.backend, self.reason = compress_2to4(weight)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", None if bias is None else bias.detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]; the sparse matmul wants a contiguous 2-D input of the weight's dtype
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.weight.dtype).contiguous()
-        y = F.linear(x2, self.weight, self.bias)
-        return y.reshape(*lead, self.out_features)
-
-
-def semi_structured_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> SemiStructuredLinear:
-    """Module computing x @ weight.T (+ bias) for a 2:4 `weight` [out, in], on sparse tensor cores when possible."""
-    return SemiStructuredLinear(weight, bias)
-
-
 class SemiStructuredBase(nn.Module):
-    """The frozen 2:4 base of a SALRLinear on sparse tensor cores: the interface of salr.layer.DenseBase
-    (`forward(x) = x @ W.T`, `to_dense`, `shape`, `dtype`, `nbytes`), with `backend` / `reason` as in
-    `SemiStructuredLinear`. Its state_dict holds the dense `weight`, exactly like DenseBase's, so saving a model
-    that uses it writes the usual checkpoint.
+    """The frozen 2:4 base of a SALRLinear on sparse tensor cores (a FrozenBase, see salr.bases).
+
+    `backend` is "cusparselt", "cutlass" or "dense" (the hardware does not allow it); `reason` says why dense was
+    chosen (None otherwise). Its state_dict holds the dense `weight`, exactly like DenseBase's, so a model that uses
+    it saves as usual and loads back with dense bases (call `salr.use_semi_structured` after moving it to a GPU).
     """
+
+    format = "semi_structured"
+    saved_names = ("weight",)
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()

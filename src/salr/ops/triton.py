@@ -1,4 +1,5 @@
-"""Triton kernel: y = x @ W.T with W stored as a bitmap + packed nonzeros (the GPU path of `salr::bitmap_linear`).
+"""Triton kernels: y = x @ W.T with W stored as a bitmap + packed nonzeros (the CUDA kernels of the salr ops,
+loaded by salr.ops.schema on the first call on a CUDA tensor).
 
 Layout (shared with the CPU kernel, the compressed-tensors "sparse-bitmask" format), for W [rows=N, cols=K]:
   bitmask     uint8 [N, ceil(K/8)], bit (c % 8) of byte [r, c // 8] set iff W[r, c] != 0 (LSB first)
@@ -28,6 +29,7 @@ import weakref
 
 import torch
 
+from salr.bitmap_format import byte_popcounts, check_operands
 from salr.errors import SALRError
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,6 @@ def interpreting() -> bool:
 # metadata
 
 
-_BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
-
-
 def bitmap_block_prefix(bitmask: torch.Tensor, cols: int, block: int = PREFIX_BLOCK) -> torch.Tensor:
     """int32 [rows, ceil(cols/block)]: number of nonzeros of each row before each `block`-column block.
 
@@ -72,7 +71,7 @@ def bitmap_block_prefix(bitmask: torch.Tensor, cols: int, block: int = PREFIX_BL
         raise SALRError(f"prefix block must be a multiple of 8 columns, got {block}")
     rows, nbytes = bitmask.shape
     nblocks = -(-cols // block)
-    counts = _BYTE_POPCOUNT.to(bitmask.device)[bitmask.long()]  # [rows, nbytes]
+    counts = byte_popcounts(bitmask)  # [rows, nbytes]
     per_block = block // 8
     pad = nblocks * per_block - nbytes
     if pad > 0:
@@ -355,24 +354,15 @@ def _check(
             f"the Triton bitmap kernel runs on CUDA tensors (got {x.device}); "
             "set TRITON_INTERPRET=1 before importing triton to run it on the CPU interpreter"
         )
-    for name, t in (("bitmask", bitmask), ("values", values), ("row_offsets", row_offsets)):
-        if t.device != x.device:
-            raise SALRError(f"{name} is on {t.device} but x is on {x.device}: move them to the same device")
-    if x.dtype not in _DTYPES or values.dtype not in _DTYPES:
-        raise SALRError(f"x and values must be bf16, fp16 or fp32, got {x.dtype} and {values.dtype}")
+    check_operands(bitmask, values, row_offsets, rows, cols)
+    if values.device != x.device:
+        raise SALRError(f"the bitmap weight is on {values.device} but x is on {x.device}: move them to one device")
+    if x.dtype not in _DTYPES:
+        raise SALRError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
     if grad and x.shape[-1] != rows:
         raise SALRError(f"grad_y has {x.shape[-1]} features but the bitmap weight has {rows} rows (outputs)")
     if not grad and x.shape[-1] != cols:
         raise SALRError(f"x has {x.shape[-1]} input features but the bitmap weight has {cols} columns")
-    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, -(-cols // 8)):
-        raise SALRError(
-            f"bitmask must be uint8 [{rows}, {-(-cols // 8)}] for a {rows}x{cols} weight, "
-            f"got {bitmask.dtype} {list(bitmask.shape)}"
-        )
-    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (rows,):
-        raise SALRError(f"row_offsets must be int64 [{rows}], got {row_offsets.dtype} {list(row_offsets.shape)}")
-    if values.dim() != 1:
-        raise SALRError(f"values must be 1-D (the packed nonzeros), got shape {list(values.shape)}")
     if block_prefix is not None:
         want = (rows, -(-cols // PREFIX_BLOCK))
         if block_prefix.dtype != torch.int32 or tuple(block_prefix.shape) != want:
@@ -508,45 +498,3 @@ def triton_bitmap_grad_input(
     else:
         _grad_tuned[grid](*args, **common)
     return out.reshape(*lead, cols)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# torch.library registration
-
-
-def _bitmap_linear_cuda(
-    x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
-) -> torch.Tensor:
-    if x.dtype not in _DTYPES:  # the op accepts any float dtype; fp64 etc. take the reference path
-        from salr.kernels.reference import bitmap_linear_reference
-
-        return bitmap_linear_reference(x, bitmask, values, row_offsets, rows, cols)
-    return triton_bitmap_linear(x, bitmask, values, row_offsets, rows, cols)
-
-
-def _bitmap_grad_input_cuda(
-    grad: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
-) -> torch.Tensor:
-    if grad.dtype not in _DTYPES:
-        from salr.kernels.reference import bitmap_grad_input_reference
-
-        return bitmap_grad_input_reference(grad, bitmask, values, row_offsets, rows, cols)
-    return triton_bitmap_grad_input(grad, bitmask, values, row_offsets, rows, cols)
-
-
-def register() -> bool:
-    """Install the Triton kernel as the CUDA backend of `salr::bitmap_linear`; False (logged) if not possible.
-
-    Called by salr.sparse.ops.register_triton_backend; installs `triton_bitmap_grad_input` as the CUDA kernel of
-    `salr::bitmap_linear_grad_input` too.
-    """
-    if not HAS_TRITON:
-        log.info("triton is not installed: salr::bitmap_linear has no Triton CUDA backend")
-        return False
-    try:
-        from salr.sparse.ops import register_cuda_backend
-    except ImportError as exc:
-        log.warning("salr.sparse.ops is not importable (%s): Triton backend not registered", exc)
-        return False
-    register_cuda_backend(_bitmap_linear_cuda, _bitmap_grad_input_cuda)
-    return True

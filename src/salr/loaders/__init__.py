@@ -9,13 +9,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from salr.config import DTYPES
 from salr.errors import SALRError
-from salr.models.default import load_default
-from salr.models.llama2c import load_llama2c_model, load_llama2c_tokenizer
+from salr.loaders.default import load_default
+from salr.loaders.llama2c import load_llama2c_model, load_llama2c_tokenizer
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _llama2c_tokenizer_path(model_path: Path) -> Path:

@@ -1,7 +1,9 @@
-"""Find the target layers of any Hugging Face causal LM and convert them to SALR layers in place.
+"""Find the target layers of any Hugging Face causal LM and convert them to SALR layers in place; report, pack the
+bases into a stored format, merge back.
 
 Data flow per layer (one layer at a time, so memory stays bounded): W0 -> mask -> M ⊙ W0 (frozen base)
--> E = W0 - M ⊙ W0 -> truncated SVD -> [A_res; A_lora], [B_res, B_lora] -> SALRLinear.
+-> E = W0 - M ⊙ W0 -> truncated SVD -> [A_res; A_lora], [B_res, B_lora] -> SALRLinear. `convert` has no device
+side effects: the model stays where it is, and moving 2:4 bases onto sparse tensor cores is `use_semi_structured`.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from salr.config import SALRConfig
+from salr import bases
+from salr.bases import DenseBase
+from salr.config import DTYPES, SALRConfig
 from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, SALRExperts, SALRExpertsProjection, check_supported, is_fused_experts
-from salr.layer import DenseBase, SALRLinear
+from salr.layer import FusedAdapters, SALRLinear
 from salr.pruning import global_threshold, magnitude_mask
 from salr.residual import residual_svd
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -121,121 +123,88 @@ def _check_ranks(target: Target, shape: tuple[int, ...], config: SALRConfig) -> 
         )
 
 
+def _target_weight(modules: dict[str, nn.Module], target: Target) -> torch.Tensor:
+    owner = modules[target.module_name]
+    return getattr(owner, target.name.rsplit(".", 1)[-1]) if target.kind == "experts" else owner.weight
+
+
 def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: bool = True) -> dict[str, Any]:
     """Replace every target layer of `model` with its SALR version, in place, and return the report.
 
-    With `init=False` only the structure is built (empty tensors, nothing pruned): the checkpoint loader uses it
-    before loading saved tensors. The base stays in the model's dtype; adapters are in config.adapter_dtype.
+    With `init=False` only the structure is built (meta tensors, nothing pruned): the checkpoint loader uses it
+    before assigning saved tensors. The base stays in the model's dtype; adapters are in config.adapter_dtype.
     """
     started = time.perf_counter()
     targets = find_targets(model, config)
     modules = dict(model.named_modules())
-    adapter_dtype = DTYPES[config.adapter_dtype]
     for target in targets:
-        owner = modules[target.module_name]
-        shape = (
-            getattr(owner, target.name.rsplit(".", 1)[-1]).shape if target.kind == "experts" else owner.weight.shape
-        )
-        _check_ranks(target, tuple(shape), config)
+        _check_ranks(target, tuple(_target_weight(modules, target).shape), config)
     threshold = None
     if init and config.granularity == "global" and config.nm is None:
-        threshold = global_threshold(
-            [
-                getattr(modules[t.module_name], t.name.rsplit(".", 1)[-1])
-                if t.kind == "experts"
-                else modules[t.module_name].weight
-                for t in targets
-            ],
-            config.sparsity,
-        )
+        threshold = global_threshold([_target_weight(modules, t) for t in targets], config.sparsity)
     generator = torch.Generator().manual_seed(config.seed)
     rows: list[dict[str, Any]] = []
     experts_done: dict[str, dict[str, SALRExpertsProjection]] = {}
     for target in tqdm(targets, desc="salr convert", disable=not progress or not init, unit="layer"):
         owner = modules[target.module_name]
-        if target.kind == "experts":
-            param_name = target.name.rsplit(".", 1)[-1]
-            proj, proj_rows = _convert_experts_param(
-                owner, param_name, target.name, config, threshold, generator, init
-            )
-            experts_done.setdefault(target.module_name, {})[param_name] = proj
-            rows.extend(proj_rows)
-            continue
         if isinstance(owner, SALRLinear):
             raise SALRError(f"{target.name} is already a SALR layer: convert a dense model")
-        weight = owner.weight
+        if target.kind == "experts":
+            check_supported(owner, target.name)
+            param_name = target.name.rsplit(".", 1)[-1]
+            weight = getattr(owner, param_name)
+            parts = [_salr_parts(w, config, threshold, generator, init) for w in weight]
+            rows.extend({"name": f"{target.name}[{e}]", **part[3]} for e, part in enumerate(parts) if init)
+            experts_done.setdefault(target.module_name, {})[param_name] = SALRExpertsProjection(
+                [part[0] for part in parts],
+                torch.stack([part[1] for part in parts]),
+                torch.stack([part[2] for part in parts]),
+                **_adapter_kwargs(config),
+            )
+            continue
+        base, A_cat, B_cat, row = _salr_parts(owner.weight, config, threshold, generator, init)
         if init:
-            base, A_cat, B_cat, row = _salr_factors(weight, config, threshold, generator)
             rows.append({"name": target.name, **row})
-        else:
-            out_dim, in_dim = weight.shape
-            rank = config.residual_rank + config.r
-            base = torch.empty(out_dim, in_dim, dtype=weight.dtype, device="meta")
-            A_cat = torch.empty(rank, in_dim, device="meta")
-            B_cat = torch.empty(out_dim, rank, device="meta")
-        layer = SALRLinear(
-            DenseBase(base),
-            owner.bias,
-            A_cat.to(adapter_dtype),
-            B_cat.to(adapter_dtype),
-            residual_rank=config.residual_rank,
-            lora_scale=config.lora_scale,
-            lora_dropout=config.lora_dropout,
-            train_residual=config.train_residual,
+        _set_submodule(
+            model, target.module_name, SALRLinear(base, owner.bias, A_cat, B_cat, **_adapter_kwargs(config))
         )
-        _set_submodule(model, target.module_name, layer)
     for module_name, projections in experts_done.items():
-        original = modules[module_name]
         missing = [p for p in EXPERT_PARAMS if p not in projections]
         if missing:
             raise SALRError(f"{module_name}: both {EXPERT_PARAMS} must be targeted together (missing {missing})")
-        _set_submodule(
-            model, module_name, SALRExperts(original, projections["gate_up_proj"], projections["down_proj"])
-        )
+        experts = SALRExperts(modules[module_name], projections["gate_up_proj"], projections["down_proj"])
+        _set_submodule(model, module_name, experts)
     mark_trainable(model)
     if not init:
         return {"config": config.to_dict(), "layers": [], "totals": {"target_layers": len(targets)}}
     report = build_report(model, rows, config)
-    if config.nm == (2, 4) and any(p.is_cuda for p in model.parameters()):
-        report["semi_structured"] = use_semi_structured(model)  # sparse tensor cores where the GPU has them
     report["seconds"] = time.perf_counter() - started
     return report
 
 
-def _convert_experts_param(
-    owner: nn.Module,
-    param_name: str,
-    name: str,
-    config: SALRConfig,
-    threshold: float | None,
-    generator: torch.Generator,
-    init: bool,
-) -> tuple[SALRExpertsProjection, list[dict[str, Any]]]:
-    check_supported(owner, name)
-    weight = getattr(owner, param_name)
-    n_experts, out_dim, in_dim = weight.shape
-    rank = config.residual_rank + config.r
+def _adapter_kwargs(config: SALRConfig) -> dict[str, Any]:
+    return {
+        "residual_rank": config.residual_rank,
+        "lora_scale": config.lora_scale,
+        "lora_dropout": config.lora_dropout,
+        "train_residual": config.train_residual,
+    }
+
+
+def _salr_parts(
+    weight: torch.Tensor, config: SALRConfig, threshold: float | None, generator: torch.Generator, init: bool
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(dense base, A_cat, B_cat, report row) of one 2-D weight; meta tensors and no row when not `init`."""
     adapter_dtype = DTYPES[config.adapter_dtype]
-    if not init:
-        base = torch.empty_like(weight, device="meta")
-        A_cat = torch.empty(n_experts, rank, in_dim, device="meta", dtype=adapter_dtype)
-        B_cat = torch.empty(n_experts, out_dim, rank, device="meta", dtype=adapter_dtype)
-        return SALRExpertsProjection(base, A_cat, B_cat, config.residual_rank, config.lora_scale), []
-    bases, As, Bs, rows = [], [], [], []
-    for e in range(n_experts):
-        base, A_cat, B_cat, row = _salr_factors(weight[e], config, threshold, generator)
-        bases.append(base)
-        As.append(A_cat)
-        Bs.append(B_cat)
-        rows.append({"name": f"{name}[{e}]", **row})
-    proj = SALRExpertsProjection(
-        torch.stack(bases),
-        torch.stack(As).to(adapter_dtype),
-        torch.stack(Bs).to(adapter_dtype),
-        config.residual_rank,
-        config.lora_scale,
-    )
-    return proj, rows
+    if init:
+        base, A_cat, B_cat, row = _salr_factors(weight, config, threshold, generator)
+        return DenseBase(base), A_cat.to(adapter_dtype), B_cat.to(adapter_dtype), row
+    out_dim, in_dim = weight.shape
+    rank = config.residual_rank + config.r
+    base = DenseBase(torch.empty(out_dim, in_dim, dtype=weight.dtype, device="meta"))
+    A_cat = torch.empty(rank, in_dim, dtype=adapter_dtype, device="meta")
+    B_cat = torch.empty(out_dim, rank, dtype=adapter_dtype, device="meta")
+    return base, A_cat, B_cat, {}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -244,8 +213,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def salr_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SALRLinear | SALRExpertsProjection)]
+def salr_modules(model: nn.Module) -> list[tuple[str, FusedAdapters]]:
+    """Every module with fused adapters: SALRLinear layers and MoE expert projections."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FusedAdapters)]
+
+
+def base_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(state-dict prefix of the base, the module holding it, its attribute name) for every frozen base."""
+    slots = []
+    for name, module in salr_modules(model):
+        if isinstance(module, SALRLinear):
+            slots.append((f"{name}.base", module, "base"))
+        else:
+            slots.extend((f"{name}.bases.{e}", module.bases, str(e)) for e in range(module.num_experts))
+    return slots
 
 
 def mark_trainable(model: nn.Module) -> None:
@@ -256,15 +237,14 @@ def mark_trainable(model: nn.Module) -> None:
 
 def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfig) -> dict[str, Any]:
     """Per-layer rows plus totals. Counts are of weights (parameters and frozen base buffers)."""
-    layers = salr_modules(model)
-    base_numel = base_nonzero = adapter_params = 0
-    for _, module in layers:
-        dense = module.base.to_dense() if isinstance(module, SALRLinear) else module.weight
+    base_numel = base_nonzero = 0
+    for _, holder, attr in base_slots(model):
+        dense = getattr(holder, attr).to_dense()
         base_numel += dense.numel()
         base_nonzero += int((dense != 0).sum()) if dense.device.type != "meta" else 0
-        adapter_params += module.A_cat.numel() + module.B_cat.numel()
-    other = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat")))
-    other_nonzero = sum(int((p != 0).sum()) for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat")))
+    layers = salr_modules(model)
+    adapter_params = sum(m.A_cat.numel() + m.B_cat.numel() for _, m in layers)
+    other = [p for n, p in model.named_parameters() if not n.endswith(("A_cat", "B_cat"))]
     bias = sum(m.bias.numel() for _, m in layers if getattr(m, "bias", None) is not None)
     return {
         "config": config.to_dict(),
@@ -272,8 +252,8 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
         "totals": {
             "target_layers": len(rows),
             "sparsity": 1.0 - base_nonzero / base_numel if base_numel else 0.0,
-            "parameters": other + base_numel + bias,
-            "nonzero_parameters": other_nonzero + base_nonzero + bias,
+            "parameters": sum(p.numel() for p in other) + base_numel + bias,
+            "nonzero_parameters": sum(int((p != 0).sum()) for p in other) + base_nonzero + bias,
             "adapter_parameters": adapter_params,
             "pruned_energy": sum(r["pruned_energy"] for r in rows),
             "residual_energy_after_svd": sum(r["residual_energy_after_svd"] for r in rows),
@@ -281,48 +261,54 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
     }
 
 
-def pack_bases(model: nn.Module) -> int:
-    """Store every SALRLinear's frozen base in the bitmap format (1 bit per weight + packed nonzeros), in place.
+def pack_bases(model: nn.Module, fmt: str = "bitmap") -> int:
+    """Store every frozen base (linear layers and MoE experts) in format `fmt`, in place; returns how many changed.
+    Outputs are unchanged: the bitmap holds exactly the masked weights."""
+    changed = 0
+    for _, holder, attr in base_slots(model):
+        old = getattr(holder, attr)
+        new = bases.pack(old, fmt)
+        if new is not old:
+            setattr(holder, attr, new)
+            changed += 1
+    return changed
 
-    Returns the number of layers packed. Outputs are unchanged: the bitmap holds exactly the masked weights.
-    MoE expert bases stay dense (3-D) for now.
-    """
-    from salr.sparse import BitmapBase  # the sparse package loads the native kernel; only needed here
 
-    packed = 0
-    for _, module in salr_modules(model):
-        if isinstance(module, SALRLinear) and isinstance(module.base, DenseBase):
-            module.base = BitmapBase.from_dense(module.base.weight)
-            packed += 1
-    return packed
+def base_format(model: nn.Module) -> str:
+    """The stored format of the frozen bases ("bitmap", "dense"), "mixed" if they differ, "none" without any."""
+    formats = {getattr(holder, attr).format for _, holder, attr in base_slots(model)}
+    if not formats:
+        return "none"
+    return formats.pop() if len(formats) == 1 else "mixed"
 
 
 def use_semi_structured(model: nn.Module) -> dict[str, Any]:
     """Run every 2:4 SALR base that sits on a CUDA GPU on sparse tensor cores (`SemiStructuredBase`), in place.
 
-    Dense and bitmap bases are swapped when their weight is 2:4 and the GPU, dtype and shape allow it
-    (`salr.kernels.semi_structured.support_reason`); the others are left as they are. Outputs are unchanged up to
-    rounding. Called by `convert` for `pattern="2:4"` models on CUDA; call it after moving a loaded 2:4 model to
-    the GPU. Returns {"semi_structured": layers swapped, "kept": layers left, "reasons": {why: count}}.
+    Call it after moving a 2:4 model to the GPU; `convert` never does it by itself. Dense and bitmap bases are
+    swapped when their weight is 2:4 and the GPU, dtype and shape allow it (`support_reason`); the others are left as
+    they are. Outputs are unchanged up to rounding. Returns {"semi_structured": layers swapped, "kept": layers left,
+    "reasons": {why: count}}.
     """
-    from salr.kernels.semi_structured import SemiStructuredBase
+    from salr.bases.semi_structured import SemiStructuredBase
 
     swapped, kept, reasons = 0, 0, {}
-    for _, module in salr_modules(model):
-        if not isinstance(module, SALRLinear) or isinstance(module.base, SemiStructuredBase):
+    for _, holder, attr in base_slots(model):
+        base = getattr(holder, attr)
+        if isinstance(base, SemiStructuredBase):
             continue
         # The device first: decoding a bitmap base only to find it is on the CPU would be wasted work.
-        if next(module.base.buffers()).device.type != "cuda":
+        if next(base.buffers()).device.type != "cuda":
             why = "not on a CUDA device"
         else:
             try:
-                base = SemiStructuredBase(module.base.to_dense())  # checks the 2:4 pattern, then the hardware
+                candidate = SemiStructuredBase(base.to_dense())  # checks the 2:4 pattern, then the hardware
             except SALRError:
                 why = "weight is not 2:4"
             else:
-                why = base.reason
+                why = candidate.reason
                 if why is None:
-                    module.base = base
+                    setattr(holder, attr, candidate)
                     swapped += 1
                     continue
         kept += 1
@@ -330,14 +316,6 @@ def use_semi_structured(model: nn.Module) -> dict[str, Any]:
     if reasons:
         logger.info("2:4 bases left as they are: %s", reasons)
     return {"semi_structured": swapped, "kept": kept, "reasons": reasons}
-
-
-def base_format(model: nn.Module) -> str:
-    """'bitmap' if the SALR layers store their bases as bitmaps, else 'dense'."""
-    from salr.sparse import BitmapBase
-
-    layers = [m for _, m in salr_modules(model) if isinstance(m, SALRLinear)]
-    return "bitmap" if layers and all(isinstance(m.base, BitmapBase) for m in layers) else "dense"
 
 
 @torch.no_grad()

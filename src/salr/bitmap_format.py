@@ -1,4 +1,4 @@
-"""The bitmap sparse format of a frozen base weight: encode, decode, validate, (de)serialise.
+"""The bitmap sparse format of a frozen base weight: the only encoder, decoder and validator.
 
 The layout is the compressed-tensors "sparse-bitmask" layout (docs/format.md), for a 2-D weight W [rows, cols]:
   bitmask      uint8 [rows, ceil(cols/8)]: bit (c % 8) of byte [r, c // 8] is set iff W[r, c] != 0 (LSB first,
@@ -79,16 +79,50 @@ def encode(weight: torch.Tensor) -> BitmapWeight:
 
 def decode(bw: BitmapWeight) -> torch.Tensor:
     """Dense [rows, cols] weight in the values' dtype, zeros where the bitmap is clear."""
-    rows, cols = bw.shape
-    mask = unpack_mask(bw.bitmask, cols)
-    dense = torch.zeros(rows, cols, dtype=bw.values.dtype, device=bw.values.device)
-    dense[mask] = bw.values
+    return decode_dense(bw.bitmask, bw.values, *bw.shape)
+
+
+def decode_dense(bitmask: torch.Tensor, values: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Dense [rows, cols] from the raw tensors (row offsets are implied by the bitmap and not needed)."""
+    dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    dense[unpack_mask(bitmask, cols)] = values
     return dense
+
+
+def byte_popcounts(bitmask: torch.Tensor) -> torch.Tensor:
+    """int64, the bitmask's shape: number of set bits of each byte."""
+    return _POPCOUNT.to(bitmask.device)[bitmask.long()]
 
 
 def row_counts(bitmask: torch.Tensor) -> torch.Tensor:
     """int64 [rows]: number of set bits in each row of a bitmap."""
-    return _POPCOUNT.to(bitmask.device)[bitmask.long()].sum(1)
+    return byte_popcounts(bitmask).sum(1)
+
+
+def check_operands(
+    bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
+) -> None:
+    """Cheap checks of dtypes, shapes and devices (no pass over the data; `validate` does that once at load).
+
+    Every kernel calls this before touching raw pointers."""
+    if values.dtype not in VALUE_DTYPES:
+        raise SALRError(f"bitmap values must be bf16, fp16 or fp32, got {values.dtype}")
+    if bitmask.dtype != torch.uint8:
+        raise SALRError(f"bitmask must be uint8, got {bitmask.dtype}")
+    if tuple(bitmask.shape) != (rows, math.ceil(cols / 8)):
+        raise SALRError(
+            f"bitmask shape {list(bitmask.shape)} does not match weight shape {[rows, cols]}: "
+            f"expected {[rows, math.ceil(cols / 8)]}"
+        )
+    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (rows,):
+        raise SALRError(f"row_offsets must be int64 [{rows}], got {row_offsets.dtype} {list(row_offsets.shape)}")
+    if values.dim() != 1:
+        raise SALRError(f"values must be 1-D (the packed nonzeros), got shape {list(values.shape)}")
+    if not bitmask.device == values.device == row_offsets.device:
+        raise SALRError(
+            f"bitmask, values and row_offsets must be on one device, got {bitmask.device}, {values.device}, "
+            f"{row_offsets.device}"
+        )
 
 
 def validate(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, shape: tuple[int, int]) -> None:
@@ -96,22 +130,7 @@ def validate(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Ten
     if len(shape) != 2 or min(shape) < 0:
         raise SALRError(f"bitmap shape must be (rows, cols), got {shape}")
     rows, cols = (int(s) for s in shape)
-    nbytes = math.ceil(cols / 8)
-    if bitmask.dtype != torch.uint8:
-        raise SALRError(f"bitmask must be uint8, got {bitmask.dtype}")
-    if values.dtype not in VALUE_DTYPES:
-        raise SALRError(f"bitmap values must be bf16, fp16 or fp32, got {values.dtype}")
-    if row_offsets.dtype != torch.int64:
-        raise SALRError(f"row_offsets must be int64, got {row_offsets.dtype}")
-    if tuple(bitmask.shape) != (rows, nbytes):
-        raise SALRError(
-            f"bitmask shape {list(bitmask.shape)} does not match weight shape {[rows, cols]}: "
-            f"expected {[rows, nbytes]}"
-        )
-    if values.dim() != 1 or tuple(row_offsets.shape) != (rows,):
-        raise SALRError(
-            f"values must be 1-D and row_offsets [{rows}], got {list(values.shape)} and {list(row_offsets.shape)}"
-        )
+    check_operands(bitmask, values, row_offsets, rows, cols)
     if cols % 8 and rows and bool((bitmask[:, -1] >> (cols % 8)).any()):
         raise SALRError(f"bitmask has bits set beyond column {cols} (row padding must be zero): the file is corrupt")
     counts = row_counts(bitmask)

@@ -1,0 +1,111 @@
+"""Training configuration and the one definition of the training methods."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from salr.config import SALRConfig
+from salr.errors import SALRError
+
+METHODS = ("salr", "lora", "prune-lora", "salr-frozen-residual")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate of the adapters"})
+    residual_lr: float | str | None = field(
+        default=None,
+        metadata={"help": "residual block lr: None = lr, a float, 'theorem4' (per layer N/σ_max(X)²) or 'theorem4*F'"},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps is set)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch, summed over all processes"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default 3% of steps)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * min_lr_ratio"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global adapter gradient norm (0 = off)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example (prompt + response), truncated"})
+    seed: int = field(default=0, metadata={"help": "data order, dropout"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    eval_every: int = field(default=0, metadata={"help": "call the eval function every N steps (0 = never)"})
+    log_every: int = field(default=1, metadata={"help": "metrics line every N steps"})
+    calib_examples: int = field(default=8, metadata={"help": "theorem4: examples whose activations are used"})
+    power_iters: int = field(default=50, metadata={"help": "theorem4: power-iteration steps"})
+    progress: bool = field(default=True, metadata={"help": "tqdm bar on rank 0"})
+
+    def theorem4_factor(self) -> float | None:
+        """'theorem4' -> 1.0, 'theorem4*0.01' -> 0.01, anything else -> None."""
+        if not isinstance(self.residual_lr, str) or not self.residual_lr.startswith("theorem4"):
+            return None
+        rest = self.residual_lr[len("theorem4") :]
+        if not rest:
+            return 1.0
+        try:
+            if not rest.startswith("*"):
+                raise ValueError(rest)
+            return float(rest[1:])
+        except ValueError as err:
+            msg = f"residual_lr {self.residual_lr!r}: write 'theorem4' or 'theorem4*F' with F a number"
+            raise SALRError(msg) from err
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "epochs"):
+            if not math.isfinite(getattr(self, name)):
+                raise SALRError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise SALRError(f"lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm", "save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise SALRError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise SALRError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise SALRError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_length < 2:
+            raise SALRError(f"max_length must be >= 2 tokens, got {self.max_length}")
+        if isinstance(self.residual_lr, str) and self.residual_lr.startswith("theorem4"):
+            self.theorem4_factor()
+        elif isinstance(self.residual_lr, str):
+            try:
+                self.residual_lr = float(self.residual_lr)
+            except ValueError as err:
+                raise SALRError(f"residual_lr must be 'theorem4' or a number, got {self.residual_lr!r}") from err
+        if isinstance(self.residual_lr, float) and not (self.residual_lr >= 0 and math.isfinite(self.residual_lr)):
+            raise SALRError(f"residual_lr must be >= 0, got {self.residual_lr}")
+        for name in ("batch_size", "grad_accum", "log_every", "calib_examples", "power_iters"):
+            if getattr(self, name) < 1:
+                raise SALRError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SALRError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise SALRError(f"epochs must be positive, got {self.epochs}")
+
+
+def method_config(method: str, config: SALRConfig) -> SALRConfig:
+    """The SALRConfig a method trains, the one definition of the methods (CLI, experiments and benchmarks use it):
+
+    - `salr`: as given (pruned base, trainable residual + LoRA);
+    - `salr-frozen-residual`: the same with the residual block frozen at its SVD init (the paper's ablation);
+    - `lora`: dense base, one LoRA block of rank r + residual_rank, so it trains as many parameters as SALR;
+    - `prune-lora`: pruned base without residual, LoRA of rank r + residual_rank (same parameters as SALR).
+    LoRA blocks keep SALR's LoRA scale (lora_alpha / r).
+    """
+    rank = config.r + config.residual_rank
+    equal_rank = {"r": rank, "residual_rank": 0, "lora_alpha": config.lora_scale * rank if config.r else None}
+    changes: dict[str, Any] | None = {
+        "salr": {"train_residual": True},
+        "lora": {"sparsity": 0.0, "pattern": "unstructured", "granularity": "layer", **equal_rank},
+        "prune-lora": equal_rank,
+        "salr-frozen-residual": {"train_residual": False},
+    }.get(method)
+    if changes is None:
+        raise SALRError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    merged = {**config.to_dict(), **changes}
+    if merged["pattern"] != "unstructured":
+        merged["sparsity"] = None
+    if merged["r"] == 0 and merged["residual_rank"] == 0:
+        raise SALRError(f"method {method} with lora rank 0 has nothing to train: pass --lora-rank > 0")
+    return SALRConfig(**merged)

@@ -1,0 +1,386 @@
+"""Fine-tuning SALR adapters: AdamW, warmup + cosine, gradient accumulation and clipping, loss on answer tokens.
+
+Read top to bottom, `train()` is the whole loop: set up the optimizer (or restore it on resume), then one
+`optimizer_step` per step, then the final save. Around it:
+
+- `prepare_model` loads a model and converts it for one of the methods (salr.train.config), or loads a SALR
+  checkpoint as is;
+- `load_examples` tokenises GSM8K / Alpaca records with the loss on the response only (salr.data);
+- `micro_batches` orders examples into length-bucketed micro-batches, a deterministic stream across epochs,
+  so the data position is just the optimizer step (resume needs nothing else);
+- salr.train.residual_lr gives residual blocks their own learning rate; salr.train.state saves and resumes.
+
+Distributed: run under `torchrun --nproc_per_node N` (RANK / LOCAL_RANK / WORLD_SIZE are read from the
+environment; gloo on CPU, NCCL on GPU). `batch_size` is the global micro-batch: every process builds the same
+micro-batch stream and takes every WORLD_SIZE-th example of each, and the loss is normalised by the answer
+tokens of the whole global step, so N processes compute the same update as one. Only rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from salr import data
+from salr.checkpoint import CONFIG_NAME, read_salr_config
+from salr.config import SALRConfig
+from salr.convert import convert, mark_trainable
+from salr.errors import SALRError
+from salr.layer import FusedAdapters
+from salr.loaders import load_model
+from salr.memory import peak_memory_mib, reset_peak_memory
+from salr.train import state as run_state
+from salr.train.config import METHODS, TrainConfig, method_config
+from salr.train.residual_lr import ResidualLR, frozen_residual_parameters, residual_lr_scales
+
+logger = logging.getLogger(__name__)
+
+EvalFn = Callable[[nn.Module, Any], dict[str, float]]
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def prepare_model(
+    model_spec: str, method: str, config: SALRConfig, dtype: str | None = None
+) -> tuple[nn.Module, Any, SALRConfig, dict[str, Any] | None]:
+    """(model, tokenizer, effective config, conversion report or None).
+
+    A SALR checkpoint directory is trained as saved (its own config; `salr-frozen-residual` freezes the
+    residual block of every layer); any other model is loaded and converted for `method`.
+    """
+    path = Path(model_spec)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        saved = SALRConfig.from_dict(read_salr_config(path)["salr"])
+        model, tokenizer = load_model(model_spec, dtype=dtype)
+        if method == "salr-frozen-residual":
+            saved.train_residual = False
+            for module in model.modules():
+                if isinstance(module, FusedAdapters):
+                    module.train_residual = False
+        return model, tokenizer, saved, None
+    config = method_config(method, config)
+    model, tokenizer = load_model(model_spec, dtype=dtype)
+    report = convert(model, config)
+    return model, tokenizer, config, report
+
+
+def load_examples(
+    path: str | os.PathLike | None,
+    tokenizer: Any,
+    max_length: int,
+    limit: int | None = None,
+    records: Sequence[dict[str, str]] | None = None,
+) -> list[dict[str, list[int]]]:
+    """Tokenised SFT examples (labels -100 on the prompt) from a GSM8K/Alpaca file or from `records`."""
+    if records is None:
+        if path is None:
+            raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL)")
+        records = data.load_sft_records(path, limit)
+    return data.build_sft_examples(records, tokenizer, max_length)
+
+
+def micro_batches(
+    examples: Sequence[dict[str, list[int]]], batch_size: int, seed: int, start: int = 0
+) -> Iterator[list[int]]:
+    """Endless stream of micro-batches (example indices), from micro-batch number `start`.
+
+    Epoch e is `data.length_bucketed_batches(lengths, batch_size, seed + e)` without its incomplete batches, so
+    the stream is a pure function of (examples, batch_size, seed): position k is the same on every process and
+    after a resume.
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    per_epoch = len(lengths) // batch_size
+    if per_epoch == 0:
+        raise SALRError(f"only {len(lengths)} training examples for batch_size {batch_size}: use more data")
+    epoch, index = divmod(start, per_epoch)
+    while True:
+        batches = [b for b in data.length_bucketed_batches(lengths, batch_size, seed + epoch) if len(b) == batch_size]
+        yield from batches[index:]
+        epoch, index = epoch + 1, 0
+
+
+def steps_per_epoch(n_examples: int, cfg: TrainConfig) -> int:
+    return max(1, (n_examples // cfg.batch_size) // cfg.grad_accum)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class AnswerLoss(nn.Module):
+    """Wraps a causal LM: forward returns the SUM of token cross-entropies over labelled (answer) positions.
+
+    The LM head runs only on the hidden states that predict a labelled token, which skips most of the
+    vocabulary projection for long prompts. Wrapping (rather than calling submodules) keeps DDP's forward hooks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask, labels: [B, T] int64; labels -100 where no loss
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, D]
+        targets = labels[:, 1:]
+        keep = targets != data.IGNORE_INDEX
+        logits = head(hidden[:, :-1][keep]).float()  # [N, V]
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def n_answer_tokens(examples: Sequence[dict[str, list[int]]], indices: Sequence[int]) -> int:
+    return sum(sum(t != data.IGNORE_INDEX for t in examples[i]["labels"][1:]) for i in indices)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """The state of one run: model, loss module, optimizer, scheduler, residual lr, data stream, metrics log."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]],
+                 config: SALRConfig, cfg: TrainConfig, output: Path, resume_from: Path | None) -> None:  # fmt: skip
+        self.env = run_state.init_distributed()
+        self.model, self.examples, self.config, self.cfg, self.output = model, examples, config, cfg, output
+        torch.manual_seed(cfg.seed)
+        model.to(self.env.device)
+        mark_trainable(model)
+        model.train()
+        self.params = [p for _, p in trainable_parameters(model)]
+        if not self.params:
+            raise SALRError("the model has no trainable adapters (A_cat / B_cat): convert it with a rank > 0 first")
+        if cfg.batch_size % self.env.world:
+            raise SALRError(
+                f"batch_size {cfg.batch_size} must be divisible by the number of processes ({self.env.world})"
+            )
+        self.total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch(len(examples), cfg)))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * self.total)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup, self.total, cfg.min_lr_ratio)
+        )
+        self.start = 0
+        if resume_from is not None:
+            saved = run_state.load_train_state(resume_from)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            run_state.set_rng_state(saved["rng"])
+            self.start, self.scales = saved["step"], saved["residual_lr_scales"]
+            logger.info("resumed from %s at step %d", resume_from, self.start)
+        else:
+            self.scales = residual_lr_scales(model, cfg, examples)
+        self.residual_lr = ResidualLR(model, self.scales)
+        if self.scales and cfg.theorem4_factor() is not None:
+            values = sorted(s * cfg.lr for s in self.scales.values())
+            logger.info("theorem4 residual lr: min %.3g, median %.3g, max %.3g",
+                        values[0], values[len(values) // 2], values[-1])  # fmt: skip
+        self.loss_module: nn.Module = AnswerLoss(model)
+        if self.env.world > 1:
+            # Only A_cat / B_cat need gradients; frozen bases are buffers, identical on every rank (no broadcast).
+            self.loss_module = nn.parallel.DistributedDataParallel(
+                self.loss_module, find_unused_parameters=False, broadcast_buffers=False
+            )
+        pad_ids = () if tokenizer is None else (tokenizer.pad_token_id, tokenizer.eos_token_id)
+        self.pad_id = next((t for t in pad_ids if t is not None), 0)
+        self.stream = micro_batches(examples, cfg.batch_size, cfg.seed, start=self.start * cfg.grad_accum)
+
+    def optimizer_step(self) -> tuple[float, float, int, int]:
+        """One optimizer step over `grad_accum` micro-batches: (mean answer-token loss, grad norm, answer tokens,
+        tokens processed)."""
+        env, cfg = self.env, self.cfg
+        group = [next(self.stream) for _ in range(cfg.grad_accum)]
+        # Normalise by the answer tokens of the whole global step: then the update does not depend on how the step
+        # is split into micro-batches or processes. DDP averages gradients, so each rank multiplies by world.
+        n_tokens = sum(n_answer_tokens(self.examples, idx) for idx in group)
+        loss_sum, step_tokens = torch.zeros((), device=env.device), 0
+        for i, idx in enumerate(group):
+            batch = data.collate([self.examples[j] for j in idx[env.rank :: env.world]], self.pad_id)
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            step_tokens += int(batch["attention_mask"].sum())
+            sync = i == len(group) - 1 or env.world == 1
+            with contextlib.nullcontext() if sync else self.loss_module.no_sync():
+                loss = self.loss_module(**batch)
+                (loss * env.world / max(n_tokens, 1)).backward()
+            loss_sum += loss.detach()
+        grad_norm = float("nan")
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        self.residual_lr.before()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.residual_lr.after()
+        if env.world > 1:  # loss and token count for the log: a sync point, once per step
+            totals = torch.stack([loss_sum, torch.tensor(float(step_tokens), device=env.device)])
+            dist.all_reduce(totals)
+            loss_sum, step_tokens = totals[0], int(totals[1])
+        return float(loss_sum) / max(n_tokens, 1), grad_norm, n_tokens, step_tokens
+
+    def train_state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": run_state.rng_state(),
+            "residual_lr_scales": self.scales,
+            "train_config": asdict(self.cfg),
+        }
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[dict[str, list[int]]],
+    config: SALRConfig,
+    cfg: TrainConfig,
+    output: str | os.PathLike,
+    base_model: str = "",
+    resume_from: str | os.PathLike | None = None,
+    eval_fn: EvalFn | None = None,
+    extra_report: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `model`'s adapters (A_cat / B_cat) on `examples`; save the run to `output`; return the report.
+
+    `model` is converted already (for a resume: loaded from the checkpoint `resume_from`, whose train_state.pt
+    restores optimizer, scheduler, RNG and step). `eval_fn(model, tokenizer) -> {name: value}` runs every
+    `eval_every` steps on rank 0 and its values go into the metrics log.
+    """
+    output = Path(output)
+    if int(os.environ.get("RANK", "0")) == 0 and resume_from is None:
+        run_state.check_output_dir(output)
+    t = Trainer(model, tokenizer, examples, config, cfg, output, None if resume_from is None else Path(resume_from))
+    env, metrics_path = t.env, output / run_state.METRICS_NAME
+    if env.main:
+        output.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            run_state.rewrite_metrics(metrics_path, t.start)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    bar = tqdm(total=t.total, initial=t.start, desc="train", disable=not (env.main and cfg.progress), unit="step")
+    history: list[dict[str, Any]] = []
+    reset_peak_memory(env.device)  # the log reports this run's peak, not earlier work in the same process
+    started, tokens_seen = time.perf_counter(), 0
+    for step in range(t.start, t.total):
+        t0 = time.perf_counter()
+        lr_now = t.optimizer.param_groups[0]["lr"]
+        loss, grad_norm, n_tokens, step_tokens = t.optimizer_step()
+        tokens_seen += step_tokens
+        row = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr_now,
+            "grad_norm": grad_norm,
+            "answer_tokens": n_tokens,
+            "tokens_per_s": step_tokens / (time.perf_counter() - t0),
+            "peak_memory_mib": peak_memory_mib(env.device),
+            "seconds": time.perf_counter() - started,
+        }
+        if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and env.main:
+            model.eval()
+            row.update({f"eval_{k}": v for k, v in eval_fn(model, tokenizer).items()})
+            model.train()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        history.append(row)
+        if env.main and ((step + 1) % cfg.log_every == 0 or step + 1 == t.total or "eval_answer_nll" in row):
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == t.total):
+            if env.main:
+                run_state.save_checkpoint(
+                    output, step + 1, model, config, tokenizer, base_model, t.train_state(step + 1)
+                )
+            if env.world > 1:
+                dist.barrier()
+    bar.close()
+    report = {
+        "method_config": config.to_dict(),
+        "train_config": asdict(cfg),
+        "base_model": base_model,
+        "steps": t.total,
+        "resumed_from_step": t.start if resume_from is not None else None,
+        "world_size": env.world,
+        "examples": len(examples),
+        "trainable_parameters": sum(p.numel() for p in t.params) - frozen_residual_parameters(model),
+        "final_loss": history[-1]["loss"] if history else None,
+        "tokens": tokens_seen,
+        "seconds": time.perf_counter() - started,
+        "peak_memory_mib": peak_memory_mib(env.device),
+        "residual_lr": cfg.residual_lr,
+        "residual_lr_per_layer": {n: s * cfg.lr for n, s in t.scales.items()} if t.scales else None,
+        "history": history,
+        **(extra_report or {}),
+    }
+    if env.main:
+        model.eval()
+        run_state.save_final(output, model, config, tokenizer, base_model, report)
+        logger.info("saved run to %s (%d steps, final loss %.4f)", output, t.total, report["final_loss"] or 0.0)
+    if env.world > 1:
+        dist.barrier()
+    return report
+
+
+def run_training(
+    model_spec: str,
+    method: str,
+    config: SALRConfig,
+    cfg: TrainConfig,
+    output: str | os.PathLike,
+    data_path: str | os.PathLike | None = None,
+    records: Sequence[dict[str, str]] | None = None,
+    limit: int | None = None,
+    resume: bool = False,
+    dtype: str | None = None,
+    eval_fn: Callable[[nn.Module, Any], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """What `salr train` does: prepare the model (or reload the latest checkpoint with `resume`), tokenise the
+    data, train, save. Returns the report."""
+    if method not in METHODS:
+        raise SALRError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    checkpoint = run_state.latest_checkpoint(output) if resume else None
+    if resume and checkpoint is None:
+        raise SALRError(
+            f"--resume: no checkpoint in {Path(output) / run_state.CHECKPOINTS}; train with --save-every first"
+        )
+    started = time.perf_counter()
+    if records is None:  # read (and validate) the data before the slow model preparation
+        if data_path is None:
+            raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL)")
+        records = data.load_sft_records(data_path, limit)
+    if checkpoint is not None:
+        model, tokenizer, config, conversion = prepare_model(str(checkpoint), method, config, dtype)
+    else:
+        model, tokenizer, config, conversion = prepare_model(model_spec, method, config, dtype)
+    examples = load_examples(data_path, tokenizer, cfg.max_length, limit, records)
+    extra = {
+        "method": method,
+        "data": str(data_path) if data_path is not None else "records",
+        "prepare_seconds": time.perf_counter() - started,
+        "conversion_totals": conversion["totals"] if conversion else None,
+    }
+    return train(
+        model, tokenizer, examples, config, cfg, output, model_spec, checkpoint, eval_fn=eval_fn, extra_report=extra
+    )
