@@ -13,26 +13,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from salr.bench import environment, salr_copy  # noqa: E402
-from salr.io import atomic_write_json  # noqa: E402
-from salr.layer import SALRLinear  # noqa: E402
-from salr.loaders import load_model  # noqa: E402
+from salr.bench.models import salr_copy
+from salr.bench.timing import environment
+from salr.config import SALRConfig
+from salr.io import atomic_write_json
+from salr.layer import SALRLinear
+from salr.loaders import load_model
 
 
 def layer_pairs(model_spec: str, residual_rank: int, lora_rank: int) -> list[tuple[SALRLinear, torch.nn.Linear]]:
     """(SALR layer, the dense bf16 nn.Linear it replaces) for every converted layer, in model order."""
     dense, _ = load_model(model_spec, dtype="bfloat16")
     dense.eval()
-    salr_model, _ = salr_copy(dense, 0.5, residual_rank, lora_rank)
+    salr_model, _ = salr_copy(dense, SALRConfig(sparsity=0.5, residual_rank=residual_rank, r=lora_rank))
     return [(s, dense.get_submodule(n)) for n, s in salr_model.named_modules() if isinstance(s, SALRLinear)]
 
 

@@ -331,7 +331,7 @@ print("ok")
 
 @pytest.mark.skipif(CUDA, reason="interpreter mode only (TRITON_INTERPRET is not set when a GPU is present)")
 def test_check_triton_on_cpu_reports_small_error():
-    from salr.kernels.gpu_bench import check_triton_on_cpu
+    from salr.bench.kernel import check_triton_on_cpu
 
     report = check_triton_on_cpu((128, 256), tokens=16, sparsity=0.5)
     assert report["backend"] == "triton-interpreter" and report["shape"] == [128, 256]
@@ -342,7 +342,7 @@ def test_check_triton_on_cpu_reports_small_error():
 
 @gpu_only
 def test_bench_gpu_kernel_reports_timings():
-    from salr.kernels.gpu_bench import bench_gpu_kernel
+    from salr.bench.kernel import bench_gpu_kernel
 
     report = bench_gpu_kernel((1024, 1024), tokens=16, sparsity=0.5, rep_ms=20)
     assert report["dense_ms"] > 0 and report["bitmap_triton_ms"] > 0

@@ -138,7 +138,7 @@ def test_use_semi_structured_on_cpu_keeps_every_base_and_says_why(tiny_llama):
     from salr.convert import salr_modules, use_semi_structured
 
     report = _convert_2to4(tiny_llama)
-    assert "semi_structured" not in report  # convert only swaps on CUDA
+    assert "semi_structured" not in report  # convert never moves bases onto sparse tensor cores by itself
     layers = [m for _, m in salr_modules(tiny_llama)]
     assert layers and all(isinstance(m.base, DenseBase) for m in layers)
     for m in layers:
@@ -148,18 +148,19 @@ def test_use_semi_structured_on_cpu_keeps_every_base_and_says_why(tiny_llama):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_convert_2to4_on_gpu_uses_sparse_tensor_cores_and_saves_dense(tiny_llama, tmp_path):
+def test_use_semi_structured_on_gpu_uses_sparse_tensor_cores_and_saves_dense(tiny_llama, tmp_path):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs compute capability >= 8.0")
     import salr
     from salr.bases.semi_structured import SemiStructuredBase
-    from salr.convert import salr_modules
+    from salr.convert import salr_modules, use_semi_structured
 
     tiny_llama.to(torch.bfloat16)
     ids = torch.randint(0, 128, (2, 16), device="cuda")
     report = _convert_2to4(tiny_llama, "cuda")
+    assert "semi_structured" not in report  # no device side effect in convert
     layers = [m for _, m in salr_modules(tiny_llama)]
-    swapped = report["semi_structured"]["semi_structured"]
+    swapped = use_semi_structured(tiny_llama)["semi_structured"]
     assert swapped == sum(isinstance(m.base, SemiStructuredBase) for m in layers) and swapped > 0
     state = tiny_llama.state_dict()  # what salr.save writes: plain dense bases
     for name, m in salr_modules(tiny_llama):

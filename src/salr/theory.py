@@ -402,6 +402,36 @@ def _ordering_summary(rows: list[dict]) -> dict:
     return result
 
 
+def _theorem_checks(
+    shape: tuple[int, int],
+    rank: int,
+    seed: int,
+    named_weights: Iterable[tuple[str, torch.Tensor]] | None,
+    layer_inputs: dict[str, torch.Tensor] | None,
+    power_iters: int,
+) -> tuple[list[dict], dict, dict, dict]:
+    """Theorem 3 on Gaussian and real weights, Theorem 4 on a Gaussian and real layer inputs."""
+    d, k = shape
+    gen = torch.Generator().manual_seed(seed + 7)
+    random_t3 = []
+    for dd, kk in [(d, k), (d, 4 * k)]:
+        w0 = torch.randn(dd, kk, generator=gen)
+        random_t3.append(theorem3_check(torch.where(magnitude_mask(w0, 0.5), 0.0, w0), rank))
+    real_t3 = (
+        theorem3_on_weights(named_weights, 0.5, rank / min(d, k))
+        if named_weights is not None
+        else {"skipped": "no model weights given"}
+    )
+    x = torch.randn(4 * d, k, generator=gen)
+    random_t4 = theorem4_check(x, power_iters, seed)
+    if layer_inputs:
+        layers = [{"name": n, **theorem4_check(xi, power_iters, seed)} for n, xi in layer_inputs.items()]
+        real_t4 = {"layers": layers, "max_rel_error": max(r["rel_error"] for r in layers)}
+    else:
+        real_t4 = {"skipped": "no layer inputs given"}
+    return random_t3, real_t3, random_t4, real_t4
+
+
 def theory_report(
     tau: float = 0.5,
     shape: tuple[int, int] = (256, 256),
@@ -440,24 +470,9 @@ def theory_report(
         p50[kind]["ordering_monte_carlo"] = ordering(p50[kind]["monte_carlo"])
         p50[kind]["ordering_monte_carlo_recovered"] = ordering(p50[kind]["monte_carlo_recovered"])
 
-    gen = torch.Generator().manual_seed(seed + 7)
-    random_t3 = []
-    for dd, kk in [(d, k), (d, 4 * k)]:
-        w0 = torch.randn(dd, kk, generator=gen)
-        random_t3.append(theorem3_check(torch.where(magnitude_mask(w0, 0.5), 0.0, w0), rank))
-    real_t3 = (
-        theorem3_on_weights(named_weights, 0.5, rank / min(d, k))
-        if named_weights is not None
-        else {"skipped": "no model weights given"}
+    random_t3, real_t3, random_t4, real_t4 = _theorem_checks(
+        shape, rank, seed, named_weights, layer_inputs, power_iters
     )
-
-    x = torch.randn(4 * d, k, generator=gen)
-    random_t4 = theorem4_check(x, power_iters, seed)
-    if layer_inputs:
-        layers = [{"name": n, **theorem4_check(xi, power_iters, seed)} for n, xi in layer_inputs.items()]
-        real_t4 = {"layers": layers, "max_rel_error": max(r["rel_error"] for r in layers)}
-    else:
-        real_t4 = {"skipped": "no layer inputs given"}
 
     no_recovery = [r["rel_error"] for r in rows]
     recovery = [

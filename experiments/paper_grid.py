@@ -5,8 +5,8 @@ problems, then evaluates on the held-out problems (GSM8K accuracy and answer NLL
 perplexity. Test files are arguments, so the real test splits can be used. Writes OUTPUT/results.json,
 OUTPUT/results.md and OUTPUT/{sparsity_sweep,loss_curves}.png.
 
-    python benchmarks/experiment.py --quick --output runs/quick     # < 20 min: 18.1 min on 2 cores (2026-11-30)
-    python benchmarks/experiment.py --output runs/full              # 12 runs: 2.23 h on 2 cores (2026-12-01)
+    python experiments/paper_grid.py --quick --output runs/quick     # < 20 min: 18.1 min on 2 cores (2026-11-30)
+    python experiments/paper_grid.py --output runs/full              # 12 runs: 2.23 h on 2 cores (2026-12-01)
 
 Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, exactly SALR's trainable count
 (A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
@@ -32,18 +32,16 @@ from typing import Any
 
 import torch
 
+from salr import data, evaluate
+from salr.config import SALRConfig
+from salr.convert import convert
+from salr.io import atomic_write_bytes, atomic_write_json
+from salr.layer import FusedAdapters
+from salr.loaders import load_model
+from salr.train import TrainConfig, load_examples, method_config, train
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from salr import data, evaluate  # noqa: E402
-from salr.config import SALRConfig  # noqa: E402
-from salr.convert import convert  # noqa: E402
-from salr.io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from salr.layer import SALRLinear  # noqa: E402
-from salr.loaders import load_model  # noqa: E402
-from salr.train import TrainConfig, load_examples, method_config, train  # noqa: E402
-
-logger = logging.getLogger("experiment")
+logger = logging.getLogger("paper_grid")
 SHARED = ROOT.parent / "shared" / "data"
 
 
@@ -72,16 +70,14 @@ def grid(quick: bool) -> list[Run]:
 
 
 def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
-    """The SALRConfig a (non-pretrained) run converts and trains with."""
-    # LoRA / prune+LoRA at SALR's trainable parameter count: one block of rank residual_rank + lora_rank.
-    no_residual = run.method in ("lora", "prune-lora")
-    r = args.residual_rank + args.lora_rank if no_residual else args.lora_rank
+    """The SALRConfig a (non-pretrained) run converts and trains with: `method_config` gives LoRA / prune+LoRA one
+    block of rank residual_rank + lora_rank, SALR's trainable parameter count, at the same LoRA scale (2)."""
     base = SALRConfig(
         sparsity=run.sparsity,
         pattern=run.pattern,
         residual_rank=args.residual_rank,
-        r=r,
-        lora_alpha=2.0 * r,
+        r=args.lora_rank,
+        lora_alpha=2.0 * args.lora_rank,
         seed=args.seed,
     )
     return method_config(run.method, base)
@@ -89,8 +85,7 @@ def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
 
 def conversion_key(config: SALRConfig) -> str:
     """Runs whose configs differ only in train_residual (salr and salr-frozen-residual) convert identically:
-    same mask, same SVD residual, same LoRA init. salr.train freezes the residual block through its
-    per-layer lr scales (gradients zeroed, blocks restored after every step), not through the layer."""
+    same mask, same SVD residual, same LoRA init; the layers' `train_residual` is set after the copy."""
     fields = config.to_dict()
     fields.pop("train_residual")
     return json.dumps(fields, sort_keys=True)
@@ -114,7 +109,7 @@ class Conversions:
             else:
                 model = copy.deepcopy(model)
             for module in model.modules():
-                if isinstance(module, SALRLinear):
+                if isinstance(module, FusedAdapters):
                     module.train_residual = config.train_residual
             return model, report, source
         model = copy.deepcopy(dense)
@@ -405,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_one(run, dense, tokenizer, examples, dev, text, args, conversions))
         result = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/experiment.py", *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join(["python", "experiments/paper_grid.py", *(sys.argv[1:] if argv is None else argv)]),
             "settings": settings,
             "runs": rows,
             "check": issue_check(rows),

@@ -1,4 +1,4 @@
-"""benchmarks/experiment.py: the quick grid, conversion reuse, per-stage timings in results.json."""
+"""experiments/paper_grid.py: the quick grid, conversion reuse, per-stage timings in results.json."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ STORIES = DATA / "models" / "stories260K" / "stories260K.bin"
 
 @pytest.fixture(scope="module")
 def experiment():
-    spec = importlib.util.spec_from_file_location("experiment", ROOT / "benchmarks" / "experiment.py")
+    spec = importlib.util.spec_from_file_location("paper_grid", ROOT / "experiments" / "paper_grid.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["experiment"] = module
+    sys.modules["paper_grid"] = module
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop("experiment", None)
+    sys.modules.pop("paper_grid", None)
 
 
 def test_quick_grid_keeps_the_comparisons(experiment):

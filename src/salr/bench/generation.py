@@ -1,0 +1,305 @@
+"""End-to-end greedy generation with a KV cache: dense bf16 / fp32 vs SALR, prefill ms and decode tokens/s.
+
+`generation_report` (CPU) also splits decode time into the converted linears and everything else
+(`decode_breakdown`) and measures each model's peak RSS in a child process; `cuda_generation_compare` (GPU) adds
+SALR with 2:4 bases on sparse tensor cores and reports torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from salr import ops
+from salr.bench.models import cuda_model, salr_copy
+from salr.bench.timing import environment, in_child, model_bytes, sync_model
+from salr.config import SALRConfig
+from salr.errors import SALRError
+from salr.memory import peak_rss_mib, rss_mib
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
+
+
+def generation_bench(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32) -> dict[str, Any]:
+    """Greedy generation of an already-built model (dense or with SALR layers) from `input_ids` [1, prompt]:
+    prefill ms, decode tokens/s and the generated token ids (the first comes from the prefill)."""
+    model.eval()
+    with torch.inference_mode():
+        sync_model(model)
+        t0 = time.perf_counter()
+        out = model(input_ids=input_ids, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        sync_model(model)
+        prefill_s = time.perf_counter() - t0
+        past = out.past_key_values
+        tokens = [token]
+        t0 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+        sync_model(model)
+        decode_s = time.perf_counter() - t0
+    return {
+        "prompt_tokens": int(input_ids.shape[-1]),
+        "new_tokens": max_new_tokens,
+        "prefill_ms": 1e3 * prefill_s,
+        "decode_tokens_per_s": max_new_tokens / decode_s if decode_s > 0 else float("inf"),
+        "token_ids": torch.cat(tokens, -1)[0].tolist(),
+    }
+
+
+def generation_compare(
+    models: dict[str, nn.Module], input_ids: torch.Tensor, max_new_tokens: int = 32, rounds: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Greedy generation of the same prompt by each model, in interleaved rounds (order alternating); per model the
+    median prefill ms and decode tokens/s over the rounds, every round's tokens/s, its bytes and the token ids."""
+    samples: dict[str, list[dict]] = {name: [] for name in models}
+    for model in models.values():  # warm-up: first-call allocations, lazy init
+        generation_bench(model, input_ids, 2)
+    for i in range(rounds):
+        for name in list(models) if i % 2 == 0 else list(reversed(models)):
+            samples[name].append(generation_bench(models[name], input_ids, max_new_tokens))
+    return {
+        name: {
+            "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
+            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+            "decode_tokens_per_s_rounds": [r["decode_tokens_per_s"] for r in runs],
+            "model_bytes": model_bytes(models[name]),
+            "token_ids": runs[0]["token_ids"],
+        }
+        for name, runs in samples.items()
+    }
+
+
+class _ZeroLinear(nn.Module):
+    """Stands in for a linear layer at no cost: zeros of the right shape (for measuring everything else)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_decoder_linears(dense: nn.Module, salr_model: nn.Module) -> nn.Module:
+    """A copy of `dense` whose layers that SALR converted (the SALRLinear names in `salr_model`) return zeros."""
+    from salr.layer import SALRLinear
+
+    stub = copy.deepcopy(dense).eval()
+    for name, module in salr_model.named_modules():
+        if isinstance(module, SALRLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(stub.get_submodule(parent), child, _ZeroLinear(module.out_features))
+    return stub
+
+
+def decode_breakdown(results: dict[str, dict], salr_model: nn.Module) -> dict[str, Any]:
+    """Split decode ms per token into the converted linears and everything else (attention, norms, lm_head,
+    Python), from the `no_linears` run; the speedup of the linears alone; and the end-to-end ceiling if the
+    linears ran exactly at their byte ratio (bf16 dense bytes / bitmap + adapter bytes): memory-bound decoding
+    cannot beat it."""
+    from salr.layer import SALRLinear
+
+    ms = {name: 1e3 / r["decode_tokens_per_s"] for name, r in results.items()}
+    rest = ms["no_linears"]
+    dense_bytes = salr_bytes = 0
+    for module in salr_model.modules():
+        if isinstance(module, SALRLinear):
+            dense_bytes += module.out_features * module.in_features * 2
+            salr_bytes += module.base.nbytes + sum(p.numel() * p.element_size() for p in (module.A_cat, module.B_cat))
+    byte_ratio = dense_bytes / salr_bytes
+    dense_linears, salr_linears = ms["dense_bf16"] - rest, ms["salr"] - rest
+    return {
+        "ms_per_token": ms,
+        "outside_linears_ms": rest,
+        "linears_ms": {"dense_bf16": dense_linears, "salr": salr_linears},
+        "linears_speedup": dense_linears / salr_linears if salr_linears > 0 else float("inf"),
+        "linears_byte_ratio": byte_ratio,
+        "speedup_ceiling_at_byte_ratio": ms["dense_bf16"] / (rest + dense_linears / byte_ratio),
+    }
+
+
+def _child_generation_memory(
+    path: str, kind: str, prompt_ids: list[int], max_new_tokens: int, threads: int
+) -> dict[str, float]:
+    """Runs in a fresh process: load one model from disk (`kind` a torch dtype name or "salr"), generate, report
+    resident memory (MiB)."""
+    torch.set_num_threads(threads)
+    baseline = rss_mib()
+    if kind == "salr":
+        from salr.checkpoint import load
+
+        model, _ = load(path, verify_checksums=False)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, kind)).eval()
+    loaded = rss_mib()
+    generation_bench(model, torch.tensor([prompt_ids]), max_new_tokens)
+    return {
+        "rss_baseline_mib": baseline,
+        "rss_after_load_mib": loaded,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_over_baseline_mib": peak_rss_mib() - baseline,
+    }
+
+
+def _generation_memory(
+    models: dict[str, nn.Module], config: SALRConfig, input_ids: torch.Tensor, max_new_tokens: int
+) -> dict[str, dict[str, float]]:
+    """Save each model ("dense_bf16", "dense_fp32", "salr") and measure the RSS of a child that loads it and
+    generates (`_child_generation_memory`)."""
+    from salr.checkpoint import save
+
+    kinds = {"dense_bf16": "bfloat16", "dense_fp32": "float32", "salr": "salr"}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="salr-bench-") as tmp:
+        for name, kind in kinds.items():
+            path = Path(tmp, name)
+            if kind == "salr":
+                save(models[name], path, config)
+            else:
+                models[name].save_pretrained(path)
+            args = (str(path), kind, input_ids[0].tolist(), max_new_tokens, torch.get_num_threads())
+            out[name] = in_child(_child_generation_memory, *args)
+    return out
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, prompt_tokens: int | None, vocab_size: int) -> torch.Tensor:
+    """The tokenized prompt (random ids without a tokenizer) [1, n], repeated or cut to `prompt_tokens` if given."""
+    if tokenizer is not None:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        ids = torch.randint(0, vocab_size, (1, prompt_tokens or 32), generator=torch.Generator().manual_seed(0))
+    if prompt_tokens:  # repeat the prompt to the requested length
+        ids = ids.repeat(1, -(-prompt_tokens // ids.shape[1]))[:, :prompt_tokens]
+    return ids
+
+
+def generation_report(
+    spec: str = "default",
+    max_new_tokens: int = 32,
+    rounds: int = 3,
+    sparsity: float = 0.5,
+    residual_rank: int = 64,
+    lora_rank: int = 16,
+    prompt: str = DEFAULT_PROMPT,
+    prompt_tokens: int | None = None,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """`salr bench --generate` on the CPU: dense bf16, dense fp32 and SALR (bitmap base, bf16 adapters unmerged)
+    decode the same prompt in one process, next to the dense model with its converted linears stubbed out
+    (`no_linears`, for `decode_breakdown`); with `memory`, the peak RSS of each model (not `no_linears`) comes from a
+    child process that loads it from disk (a saved checkpoint) and generates."""
+    from salr.loaders import load_model
+
+    dense_bf16, tokenizer = load_model(spec, dtype="bfloat16")
+    input_ids = _prompt_ids(tokenizer, prompt, prompt_tokens, dense_bf16.config.vocab_size)
+    dense_fp32 = copy.deepcopy(dense_bf16).float().eval()
+    t0 = time.perf_counter()
+    salr_model, config = salr_copy(dense_bf16, SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank))
+    convert_s = time.perf_counter() - t0
+    models = {"dense_bf16": dense_bf16, "dense_fp32": dense_fp32, "salr": salr_model}
+    # The same model with its decoder linears stubbed out: what decoding costs outside the layers SALR replaces.
+    models["no_linears"] = without_decoder_linears(dense_bf16, salr_model)
+    results = generation_compare(models, input_ids, max_new_tokens, rounds)
+    if memory:
+        for name, rss in _generation_memory(models, config, input_ids, max_new_tokens).items():
+            results[name].update(rss)
+    salr_tps = results["salr"]["decode_tokens_per_s"]
+    same = sum(a == b for a, b in zip(results["salr"]["token_ids"], results["dense_bf16"]["token_ids"], strict=True))
+    return {
+        "benchmark": "generate",
+        "model": spec,
+        "device": "cpu",
+        "salr_config": config.to_dict(),
+        "convert_seconds": convert_s,
+        "prompt_tokens": int(input_ids.shape[1]),
+        "new_tokens": max_new_tokens,
+        "rounds": rounds,
+        "results": results,
+        "salr_speedup_vs_dense_bf16": salr_tps / results["dense_bf16"]["decode_tokens_per_s"],
+        "salr_speedup_vs_dense_fp32": salr_tps / results["dense_fp32"]["decode_tokens_per_s"],
+        "salr_tokens_matching_dense_bf16": same / len(results["salr"]["token_ids"]),
+        "breakdown": decode_breakdown(results, salr_model),
+        "environment": environment(),
+    }
+
+
+def _cuda_peak_memory(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, float]:
+    """torch.cuda.max_memory_allocated (MiB) during one generation of `model` alone, and its excess over what was
+    allocated before (the resident models)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    generation_bench(model, input_ids, max_new_tokens)
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_memory_mib": peak / 2**20, "peak_over_resident_mib": (peak - base) / 2**20}
+
+
+def _cuda_case(
+    spec: str, config: SALRConfig, max_new_tokens: int, prompt_tokens: int, rounds: int, llama_overrides: dict
+) -> dict[str, Any]:
+    """One model spec of `cuda_generation_compare`."""
+    from salr.bases.semi_structured import SemiStructuredBase
+
+    dense = cuda_model(spec, **llama_overrides)
+    salr_model, config = salr_copy(dense, config)
+    # the same SALR layers with 2:4 bases on sparse tensor cores (salr_copy swaps them in on the GPU)
+    salr_24, _ = salr_copy(dense, SALRConfig.from_dict({**config.to_dict(), "pattern": "2:4"}), bitmap=False)
+    ids = torch.randint(0, dense.config.vocab_size, (1, prompt_tokens), device="cuda")
+    models = {"dense_bf16": dense, "salr": salr_model, "salr_2to4": salr_24}
+    results = generation_compare(models, ids, max_new_tokens, rounds)
+    for name, model in models.items():
+        results[name].update(_cuda_peak_memory(model, ids, max_new_tokens))
+    dense_tps = results["dense_bf16"]["decode_tokens_per_s"]
+    return {
+        "model": spec,
+        "salr_config": config.to_dict(),
+        "results": results,
+        "salr_speedup_vs_dense_bf16": results["salr"]["decode_tokens_per_s"] / dense_tps,
+        "salr_2to4_speedup_vs_dense_bf16": results["salr_2to4"]["decode_tokens_per_s"] / dense_tps,
+        "salr_2to4_semi_structured_layers": sum(isinstance(m, SemiStructuredBase) for m in salr_24.modules()),
+    }
+
+
+def cuda_generation_compare(
+    specs: Iterable[str] = ("llama3-8b", "default"),
+    max_new_tokens: int = 64,
+    prompt_tokens: int = 128,
+    rounds: int = 3,
+    sparsity: float = 0.5,
+    residual_rank: int = 64,
+    lora_rank: int = 16,
+    llama_overrides: dict | None = None,
+) -> dict[str, Any]:
+    """`salr bench --device cuda --generate`: per model spec ("llama3-8b" = random weights with Llama-3-8B shapes,
+    built on the GPU), dense bf16 vs SALR (bitmap bases, Triton kernel as the op's CUDA backend, bf16 adapters
+    unmerged) vs SALR at 2:4 (bases on sparse tensor cores), all resident on the GPU and timed in interleaved
+    rounds. Peak memory is torch.cuda.max_memory_allocated during one generation of each model alone."""
+    if not torch.cuda.is_available():
+        raise SALRError("--device cuda but no CUDA device is available")
+    if ops.triton_kernels() is None:
+        raise SALRError("the CUDA bitmap backend needs triton: pip install triton")
+    config = SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank)
+    cases = []
+    for spec in specs:
+        cases.append(_cuda_case(spec, config, max_new_tokens, prompt_tokens, rounds, llama_overrides or {}))
+        torch.cuda.empty_cache()  # the case's models are gone
+    env = {**environment(), "gpu": torch.cuda.get_device_name()}
+    return {"benchmark": "generate", "device": "cuda", "prompt_tokens": prompt_tokens, "new_tokens": max_new_tokens,
+            "cases": cases, "environment": env}  # fmt: skip

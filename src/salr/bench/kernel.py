@@ -1,0 +1,320 @@
+"""Layer-level kernel benchmarks: y = x @ W.T for one weight shape W [out, in] and M tokens x [M, in].
+
+On the CPU (`kernel_case`, `kernel_grid`) dense bf16, dense fp32 and the bitmap op (bf16 values) are timed
+interleaved in one process. The Triton bitmap kernel (`triton_kernel_grid`) is timed on a GPU against cuBLAS dense
+and PyTorch 2:4 (`bench_gpu_kernel`), or, on the CPU under TRITON_INTERPRET=1, checked for correctness only
+(`check_triton_on_cpu`: interpreter timings mean nothing). Every sparse output is checked against a reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from salr import bitmap_format, ops
+from salr.bench.timing import environment, time_interleaved
+from salr.errors import SALRError
+from salr.ops import cpu as cpu_kernel
+from salr.pruning import nm_mask, unstructured_mask
+
+logger = logging.getLogger(__name__)
+
+SHAPES: list[tuple[int, int]] = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096), (4096, 14336)]
+TOKENS: list[int] = [1, 4, 16, 128, 512]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+TABLE_HEADER = (
+    f"{'shape':>11} {'M':>5} {'bf16 ms':>10} {'fp32 ms':>10} {'bitmap ms':>10} {'vs bf16':>9} {'vs fp32':>9}  backend"
+)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """ "4096x4096" -> (4096, 4096), as (out, in) = (rows, cols) of the weight."""
+    try:
+        rows, cols = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise SALRError(f"shape must look like OUTxIN, e.g. 4096x4096; got {text!r}") from None
+    if rows <= 0 or cols <= 0:
+        raise SALRError(f"shape dimensions must be positive, got {text!r}")
+    return rows, cols
+
+
+def pruned_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """fp32 Gaussian weight [rows, cols] with the `sparsity` fraction of smallest magnitudes set to zero
+    (`salr.pruning.unstructured_mask`: round((1 - sparsity) * rows * cols) entries kept)."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    return w.masked_fill_(~unstructured_mask(w, sparsity), 0.0)
+
+
+def weight_bytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Checkpoint-bytes accounting of one weight: dense vs the bitmap format's ideal payload (1 bit/weight + kept
+    values) and the row offsets it also stores."""
+    dense = bitmap_format.dense_nbytes(shape, dtype)
+    ideal = bitmap_format.ideal_bitmap_nbytes(shape, nnz, dtype)
+    return {
+        "dense_bytes": dense,
+        "bitmap_ideal_bytes": ideal,
+        "row_offsets_bytes": 8 * shape[0],
+        "compression": dense / ideal,
+        "bits_per_weight": 8 * ideal / (shape[0] * shape[1]),
+    }
+
+
+def _backend_label(backend: str, device: torch.device, tokens: int) -> str:
+    """The backend that ran, with the native kernel's ISA and path (GEMV or decode + SGEMM) on the CPU."""
+    name = ops.backend_name(device) if backend == "auto" else backend
+    if name == "cpu":
+        name = f"cpu-{cpu_kernel.isa()}"
+    if name.startswith("cpu-"):
+        name += "-gemv" if tokens <= cpu_kernel.GEMV_MAX_TOKENS else "-decode+sgemm"
+    return name
+
+
+def kernel_case(
+    shape: tuple[int, int],
+    tokens: int,
+    sparsity: float = 0.5,
+    backend: str = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+    budget_s: float = 1.0,
+) -> dict[str, Any]:
+    """Time y = x @ W.T for one weight shape (out, in) and token count: dense bf16, dense fp32, bitmap (bf16
+    values); median ms of each, speedups, the bitmap output's max relative error and the weight's bytes."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SALRError("--device cuda but no CUDA device is available")
+    rows, cols = shape
+    w32 = pruned_weight(rows, cols, sparsity, seed).to(dev)
+    w16 = w32.to(torch.bfloat16)
+    bw = bitmap_format.encode(w16)
+    x32 = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    x16 = x32.to(torch.bfloat16)
+    args = (bw.bitmask, bw.values, bw.row_offsets, rows, cols)
+
+    def bitmap() -> torch.Tensor:
+        return ops.bitmap_linear_with(backend, x16, *args)
+
+    with torch.inference_mode():
+        y = bitmap().double()
+        ref = F.linear(x16.float(), w16.float()).double()
+        err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        fns = {"dense_bf16": lambda: F.linear(x16, w16), "dense_fp32": lambda: F.linear(x32, w32), "bitmap": bitmap}
+        ms = time_interleaved(fns, dev, budget_s=budget_s)
+    return {
+        "shape": [rows, cols],
+        "tokens": tokens,
+        "sparsity": sparsity,
+        "density": bw.nnz / (rows * cols),
+        "device": str(dev),
+        "backend": _backend_label(backend, dev, tokens),
+        "dense_bf16_ms": ms["dense_bf16"],
+        "dense_fp32_ms": ms["dense_fp32"],
+        "bitmap_ms": ms["bitmap"],
+        "speedup_vs_dense_bf16": ms["dense_bf16"] / ms["bitmap"],
+        "speedup_vs_dense_fp32": ms["dense_fp32"] / ms["bitmap"],
+        "max_rel_err": err,
+        **weight_bytes(shape, bw.nnz, torch.bfloat16),
+    }
+
+
+def kernel_grid(
+    shapes: Iterable[tuple[int, int]] = SHAPES,
+    tokens: Iterable[int] = TOKENS,
+    sparsity: float = 0.5,
+    backend: str = "auto",
+    device: str = "cpu",
+    budget_s: float = 1.0,
+    progress: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """`kernel_case` for every (shape, tokens); `progress(case)` is called after each one."""
+    results = []
+    for shape in shapes:
+        for m in tokens:
+            case = kernel_case(shape, m, sparsity, backend, device, budget_s=budget_s)
+            results.append(case)
+            if progress:
+                progress(case)
+    return {"environment": environment(), "results": results}
+
+
+def format_row(case: dict[str, Any]) -> str:
+    """One `kernel_case` as a line of the table under TABLE_HEADER."""
+    shape = "x".join(str(s) for s in case["shape"])
+    return (
+        f"{shape:>11} {case['tokens']:>5} {case['dense_bf16_ms']:>10.3f} {case['dense_fp32_ms']:>10.3f} "
+        f"{case['bitmap_ms']:>10.3f} {case['speedup_vs_dense_bf16']:>8.2f}x {case['speedup_vs_dense_fp32']:>8.2f}x  "
+        f"{case['backend']}"
+    )
+
+
+# -------------------- Triton kernel
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SALRError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def snr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Signal-to-noise ratio of `y` against `ref` in dB (inf when identical)."""
+    noise = (y.double() - ref.double()).pow(2).sum().item()
+    signal = ref.double().pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def _problem(
+    shape: tuple[int, int], tokens: int, sparsity: float, dtype: torch.dtype, device: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dense fp32 weight [out, in], x [tokens, in] in `dtype`, the magnitude-pruned weight in `dtype`)."""
+    out_f, in_f = shape
+    if out_f <= 0 or in_f <= 0 or tokens <= 0:
+        raise SALRError(f"shape and tokens must be positive, got shape {shape} and tokens {tokens}")
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)).to(device)
+    x = torch.randn(tokens, in_f, generator=g).to(device=device, dtype=dtype)
+    return w, x, (w * unstructured_mask(w, sparsity)).to(dtype)
+
+
+def check_triton_on_cpu(
+    shape: tuple[int, int], tokens: int, sparsity: float, dtype: str | torch.dtype = "bf16"
+) -> dict[str, Any]:
+    """Run the Triton bitmap kernel in the CPU interpreter; return its error against a float64 reference.
+
+    shape is (out_features, in_features). Needs TRITON_INTERPRET=1 set before triton is imported.
+    """
+    from salr.ops import triton as tb
+
+    if not tb.HAS_TRITON:
+        raise SALRError("the Triton check needs the `triton` package: pip install --no-deps triton")
+    if not tb.interpreting():
+        raise SALRError("run with TRITON_INTERPRET=1 in the environment to check the Triton kernel on the CPU")
+    dt = _dtype(dtype)
+    _, x, w = _problem(shape, tokens, sparsity, dt, "cpu")
+    bw = bitmap_format.encode(w)
+    y = tb.triton_bitmap_linear(x, bw.bitmask, bw.values, bw.row_offsets, *bw.shape)
+    ref = x.double() @ w.double().T
+    return {
+        "backend": "triton-interpreter",
+        "shape": list(shape),
+        "tokens": tokens,
+        "sparsity": sparsity,
+        "measured_sparsity": 1.0 - bw.nnz / w.numel(),
+        "dtype": str(dt).removeprefix("torch."),
+        "snr_db": snr_db(y, ref),
+        "max_abs_err": (y.double() - ref).abs().max().item(),
+        "max_abs_ref": ref.abs().max().item(),
+    }
+
+
+def _time_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
+    """Median ms of `fn` by triton.testing.do_bench (CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _bench_semi_structured(w_dense: torch.Tensor, x: torch.Tensor, dense_ms: float, warmup: int, rep: int) -> dict:
+    """2:4 magnitude pruning of `w_dense` on sparse tensor cores (or why not): SNR, median ms, speedup vs dense."""
+    from salr.bases import semi_structured as ss
+
+    w24 = (w_dense.float() * nm_mask(w_dense, 2, 4)).to(w_dense.dtype)
+    mod = ss.SemiStructuredBase(w24)
+    if mod.backend == "dense":
+        return {
+            "semi_structured_backend": mod.backend,
+            "semi_structured_ms": None,
+            "semi_structured_reason": mod.reason,
+        }
+    snr = snr_db(mod(x), x.double() @ w24.double().T)
+    ss_ms = _time_ms(lambda: mod(x), warmup, rep)
+    return {
+        "semi_structured_backend": mod.backend,
+        "semi_structured_snr_db": snr,
+        "semi_structured_ms": ss_ms,
+        "semi_structured_speedup_vs_dense": dense_ms / ss_ms,
+    }
+
+
+def bench_gpu_kernel(
+    shape: tuple[int, int],
+    tokens: int,
+    sparsity: float = 0.5,
+    dtype: str | torch.dtype = "bf16",
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
+) -> dict[str, Any]:
+    """Median time (ms) of y = x @ W.T for x [tokens, in], W [out, in] = `shape` on the current CUDA device: dense
+    cuBLAS (the unpruned weight) vs the Triton bitmap kernel (unstructured pruning at `sparsity`) vs PyTorch 2:4.
+
+    Each sparse result is also checked against a float64 reference (snr_db). Times come from
+    triton.testing.do_bench (CUDA events, L2 flushed between runs). Needs a CUDA GPU and triton.
+    """
+    if not torch.cuda.is_available():
+        raise SALRError("bench_gpu_kernel needs a CUDA GPU; on CPU use check_triton_on_cpu with TRITON_INTERPRET=1")
+    from salr.ops import triton as tb
+
+    if not tb.HAS_TRITON:
+        raise SALRError("the GPU benchmark needs the `triton` package: pip install triton")
+    if tb.interpreting():
+        raise SALRError("unset TRITON_INTERPRET to benchmark the compiled Triton kernel on the GPU")
+    dt = _dtype(dtype)
+    w_dense, x, w = _problem(shape, tokens, sparsity, dt, "cuda")
+    w_dense = w_dense.to(dt)
+    dense_ms = _time_ms(lambda: F.linear(x, w_dense), warmup_ms, rep_ms)
+
+    bw = bitmap_format.encode(w)
+    prefix = tb.bitmap_block_prefix(bw.bitmask, shape[1])
+
+    def bitmap() -> torch.Tensor:
+        return tb.triton_bitmap_linear(x, bw.bitmask, bw.values, bw.row_offsets, *shape, block_prefix=prefix)
+
+    bitmap_snr = snr_db(bitmap(), x.double() @ w.double().T)  # the first call also autotunes
+    bitmap_ms = _time_ms(bitmap, warmup_ms, rep_ms)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "shape": list(shape),
+        "tokens": tokens,
+        "sparsity": sparsity,
+        "dtype": str(dt).removeprefix("torch."),
+        "timing": "triton.testing.do_bench median, ms",
+        "dense_ms": dense_ms,
+        "dense_tflops": 2.0 * tokens * shape[0] * shape[1] / dense_ms / 1e9,
+        "dense_bytes": w_dense.numel() * w_dense.element_size(),
+        "bitmap_snr_db": bitmap_snr,
+        "bitmap_triton_ms": bitmap_ms,
+        "bitmap_bytes": bw.nbytes + prefix.numel() * prefix.element_size(),
+        "bitmap_speedup_vs_dense": dense_ms / bitmap_ms,
+        **_bench_semi_structured(w_dense, x, dense_ms, warmup_ms, rep_ms),
+    }
+    logger.info("bench %s tokens=%d: %s", shape, tokens, result)
+    return result
+
+
+def triton_kernel_grid(
+    shapes: Iterable[tuple[int, int]], tokens: Iterable[int], sparsity: float = 0.5, device: str = "cpu"
+) -> dict[str, Any]:
+    """The Triton bitmap kernel for every (shape, tokens): on a GPU, timings (`bench_gpu_kernel`); on the CPU under
+    TRITON_INTERPRET=1, correctness only (`check_triton_on_cpu`: snr_db, max_abs_err against float64)."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SALRError("--device cuda but no CUDA device is available")
+        case: Callable[..., dict] = bench_gpu_kernel
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        raise SALRError(
+            "backend 'triton' needs CUDA (--device cuda) or, for a CPU correctness check only, "
+            "TRITON_INTERPRET=1 in the environment"
+        )
+    else:
+        case = check_triton_on_cpu
+    results = [case(shape, m, sparsity) for shape in shapes for m in tokens]
+    return {"environment": environment(), "results": results}

@@ -1,0 +1,100 @@
+"""Timing and measurement helpers shared by the benchmarks: interleaved medians, device sync, the environment the
+numbers were measured on, bytes a model occupies, and a spawned child process for a per-run peak RSS."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from salr.ops import cpu as cpu_kernel
+
+logger = logging.getLogger(__name__)
+
+MIN_SAMPLE_S = 2e-3  # each timed sample runs the function enough times to last at least this long
+MAX_ROUNDS = 100
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued work on `device` (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sync_model(model: nn.Module) -> None:
+    """`sync` on the device of the model's first parameter."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        sync(p.device)
+
+
+def _calls_per_sample(fn: Callable[[], object], device: torch.device) -> int:
+    """Warm `fn` up, then how many calls make one sample last at least MIN_SAMPLE_S."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, min_rounds: int = 5, budget_s: float = 1.0
+) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds (order alternates) until
+    `min_rounds` are done and `budget_s` seconds have passed (at most MAX_ROUNDS rounds)."""
+    inner = {name: _calls_per_sample(fn, device) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < MAX_ROUNDS):
+        for name in list(fns) if rounds % 2 == 0 else list(reversed(fns)):
+            fn, n = fns[name], inner[name]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) / n)
+        rounds += 1
+    return {name: 1e3 * statistics.median(s) for name, s in samples.items()}
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on (threads and load matter on a shared machine)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_isa": cpu_kernel.isa() if cpu_kernel.available() else "none (native kernel not built)",
+        "loadavg_1m": load[0],
+    }
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (shared tensors once): what the weights occupy in memory."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a fresh spawned Python process (ru_maxrss is per process, so its peak RSS is this run's alone);
+    returns its result. `fn` must be importable by name (a module-level function)."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
