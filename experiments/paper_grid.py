@@ -51,19 +51,29 @@ class Run:
     method: str  # "pretrained" or one of salr.train.METHODS
     pattern: str = "unstructured"
     sparsity: float | None = 0.5
+    preset: str = "paper"  # how the base is pruned and the residual initialised (salr.config.PRESETS)
 
 
 def grid(quick: bool) -> list[Run]:
-    """Full: 4 methods x {50% unstructured, 2:4} + SALR sweep 10/30/60/70%.
+    """Full: 4 methods x {50% unstructured, 2:4} with the paper's recipe, SALR+ (our default recipe: SparseGPT mask,
+    whitened residual, self-calibration) and prune-LoRA on the same SparseGPT mask at 50 % and 2:4, and a sweep of
+    the paper's SALR at 10/30/60/70 %. Runs named "+" use the salr+ preset, the others the paper's.
 
-    Quick: the 4 methods at 50% unstructured, SALR at 2:4 and a SALR sweep at 30% and 70% (with 50%, three
-    points), besides the pretrained model.
+    Quick: the 4 methods at 50% unstructured, SALR and SALR+ at 50% and 2:4, and the paper's SALR at 30% and 70%,
+    besides the pretrained model.
     """
     methods = ["lora", "salr", "prune-lora", "salr-frozen-residual"]
     runs = [Run("pretrained", "pretrained", sparsity=None)]
     runs += [Run(f"{m}@50%", m) for m in methods]
+    runs += [Run("salr+@50%", "salr", preset="salr+")]
     patterns_24 = ["salr"] if quick else [m for m in methods if m != "lora"]
     runs += [Run(f"{m}@2:4", m, "2:4", None) for m in patterns_24]
+    runs += [Run("salr+@2:4", "salr", "2:4", None, preset="salr+")]
+    if not quick:
+        runs += [
+            Run("prune-lora+@50%", "prune-lora", preset="salr+"),
+            Run("prune-lora+@2:4", "prune-lora", "2:4", None, preset="salr+"),
+        ]
     sweep = [0.3, 0.7] if quick else [0.1, 0.3, 0.6, 0.7]
     runs += [Run(f"salr@{round(s * 100)}%", "salr", sparsity=s) for s in sweep]
     return runs
@@ -72,7 +82,8 @@ def grid(quick: bool) -> list[Run]:
 def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
     """The SALRConfig a (non-pretrained) run converts and trains with: `method_config` gives LoRA / prune+LoRA one
     block of rank residual_rank + lora_rank, SALR's trainable parameter count, at the same LoRA scale (2)."""
-    base = SALRConfig(
+    base = SALRConfig.from_preset(
+        run.preset,
         sparsity=run.sparsity,
         pattern=run.pattern,
         residual_rank=args.residual_rank,
@@ -98,7 +109,9 @@ class Conversions:
         self.remaining = Counter(conversion_key(run_config(r, args)) for r in runs if r.method != "pretrained")
         self.kept: dict[str, tuple[Any, dict[str, Any], str]] = {}
 
-    def get(self, run: Run, config: SALRConfig, dense: Any) -> tuple[Any, dict[str, Any], str | None]:
+    def get(
+        self, run: Run, config: SALRConfig, dense: Any, tokenizer: Any = None
+    ) -> tuple[Any, dict[str, Any], str | None]:
         """(converted model to train, conversion report, name of the run whose conversion was reused or None)."""
         key = conversion_key(config)
         self.remaining[key] = self.remaining.get(key, 1) - 1
@@ -113,7 +126,7 @@ class Conversions:
                     module.train_residual = config.train_residual
             return model, report, source
         model = copy.deepcopy(dense)
-        report = convert(model, config, progress=False)
+        report = convert(model, config, progress=False, tokenizer=tokenizer)
         if self.remaining[key] > 0:
             self.kept[key] = (copy.deepcopy(model), report, run.name)
         return model, report, None
@@ -221,7 +234,7 @@ def run_one(
     else:
         config = run_config(run, args)
         with timed(seconds, "convert"):
-            model, conversion, reused = conversions.get(run, config, dense)
+            model, conversion, reused = conversions.get(run, config, dense, tokenizer)
         cfg = TrainConfig(
             lr=args.lr,
             max_steps=args.steps,

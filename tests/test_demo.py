@@ -11,6 +11,7 @@ from salr.cli import main
 def test_demo_end_to_end(stories_path, tmp_path, capsys):
     out, summary_path = tmp_path / "demo", tmp_path / "demo.json"
     argv = ["demo", "--model", str(stories_path), "--residual-rank", "8", "--lora-rank", "4", "--lr", "3e-3"]
+    argv += ["--preset", "paper"]
     argv += ["--train-steps", "12", "--train-examples", "32", "--eval-examples", "8", "--accuracy-examples", "2"]
     argv += ["--max-new-tokens", "4", "--output", str(out), "--json", str(summary_path)]
     assert main(argv) == 0

@@ -40,12 +40,21 @@ def test_quick_grid_keeps_the_comparisons(experiment):
         "salr@50%",
         "prune-lora@50%",
         "salr-frozen-residual@50%",
+        "salr+@50%",
         "salr@2:4",
+        "salr+@2:4",
         "salr@30%",
         "salr@70%",
     ]
-    full = [r.name for r in experiment.grid(quick=False)]
-    assert set(names) < set(full) and len(full) == 12
+    full = experiment.grid(quick=False)
+    assert set(names) < {r.name for r in full} and len(full) == 16
+    # the paper's recipe and ours side by side; "+" runs use the salr+ preset
+    assert {r.name for r in full if r.preset == "salr+"} == {
+        "salr+@50%",
+        "salr+@2:4",
+        "prune-lora+@50%",
+        "prune-lora+@2:4",
+    }
 
 
 def _adapters(model) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ def compress(
     """Load, convert, pack and save; returns the report (also written to output/salr_report.json)."""
     started = time.perf_counter()
     model, tokenizer = load_model(model_spec, dtype=dtype)
-    report = convert(model, config)
+    report = convert(model, config, tokenizer=tokenizer)
     if base_format == "bitmap":
         pack_bases(model)
     report["model"] = model_spec

@@ -1,7 +1,10 @@
-"""Residual adapter initialisation: truncated SVD of the pruning error E = W0 - M ⊙ W0.
+"""Residual adapter initialisation: a rank-r B A approximating the pruning error E = W0 - Ŵ.
 
-B_res = U_r sqrt(S_r), A_res = sqrt(S_r) V_r^T, so B_res @ A_res = E_r, the best rank-r approximation of E
-(Eckart–Young). Always computed in fp32, whatever the model dtype.
+- `residual_svd` (the paper): truncated SVD of E, B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, the best rank-r
+  approximation of E in weight space (Eckart–Young). Computed in fp32.
+- `whitened_svd`: the best rank-r correction of the layer's *output* error ‖(E − B A) X‖_F on calibration
+  activations X (SVD-LLM / EoRA-style whitening): with H = X Xᵀ = C Cᵀ (Cholesky, damped), the SVD of E C gives
+  B = U_r sqrt(S_r), A = sqrt(S_r) V_rᵀ C⁻¹. Computed in fp64.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from salr.errors import SALRError
+from salr.pruning import damped_gram
 
 # Above this many rows/cols an exact SVD costs seconds per layer; randomized SVD is near-exact for small ranks.
 RANDOMIZED_MIN_DIM = 2048
@@ -57,3 +61,32 @@ def residual_svd(error: torch.Tensor, rank: int, method: str = "auto", seed: int
     A = root[:, None] * vh[:rank]
     tail = float((e - B @ A).pow(2).sum())
     return ResidualFactors(B.contiguous(), A.contiguous(), s, energy, tail)
+
+
+def whitened_svd(error: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 0.01) -> ResidualFactors:
+    """Rank-`rank` factors of `error` [out, in] minimising ‖(E − B A) X‖_F, given the input Gram H = X Xᵀ [in, in].
+
+    `singular_values` are those of E C (output space); `tail_energy` is still ‖E − B A‖²_F in weight space.
+    """
+    out_dim, in_dim = error.shape
+    if rank < 0 or rank > min(out_dim, in_dim):
+        raise SALRError(
+            f"residual rank {rank} is larger than the layer allows (min(out, in) = {min(out_dim, in_dim)} for shape "
+            f"{tuple(error.shape)}): choose a rank <= {min(out_dim, in_dim)}"
+        )
+    e = error.detach().double()
+    energy = float(e.pow(2).sum())
+    if rank == 0:
+        empty = error.new_zeros
+        return ResidualFactors(empty(out_dim, 0).float(), empty(0, in_dim).float(), empty(0), energy, energy)
+    try:
+        chol = torch.linalg.cholesky(damped_gram(gram, damping))
+    except torch.linalg.LinAlgError as err:
+        raise SALRError(f"calibration Gram is not positive definite ({err}): raise the damping") from err
+    u, s, vh = torch.linalg.svd(e @ chol, full_matrices=False)
+    root = s[:rank].sqrt()
+    B = u[:, :rank] * root
+    # A C = sqrt(S) Vᵀ, i.e. Cᵀ Aᵀ = V sqrt(S): one triangular solve, no explicit inverse of C
+    A = torch.linalg.solve_triangular(chol.T, vh[:rank].T * root, upper=True).T
+    tail = float((e - B @ A).pow(2).sum())
+    return ResidualFactors(B.float().contiguous(), A.float().contiguous(), s.float(), energy, tail)

@@ -12,7 +12,7 @@ import torch
 
 from salr import bench
 from salr.commands.common import add_dataclass_args, dataclass_from_args
-from salr.config import DEFAULT_SPARSITY, SALRConfig
+from salr.config import DEFAULT_SPARSITY, PRESETS, SALRConfig
 from salr.errors import SALRError
 from salr.io import atomic_write_json
 from salr.ops import BACKENDS
@@ -104,8 +104,11 @@ def _kernel(args: argparse.Namespace) -> dict:
 
 
 def _ranks(args: argparse.Namespace) -> dict:
-    """--sparsity, --residual-rank, --lora-rank as the library's SALRConfig reads them (its defaults when unset)."""
-    config = dataclass_from_args(args, SALRConfig)
+    """--sparsity, --residual-rank, --lora-rank as the library's SALRConfig reads them (its defaults when unset).
+
+    Speed, size and memory do not depend on how the mask was chosen, so the benchmarks convert with the data-free
+    paper recipe (magnitude + plain SVD): random-weight models have no meaningful text to calibrate on."""
+    config = dataclass_from_args(args, SALRConfig, **PRESETS["paper"])  # salr_copy converts with it too
     return {"sparsity": config.sparsity, "residual_rank": config.residual_rank, "lora_rank": config.r}
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-from salr.config import DTYPES, SALRConfig
+from salr.config import DTYPES, PRESETS, SALRConfig
 
 T = TypeVar("T")
 # Field names whose flag differs from the field name (PEFT's `r` is the LoRA rank on the command line).
@@ -86,9 +86,19 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_salr_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Every SALRConfig field as a flag (--sparsity, --pattern, --residual-rank, --lora-rank, ...)."""
-    add_dataclass_args(parser.add_argument_group("SALR"), SALRConfig, skip=skip)
+    """Every SALRConfig field as a flag (--sparsity, --pattern, --residual-rank, --lora-rank, ...) and --preset."""
+    group = parser.add_argument_group("SALR")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="start from a named recipe: 'paper' = the SALR paper exactly (magnitude mask, plain SVD, no data); "
+        "'salr+' = the default (the best measured, docs/quality.md); flags given beside it still apply",
+    )
+    add_dataclass_args(group, SALRConfig, skip=skip)
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> SALRConfig:
-    return dataclass_from_args(args, SALRConfig, **overrides)
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    names = {f.name for f in dataclasses.fields(SALRConfig)}
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return SALRConfig(**{**preset, **given, **overrides})

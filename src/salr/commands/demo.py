@@ -14,7 +14,7 @@ import torch
 from salr.checkpoint import load, save
 from salr.commands.common import add_model_arg, add_salr_args, config_from_args
 from salr.compress import REPORT_NAME, format_report
-from salr.config import SALRConfig
+from salr.config import PRESETS, SALRConfig
 from salr.convert import convert
 from salr.errors import SALRError
 from salr.evaluate import complete, continue_text
@@ -94,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded {args.model} in {time.perf_counter() - started:.1f} s")
 
     naive = copy.deepcopy(dense)
-    naive_config = SALRConfig(**{**config.to_dict(), "residual_rank": 0, "r": 0})
+    naive_config = SALRConfig(**{**config.to_dict(), **PRESETS["paper"], "residual_rank": 0, "r": 0})
     convert(naive, naive_config, progress=False)
     salr_model = copy.deepcopy(dense)
-    report = convert(salr_model, config)
+    report = convert(salr_model, config, tokenizer=tokenizer)
     report["model"] = args.model
     print(format_report(report, max_rows=14))
 

@@ -8,15 +8,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from salr.commands.common import add_dataclass_args, add_model_arg, dataclass_from_args
-from salr.config import SALRConfig
+from salr.commands.common import add_dataclass_args, add_model_arg, config_from_args
+from salr.config import PRESETS, SALRConfig
 from salr.errors import SALRError
 from salr.evaluate import TASKS, run_task
 from salr.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 # SALRConfig fields `salr eval` accepts for pruning on the fly (LoRA rank is 0: nothing is trained).
-PRUNING_FIELDS = ("sparsity", "pattern", "granularity", "residual_rank")
+PRUNING_FIELDS = (
+    "sparsity", "pattern", "granularity", "residual_rank", "criterion", "residual_init", "alternating_rounds",
+    "calibration", "calibration_samples", "calibration_length", "sequential", "damping",
+)  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: generation budget per question")
     p.add_argument("--json", help="write the report (metrics + settings) to this file")
     g = p.add_argument_group("on-the-fly pruning (any of these converts the loaded model before evaluation)")
+    g.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a named recipe ('paper': magnitude + plain SVD, no data)"
+    )
     add_dataclass_args(g, SALRConfig, only=list(PRUNING_FIELDS))
     p.set_defaults(func=run)
 
@@ -46,11 +52,11 @@ def default_dev(data_path: str) -> Path | None:
     return None
 
 
-def prune(model: Any, config: SALRConfig) -> dict[str, Any]:
+def prune(model: Any, config: SALRConfig, tokenizer: Any) -> dict[str, Any]:
     """Convert `model` in place to SALR layers (no LoRA) and return the settings plus the conversion totals."""
     from salr.convert import convert  # heavy imports only when pruning
 
-    report = convert(model, config)
+    report = convert(model, config, tokenizer=tokenizer)
     return {**{name: getattr(config, name) for name in PRUNING_FIELDS}, "totals": report.get("totals")}
 
 
@@ -81,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     pruning = None
-    if any(hasattr(args, name) for name in PRUNING_FIELDS):
-        pruning = prune(model, dataclass_from_args(args, SALRConfig, r=0))
+    if args.preset or any(hasattr(args, name) for name in PRUNING_FIELDS):
+        pruning = prune(model, config_from_args(args, r=0), tokenizer)
     metrics = run_task(
         model,
         tokenizer,

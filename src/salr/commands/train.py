@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="fine-tune adapters (salr, lora, prune-lora, salr-frozen-residual)")
     add_model_arg(p)
     p.add_argument("--method", default="salr", choices=METHODS, help="what is pruned and what is trained")
-    p.add_argument("--data", required=True, help="GSM8K (question, answer) or Alpaca JSON/JSONL file")
+    p.add_argument("--data", help="GSM8K (question, answer) or Alpaca JSON/JSONL file (optional with --distill)")
     p.add_argument("--limit", type=int, help="use only the first N records of --data")
     p.add_argument("--output", required=True, help="run directory: final SALR checkpoint, metrics.jsonl, checkpoints/")
     add_salr_args(p)  # its --seed also seeds the data order and dropout
@@ -50,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from salr import data
     from salr.train import run_training
 
-    if not Path(args.data).is_file():
-        raise SALRError(f"--data {args.data}: no such file; pass a GSM8K or Alpaca JSON/JSONL file")
     cfg = train_config_from_args(args)
+    if args.data is None and not cfg.distill:
+        raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL), or --distill")
+    if args.data is not None and not Path(args.data).is_file():
+        raise SALRError(f"--data {args.data}: no such file; pass a GSM8K or Alpaca JSON/JSONL file")
     eval_fn = None
     if args.eval_data and cfg.eval_every:
         from salr.evaluate import answer_nll

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salr import data
+from salr.calibration import self_generated_ids
 from salr.checkpoint import CONFIG_NAME, read_salr_config
 from salr.config import SALRConfig
 from salr.convert import convert, mark_trainable
@@ -75,8 +76,26 @@ def prepare_model(
         return model, tokenizer, saved, None
     config = method_config(method, config)
     model, tokenizer = load_model(model_spec, dtype=dtype)
-    report = convert(model, config)
+    report = convert(model, config, tokenizer=tokenizer)
     return model, tokenizer, config, report
+
+
+def load_teacher(model_spec: str, dtype: str | None = None) -> nn.Module:
+    """The dense model a run distills from: `model_spec` itself, or the base model a SALR checkpoint was made from."""
+    path = Path(model_spec)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        base = read_salr_config(path).get("base_model")
+        if not base:
+            raise SALRError(f"{model_spec} does not record its dense base model: distill from the dense model instead")
+        model_spec = base
+    teacher, _ = load_model(model_spec, dtype=dtype)
+    return teacher.eval().requires_grad_(False)
+
+
+def distill_examples(teacher: nn.Module, cfg: TrainConfig) -> list[dict[str, list[int]]]:
+    """Sequences sampled from the teacher itself (data-free recovery), every position a training target."""
+    ids = self_generated_ids(teacher, cfg.distill_samples, cfg.distill_length, seed=cfg.seed + 1)
+    return [{"input_ids": row, "labels": row} for row in ids.tolist()]
 
 
 def load_examples(
@@ -147,6 +166,25 @@ class AnswerLoss(nn.Module):
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
+class DistillLoss(nn.Module):
+    """Wraps a student causal LM and its dense teacher: forward returns the SUM over labelled positions of
+    KL(teacher ‖ student) of the next-token distributions (the same positions and normalisation as AnswerLoss)."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.teacher = [teacher]  # a list: not a submodule, so never trained, saved or wrapped by DDP
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        keep = labels[:, 1:] != data.IGNORE_INDEX  # [B, T-1]: positions whose next token is a target
+        with torch.no_grad():
+            target = self.teacher[0](input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        student = F.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)  # [N, V]
+        return F.kl_div(student, F.log_softmax(target.float(), dim=-1), log_target=True, reduction="sum")
+
+
 def n_answer_tokens(examples: Sequence[dict[str, list[int]]], indices: Sequence[int]) -> int:
     return sum(sum(t != data.IGNORE_INDEX for t in examples[i]["labels"][1:]) for i in indices)
 
@@ -162,7 +200,8 @@ class Trainer:
     """The state of one run: model, loss module, optimizer, scheduler, residual lr, data stream, metrics log."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]],
-                 config: SALRConfig, cfg: TrainConfig, output: Path, resume_from: Path | None) -> None:  # fmt: skip
+                 config: SALRConfig, cfg: TrainConfig, output: Path, resume_from: Path | None,
+                 teacher: nn.Module | None = None) -> None:  # fmt: skip
         self.env = run_state.init_distributed()
         self.model, self.examples, self.config, self.cfg, self.output = model, examples, config, cfg, output
         torch.manual_seed(cfg.seed)
@@ -197,7 +236,11 @@ class Trainer:
             values = sorted(s * cfg.lr for s in self.scales.values())
             logger.info("theorem4 residual lr: min %.3g, median %.3g, max %.3g",
                         values[0], values[len(values) // 2], values[-1])  # fmt: skip
-        self.loss_module: nn.Module = AnswerLoss(model)
+        if cfg.distill and teacher is None:
+            raise SALRError("distill needs the dense teacher model: pass teacher=")
+        self.loss_module: nn.Module = (
+            DistillLoss(model, teacher.to(self.env.device)) if cfg.distill else AnswerLoss(model)
+        )
         if self.env.world > 1:
             # Only A_cat / B_cat need gradients; frozen bases are buffers, identical on every rank (no broadcast).
             self.loss_module = nn.parallel.DistributedDataParallel(
@@ -261,17 +304,20 @@ def train(
     resume_from: str | os.PathLike | None = None,
     eval_fn: EvalFn | None = None,
     extra_report: dict[str, Any] | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train `model`'s adapters (A_cat / B_cat) on `examples`; save the run to `output`; return the report.
 
     `model` is converted already (for a resume: loaded from the checkpoint `resume_from`, whose train_state.pt
     restores optimizer, scheduler, RNG and step). `eval_fn(model, tokenizer) -> {name: value}` runs every
-    `eval_every` steps on rank 0 and its values go into the metrics log.
+    `eval_every` steps on rank 0 and its values go into the metrics log. With `cfg.distill` the loss is the KL to
+    `teacher` (the dense model) on the labelled positions.
     """
     output = Path(output)
     if int(os.environ.get("RANK", "0")) == 0 and resume_from is None:
         run_state.check_output_dir(output)
-    t = Trainer(model, tokenizer, examples, config, cfg, output, None if resume_from is None else Path(resume_from))
+    resume = None if resume_from is None else Path(resume_from)
+    t = Trainer(model, tokenizer, examples, config, cfg, output, resume, teacher)
     env, metrics_path = t.env, output / run_state.METRICS_NAME
     if env.main:
         output.mkdir(parents=True, exist_ok=True)
@@ -366,21 +412,27 @@ def run_training(
             f"--resume: no checkpoint in {Path(output) / run_state.CHECKPOINTS}; train with --save-every first"
         )
     started = time.perf_counter()
-    if records is None:  # read (and validate) the data before the slow model preparation
+    if records is None and (data_path is not None or not cfg.distill):  # check the data before the slow part
         if data_path is None:
-            raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL)")
+            raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL), or --distill")
         records = data.load_sft_records(data_path, limit)
+    teacher = load_teacher(model_spec, dtype) if cfg.distill else None
     if checkpoint is not None:
         model, tokenizer, config, conversion = prepare_model(str(checkpoint), method, config, dtype)
     else:
         model, tokenizer, config, conversion = prepare_model(model_spec, method, config, dtype)
-    examples = load_examples(data_path, tokenizer, cfg.max_length, limit, records)
+    if records is None:
+        examples, source = distill_examples(teacher, cfg), "sampled from the dense teacher"
+    else:
+        examples, source = load_examples(data_path, tokenizer, cfg.max_length, limit, records), str(data_path)
     extra = {
         "method": method,
-        "data": str(data_path) if data_path is not None else "records",
+        "data": source if data_path is not None or records is None else "records",
+        "distill": cfg.distill,
         "prepare_seconds": time.perf_counter() - started,
         "conversion_totals": conversion["totals"] if conversion else None,
     }
     return train(
-        model, tokenizer, examples, config, cfg, output, model_spec, checkpoint, eval_fn=eval_fn, extra_report=extra
-    )
+        model, tokenizer, examples, config, cfg, output, model_spec, checkpoint, eval_fn=eval_fn, extra_report=extra,
+        teacher=teacher,
+    )  # fmt: skip
