@@ -133,12 +133,30 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerStats:
-    """What calibration knows about one target weight's input: H = Σ x xᵀ (fp64 [in, in]) over `tokens` tokens."""
+    """What calibration knows about one target weight's input: H = Σ x xᵀ (fp64 [in, in]) over `tokens` tokens.
+
+    Layers fed the same tensor (q/k/v, gate/up) share one LayerStats, so its factorizations (`factor`) are
+    computed once for all of them and for every alternating round."""
 
     gram: torch.Tensor
     tokens: int
+    _factors: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def factor(self, kind: str, damping: float) -> torch.Tensor:
+        """Cached factorization of the damped Gram: "cholesky" (lower C, C Cᵀ = H) or "inverse_upper" (upper U,
+        Uᵀ U = H⁻¹, SparseGPT's form), fp64 [in, in]."""
+        key = (kind, damping)
+        if key not in self._factors:
+            from salr.pruning import damped_cholesky, inverse_cholesky_upper
+
+            lower = self._factors.get(("cholesky", damping))
+            if lower is None:
+                lower = self._factors[("cholesky", damping)] = damped_cholesky(self.gram, damping)
+            if kind == "inverse_upper":
+                self._factors[key] = inverse_cholesky_upper(lower)
+        return self._factors[key]
 
 
 @dataclass
@@ -188,8 +206,15 @@ class BlockwiseCalibration:
         fused experts: one per expert), from one pass of the block over the calibration inputs."""
         grams: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
+        alias: dict[str, str] = {}  # layer -> the first layer that received the very same input tensor
+        seen: list[tuple[torch.Tensor, str]] = []  # this mini-batch's inputs, kept alive so identity is meaningful
 
         def add(key: str, x: torch.Tensor) -> None:
+            for tensor, first in seen:
+                if tensor is x:
+                    alias[key] = first
+                    return
+            seen.append((x, key))
             x = x.reshape(-1, x.shape[-1]).float()
             g = (x.T @ x).double()
             grams[key] = grams[key] + g if key in grams else g
@@ -207,11 +232,15 @@ class BlockwiseCalibration:
                 handles.append(module.register_forward_pre_hook(lambda _m, args, key=name: add(key, args[0])))
         try:
             for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
+                seen.clear()
                 block(hidden, **kwargs)
         finally:
+            seen.clear()
             for handle in handles:
                 handle.remove()
-        return {key: LayerStats(gram, counts[key]) for key, gram in grams.items()}
+        stats = {key: LayerStats(gram, counts[key]) for key, gram in grams.items()}
+        stats.update({key: stats[first] for key, first in alias.items()})
+        return stats
 
 
 def _expert_hook(experts: nn.Module, prefix: str, add: Any) -> Any:

@@ -38,7 +38,10 @@ def prune(
         raise SALRError(f"criterion {config.criterion!r} needs calibration statistics for every target layer")
     if config.criterion == "wanda":
         return target * wanda_mask(target, stats.gram, config.sparsity, config.pattern, config.granularity)
-    pruned, _ = sparsegpt(target, stats.gram, config.sparsity, config.pattern, config.granularity, config.damping)
+    inverse_upper = stats.factor("inverse_upper", config.damping)
+    pruned, _ = sparsegpt(
+        target, None, config.sparsity, config.pattern, config.granularity, inverse_upper=inverse_upper
+    )
     return pruned
 
 
@@ -46,7 +49,10 @@ def fit_residual(error: torch.Tensor, config: SALRConfig, stats: LayerStats | No
     """Rank-`residual_rank` B A for E [out, in]: plain SVD, or whitened by the input Gram when one is given."""
     if config.residual_init == "svd" or stats is None:
         return residual_svd(error, config.residual_rank, config.svd_method, seed=config.seed)
-    return whitened_svd(error, stats.gram, config.residual_rank, config.damping)
+    return whitened_svd(
+        error, None, config.residual_rank, method=config.svd_method, seed=config.seed,
+        cholesky=stats.factor("cholesky", config.damping),
+    )  # fmt: skip
 
 
 def decompose(

@@ -136,13 +136,21 @@ def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return h
 
 
-def _inverse_cholesky_upper(gram: torch.Tensor) -> torch.Tensor:
-    """U upper triangular with Uᵀ U = H⁻¹ (SparseGPT's and GPTQ's form of the inverse Hessian)."""
+def damped_cholesky(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower C with C Cᵀ = H + damping (fp64 [in, in]); SALRError if the Gram is not positive definite."""
     try:
-        lower = torch.linalg.cholesky(gram)
+        return torch.linalg.cholesky(damped_gram(gram, damping))
     except torch.linalg.LinAlgError as err:
         raise SALRError(f"calibration Gram is not positive definite ({err}): raise the damping") from err
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+def inverse_cholesky_upper(lower: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with Uᵀ U = H⁻¹ from H's lower Cholesky factor (SparseGPT's / GPTQ's inverse Hessian).
+
+    H⁻¹ = C⁻ᵀ C⁻¹ from one triangular solve (torch's cholesky_inverse is several times slower on the CPU)."""
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
+    return torch.linalg.cholesky(inv_lower.T @ inv_lower, upper=True)
 
 
 def _block_prune_mask(w: torch.Tensor, u_diag: torch.Tensor, sparsity: float, granularity: str) -> torch.Tensor:
@@ -157,27 +165,31 @@ def _block_prune_mask(w: torch.Tensor, u_diag: torch.Tensor, sparsity: float, gr
 @torch.no_grad()
 def sparsegpt(
     weight: torch.Tensor,
-    gram: torch.Tensor,
+    gram: torch.Tensor | None,
     sparsity: float,
     pattern: str = "unstructured",
     granularity: str = "row",
     damping: float = 0.01,
     blocksize: int = 128,
+    inverse_upper: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on W [out, in] against the input Gram H [in, in]: (pruned weight fp32 [out, in], keep mask).
 
     Columns are visited left to right in blocks of `blocksize`; in each block the mask is chosen by saliency
     w² / [U]_jj² (U the upper Cholesky factor of (H + damping)⁻¹) per output row ("row": exact per-row sparsity),
     over the block ("layer": the paper's adaptive selection), or per N:M group; each pruned weight's error is
-    spread over the not yet visited columns (lazy batch updates), so the kept weights compensate it.
+    spread over the not yet visited columns (lazy batch updates), so the kept weights compensate it. Pass
+    `inverse_upper` (U) to reuse a factorization; the column sweep runs in fp32, as the reference implementation.
     """
     check_sparsity(sparsity)
     nm = parse_nm(pattern)
     out_dim, in_dim = weight.shape
     if nm is not None and in_dim % nm[1]:
         nm_mask(weight, *nm)  # raises the one clear message
-    w = weight.detach().double().clone()
-    u = _inverse_cholesky_upper(damped_gram(gram, damping))
+    w = weight.detach().float().clone()
+    if inverse_upper is None:
+        inverse_upper = inverse_cholesky_upper(damped_cholesky(gram, damping))
+    u = inverse_upper.to(w.dtype)
     keep = torch.ones(out_dim, in_dim, dtype=torch.bool, device=w.device)
     step = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])
     for i1 in range(0, in_dim, step):
