@@ -17,14 +17,19 @@ REPORT_NAME = "salr_report.json"
 
 def format_report(report: dict, max_rows: int | None = None) -> str:
     """A human-readable per-layer table plus totals."""
-    lines = [f"{'layer':<48} {'shape':>11} {'sparsity':>8} {'pruned ‖E‖²':>12} {'after SVD':>12} {'Thm3 bound':>12}"]
+    outputs = any(r.get("output_error_after_residual") is not None for r in report["layers"])
+    head = f"{'layer':<48} {'shape':>11} {'sparsity':>8} {'pruned ‖E‖²':>12} {'after fit':>12} {'Thm3 bound':>12}"
+    lines = [head + (f" {'out err pruned':>14} {'+ residual':>10}" if outputs else "")]
     rows = report["layers"] if max_rows is None else report["layers"][:max_rows]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        lines.append(
+        line = (
             f"{r['name'][-48:]:<48} {shape:>11} {r['sparsity']:>8.4f} {r['pruned_energy']:>12.4g} "
             f"{r['residual_energy_after_svd']:>12.4g} {r['theorem3_bound']:>12.4g}"
         )
+        if outputs:  # ‖(W0 − Ŵ [− B A]) X‖ / ‖W0 X‖ on the calibration activations
+            line += f" {r['output_error_before_residual']:>14.4f} {r['output_error_after_residual']:>10.4f}"
+        lines.append(line)
     if max_rows is not None and len(report["layers"]) > max_rows:
         lines.append(f"... {len(report['layers']) - max_rows} more layers in salr_report.json")
     t = report["totals"]

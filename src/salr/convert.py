@@ -165,8 +165,7 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
         mine = [t for t in targets if t.module_name.startswith(name + ".")]
         if not mine:
             continue
-        stats = calib.statistics(block, [t.name[len(name) + 1 :] for t in mine])
-        dense_outputs = None if converter.config.sequential else calib.run_block(block)
+        stats, dense_outputs = calib.statistics(block, [t.name[len(name) + 1 :] for t in mine])
         modules = dict(converter.model.named_modules())
         for target in mine:
             prefix = len(name) + 1
@@ -174,7 +173,8 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
             converter.convert(target, modules[target.module_name], local, prefix=target.name[:prefix])
         converter.install_experts()
         del stats
-        calib.hidden = dense_outputs if dense_outputs is not None else calib.run_block(block)
+        # sequential: the next block sees what the compressed block outputs; else the dense block's outputs
+        calib.hidden = calib.run_block(block) if converter.config.sequential else dense_outputs
 
 
 class _Converter:
