@@ -63,6 +63,7 @@ def find_targets(model: nn.Module, config: SALRConfig) -> list[Target]:
     spec = config.target_modules
     if spec is None or spec == "all-linear":
         chosen = [t for t in candidates if t.kind != "output"]
+        _refuse_unsupported(model, config)
     else:
         chosen = [t for t in candidates if _matches(t.name, spec)]
         if isinstance(spec, list):
@@ -75,6 +76,18 @@ def find_targets(model: nn.Module, config: SALRConfig) -> list[Target]:
     if not chosen:
         raise SALRError(f"no layer matches target_modules={spec!r} (after exclude_modules={config.exclude_modules!r})")
     return chosen
+
+
+def _refuse_unsupported(model: nn.Module, config: SALRConfig) -> None:
+    """all-linear must mean all: a module salr cannot convert is an error, not a half-converted model."""
+    from salr.architectures import unsupported_modules
+
+    for name, why in unsupported_modules(model):
+        if not (config.exclude_modules and _matches(name, config.exclude_modules)):
+            raise SALRError(
+                f"{name} is {why}: salr cannot convert it and will not leave it dense while converting the rest; "
+                "exclude it with exclude_modules or name the target modules"
+            )
 
 
 def _lora_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -115,6 +128,11 @@ def _check_ranks(target: Target, shape: tuple[int, ...], config: SALRConfig) -> 
             f"residual_rank {config.residual_rank} exceeds min(out, in) = {limit} of {target.name} "
             f"{tuple(shape)}: choose residual_rank <= {limit} or exclude the layer"
         )
+    if config.r > 4 * limit:  # a larger rank is pointless (parameter-matched baselines go a little over min(out, in))
+        raise SALRError(
+            f"LoRA rank {config.r} exceeds 4 x min(out, in) = {4 * limit} of {target.name} {tuple(shape)}: the "
+            "adapter would be larger than the layer; choose a smaller LoRA rank"
+        )
     nm = config.nm
     if nm and shape[-1] % nm[1]:
         raise SALRError(
@@ -137,8 +155,13 @@ def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: b
     started = time.perf_counter()
     targets = find_targets(model, config)
     modules = dict(model.named_modules())
-    for target in targets:
-        _check_ranks(target, tuple(_target_weight(modules, target).shape), config)
+    for target in targets:  # everything is checked before any layer is converted: never a half-converted model
+        weight = _target_weight(modules, target)
+        _check_ranks(target, tuple(weight.shape), config)
+        if target.kind == "experts":
+            check_supported(modules[target.module_name], target.name)
+        if init and not weight.is_meta and not bool(torch.isfinite(weight).all()):
+            raise SALRError(f"{target.name} has non-finite weights (NaN or infinity): the model is corrupt")
     threshold = None
     if init and config.granularity == "global" and config.nm is None:
         threshold = global_threshold([_target_weight(modules, t) for t in targets], config.sparsity)

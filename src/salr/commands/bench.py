@@ -14,7 +14,7 @@ from salr import bench
 from salr.commands.common import add_dataclass_args, dataclass_from_args
 from salr.config import DEFAULT_SPARSITY, SALRConfig
 from salr.errors import SALRError
-from salr.io import atomic_write_json
+from salr.io import atomic_write_json, check_writable_file
 from salr.ops import BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     chosen = [m for m in MODES if getattr(args, m)]
     if len(chosen) != 1:
         raise SALRError(WHAT_CAN_RUN if not chosen else "choose one benchmark per run, got --" + ", --".join(chosen))
+    if args.json:  # before the benchmark runs, not after
+        check_writable_file(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
