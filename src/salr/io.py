@@ -116,12 +116,32 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json_dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike, what: str = "") -> Any:
+MAX_JSON_BYTES = 256 << 20
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of regular file `path`, refusing more than `limit` or more than its reported size (a special file
+    such as /proc/self/pagemap reports 0 and never ends)."""
+    size = path.stat().st_size
+    if size > limit:
+        raise SALRError(f"{path} is {size:,} bytes, more than {limit:,}: not the file salr expects")
+    with path.open("rb") as f:
+        data = f.read(size + 1)
+    if len(data) > size:
+        raise SALRError(f"{path} is larger than its reported size (not a regular file?): refusing to read it")
+    return data
+
+
+def read_json(path: str | os.PathLike, what: str = "", limit: int = MAX_JSON_BYTES) -> Any:
     """Parsed JSON of `path`; any unreadable, binary, malformed or absurdly nested file is a one-line SALRError."""
     path = Path(path)
     label = f"{path}" + (f" ({what})" if what else "")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        if not path.exists():
+            raise FileNotFoundError(path)
+        if not path.is_file():
+            raise SALRError(f"{label} is not a regular file")
+        return json.loads(read_bounded(path, limit).decode("utf-8"))
     except FileNotFoundError as err:
         raise SALRError(f"{label} is missing") from err
     except UnicodeDecodeError as err:
@@ -130,8 +150,8 @@ def read_json(path: str | os.PathLike, what: str = "") -> Any:
         raise SALRError(f"{label} is corrupt: not valid JSON (line {err.lineno}: {err.msg})") from err
     except RecursionError as err:
         raise SALRError(f"{label} is corrupt: nested too deeply to be read") from err
-    except IsADirectoryError as err:
-        raise SALRError(f"{label} is a directory, not a file") from err
+    except OSError as err:
+        raise SALRError(f"{label} cannot be read ({err.strerror or err})") from err
 
 
 def _alive(pid: int) -> bool:
