@@ -60,6 +60,10 @@ def test_final_save_keeps_checkpoints_when_the_run_directory_gains_a_file(storie
     assert len((out / "metrics.jsonl").read_text().splitlines()) == STEPS
     salr.load(out)  # the run directory is the final checkpoint
     assert temp_leftovers(out) == []
+    mask = salr.io.umask()  # and everything in it is shared like any other file (item 12)
+    modes = {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file() and p.name != "notes.txt"}
+    assert modes == {0o666 & ~mask}
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_dir()} == {0o777 & ~mask}
 
 
 def test_a_crash_inside_the_final_save_leaves_a_resumable_run(stories_path, gsm8k, tmp_path, monkeypatch, capsys):

@@ -128,7 +128,11 @@ def write_checkpoint(
     model.config.save_pretrained(directory)
     generation = getattr(model, "generation_config", None)
     if generation is not None and model.can_generate():
-        generation.save_pretrained(directory)
+        try:
+            generation.save_pretrained(directory)
+        except ValueError as err:  # transformers refuses to save an inconsistent generation config
+            logger.warning("generation config not saved (%s): the checkpoint loads with the defaults", err)
+            (directory / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
     tensors, aliases = _unique_state_dict(model)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

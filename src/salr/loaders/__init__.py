@@ -66,7 +66,8 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
             f"model {spec!r} not found: pass 'default', a Hugging Face model directory or hub id, a llama2.c "
             "checkpoint (*.bin with its tokenizer beside it), or a SALR checkpoint directory"
         )
-    check_finite(model, spec)
+    if not (path.is_dir() and (path / "salr_config.json").is_file()):  # salr.load checked its own
+        check_finite(model, spec)
     if dtype is not None:
         cast_weights(model, DTYPES[dtype])
         check_finite(model, f"{spec} cast to {dtype}")  # fp16 overflows to infinity
