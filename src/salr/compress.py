@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from salr.checkpoint import save, size_report
+from salr.checkpoint import prepare_output, save, size_report
 from salr.config import SALRConfig
 from salr.convert import convert, pack_bases
-from salr.io import atomic_write_json
 from salr.loaders import load_model
 
 REPORT_NAME = "salr_report.json"
@@ -51,6 +50,7 @@ def compress(
     model_spec: str, config: SALRConfig, output: str | Path, dtype: str | None = None, base_format: str = "bitmap"
 ) -> dict:
     """Load, convert, pack and save; returns the report (also written to output/salr_report.json)."""
+    output = prepare_output(output)  # fail before the work, not after it
     started = time.perf_counter()
     model, tokenizer = load_model(model_spec, dtype=dtype)
     report = convert(model, config, tokenizer=tokenizer)
@@ -59,7 +59,10 @@ def compress(
     report["model"] = model_spec
     report["base_format"] = base_format
     report["seconds"] = time.perf_counter() - started  # load + prune + SVD + pack
-    save(model, output, config, tokenizer=tokenizer, base_model=model_spec)
-    report["totals"].update(size_report(model, output))
-    atomic_write_json(Path(output) / REPORT_NAME, report)
+
+    def final_report(directory: Path) -> dict:
+        report["totals"].update(size_report(model, directory))
+        return report
+
+    save(model, output, config, tokenizer=tokenizer, base_model=model_spec, extra_files={REPORT_NAME: final_report})
     return report
