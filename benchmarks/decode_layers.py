@@ -6,6 +6,7 @@ dense sweeps alternate; the ratio is taken per adjacent pair and its median repo
 of a shared machine. Bytes per sweep give the effective bandwidth of each.
 
     python benchmarks/decode_layers.py --json OUT.json                        # rank 64 + 16
+    python benchmarks/decode_layers.py --model tinyllama-shape --threads 1 --json OUT.json
     python benchmarks/decode_layers.py --residual-rank 16 --lora-rank 8 --json OUT.json
 """
 
@@ -18,17 +19,16 @@ from pathlib import Path
 
 import torch
 
-from salr.bench.models import salr_copy
+from salr.bench.models import bench_model, salr_copy
 from salr.bench.timing import environment
 from salr.config import SALRConfig
 from salr.io import atomic_write_json
 from salr.layer import SALRLinear
-from salr.loaders import load_model
 
 
 def layer_pairs(model_spec: str, residual_rank: int, lora_rank: int) -> list[tuple[SALRLinear, torch.nn.Linear]]:
     """(SALR layer, the dense bf16 nn.Linear it replaces) for every converted layer, in model order."""
-    dense, _ = load_model(model_spec, dtype="bfloat16")
+    dense, _ = bench_model(model_spec, "bfloat16")
     dense.eval()
     salr_model, _ = salr_copy(dense, SALRConfig(sparsity=0.5, residual_rank=residual_rank, r=lora_rank))
     return [(s, dense.get_submodule(n)) for n, s in salr_model.named_modules() if isinstance(s, SALRLinear)]
@@ -68,7 +68,9 @@ def time_sweeps(pairs: list[tuple[SALRLinear, torch.nn.Linear]], rounds: int, re
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default")
+    p.add_argument(
+        "--model", default="default", help="model spec, or 'tinyllama-shape' (random, TinyLlama-1.1B shapes)"
+    )
     p.add_argument("--residual-rank", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=31)
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "salr_speedup_paired_median": statistics.median(paired),
         "salr_speedup_paired_quartiles": statistics.quantiles(paired, n=4),
         "byte_ratio": nbytes["dense_bf16"] / nbytes["salr"],
+        "fraction_of_byte_ratio": statistics.median(paired) / (nbytes["dense_bf16"] / nbytes["salr"]),
         "environment": environment(),
     }
     print(

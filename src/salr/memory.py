@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 
@@ -52,3 +54,14 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mib()
+
+
+def return_freed_memory() -> bool:
+    """Ask the C allocator to hand freed heap pages back to the OS (glibc `malloc_trim(0)`), so the resident set
+    reflects live memory. False where that is not available (not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)  # returns 1 if memory was released, 0 if there was none to release
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True

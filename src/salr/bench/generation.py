@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from salr import ops
-from salr.bench.models import cuda_model, salr_copy
+from salr.bench.models import bench_model, cuda_model, salr_copy
 from salr.bench.timing import environment, in_child, model_bytes, sync_model
 from salr.config import SALRConfig
 from salr.errors import SALRError
@@ -205,9 +205,7 @@ def generation_report(
     decode the same prompt in one process, next to the dense model with its converted linears stubbed out
     (`no_linears`, for `decode_breakdown`); with `memory`, the peak RSS of each model (not `no_linears`) comes from a
     child process that loads it from disk (a saved checkpoint) and generates."""
-    from salr.loaders import load_model
-
-    dense_bf16, tokenizer = load_model(spec, dtype="bfloat16")
+    dense_bf16, tokenizer = bench_model(spec, "bfloat16")
     input_ids = _prompt_ids(tokenizer, prompt, prompt_tokens, dense_bf16.config.vocab_size)
     dense_fp32 = copy.deepcopy(dense_bf16).float().eval()
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Models the benchmarks compare: random weights with Llama-3-8B shapes (`random_llama`), a model loaded onto the GPU
-(`cuda_model`) and the SALR version of a dense model (`salr_copy`)."""
+"""Models the benchmarks compare: random weights with Llama-3-8B or TinyLlama-1.1B shapes (`random_llama`), any
+benchmark model spec on the CPU (`bench_model`) or the GPU (`cuda_model`), and the SALR version of a dense model
+(`salr_copy`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ LLAMA3_8B = {
     "vocab_size": 128256,
 }
 
+# TinyLlama-1.1B's shapes: the 1B-class model the CPU benchmarks use (`--model tinyllama-shape`), where the converted
+# linears are ~88 % of the weights a decoded token streams (the default 135M model: ~55 %, its lm_head dominates).
+TINYLLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+}
+RANDOM_SPECS = {"llama3-8b": LLAMA3_8B, "tinyllama-shape": TINYLLAMA_1B}
+
 
 def random_llama(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides: Any
@@ -36,8 +49,8 @@ def random_llama(
     config = LlamaConfig(**{**fields, **overrides})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    model.to(dtype)  # on the meta device: no fp32 copy is ever materialised
     model.to_empty(device=device)
-    model.to(dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -49,13 +62,26 @@ def random_llama(
     return model.eval()
 
 
-def cuda_model(spec: str, **llama_overrides: Any) -> nn.Module:
-    """A bf16 model on the GPU: "llama3-8b" is `random_llama` built there, anything else a loader spec."""
-    if spec == "llama3-8b":
-        return random_llama("cuda", torch.bfloat16, **llama_overrides)
+def bench_model(
+    spec: str, dtype: str = "bfloat16", device: str = "cpu", **llama_overrides: Any
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer or None) for a benchmark model spec: "tinyllama-shape" and "llama3-8b" are `random_llama`
+    with those shapes (built in memory on `device`, no download, no tokenizer), anything else a loader spec."""
+    if spec in RANDOM_SPECS:
+        shapes = {**RANDOM_SPECS[spec], **llama_overrides}
+        if spec == "tinyllama-shape":
+            shapes = {"max_position_embeddings": 2048, "rope_theta": 10000.0, **shapes}
+        return random_llama(device, getattr(torch, dtype), **shapes), None
     from salr.loaders import load_model
 
-    return load_model(spec, dtype="bfloat16")[0].to("cuda")
+    model, tokenizer = load_model(spec, dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def cuda_model(spec: str, **llama_overrides: Any) -> nn.Module:
+    """A bf16 model on the GPU: "llama3-8b" / "tinyllama-shape" are `random_llama` built there, anything else a loader
+    spec."""
+    return bench_model(spec, "bfloat16", "cuda", **llama_overrides)[0]
 
 
 def salr_copy(

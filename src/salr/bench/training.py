@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from salr.bench.models import cuda_model, salr_copy
+from salr.bench.models import bench_model, cuda_model, salr_copy
 from salr.bench.timing import environment, in_child, model_bytes, sync
 from salr.config import SALRConfig
 from salr.errors import SALRError
-from salr.memory import peak_rss_mib, reset_peak_rss, rss_mib
+from salr.memory import peak_rss_mib, reset_peak_rss, return_freed_memory, rss_mib
 from salr.train.config import method_config
 
 logger = logging.getLogger(__name__)
@@ -56,17 +56,28 @@ def method_model(model: nn.Module, method: str, config: SALRConfig, inplace: boo
     return salr_copy(model, method_config(method, config), bitmap=method != "lora", inplace=inplace)[0]
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing of the decoder layers (transformers' non-reentrant version, which works with a frozen
+    embedding): each layer's activations are recomputed in the backward pass instead of kept. Applied the same way
+    to every method."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def _child_train_memory(
-    spec: str, method: str, config: SALRConfig, batch: int, seq: int, steps: int, threads: int
+    spec: str, method: str, config: SALRConfig, batch: int, seq: int, steps: int, threads: int, checkpointing: bool
 ) -> dict[str, Any]:
     """Runs in a fresh process (CPU): build one method's model, train `steps` steps, report peak RSS (MiB)."""
-    from salr.loaders import load_model
-
     torch.set_num_threads(threads)
-    model, _ = load_model(spec, dtype="bfloat16")
+    model, _ = bench_model(spec, "bfloat16")
     model = method_model(model, method, config, inplace=True)
+    if checkpointing:
+        enable_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     gc.collect()
+    # The conversion (SVD, dense + bitmap copies of each base) leaves freed heap pages resident: hand them back to
+    # the OS so the peak below is what training holds, not what the conversion left behind.
+    trimmed = return_freed_memory()
     before = rss_mib()
     reset = reset_peak_rss()  # so the peak is the training's, not the conversion's (SVD, dense + bitmap bases)
     stats = train_steps(model, ids, steps)
@@ -75,14 +86,19 @@ def _child_train_memory(
         "rss_before_training_mib": before,
         "peak_rss_mib": peak_rss_mib(),
         "peak_covers": "training steps only" if reset else "conversion and training (VmHWM could not be reset)",
+        "freed_memory_returned": trimmed,
         "model_bytes": model_bytes(model),
     }
 
 
-def _cuda_train_memory(spec: str, method: str, config: SALRConfig, batch: int, seq: int, steps: int) -> dict:
+def _cuda_train_memory(
+    spec: str, method: str, config: SALRConfig, batch: int, seq: int, steps: int, checkpointing: bool
+) -> dict:
     """On the GPU: build one method's model, train `steps` steps, report torch.cuda.max_memory_allocated (MiB)
     during the training steps."""
     model = method_model(cuda_model(spec), method, config, inplace=True)
+    if checkpointing:
+        enable_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -93,15 +109,17 @@ def _cuda_train_memory(spec: str, method: str, config: SALRConfig, batch: int, s
 def train_memory(
     spec: str = "default",
     device: str = "cpu",
-    batch: int = 2,
-    seq: int = 128,
-    steps: int = 3,
+    batch: int = 4,
+    seq: int = 256,
+    steps: int = 2,
     sparsity: float = 0.5,
     residual_rank: int = 64,
     lora_rank: int = 16,
+    checkpointing: bool = False,
 ) -> dict[str, Any]:
     """`salr bench --train-memory`: fine-tuning peak memory (MiB) and step time, SALR vs LoRA (`method_model`) on the
-    same model and batch [batch, seq].
+    same model and batch [batch, seq], both with gradient checkpointing when `checkpointing`. Two steps are the least
+    that covers the peak: the second backward runs with the optimizer state the first step created.
 
     CUDA: `spec` "llama3-8b" builds the random Llama-3-8B-shaped model on the GPU, anything else is loaded; the peak is
     torch.cuda.max_memory_allocated during the training steps (after the model is built). CPU: each method runs in a
@@ -113,12 +131,12 @@ def train_memory(
         if not torch.cuda.is_available():
             raise SALRError("--device cuda but no CUDA device is available")
         for method in METHODS:
-            results[method] = _cuda_train_memory(spec, method, config, batch, seq, steps)
+            results[method] = _cuda_train_memory(spec, method, config, batch, seq, steps, checkpointing)
             torch.cuda.empty_cache()
         peak_key = "peak_memory_mib"
     elif device == "cpu":
         for method in METHODS:
-            args = (spec, method, config, batch, seq, steps, torch.get_num_threads())
+            args = (spec, method, config, batch, seq, steps, torch.get_num_threads(), checkpointing)
             results[method] = in_child(_child_train_memory, *args)
         peak_key = "peak_rss_mib"
     else:
@@ -130,6 +148,7 @@ def train_memory(
         "batch": batch,
         "seq": seq,
         "steps": steps,
+        "gradient_checkpointing": checkpointing,
         "sparsity": sparsity,
         "residual_rank": residual_rank,
         "lora_rank": lora_rank,

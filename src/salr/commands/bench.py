@@ -61,9 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", type=int, help="--generate: prompt length (default: the built-in prompt)")
     p.add_argument("--rounds", type=int, default=3, help="--generate: interleaved rounds (median reported)")
     p.add_argument("--no-memory", action="store_true", help="--generate on CPU: skip the child-process RSS runs")
-    p.add_argument("--batch", type=int, default=2, help="--train-memory: sequences per step")
-    p.add_argument("--seq", type=int, default=128, help="--train-memory: tokens per sequence")
-    p.add_argument("--steps", type=int, default=3, help="--train-memory: optimizer steps (first is warm-up)")
+    p.add_argument("--batch", type=int, default=4, help="--train-memory: sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="--train-memory: tokens per sequence")
+    p.add_argument("--steps", type=int, default=2, help="--train-memory: optimizer steps (first is warm-up)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="--train-memory: gradient checkpointing of the decoder layers, for both methods")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, help="torch / kernel threads (default: torch's)")
     p.add_argument("--json", metavar="OUT", help="write the results here")
@@ -169,7 +171,11 @@ def _checkpoint(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace) -> dict:
     spec = args.model or ("llama3-8b" if args.device == "cuda" else "default")
-    report = bench.train_memory(spec, args.device, args.batch, args.seq, args.steps, **_ranks(args))
+    if min(args.batch, args.seq, args.steps) <= 0:
+        raise SALRError("--batch, --seq and --steps must be positive")
+    report = bench.train_memory(
+        spec, args.device, args.batch, args.seq, args.steps, checkpointing=args.grad_checkpoint, **_ranks(args)
+    )
     for method, r in report["results"].items():
         print(f"{method:>5}: peak {r[report['peak_metric']]:.0f} MiB, step {r['step_ms']:.0f} ms")
     print(f"SALR / LoRA peak memory: {report['salr_over_lora_peak']:.2f}")

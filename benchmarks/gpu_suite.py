@@ -1,0 +1,208 @@
+"""The GPU suite: everything issue 17 asks of one NVIDIA GPU, in one run (< 8 minutes on an H100/H200-class card),
+written as one JSON report and one markdown table.
+
+    python benchmarks/gpu_suite.py --out results/gpu            # -> results/gpu/gpu_suite.json, gpu_suite.md
+    python benchmarks/gpu_suite.py --out results/gpu --only kernels --only tests
+
+Stages (each timed, each failure recorded in the report instead of stopping the suite):
+  kernels   the Triton bitmap kernel and PyTorch 2:4 vs cuBLAS dense bf16, 50 % sparsity, at 4096x4096,
+            14336x4096, 4096x14336 and M = 1, 16, 128, 2048 (`salr.bench.kernel.bench_gpu_kernel`);
+  decode    greedy decoding on a random Llama-3-8B-shaped model: dense bf16, SALR (bitmap), SALR 2:4
+            (`salr.bench.generation.cuda_generation_compare`);
+  train     fine-tuning peak memory and step time, SALR vs LoRA of the same trainable rank, 8B-shaped model
+            (`salr.bench.training.train_memory`, torch.cuda.max_memory_allocated);
+  tests     the CUDA-only tests (pytest on the Triton and 2:4 test files).
+Without CUDA the suite stops at once with exit code 2 and one line on stderr. The targets in the table are the
+issue's; the JSON holds only the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STAGES = ("kernels", "decode", "train", "tests")
+KERNEL_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+KERNEL_TOKENS = [1, 16, 128, 2048]
+CUDA_TEST_FILES = ["tests/test_kernels_triton.py", "tests/test_semi_structured.py"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+class SuiteError(Exception):
+    """Something the user can fix (no GPU, no triton, a bad argument): one line, exit code 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="directory for gpu_suite.json and gpu_suite.md")
+    p.add_argument("--only", action="append", choices=STAGES, help="run only these stages (repeatable)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode: tokens per round")
+    p.add_argument("--rounds", type=int, default=3, help="decode: interleaved rounds")
+    p.add_argument("--batch", type=int, default=4, help="train: sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="train: tokens per sequence")
+    p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (first is warm-up)")
+    args = p.parse_args(argv)
+    if min(args.new_tokens, args.rounds, args.batch, args.seq, args.steps) <= 0:
+        raise SuiteError("--new-tokens, --rounds, --batch, --seq and --steps must be positive")
+    args.stages = [s for s in STAGES if s in (args.only or STAGES)]
+    return args
+
+
+def require_cuda() -> str:
+    """The GPU's name, or SuiteError with what is missing (checked before anything is built)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SuiteError(
+            "gpu_suite.py needs an NVIDIA GPU: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}; a CPU-only wheel or no driver). Run it on a machine with one CUDA GPU."
+        )
+    from salr.ops import triton as kernels
+
+    if not kernels.HAS_TRITON or kernels.interpreting():
+        raise SuiteError("gpu_suite.py needs the compiled Triton kernels: pip install triton; unset TRITON_INTERPRET")
+    return torch.cuda.get_device_name()
+
+
+def stage_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    from salr.bench.kernel import bench_gpu_kernel
+
+    return {"cases": [bench_gpu_kernel(shape, m, 0.5) for shape in KERNEL_SHAPES for m in KERNEL_TOKENS]}
+
+
+def stage_decode(args: argparse.Namespace) -> dict[str, Any]:
+    from salr.bench.generation import cuda_generation_compare
+
+    return cuda_generation_compare(["llama3-8b"], args.new_tokens, 128, args.rounds)
+
+
+def stage_train(args: argparse.Namespace) -> dict[str, Any]:
+    from salr.bench.training import train_memory
+
+    return train_memory("llama3-8b", "cuda", args.batch, args.seq, args.steps)
+
+
+def pytest_summary(output: str) -> dict[str, int]:
+    """Counts from pytest's last summary line ("3 passed, 1 skipped in 2.0s" -> {"passed": 3, "skipped": 1})."""
+    lines = [line for line in output.strip().splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", line)]
+    if not lines:
+        return {}
+    return {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", lines[-1])}
+
+
+def stage_tests(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "counts": pytest_summary(proc.stdout),
+            "tail": proc.stdout[-3000:]}  # fmt: skip
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "kernels": stage_kernels,
+    "decode": stage_decode,
+    "train": stage_train,
+    "tests": stage_tests,
+}
+
+
+def run_stages(args: argparse.Namespace, functions: dict[str, Callable] = STAGE_FUNCTIONS) -> dict[str, Any]:
+    """Each chosen stage in order, with its seconds; a stage that raises is recorded (`error`) and the next runs."""
+    stages: dict[str, Any] = {}
+    for name in args.stages:
+        started = time.perf_counter()
+        try:
+            result = functions[name](args)
+        except Exception as exc:  # noqa: BLE001 - a suite reports every stage; the error is kept, not hidden
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        stages[name] = {**result, "seconds": time.perf_counter() - started}
+        print(f"{name}: {stages[name]['seconds']:.0f} s" + (f" ({result['error']})" if "error" in result else ""))
+    return stages
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _kernel_rows(kernels: dict[str, Any]) -> list[str]:
+    rows = ["| shape | M | cuBLAS bf16 ms | bitmap ms | bitmap vs cuBLAS | target | 2:4 ms | 2:4 vs cuBLAS | target |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in kernels.get("cases", []):
+        target = "≥ 1.50x" if c["tokens"] <= 16 else "≥ 0.90x" if c["tokens"] >= 2048 else "-"
+        ss = c.get("semi_structured_ms")
+        rows.append(
+            f"| {c['shape'][0]}x{c['shape'][1]} | {c['tokens']} | {c['dense_ms']:.4f} | {c['bitmap_triton_ms']:.4f} "
+            f"| {_x(c['bitmap_speedup_vs_dense'])} | {target} | {'n/a' if ss is None else f'{ss:.4f}'} "
+            f"| {_x(c.get('semi_structured_speedup_vs_dense'))} | ≥ 1.20x |"
+        )
+    return rows
+
+
+def _decode_rows(decode: dict[str, Any]) -> list[str]:
+    rows = ["| model | dense bf16 tok/s | SALR tok/s | SALR 2:4 tok/s | SALR vs dense | 2:4 vs dense |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for case in decode.get("cases", []):
+        tps = {name: r["decode_tokens_per_s"] for name, r in case["results"].items()}
+        rows.append(
+            f"| {case['model']} | {tps['dense_bf16']:.1f} | {tps['salr']:.1f} | {tps['salr_2to4']:.1f} "
+            f"| {_x(case['salr_speedup_vs_dense_bf16'])} | {_x(case['salr_2to4_speedup_vs_dense_bf16'])} |"
+        )
+    return rows
+
+
+def _train_rows(train: dict[str, Any]) -> list[str]:
+    r = train["results"]
+    return [
+        "| method | peak MiB | step ms |",
+        "|---|---|---|",
+        *(f"| {m} | {r[m]['peak_memory_mib']:.0f} | {r[m]['step_ms']:.0f} |" for m in ("lora", "salr")),
+        f"\nSALR / LoRA peak memory: **{train['salr_over_lora_peak']:.2f}** (target ≤ 0.75), "
+        f"batch {train['batch']} x {train['seq']}.",
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown section for docs/benchmarks.md."""
+    lines = [f"### GPU suite: {report['gpu']} ({report['date']}, {report['seconds']:.0f} s)", ""]
+    renderers = {"kernels": _kernel_rows, "decode": _decode_rows, "train": _train_rows}
+    for name, stage in report["stages"].items():
+        lines.append(f"**{name}** ({stage['seconds']:.0f} s)")
+        lines.append("")
+        if "error" in stage:
+            lines.append(f"failed: `{stage['error']}`")
+        elif name == "tests":
+            lines.append(f"`{stage['command']}`: exit {stage['returncode']}, {stage['counts']}")
+        else:
+            lines.extend(renderers[name](stage))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        gpu = require_cuda()
+    except SuiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from salr.bench.timing import environment
+    from salr.io import atomic_write_bytes, atomic_write_json
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    stages = run_stages(args)
+    report = {"benchmark": "gpu_suite", "gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "seconds": time.perf_counter() - started, "stages": stages, "environment": environment()}  # fmt: skip
+    atomic_write_json(args.out / "gpu_suite.json", report)
+    atomic_write_bytes(args.out / "gpu_suite.md", markdown(report).encode())
+    print(f"wrote {args.out / 'gpu_suite.json'} and {args.out / 'gpu_suite.md'}")
+    return 1 if any("error" in s for s in stages.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""benchmarks/gpu_suite.py without a GPU: it refuses at once with one clear line, and its CPU-side parts (arguments,
+stage runner, pytest summary, markdown) work on synthetic results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_without_cuda_fails_fast_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs an NVIDIA GPU" in lines[0] and "torch.cuda.is_available() is False" in lines[0]
+    assert not (tmp_path / "out").exists()  # it stopped before building or writing anything
+
+
+def test_bad_arguments_are_refused(suite):
+    with pytest.raises(suite.SuiteError, match="must be positive"):
+        suite.parse_args(["--out", "x", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--out", "x", "--only", "nonsense"])
+    assert suite.parse_args(["--out", "x", "--only", "tests", "--only", "kernels"]).stages == ["kernels", "tests"]
+    assert suite.parse_args(["--out", "x"]).stages == list(suite.STAGES)
+
+
+def test_issue_grid_is_what_the_kernel_stage_covers(suite):
+    assert suite.KERNEL_SHAPES == [(4096, 4096), (14336, 4096), (4096, 14336)]
+    assert suite.KERNEL_TOKENS == [1, 16, 128, 2048]
+    assert all((ROOT / f).is_file() for f in suite.CUDA_TEST_FILES)
+
+
+def test_run_stages_records_failures_and_keeps_going(suite, capsys):
+    args = suite.parse_args(["--out", "x", "--only", "kernels", "--only", "tests"])
+    calls = []
+
+    def broken(a):
+        calls.append("kernels")
+        raise RuntimeError("CUDA out of memory")
+
+    def fine(a):
+        calls.append("tests")
+        return {"command": "pytest", "returncode": 0, "counts": {"passed": 3}}
+
+    stages = suite.run_stages(args, {"kernels": broken, "tests": fine})
+    assert calls == ["kernels", "tests"]
+    assert stages["kernels"]["error"] == "RuntimeError: CUDA out of memory"
+    assert stages["tests"]["counts"] == {"passed": 3} and stages["tests"]["seconds"] >= 0
+    assert "kernels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text,counts",
+    [
+        ("....s\n4 passed, 1 skipped in 2.31s\n", {"passed": 4, "skipped": 1}),
+        ("F.\n=== 1 failed, 1 passed, 2 deselected in 9.0s ===\n", {"failed": 1, "passed": 1, "deselected": 2}),
+        ("no tests ran in 0.01s\n", {}),
+    ],
+)
+def test_pytest_summary(suite, text, counts):
+    assert suite.pytest_summary(text) == counts
+
+
+def _kernel_case(shape, m, dense_ms, bitmap_ms, ss_ms):
+    return {"shape": list(shape), "tokens": m, "dense_ms": dense_ms, "bitmap_triton_ms": bitmap_ms,
+            "bitmap_speedup_vs_dense": dense_ms / bitmap_ms, "semi_structured_ms": ss_ms,
+            "semi_structured_speedup_vs_dense": None if ss_ms is None else dense_ms / ss_ms}  # fmt: skip
+
+
+def test_markdown_renders_every_stage(suite):
+    tps = {"dense_bf16": 40.0, "salr": 60.0, "salr_2to4": 50.0}
+    report = {
+        "gpu": "NVIDIA H200",
+        "date": "2026-12-01 22:00 UTC",
+        "seconds": 300.0,
+        "stages": {
+            "kernels": {
+                "seconds": 60.0,
+                "cases": [
+                    _kernel_case((4096, 4096), 1, 0.02, 0.0125, None),
+                    _kernel_case((4096, 14336), 2048, 1.0, 1.25, 0.8),
+                ],
+            },  # fmt: skip
+            "decode": {
+                "seconds": 90.0,
+                "cases": [
+                    {
+                        "model": "llama3-8b",
+                        "salr_speedup_vs_dense_bf16": 1.5,
+                        "salr_2to4_speedup_vs_dense_bf16": 1.25,
+                        "results": {k: {"decode_tokens_per_s": v} for k, v in tps.items()},
+                    }
+                ],
+            },  # fmt: skip
+            "train": {
+                "seconds": 100.0,
+                "batch": 4,
+                "seq": 256,
+                "salr_over_lora_peak": 0.7,
+                "results": {
+                    "lora": {"peak_memory_mib": 30000.0, "step_ms": 900.0},
+                    "salr": {"peak_memory_mib": 21000.0, "step_ms": 1000.0},
+                },
+            },  # fmt: skip
+            "tests": {"seconds": 50.0, "command": "pytest -q", "returncode": 0, "counts": {"passed": 40}},
+        },
+    }
+    md = suite.markdown(report)
+    assert "NVIDIA H200" in md
+    assert "| 4096x4096 | 1 | 0.0200 | 0.0125 | 1.60x | ≥ 1.50x | n/a | n/a | ≥ 1.20x |" in md
+    assert "| 4096x14336 | 2048 | 1.0000 | 1.2500 | 0.80x | ≥ 0.90x | 0.8000 | 1.25x | ≥ 1.20x |" in md
+    assert "| llama3-8b | 40.0 | 60.0 | 50.0 | 1.50x | 1.25x |" in md
+    assert "| lora | 30000 | 900 |" in md and "**0.70**" in md
+    assert "exit 0, {'passed': 40}" in md
+    failed = {**report, "stages": {"train": {"seconds": 1.0, "error": "RuntimeError: boom"}}}
+    assert "failed: `RuntimeError: boom`" in suite.markdown(failed)
+    json.dumps(report)  # the report the suite writes is plain JSON
