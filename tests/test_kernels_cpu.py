@@ -207,3 +207,37 @@ def test_multithreaded_gemv_matches_reference():
     finally:
         torch.set_num_threads(threads)
     assert rel_err(y, exact(x, w)) < TOL[torch.float32]
+
+
+def adversarial(rows, cols, dtype, seed):
+    """A weight with every kind of row the tiled paths must get right: all-zero, fully dense, a single nonzero in
+    the last (padded) bitmap byte, and random rows at 50 %."""
+    w, _ = make(rows, cols, dtype=torch.float32, seed=seed)
+    w[0] = 0
+    w[2] = torch.randn(cols)  # fully dense
+    w[3] = 0
+    w[3, cols - 1] = 1.5
+    w = w.to(dtype)
+    return w, fm.encode(w)
+
+
+@native
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,rows,cols", [(9, 53, 37), (40, 70, 129), (17, 16, 8)])
+def test_many_token_paths_across_tiles(monkeypatch, xdtype, m, rows, cols):
+    """Forward and input gradient with tiles smaller than the layer (a ragged last tile), non-contiguous inputs in
+    bf16 / fp32, against the plain-PyTorch reference."""
+    monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 16 * 8 * -(-cols // 8))  # 16-row tiles
+    w, bw = adversarial(rows, cols, torch.bfloat16, seed=m)
+    args = (bw.bitmask, bw.values, bw.row_offsets, rows, cols)
+    x = torch.randn(cols, m).to(xdtype).T  # [m, cols], non-contiguous
+    y = cpu.bitmap_linear_cpu(x, *args)
+    assert y.shape == (m, rows) and y.dtype == xdtype and y.is_contiguous()
+    assert rel_err(y, exact(x, w)) < TOL[xdtype]
+    assert rel_err(y, reference.bitmap_linear_reference(x, *args).double()) < 2 * TOL[xdtype]
+    assert float(y[:, 0].abs().max()) == 0.0  # the all-zero row
+    g = torch.randn(rows, m).to(xdtype).T
+    gx = cpu.bitmap_grad_input_cpu(g, *args)
+    assert gx.shape == (m, cols) and gx.dtype == xdtype
+    assert rel_err(gx, g.double() @ w.double()) < TOL[xdtype]
+    assert rel_err(gx, reference.bitmap_grad_input_reference(g, *args).double()) < 2 * TOL[xdtype]

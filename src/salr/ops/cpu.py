@@ -170,15 +170,20 @@ def bitmap_linear_cpu(
         )  # fmt: skip
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
-    # Many tokens: decode row tiles to fp32 and let sgemm do the work; y.T is built tile by tile (contiguous).
+    # Many tokens: decode row tiles of W to fp32 and let sgemm do the work. The output is written tile by tile into
+    # y [m, rows] in x.dtype (row-major, as nn.Linear returns it): no fp32 copy of the whole output is held (training
+    # calls this with m = batch * seq), only one tile's [m, tile] product when x is not fp32.
     tile = _tile_rows(kp)
     buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
-    yt = torch.empty(rows, m, dtype=torch.float32)
+    y = torch.empty(m, rows, dtype=x.dtype)
     for r0 in range(0, rows, tile):
         r1 = min(rows, r0 + tile)
         decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
-        torch.mm(buf[: r1 - r0], xp.T, out=yt[r0:r1])
-    return yt.T.to(x.dtype).reshape(*lead, rows)
+        if r0 == 0 and r1 == rows and x.dtype == torch.float32:
+            torch.mm(xp, buf[:rows].T, out=y)
+        else:
+            y[:, r0:r1] = torch.mm(xp, buf[: r1 - r0].T)
+    return y.reshape(*lead, rows)
 
 
 def bitmap_grad_input_cpu(
@@ -193,7 +198,7 @@ def bitmap_grad_input_cpu(
         raise SALRError(f"grad must be a CPU tensor [..., {rows}], got {list(grad.shape)} on {grad.device}")
     bitmask, values, row_offsets = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
     lead = grad.shape[:-1]
-    g2 = grad.reshape(-1, rows).to(torch.float32)
+    g2 = grad.reshape(-1, rows)  # converted to fp32 a tile of columns at a time, never as a whole
     kp = 8 * -(-cols // 8)
     gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
     if g2.shape[0] and rows and cols:
@@ -202,8 +207,9 @@ def bitmap_grad_input_cpu(
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
             decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
-            gx.addmm_(g2[:, r0:r1], buf[: r1 - r0])
-    return gx[:, :cols].to(grad.dtype).reshape(*lead, cols)
+            gx.addmm_(g2[:, r0:r1].to(torch.float32), buf[: r1 - r0])
+    gx = gx if kp == cols else gx[:, :cols]
+    return (gx if grad.dtype == torch.float32 else gx.to(grad.dtype)).reshape(*lead, cols)
 
 
 def salr_linear_decode(
