@@ -13,9 +13,9 @@ from salr.bases import BitmapBase
 from salr.bench.checkpoint_size import checkpoint_case, checkpoint_sizes
 from salr.bench.generation import _ZeroLinear, generation_compare, generation_report, without_decoder_linears
 from salr.bench.kernel import parse_shape, pruned_weight, weight_bytes
-from salr.bench.models import LLAMA3_8B, random_llama, salr_copy
+from salr.bench.models import LLAMA3_8B, TINYLLAMA_1B, bench_model, random_llama, salr_copy
 from salr.bench.timing import in_child
-from salr.bench.training import method_model, train_memory, train_steps
+from salr.bench.training import _over_runtime, enable_checkpointing, method_model, train_memory, train_steps
 from salr.commands import bench as bench_cmd
 from salr.config import SALRConfig
 from salr.errors import SALRError
@@ -103,6 +103,8 @@ def test_bad_arguments_raise(monkeypatch):
         assert mode in str(err.value)
     with pytest.raises(SALRError, match="one benchmark"):
         _run(["--kernel", "--generate"])
+    with pytest.raises(SALRError, match="must be positive"):
+        _run(["--train-memory", "--batch", "0"])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SALRError, match="CUDA"):
         _run(["--kernel", "--shape", "8x8", "--tokens", "1", "--backend", "triton"])
@@ -245,3 +247,40 @@ def test_without_decoder_linears_stubs_exactly_the_converted_layers(tiny_llama):
     layer = stub.get_submodule(sorted(stubbed)[0])
     assert torch.equal(layer(x)[..., :1], torch.zeros(1, 3, 1))
     assert isinstance(tiny_llama.get_submodule(sorted(stubbed)[0]), torch.nn.Linear)  # the original is untouched
+
+
+def test_tinyllama_shape_spec_builds_in_memory():
+    assert TINYLLAMA_1B == {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                            "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}  # fmt: skip
+    small = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 1, "vocab_size": 100}
+    model, tokenizer = bench_model("tinyllama-shape", "bfloat16", **small)
+    assert tokenizer is None and model.lm_head.weight.dtype == torch.bfloat16
+    attn = model.model.layers[0].self_attn
+    assert model.config.num_attention_heads == 32 and model.config.num_key_value_heads == 4
+    assert attn.k_proj.weight.shape == (4 * 2, 64) and attn.q_proj.weight.shape == (64, 64)  # head_dim 64 / 32
+    assert model.config.rope_parameters["rope_theta"] == 10000.0 and model.config.max_position_embeddings == 2048
+    assert not model.config.tie_word_embeddings
+    with pytest.raises(SALRError, match="not found"):
+        bench_model("no-such-model-spec")
+
+
+def test_checkpointing_keeps_losses_and_gradients(tiny_llama):
+    """Gradient checkpointing (applied to both methods by --grad-checkpoint) changes memory, not the numbers."""
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    config = SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=4)
+    grads = []
+    for checkpointing in (False, True):
+        model = method_model(tiny_llama, "salr", config).float().train()
+        if checkpointing:
+            enable_checkpointing(model)
+            assert model.is_gradient_checkpointing
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_peak_above_runtime_ratio():
+    results = {"lora": {"peak_rss_mib": 1400.0, "rss_runtime_mib": 400.0},
+               "salr": {"peak_rss_mib": 1200.0, "rss_runtime_mib": 400.0}}  # fmt: skip
+    assert _over_runtime(results, "peak_rss_mib") == {"salr_over_lora_peak_above_runtime": pytest.approx(0.8)}
+    assert _over_runtime({"lora": {"peak_memory_mib": 1.0}}, "peak_memory_mib") == {}
