@@ -247,6 +247,8 @@ def test_without_decoder_linears_stubs_exactly_the_converted_layers(tiny_llama):
     layer = stub.get_submodule(sorted(stubbed)[0])
     assert torch.equal(layer(x)[..., :1], torch.zeros(1, 3, 1))
     assert isinstance(tiny_llama.get_submodule(sorted(stubbed)[0]), torch.nn.Linear)  # the original is untouched
+    assert stub.lm_head.weight.data_ptr() == tiny_llama.lm_head.weight.data_ptr()  # shared, not copied
+    assert stub.model.embed_tokens is not tiny_llama.model.embed_tokens  # the modules are copies
 
 
 def test_tinyllama_shape_spec_builds_in_memory():
