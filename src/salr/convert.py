@@ -26,6 +26,7 @@ from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, SALRExperts, SALRExpertsProjection, check_supported, is_fused_experts
 from salr.layer import FusedAdapters, SALRLinear
 from salr.pruning import global_threshold, magnitude_mask
+from salr.quantize import error_energies, quant_totals, quantize_roundtrip
 from salr.residual import residual_svd
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def _salr_factors(
     out_dim, in_dim = weight.shape
     w0 = weight.detach().float()
     mask = magnitude_mask(w0, config.sparsity, config.pattern, config.granularity, threshold)
-    factors = residual_svd(w0 - w0 * mask, config.residual_rank, config.svd_method, seed=config.seed)
+    base, kept = quantize_roundtrip(w0, mask, config, weight.dtype)  # kept = M ⊙ W0, or its quantized version
+    factors = residual_svd(w0 - kept, config.residual_rank, config.svd_method, seed=config.seed)
     A_cat = torch.cat([factors.A, _lora_A(config.r, in_dim, generator)])
     B_cat = torch.cat([factors.B, torch.zeros(out_dim, config.r)], dim=1)
     rank = config.residual_rank
@@ -104,7 +106,7 @@ def _salr_factors(
         else None,
         "theorem3_bound": (1.0 - rank / min(out_dim, in_dim)) * factors.error_energy,
     }
-    base = (w0 * mask).to(weight.dtype)
+    row.update(error_energies(w0, mask, kept))
     return base, A_cat, B_cat, row
 
 
@@ -198,7 +200,8 @@ def _salr_parts(
     adapter_dtype = DTYPES[config.adapter_dtype]
     if init:
         base, A_cat, B_cat, row = _salr_factors(weight, config, threshold, generator)
-        return DenseBase(base), A_cat.to(adapter_dtype), B_cat.to(adapter_dtype), row
+        base = base if isinstance(base, nn.Module) else DenseBase(base)
+        return base, A_cat.to(adapter_dtype), B_cat.to(adapter_dtype), row
     out_dim, in_dim = weight.shape
     rank = config.residual_rank + config.r
     base = DenseBase(torch.empty(out_dim, in_dim, dtype=weight.dtype, device="meta"))
@@ -239,7 +242,11 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
     """Per-layer rows plus totals. Counts are of weights (parameters and frozen base buffers)."""
     base_numel = base_nonzero = 0
     for _, holder, attr in base_slots(model):
-        dense = getattr(holder, attr).to_dense()
+        base = getattr(holder, attr)
+        if base.format == "qbitmap":  # kept weights are the bitmap's, even those whose value quantized to 0
+            base_numel, base_nonzero = base_numel + base.rows * base.cols, base_nonzero + base.nnz
+            continue
+        dense = base.to_dense()
         base_numel += dense.numel()
         base_nonzero += int((dense != 0).sum()) if dense.device.type != "meta" else 0
     layers = salr_modules(model)
@@ -257,6 +264,7 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
             "adapter_parameters": adapter_params,
             "pruned_energy": sum(r["pruned_energy"] for r in rows),
             "residual_energy_after_svd": sum(r["residual_energy_after_svd"] for r in rows),
+            **quant_totals(rows, config),
         },
     }
 

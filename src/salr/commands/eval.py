@@ -16,7 +16,7 @@ from salr.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 # SALRConfig fields `salr eval` accepts for pruning on the fly (LoRA rank is 0: nothing is trained).
-PRUNING_FIELDS = ("sparsity", "pattern", "granularity", "residual_rank")
+PRUNING_FIELDS = ("sparsity", "pattern", "granularity", "residual_rank", "quant", "quant_double")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
