@@ -492,12 +492,17 @@ static void qdecode_row_scalar(const qstream *q, const uint8_t *bm, int64_t star
  * stream reads only the bytes that exist (its missing values decode as 0). */
 AVX2_INLINE __m256 qgroup(int kind, const uint8_t *codes, int64_t g, int64_t nnz, __m256 lo, __m256 hi) {
     if (kind == Q_NF4) {
-        uint32_t w = 0x77777777u;
-        if (__builtin_expect(g + 8 <= nnz, 1)) memcpy(&w, codes + (g >> 1), 4);
-        else /* a byte loop, not a memcpy call: a call here would spill the accumulators */
-            for (int64_t i = 0; i < ((nnz - g + 1) >> 1); i++) w = (w & ~(0xffu << (8 * i))) | ((uint32_t)codes[(g >> 1) + i] << (8 * i));
+        __m256i word;
+        if (__builtin_expect(g + 8 <= nnz, 1)) {
+            word = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(codes + (g >> 1)))); /* one load */
+        } else { /* the stream's last bytes; a byte loop, not a memcpy call (a call would spill the accumulators) */
+            uint32_t w = 0x77777777u;
+            for (int64_t i = 0; i < ((nnz - g + 1) >> 1); i++)
+                w = (w & ~(0xffu << (8 * i))) | ((uint32_t)codes[(g >> 1) + i] << (8 * i));
+            word = _mm256_set1_epi32((int)w);
+        }
         const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24); /* lane i: nibble i, high first */
-        __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts);     /* vpermps reads the low 3 bits */
+        __m256i idx = _mm256_srlv_epi32(word, shifts);                          /* vpermps reads the low 3 bits */
         __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
         return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))); /* bit 3 -> sign */
     }
@@ -535,7 +540,7 @@ AVX2_INLINE int64_t qpack(int NT, const uint8_t *bm, int64_t j0, int64_t j1, int
 #pragma GCC unroll 8
         for (int u = 0; u < 8; u++) {
             const int64_t off = u ? __builtin_popcountll(word << (64 - 8 * u)) : 0;
-            const __m256i perm = _mm256_load_si256((const __m256i *)LEFTPACK[(word >> (8 * u)) & 0xff]);
+            const __m256i perm = _mm256_load_si256((const __m256i *)LEFTPACK[bm[j + u]]);
 #pragma GCC unroll 8
             for (int t = 0; t < NT; t++)
                 _mm256_storeu_ps(dst + t * QBUF + off,
@@ -748,7 +753,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
 #pragma omp atomic write
             oom = 1;
         }
-#pragma omp for schedule(dynamic, ROW_CHUNK)
+#pragma omp for schedule(dynamic, ROW_CHUNK) nowait /* one barrier (the region's end), not two */
         for (int64_t r = 0; r < rows; r++) {
             int64_t start, end;
             if (!buf) continue;
@@ -780,7 +785,7 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
 #pragma omp atomic write
             oom = 1;
         }
-#pragma omp for schedule(dynamic, ROW_CHUNK)
+#pragma omp for schedule(dynamic, ROW_CHUNK) nowait /* one barrier (the region's end), not two */
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *bm = bitmask + r * nbytes;
             float *o = out + (r - r0) * ldo;
