@@ -174,3 +174,33 @@ def test_eval_prunes_and_quantizes_on_the_fly(stories_path, wikitext_path, tmp_p
     report = json.loads(out.read_text())
     assert report["pruning"]["quant"] == "nf4" and report["pruning"]["totals"]["quantization_energy"] > 0
     assert report["metrics"]["perplexity"] > 1
+
+
+def test_moe_experts_get_quantized_bases_and_reload_exactly(tiny_mixtral, tmp_path):
+    config = salr.SALRConfig(sparsity=0.5, residual_rank=4, r=2, quant="nf4")
+    salr.convert(tiny_mixtral, config, progress=False)
+    experts = tiny_mixtral.model.layers[0].mlp.experts
+    assert all(isinstance(b, QBitmapBase) for b in [*experts.gate_up_proj.bases, *experts.down_proj.bases])
+    tiny_mixtral.eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny_mixtral(ids).logits
+    salr.save(tiny_mixtral, tmp_path / "moe", config)
+    loaded, _ = salr.load(tmp_path / "moe")
+    assert isinstance(loaded.model.layers[1].mlp.experts.down_proj.bases[3], QBitmapBase)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_train_cli_on_a_qsalr_checkpoint(stories_path, tmp_path):
+    gsm8k = stories_path.parents[2] / "gsm8k" / "train.jsonl"
+    ckpt, run = tmp_path / "q", tmp_path / "run"
+    argv = ["compress", "--model", str(stories_path), "--residual-rank", "4", "--lora-rank", "4", "--quant", "nf4"]
+    assert main([*argv, "--quiet", "--output", str(ckpt)]) == 0
+    argv = ["train", "--model", str(ckpt), "--data", str(gsm8k), "--limit", "8", "--output", str(run)]
+    assert main([*argv, "--max-steps", "2", "--batch-size", "4", "--max-length", "384", "--no-progress"]) == 0
+    trained, _ = salr.load(run)
+    before, _ = salr.load(ckpt)
+    layer, old = trained.model.layers[0].mlp.up_proj, before.model.layers[0].mlp.up_proj
+    assert isinstance(layer.base, QBitmapBase) and torch.equal(layer.base.codes, old.base.codes)
+    assert not torch.equal(layer.B_cat, old.B_cat)  # the adapters trained on the quantized base
