@@ -12,8 +12,8 @@ Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, ex
 (A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
 LoRA block.
 
-Optional runs (`--quant`, or name them in `--runs`): QSALR at 50 % (NF4 base, the residual absorbs pruning and
-quantization error) and QLoRA (dense NF4 base + LoRA of SALR's trainable rank):
+Optional runs (`--quant`, or name them in `--runs`): QSALR at 50 % with the paper's and the salr+ recipe (NF4 base,
+the residual absorbs pruning and quantization error) and QLoRA (dense NF4 base + LoRA of SALR's trainable rank):
 
     python experiments/paper_grid.py --runs salr@50%,qsalr@50%,qlora@nf4 --output runs/qsalr
 """
@@ -56,22 +56,36 @@ class Run:
     method: str  # "pretrained" or one of salr.train.METHODS
     pattern: str = "unstructured"
     sparsity: float | None = 0.5
+    preset: str = "paper"  # how the base is pruned and the residual initialised (salr.config.PRESETS)
 
 
-OPTIONAL = [Run("qsalr@50%", "qsalr"), Run("qlora@nf4", "qlora", sparsity=None)]
+OPTIONAL = [
+    Run("qsalr@50%", "qsalr"),
+    Run("qsalr+@50%", "qsalr", preset="salr+"),
+    Run("qlora@nf4", "qlora", sparsity=None),
+]
 
 
 def grid(quick: bool, optional: bool = False) -> list[Run]:
-    """Full: 4 methods x {50% unstructured, 2:4} + SALR sweep 10/30/60/70%.
+    """Full: 4 methods x {50% unstructured, 2:4} with the paper's recipe, SALR+ (our default recipe: SparseGPT mask,
+    whitened residual, self-calibration) and prune-LoRA on the same SparseGPT mask at 50 % and 2:4, and a sweep of
+    the paper's SALR at 10/30/60/70 %. Runs named "+" use the salr+ preset, the others the paper's.
 
-    Quick: the 4 methods at 50% unstructured, SALR at 2:4 and a SALR sweep at 30% and 70% (with 50%, three
-    points), besides the pretrained model. `optional` adds the QSALR and QLoRA runs (OPTIONAL) at the end.
+    Quick: the 4 methods at 50% unstructured, SALR and SALR+ at 50% and 2:4, and the paper's SALR at 30% and 70%,
+    besides the pretrained model. `optional` adds the QSALR (both recipes) and QLoRA runs (OPTIONAL) at the end.
     """
     methods = ["lora", "salr", "prune-lora", "salr-frozen-residual"]
     runs = [Run("pretrained", "pretrained", sparsity=None)]
     runs += [Run(f"{m}@50%", m) for m in methods]
+    runs += [Run("salr+@50%", "salr", preset="salr+")]
     patterns_24 = ["salr"] if quick else [m for m in methods if m != "lora"]
     runs += [Run(f"{m}@2:4", m, "2:4", None) for m in patterns_24]
+    runs += [Run("salr+@2:4", "salr", "2:4", None, preset="salr+")]
+    if not quick:
+        runs += [
+            Run("prune-lora+@50%", "prune-lora", preset="salr+"),
+            Run("prune-lora+@2:4", "prune-lora", "2:4", None, preset="salr+"),
+        ]
     sweep = [0.3, 0.7] if quick else [0.1, 0.3, 0.6, 0.7]
     runs += [Run(f"salr@{round(s * 100)}%", "salr", sparsity=s) for s in sweep]
     return runs + (OPTIONAL if optional else [])
@@ -80,7 +94,8 @@ def grid(quick: bool, optional: bool = False) -> list[Run]:
 def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
     """The SALRConfig a (non-pretrained) run converts and trains with: `method_config` gives LoRA / prune+LoRA one
     block of rank residual_rank + lora_rank, SALR's trainable parameter count, at the same LoRA scale (2)."""
-    base = SALRConfig(
+    base = SALRConfig.from_preset(
+        run.preset,
         sparsity=run.sparsity,
         pattern=run.pattern,
         residual_rank=args.residual_rank,
@@ -106,7 +121,9 @@ class Conversions:
         self.remaining = Counter(conversion_key(run_config(r, args)) for r in runs if r.method != "pretrained")
         self.kept: dict[str, tuple[Any, dict[str, Any], str]] = {}
 
-    def get(self, run: Run, config: SALRConfig, dense: Any) -> tuple[Any, dict[str, Any], str | None]:
+    def get(
+        self, run: Run, config: SALRConfig, dense: Any, tokenizer: Any = None
+    ) -> tuple[Any, dict[str, Any], str | None]:
         """(converted model to train, conversion report, name of the run whose conversion was reused or None)."""
         key = conversion_key(config)
         self.remaining[key] = self.remaining.get(key, 1) - 1
@@ -121,7 +138,7 @@ class Conversions:
                     module.train_residual = config.train_residual
             return model, report, source
         model = copy.deepcopy(dense)
-        report = convert(model, config, progress=False)
+        report = convert(model, config, progress=False, tokenizer=tokenizer)
         if self.remaining[key] > 0:
             self.kept[key] = (copy.deepcopy(model), report, run.name)
         return model, report, None
@@ -230,7 +247,7 @@ def run_one(
     else:
         config = run_config(run, args)
         with timed(seconds, "convert"):
-            model, conversion, reused = conversions.get(run, config, dense)
+            model, conversion, reused = conversions.get(run, config, dense, tokenizer)
         cfg = TrainConfig(
             lr=args.lr,
             max_steps=args.steps,

@@ -178,7 +178,7 @@ def test_checkpoint_sizes_json_contract():
 def test_generation_compare_same_tokens_for_lossless_salr(stories):
     model, tok = stories
     model = model.float()
-    salr_model, config = salr_copy(model, SALRConfig(sparsity=0.0, residual_rank=0, r=0))
+    salr_model, config = salr_copy(model, SALRConfig.from_preset("paper", sparsity=0.0, residual_rank=0, r=0))
     assert isinstance(salr_model.model.layers[0].mlp.up_proj.base, BitmapBase)
     assert config.adapter_dtype == "float32"
     ids = torch.tensor([[1, 50, 60, 70]])
@@ -194,7 +194,7 @@ def test_train_steps_update_only_adapters(stories):
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     counts = {}
     for method in ("lora", "salr"):
-        m = method_model(model, method, SALRConfig(sparsity=0.5, residual_rank=4, r=4))
+        m = method_model(model, method, SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=4))
         frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
         trained = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
         stats = train_steps(m, ids, steps=2, lr=1e-2)
@@ -236,7 +236,7 @@ def test_generate_report_on_stories(stories_path):
 
 
 def test_without_decoder_linears_stubs_exactly_the_converted_layers(tiny_llama):
-    salr_model, _ = salr_copy(tiny_llama, SALRConfig(sparsity=0.5, residual_rank=2, r=2))
+    salr_model, _ = salr_copy(tiny_llama, SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=2, r=2))
     stub = without_decoder_linears(tiny_llama, salr_model)
     converted = {n for n, m in salr_model.named_modules() if type(m).__name__ == "SALRLinear"}
     stubbed = {n for n, m in stub.named_modules() if isinstance(m, _ZeroLinear)}

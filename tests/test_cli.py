@@ -13,8 +13,8 @@ from salr.cli import main
 
 def test_compress_writes_checkpoint_and_report(stories_path, tmp_path, capsys):
     out = tmp_path / "D"
-    argv = ["compress", "--model", str(stories_path), "--sparsity", "0.5", "--residual-rank", "8", "--lora-rank", "4"]
-    assert main([*argv, "--output", str(out)]) == 0
+    argv = ["compress", "--model", str(stories_path), "--preset", "paper", "--sparsity", "0.5", "--residual-rank", "8"]
+    assert main([*argv, "--lora-rank", "4", "--output", str(out)]) == 0
     report = json.loads((out / "salr_report.json").read_text())
     assert len(report["layers"]) == 35
     for row in report["layers"]:
@@ -43,7 +43,7 @@ def test_compress_writes_checkpoint_and_report(stories_path, tmp_path, capsys):
 def test_compress_2_4_pattern(stories_path, tmp_path):
     out = tmp_path / "D24"
     argv = ["compress", "--model", str(stories_path), "--pattern", "2:4", "--residual-rank", "4", "--output", str(out)]
-    assert main([*argv, "--quiet"]) == 0
+    assert main([*argv, "--preset", "paper", "--quiet"]) == 0
     report = json.loads((out / "salr_report.json").read_text())
     assert report["config"]["pattern"] == "2:4" and report["config"]["sparsity"] == 0.5
     assert all(abs(r["sparsity"] - 0.5) < 1e-9 for r in report["layers"])
@@ -84,3 +84,33 @@ def test_missing_model_file_from_a_real_subprocess(tmp_path):
     )
     assert result.returncode == 2
     assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compress_default_recipe_calibrates_on_self_generated_text(stories_path, tmp_path):
+    """The default (salr+) recipe: SparseGPT mask + whitened residual on text the model samples itself."""
+    out = tmp_path / "plus"
+    argv = ["compress", "--model", str(stories_path), "--residual-rank", "8", "--lora-rank", "4", "--quiet"]
+    argv += ["--calibration-samples", "4", "--calibration-length", "64", "--output", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "salr_report.json").read_text())
+    config = report["config"]
+    assert (config["criterion"], config["residual_init"], config["calibration"]) == ("sparsegpt", "whitened", "self")
+    for row in report["layers"]:
+        assert abs(row["sparsity"] - 0.5) <= 0.01
+        # the whitened residual reduces the output error on the calibration activations
+        assert row["output_error_after_residual"] < row["output_error_before_residual"]
+    salr.load(out)
+
+
+def test_preset_paper_reproduces_the_paper_flags(stories_path, tmp_path):
+    out = tmp_path / "paper"
+    argv = ["compress", "--model", str(stories_path), "--preset", "paper", "--residual-rank", "4", "--quiet"]
+    assert main([*argv, "--output", str(out)]) == 0
+    config = json.loads((out / "salr_report.json").read_text())["config"]
+    assert (config["criterion"], config["residual_init"], config["granularity"], config["calibration"]) == (
+        "magnitude",
+        "svd",
+        "layer",
+        "none",
+    )
+    assert config["residual_rank"] == 4  # a flag beside the preset still applies

@@ -11,20 +11,35 @@ from salr.cli import main
 def test_demo_end_to_end(stories_path, tmp_path, capsys):
     out, summary_path = tmp_path / "demo", tmp_path / "demo.json"
     argv = ["demo", "--model", str(stories_path), "--residual-rank", "8", "--lora-rank", "4", "--lr", "3e-3"]
+    argv += [
+        "--recovery-steps",
+        "4",
+        "--calibration-samples",
+        "4",
+        "--calibration-length",
+        "64",
+        "--sample-length",
+        "32",
+    ]
     argv += ["--train-steps", "12", "--train-examples", "32", "--eval-examples", "8", "--accuracy-examples", "2"]
     argv += ["--max-new-tokens", "4", "--output", str(out), "--json", str(summary_path)]
     assert main(argv) == 0
     summary = json.loads(summary_path.read_text())
     scores = summary["held_out"]["scores"]
-    assert set(scores) == {"dense (no tuning)", "SALR (init)", "SALR (fine-tuned)"}
+    assert set(scores) == {"dense (no tuning)", "SALR+ (before fine-tuning)", "SALR+ (fine-tuned)"}
     # fine-tuning on the synthetic task must lower the held-out answer NLL well below the untuned SALR model's
-    assert scores["SALR (fine-tuned)"]["answer_nll"] < 0.8 * scores["SALR (init)"]["answer_nll"]
+    assert scores["SALR+ (fine-tuned)"]["answer_nll"] < 0.8 * scores["SALR+ (before fine-tuning)"]["answer_nll"]
+    ppl = summary["held_out_text_perplexity"]
+    assert set(ppl) == {"dense", "naive unstructured pruning", "SALR, paper recipe", "SALR+ (init)",
+                        "SALR+ (recovered)", "SALR+ (fine-tuned)"}  # fmt: skip
+    assert ppl["dense"] < ppl["SALR+ (init)"] < ppl["naive unstructured pruning"]
+    assert summary["recovery"]["steps"] == 4
     assert summary["loss_curve"][-1] < summary["loss_curve"][0]
     assert summary["reload_max_abs_logit_diff"] == 0.0
     assert summary["training"]["steps"] == 12
-    assert set(summary["completions"]) >= {"dense", "SALR (init)", "SALR (fine-tuned)"}
+    assert set(summary["completions"]) >= {"dense", "SALR+ (init)", "SALR+ (recovered)", "SALR+ (fine-tuned)"}
     text = capsys.readouterr().out
-    assert "SALR (fine-tuned)" in text and "answer NLL" in text
+    assert "SALR+ (fine-tuned)" in text and "answer NLL" in text and "held-out text perplexity" in text
     model, _ = salr.load(out)  # the run directory is a SALR checkpoint
     assert (out / "train_report.json").is_file() and (out / "metrics.jsonl").is_file()
 

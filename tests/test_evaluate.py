@@ -444,7 +444,17 @@ def run_cli(argv: list[str]) -> int:
 def test_eval_command_writes_report_and_pruning_hurts(tmp_path, capsys):
     common = ["--model", str(STORIES), "--task", "wikitext2", "--data", str(WIKITEXT), "--limit", "2"]
     assert run_cli([*common, "--json", str(tmp_path / "dense.json")]) == 0
-    assert run_cli([*common, "--sparsity", "0.5", "--residual-rank", "0", "--json", str(tmp_path / "naive.json")]) == 0
+    naive_args = [
+        "--preset",
+        "paper",
+        "--sparsity",
+        "0.5",
+        "--residual-rank",
+        "0",
+        "--json",
+        str(tmp_path / "naive.json"),
+    ]
+    assert run_cli([*common, *naive_args]) == 0
     dense = json.loads((tmp_path / "dense.json").read_text())
     naive = json.loads((tmp_path / "naive.json").read_text())
     assert dense["task"] == "wikitext2" and dense["model"] == str(STORIES) and dense["limit"] == 2

@@ -25,7 +25,7 @@ def small_mixtral() -> MixtralForCausalLM:
 
 def test_expert_bases_are_bitmaps_on_disk_within_3_percent_of_ideal_and_reload_exactly(tmp_path):
     model = small_mixtral()
-    config = salr.SALRConfig(residual_rank=8, r=4)
+    config = salr.SALRConfig.from_preset("paper", residual_rank=8, r=4)
     salr.convert(model, config, progress=False)
     assert salr.pack_bases(model) == 4 + 2 * 4  # q, k, v, o + 2 projections x 4 experts (the router is no Linear)
     experts = model.model.layers[0].mlp.experts
@@ -56,7 +56,7 @@ def _examples(n: int = 16) -> list[dict[str, list[int]]]:
 def test_frozen_residual_covers_fused_experts(tiny_mixtral, tmp_path):
     # `salr train --method salr-frozen-residual` on a MoE model: the experts' residual blocks stay at their SVD
     # init (with weight decay too), their LoRA blocks train
-    config = method_config("salr-frozen-residual", salr.SALRConfig(residual_rank=4, r=2))
+    config = method_config("salr-frozen-residual", salr.SALRConfig.from_preset("paper", residual_rank=4, r=2))
     salr.convert(tiny_mixtral, config, progress=False)
     experts = tiny_mixtral.model.layers[0].mlp.experts
     before = {n: p.detach().clone() for n, p in experts.named_parameters()}
@@ -74,7 +74,9 @@ def test_frozen_residual_covers_fused_experts(tiny_mixtral, tmp_path):
 
 
 def test_lora_dropout_reaches_expert_adapters(tiny_mixtral):
-    salr.convert(tiny_mixtral, salr.SALRConfig(residual_rank=4, r=2, lora_dropout=0.5), progress=False)
+    salr.convert(
+        tiny_mixtral, salr.SALRConfig.from_preset("paper", residual_rank=4, r=2, lora_dropout=0.5), progress=False
+    )
     proj = tiny_mixtral.model.layers[0].mlp.experts.gate_up_proj
     assert isinstance(proj.lora_dropout, torch.nn.Dropout)
     with torch.no_grad():

@@ -12,7 +12,9 @@ def _layer(out_dim=24, in_dim=40, sparsity=0.5, residual_rank=6, r=4, dropout=0.
     torch.manual_seed(seed)
     linear = nn.Linear(in_dim, out_dim, bias=bias)
     model = nn.Sequential(linear)
-    config = salr.SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=r, lora_dropout=dropout, lora_alpha=8)
+    config = salr.SALRConfig.from_preset(
+        "paper", sparsity=sparsity, residual_rank=residual_rank, r=r, lora_dropout=dropout, lora_alpha=8
+    )
     w0 = linear.weight.detach().clone()
     salr.convert(model, config, progress=False)
     return model[0], w0, config
@@ -68,7 +70,9 @@ def test_lora_scale_uses_alpha_over_r():
 def test_freeze_residual_zeroes_residual_gradients_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 24))
-    salr.convert(model, salr.SALRConfig(residual_rank=6, r=4, train_residual=False), progress=False)
+    salr.convert(
+        model, salr.SALRConfig.from_preset("paper", residual_rank=6, r=4, train_residual=False), progress=False
+    )
     layer = model[0]
     with torch.no_grad():
         layer.B_cat[:, 6:] = 0.1
@@ -101,7 +105,7 @@ def test_to_linear_matches_layer_output():
 def test_bf16_base_keeps_fp32_adapters():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32, bias=False)).to(torch.bfloat16)
-    salr.convert(model, salr.SALRConfig(residual_rank=8, r=4), progress=False)
+    salr.convert(model, salr.SALRConfig.from_preset("paper", residual_rank=8, r=4), progress=False)
     layer = model[0]
     assert layer.base.dtype == torch.bfloat16 and layer.A_cat.dtype == torch.float32
     y = layer(torch.randn(2, 64, dtype=torch.bfloat16))

@@ -15,7 +15,7 @@ def _ids(vocab=128, seed=0):
 
 
 def test_all_linear_targets_every_projection_but_never_lm_head_or_embeddings(tiny_llama):
-    report = salr.convert(tiny_llama, salr.SALRConfig(residual_rank=4, r=2), progress=False)
+    report = salr.convert(tiny_llama, salr.SALRConfig.from_preset("paper", residual_rank=4, r=2), progress=False)
     names = [row["name"] for row in report["layers"]]
     assert len(names) == 2 * 7
     assert not any("lm_head" in n or "embed" in n for n in names)
@@ -24,7 +24,9 @@ def test_all_linear_targets_every_projection_but_never_lm_head_or_embeddings(tin
 
 
 def test_target_and_exclude_modules_follow_peft_semantics(tiny_llama):
-    config = salr.SALRConfig(residual_rank=2, r=2, target_modules=["q_proj", "v_proj"], exclude_modules=r".*\.1\..*")
+    config = salr.SALRConfig.from_preset(
+        "paper", residual_rank=2, r=2, target_modules=["q_proj", "v_proj"], exclude_modules=r".*\.1\..*"
+    )
     report = salr.convert(tiny_llama, config, progress=False)
     assert [r["name"] for r in report["layers"]] == [
         "model.layers.0.self_attn.q_proj",
@@ -33,32 +35,36 @@ def test_target_and_exclude_modules_follow_peft_semantics(tiny_llama):
 
 
 def test_regex_target_modules(tiny_llama):
-    config = salr.SALRConfig(residual_rank=2, r=2, target_modules=r".*mlp\.(gate|up)_proj")
+    config = salr.SALRConfig.from_preset("paper", residual_rank=2, r=2, target_modules=r".*mlp\.(gate|up)_proj")
     report = salr.convert(tiny_llama, config, progress=False)
     assert len(report["layers"]) == 4
 
 
 def test_unknown_target_module_is_a_clear_error(tiny_llama):
     with pytest.raises(SALRError, match=r"\['qkv'\] match no linear layer.*available"):
-        salr.convert(tiny_llama, salr.SALRConfig(target_modules=["qkv"]), progress=False)
+        salr.convert(tiny_llama, salr.SALRConfig.from_preset("paper", target_modules=["qkv"]), progress=False)
 
 
 def test_rank_above_layer_size_is_a_clear_error(tiny_llama):
     with pytest.raises(SALRError, match="residual_rank 100 exceeds min"):
-        salr.convert(tiny_llama, salr.SALRConfig(residual_rank=100), progress=False)
+        salr.convert(tiny_llama, salr.SALRConfig.from_preset("paper", residual_rank=100), progress=False)
 
 
 def test_nm_on_indivisible_layer_names_the_layer(stories):
     model, _ = stories  # down_proj has 172 inputs: divisible by 4, not by 8
     with pytest.raises(SALRError, match=r"4:8 needs the input dimension of model\.layers\.0\.mlp\.down_proj"):
-        salr.convert(model, salr.SALRConfig(pattern="4:8", sparsity=None, residual_rank=4), progress=False)
+        salr.convert(
+            model, salr.SALRConfig.from_preset("paper", pattern="4:8", sparsity=None, residual_rank=4), progress=False
+        )
 
 
 @pytest.mark.parametrize("pattern,granularity", [("unstructured", "layer"), ("unstructured", "row"), ("2:4", "layer")])
 def test_report_rows_are_consistent(stories, pattern, granularity):
     model, _ = stories
     sparsity = None if pattern == "2:4" else 0.5
-    config = salr.SALRConfig(sparsity=sparsity, pattern=pattern, granularity=granularity, residual_rank=8, r=4)
+    config = salr.SALRConfig.from_preset(
+        "paper", sparsity=sparsity, pattern=pattern, granularity=granularity, residual_rank=8, r=4
+    )
     report = salr.convert(model, config, progress=False)
     for row in report["layers"]:
         assert abs(row["sparsity"] - 0.5) <= 0.01
@@ -74,7 +80,9 @@ def test_report_rows_are_consistent(stories, pattern, granularity):
 def test_global_granularity_reaches_total_sparsity_with_uneven_layers(stories):
     model, _ = stories
     report = salr.convert(
-        model, salr.SALRConfig(sparsity=0.6, granularity="global", residual_rank=2, r=0), progress=False
+        model,
+        salr.SALRConfig.from_preset("paper", sparsity=0.6, granularity="global", residual_rank=2, r=0),
+        progress=False,
     )
     assert abs(report["totals"]["sparsity"] - 0.6) < 0.005
     per_layer = [row["sparsity"] for row in report["layers"]]
@@ -84,7 +92,7 @@ def test_global_granularity_reaches_total_sparsity_with_uneven_layers(stories):
 def test_zero_sparsity_with_lora_only_is_the_dense_model(tiny_llama):
     ids = _ids()
     dense = tiny_llama(ids).logits
-    salr.convert(tiny_llama, salr.SALRConfig(sparsity=0.0, residual_rank=0, r=4), progress=False)
+    salr.convert(tiny_llama, salr.SALRConfig.from_preset("paper", sparsity=0.0, residual_rank=0, r=4), progress=False)
     assert torch.allclose(tiny_llama(ids).logits, dense, atol=1e-5)
 
 
@@ -92,8 +100,8 @@ def test_residual_brings_pruned_model_closer_to_dense(tiny_llama):
     ids = _ids()
     dense = tiny_llama(ids).logits
     naive, full = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
-    salr.convert(naive, salr.SALRConfig(residual_rank=0, r=0), progress=False)
-    salr.convert(full, salr.SALRConfig(residual_rank=16, r=0), progress=False)
+    salr.convert(naive, salr.SALRConfig.from_preset("paper", residual_rank=0, r=0), progress=False)
+    salr.convert(full, salr.SALRConfig.from_preset("paper", residual_rank=16, r=0), progress=False)
     assert (full(ids).logits - dense).pow(2).mean() < 0.5 * (naive(ids).logits - dense).pow(2).mean()
 
 
@@ -101,10 +109,10 @@ def test_mixtral_fused_experts_are_pruned_per_expert_with_own_adapters(tiny_mixt
     ids = _ids()
     dense = tiny_mixtral(ids).logits
     lossless = copy.deepcopy(tiny_mixtral)
-    salr.convert(lossless, salr.SALRConfig(sparsity=0.0, residual_rank=0, r=2), progress=False)
+    salr.convert(lossless, salr.SALRConfig.from_preset("paper", sparsity=0.0, residual_rank=0, r=2), progress=False)
     assert torch.allclose(lossless(ids).logits, dense, atol=1e-5)  # our expert forward == transformers'
 
-    report = salr.convert(tiny_mixtral, salr.SALRConfig(residual_rank=4, r=2), progress=False)
+    report = salr.convert(tiny_mixtral, salr.SALRConfig.from_preset("paper", residual_rank=4, r=2), progress=False)
     experts = tiny_mixtral.model.layers[0].mlp.experts
     assert isinstance(experts, SALRExperts)
     assert experts.gate_up_proj.A_cat.shape == (4, 6, 32) and experts.down_proj.B_cat.shape == (4, 32, 6)
@@ -123,7 +131,7 @@ def test_mixtral_fused_experts_are_pruned_per_expert_with_own_adapters(tiny_mixt
 
 def test_merge_and_unload_gives_plain_linear_with_same_logits(tiny_llama):
     ids = _ids()
-    salr.convert(tiny_llama, salr.SALRConfig(residual_rank=4, r=2), progress=False)
+    salr.convert(tiny_llama, salr.SALRConfig.from_preset("paper", residual_rank=4, r=2), progress=False)
     with torch.no_grad():
         for module in tiny_llama.modules():
             if isinstance(module, SALRLinear):
@@ -137,7 +145,7 @@ def test_merge_and_unload_gives_plain_linear_with_same_logits(tiny_llama):
 def test_merge_and_unload_mixtral_restores_native_experts(tiny_mixtral):
     ids = _ids()
     experts_type = type(tiny_mixtral.model.layers[0].mlp.experts)
-    salr.convert(tiny_mixtral, salr.SALRConfig(residual_rank=4, r=2), progress=False)
+    salr.convert(tiny_mixtral, salr.SALRConfig.from_preset("paper", residual_rank=4, r=2), progress=False)
     with torch.no_grad():
         for name, p in tiny_mixtral.named_parameters():
             if name.endswith("B_cat"):

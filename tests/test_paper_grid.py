@@ -40,12 +40,21 @@ def test_quick_grid_keeps_the_comparisons(experiment):
         "salr@50%",
         "prune-lora@50%",
         "salr-frozen-residual@50%",
+        "salr+@50%",
         "salr@2:4",
+        "salr+@2:4",
         "salr@30%",
         "salr@70%",
     ]
-    full = [r.name for r in experiment.grid(quick=False)]
-    assert set(names) < set(full) and len(full) == 12
+    full = experiment.grid(quick=False)
+    assert set(names) < {r.name for r in full} and len(full) == 16
+    # the paper's recipe and ours side by side; "+" runs use the salr+ preset
+    assert {r.name for r in full if r.preset == "salr+"} == {
+        "salr+@50%",
+        "salr+@2:4",
+        "prune-lora+@50%",
+        "prune-lora+@2:4",
+    }
 
 
 def _adapters(model) -> dict[str, torch.Tensor]:
@@ -162,10 +171,13 @@ def test_runner_writes_per_stage_seconds(experiment, tmp_path):
 
 def test_optional_quantized_runs(experiment):
     names = [r.name for r in experiment.grid(quick=True, optional=True)]
-    assert names[-2:] == ["qsalr@50%", "qlora@nf4"] and "qsalr@50%" not in [r.name for r in experiment.grid(True)]
+    assert names[-3:] == ["qsalr@50%", "qsalr+@50%", "qlora@nf4"]
+    assert "qsalr@50%" not in [r.name for r in experiment.grid(True)]
     args = argparse.Namespace(residual_rank=4, lora_rank=2, seed=0)
-    qsalr, qlora = (experiment.run_config(r, args) for r in experiment.OPTIONAL)
+    qsalr, qsalr_plus, qlora = (experiment.run_config(r, args) for r in experiment.OPTIONAL)
     assert (qsalr.quant, qsalr.sparsity, qsalr.residual_rank, qsalr.r) == ("nf4", 0.5, 4, 2)
+    assert (qsalr.criterion, qsalr_plus.criterion, qsalr_plus.residual_init) == ("magnitude", "sparsegpt", "whitened")
+    assert qsalr_plus.quant == "nf4"
     assert (qlora.quant, qlora.sparsity, qlora.residual_rank, qlora.r) == ("nf4", 0.0, 0, 6)  # SALR's rank
     rows = [
         {"name": "salr@50%", "gsm8k_answer_nll": 1.0},

@@ -23,7 +23,10 @@ def layers(model):
 @pytest.mark.parametrize("quant,double_quant", [("nf4", False), ("nf4", True), ("int8", False)])
 def test_residual_is_the_svd_of_pruning_plus_quantization_error(tiny_llama, quant, double_quant):
     dense = {n: m.weight.detach().clone() for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear)}
-    config = salr.SALRConfig(sparsity=0.5, residual_rank=8, r=4, quant=quant, quant_double=double_quant)
+    # the paper's recipe (magnitude mask, plain SVD); tests/test_qsalr_decompose.py has the activation-aware ones
+    config = salr.SALRConfig.from_preset(
+        "paper", sparsity=0.5, residual_rank=8, r=4, quant=quant, quant_double=double_quant
+    )
     report = salr.convert(tiny_llama, config, progress=False)
     for row in report["layers"]:
         # pruning error lives on pruned entries, quantization error on kept ones: the energies add up exactly

@@ -130,7 +130,7 @@ def _convert_2to4(model, device: str = "cpu"):
     from salr.convert import convert
 
     model.to(device)
-    return convert(model, SALRConfig(pattern="2:4", residual_rank=4, r=2, seed=0), progress=False)
+    return convert(model, SALRConfig.from_preset("paper", pattern="2:4", residual_rank=4, r=2, seed=0), progress=False)
 
 
 def test_use_semi_structured_on_cpu_keeps_every_base_and_says_why(tiny_llama):

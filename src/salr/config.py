@@ -13,6 +13,9 @@ from salr.errors import SALRError
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 GRANULARITIES = ("layer", "row", "global")
 SVD_METHODS = ("auto", "exact", "randomized")
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+RESIDUAL_INITS = ("svd", "whitened", "alternating")
+NO_CALIBRATION = "none"
 DEFAULT_SPARSITY = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTS = ("none", "nf4", "int8")
@@ -22,6 +25,20 @@ def parse_nm(pattern: str) -> tuple[int, int] | None:
     """'2:4' -> (2, 4): keep N of every M consecutive weights along the input dim; None for 'unstructured'."""
     match = PATTERN_RE.match(pattern)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _check_modules(name: str, spec: Any) -> None:
+    """Module names (a list of strings), 'all-linear' or a regex that compiles; None for exclude_modules."""
+    if spec is None or spec == "all-linear":
+        return
+    if isinstance(spec, list) and all(isinstance(s, str) and s for s in spec):
+        return
+    if not isinstance(spec, str):
+        raise SALRError(f"{name} must be a list of module names, 'all-linear' or a regex, got {spec!r}")
+    try:
+        re.compile(spec)
+    except re.error as err:
+        raise SALRError(f"{name} {spec!r} is not a valid regular expression ({err})") from err
 
 
 @dataclass
@@ -34,13 +51,47 @@ class SALRConfig:
         },
     )
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'"})
-    granularity: str = field(
-        default="layer",
+    granularity: str | None = field(
+        default=None,
         metadata={
-            "help": "unstructured only: threshold per 'layer', per output 'row', or 'global' across layers",
+            "help": "unstructured only: compare scores per 'layer', per output 'row', or 'global' across layers "
+            "(magnitude only); unset: 'row' for wanda/sparsegpt, 'layer' for magnitude",
             "choices": GRANULARITIES,
         },
     )
+    criterion: str = field(
+        default="sparsegpt",
+        metadata={
+            "help": "which weights to keep: 'magnitude' |W| (the paper; no data), 'wanda' |W|·‖x‖, or 'sparsegpt' "
+            "(OBS mask + update of the kept weights)",
+            "choices": CRITERIA,
+        },
+    )
+    residual_init: str = field(
+        default="whitened",
+        metadata={
+            "help": "residual adapter init: 'svd' of E (the paper), 'whitened' (best rank-r fix of the output error "
+            "on calibration data), 'alternating' (re-prune and re-fit a few rounds)",
+            "choices": RESIDUAL_INITS,
+        },
+    )
+    alternating_rounds: int = field(default=3, metadata={"help": "rounds of residual_init 'alternating'"})
+    calibration: str = field(
+        default="self",
+        metadata={
+            "help": "calibration text: 'self' (sampled from the model itself, no file needed), a text / GSM8K / "
+            "Alpaca file, or 'none' (magnitude + svd only)"
+        },
+    )
+    calibration_samples: int = field(default=32, metadata={"help": "calibration windows"})
+    calibration_length: int = field(default=512, metadata={"help": "tokens per calibration window"})
+    sequential: bool = field(
+        default=True,
+        metadata={
+            "help": "calibrate each block on the outputs of the already compressed blocks (else the dense ones)"
+        },
+    )
+    damping: float = field(default=0.01, metadata={"help": "Gram damping, relative to its mean diagonal"})
     residual_rank: int = field(default=64, metadata={"help": "rank of the SVD residual adapter (0 = naive pruning)"})
     r: int = field(default=16, metadata={"help": "LoRA rank (0 = no LoRA block)"})
     lora_alpha: float | None = field(
@@ -88,15 +139,15 @@ class SALRConfig:
                     "leave sparsity unset for N:M patterns"
                 )
             self.sparsity = implied
-            if self.granularity != "layer":
+            if self.granularity not in (None, "layer"):
                 raise SALRError("granularity applies to unstructured pruning only; N:M is always per group")
+            self.granularity = "layer"
         if self.sparsity is None:
             self.sparsity = DEFAULT_SPARSITY
         if not isinstance(self.sparsity, int | float) or not 0.0 <= float(self.sparsity) < 1.0:
             raise SALRError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         self.sparsity = float(self.sparsity)
-        if self.granularity not in GRANULARITIES:
-            raise SALRError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        self._check_compression_method()
         for name in ("residual_rank", "r"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -115,6 +166,44 @@ class SALRConfig:
             raise SALRError("quant_double quantizes the scales of a quantized base: pass quant='nf4' or 'int8' too")
         if self.adapter_dtype not in DTYPES:
             raise SALRError(f"adapter_dtype must be float32, bfloat16 or float16, got {self.adapter_dtype!r}")
+        for name in ("target_modules", "exclude_modules"):
+            _check_modules(name, getattr(self, name))
+
+    def _check_compression_method(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise SALRError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.residual_init not in RESIDUAL_INITS:
+            raise SALRError(f"residual_init must be one of {RESIDUAL_INITS}, got {self.residual_init!r}")
+        if self.granularity is None:
+            self.granularity = "layer" if self.criterion == "magnitude" else "row"
+        if self.granularity not in GRANULARITIES:
+            raise SALRError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "global" and self.criterion != "magnitude":
+            raise SALRError("granularity 'global' works with criterion 'magnitude' only: use 'row' or 'layer'")
+        if self.needs_calibration and self.calibration == NO_CALIBRATION:
+            raise SALRError(
+                f"criterion {self.criterion!r} with residual_init {self.residual_init!r} needs calibration data: "
+                "pass calibration 'self' or a file, or use the paper's method (--preset paper)"
+            )
+        for name in ("alternating_rounds", "calibration_samples", "calibration_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SALRError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.damping, int | float) and 0 < self.damping < 1e3):
+            raise SALRError(f"damping must be a positive number, got {self.damping!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when converting reads activations: an activation-aware mask or residual on a pruned base."""
+        if self.sparsity == 0:
+            return False
+        return self.criterion != "magnitude" or (self.residual_init != "svd" and self.residual_rank > 0)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> SALRConfig:
+        """A config from a named preset (PRESETS), fields in `overrides` taking precedence."""
+        if preset not in PRESETS:
+            raise SALRError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **overrides})
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -133,3 +222,11 @@ class SALRConfig:
         if known.get("pattern", "unstructured") != "unstructured":
             known["sparsity"] = None  # implied by the pattern; avoids float round-trip mismatch
         return cls(**known)
+
+
+# Named recipes. "paper" reproduces the SALR paper exactly: magnitude mask, plain SVD of E, no data. "salr+" is the
+# best measured combination (docs/quality.md), which is also SALRConfig's default.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"criterion": "magnitude", "residual_init": "svd", "granularity": "layer", "calibration": NO_CALIBRATION},
+    "salr+": {"criterion": "sparsegpt", "residual_init": "whitened", "calibration": "self"},
+}

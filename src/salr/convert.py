@@ -1,8 +1,9 @@
 """Find the target layers of any Hugging Face causal LM and convert them to SALR layers in place; report, pack the
 bases into a stored format, merge back.
 
-Data flow per layer (one layer at a time, so memory stays bounded): W0 -> mask -> M ⊙ W0 (frozen base)
--> E = W0 - M ⊙ W0 -> truncated SVD -> [A_res; A_lora], [B_res, B_lora] -> SALRLinear. `convert` has no device
+Data flow per layer (one layer at a time, so memory stays bounded): W0 -> mask -> M ⊙ W0 (frozen base; quantized
+with config.quant) -> E = W0 - base -> truncated SVD -> [A_res; A_lora], [B_res, B_lora] -> SALRLinear
+(salr.decompose has the activation-aware variants). `convert` has no device
 side effects: the model stays where it is, and moving 2:4 bases onto sparse tensor cores is `use_semi_structured`.
 """
 
@@ -21,13 +22,14 @@ from tqdm.auto import tqdm
 
 from salr import bases
 from salr.bases import DenseBase
+from salr.calibration import BlockwiseCalibration, LayerStats, calibration_ids, iterate_blocks
 from salr.config import DTYPES, SALRConfig
+from salr.decompose import decompose
 from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, SALRExperts, SALRExpertsProjection, check_supported, is_fused_experts
 from salr.layer import FusedAdapters, SALRLinear
-from salr.pruning import global_threshold, magnitude_mask
-from salr.quantize import error_energies, quant_totals, quantize_roundtrip
-from salr.residual import residual_svd
+from salr.pruning import global_threshold
+from salr.quantize import quant_totals
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def find_targets(model: nn.Module, config: SALRConfig) -> list[Target]:
     spec = config.target_modules
     if spec is None or spec == "all-linear":
         chosen = [t for t in candidates if t.kind != "output"]
+        _refuse_unsupported(model, config)
     else:
         chosen = [t for t in candidates if _matches(t.name, spec)]
         if isinstance(spec, list):
@@ -78,36 +81,22 @@ def find_targets(model: nn.Module, config: SALRConfig) -> list[Target]:
     return chosen
 
 
+def _refuse_unsupported(model: nn.Module, config: SALRConfig) -> None:
+    """all-linear must mean all: a module salr cannot convert is an error, not a half-converted model."""
+    from salr.architectures import unsupported_modules
+
+    for name, why in unsupported_modules(model):
+        if not (config.exclude_modules and _matches(name, config.exclude_modules)):
+            raise SALRError(
+                f"{name} is {why}: salr cannot convert it and will not leave it dense while converting the rest; "
+                "exclude it with exclude_modules or name the target modules"
+            )
+
+
 def _lora_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
     # PEFT's default LoRA init: kaiming-uniform A (a = sqrt(5)), zero B.
     bound = 1.0 / math.sqrt(in_features)
     return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-
-
-def _salr_factors(
-    weight: torch.Tensor, config: SALRConfig, threshold: float | None, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Prune one 2-D weight and build its fused adapters. Returns (base, A_cat, B_cat, report row)."""
-    out_dim, in_dim = weight.shape
-    w0 = weight.detach().float()
-    mask = magnitude_mask(w0, config.sparsity, config.pattern, config.granularity, threshold)
-    base, kept = quantize_roundtrip(w0, mask, config, weight.dtype)  # kept = M ⊙ W0, or its quantized version
-    factors = residual_svd(w0 - kept, config.residual_rank, config.svd_method, seed=config.seed)
-    A_cat = torch.cat([factors.A, _lora_A(config.r, in_dim, generator)])
-    B_cat = torch.cat([factors.B, torch.zeros(out_dim, config.r)], dim=1)
-    rank = config.residual_rank
-    row = {
-        "shape": [out_dim, in_dim],
-        "sparsity": 1.0 - float(mask.float().mean()),
-        "pruned_energy": factors.error_energy,
-        "residual_energy_after_svd": factors.tail_energy,
-        "svd_tail_energy": float(factors.singular_values[rank:].pow(2).sum())
-        if factors.singular_values.numel() == min(out_dim, in_dim)
-        else None,
-        "theorem3_bound": (1.0 - rank / min(out_dim, in_dim)) * factors.error_energy,
-    }
-    row.update(error_energies(w0, mask, kept))
-    return base, A_cat, B_cat, row
 
 
 def _check_ranks(target: Target, shape: tuple[int, ...], config: SALRConfig) -> None:
@@ -116,6 +105,11 @@ def _check_ranks(target: Target, shape: tuple[int, ...], config: SALRConfig) -> 
         raise SALRError(
             f"residual_rank {config.residual_rank} exceeds min(out, in) = {limit} of {target.name} "
             f"{tuple(shape)}: choose residual_rank <= {limit} or exclude the layer"
+        )
+    if config.r > 4 * limit:  # a larger rank is pointless (parameter-matched baselines go a little over min(out, in))
+        raise SALRError(
+            f"LoRA rank {config.r} exceeds 4 x min(out, in) = {4 * limit} of {target.name} {tuple(shape)}: the "
+            "adapter would be larger than the layer; choose a smaller LoRA rank"
         )
     nm = config.nm
     if nm and shape[-1] % nm[1]:
@@ -130,58 +124,147 @@ def _target_weight(modules: dict[str, nn.Module], target: Target) -> torch.Tenso
     return getattr(owner, target.name.rsplit(".", 1)[-1]) if target.kind == "experts" else owner.weight
 
 
-def convert(model: nn.Module, config: SALRConfig, init: bool = True, progress: bool = True) -> dict[str, Any]:
+def convert(
+    model: nn.Module,
+    config: SALRConfig,
+    init: bool = True,
+    progress: bool = True,
+    calibration: torch.Tensor | None = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
     """Replace every target layer of `model` with its SALR version, in place, and return the report.
 
-    With `init=False` only the structure is built (meta tensors, nothing pruned): the checkpoint loader uses it
-    before assigning saved tensors. The base stays in the model's dtype; adapters are in config.adapter_dtype.
+    When `config.needs_calibration` (an activation-aware criterion or residual), the layers are converted block by
+    block on calibration activations: `calibration` token ids [n, T] if given, else built from `config.calibration`
+    ("self": sampled from the model; a file: read with `tokenizer`). With `init=False` only the structure is built
+    (meta tensors, nothing pruned): the checkpoint loader uses it before assigning saved tensors. The base stays in
+    the model's dtype; adapters are in config.adapter_dtype.
     """
     started = time.perf_counter()
     targets = find_targets(model, config)
     modules = dict(model.named_modules())
-    for target in targets:
-        _check_ranks(target, tuple(_target_weight(modules, target).shape), config)
+    for target in targets:  # everything is checked before any layer is converted: never a half-converted model
+        if isinstance(modules[target.module_name], SALRLinear):
+            raise SALRError(f"{target.name} is already a SALR layer: convert a dense model")
+        weight = _target_weight(modules, target)
+        _check_ranks(target, tuple(weight.shape), config)
+        if target.kind == "experts":
+            check_supported(modules[target.module_name], target.name)
+        if init and not weight.is_meta and not bool(torch.isfinite(weight).all()):
+            raise SALRError(f"{target.name} has non-finite weights (NaN or infinity): the model is corrupt")
     threshold = None
     if init and config.granularity == "global" and config.nm is None:
         threshold = global_threshold([_target_weight(modules, t) for t in targets], config.sparsity)
-    generator = torch.Generator().manual_seed(config.seed)
-    rows: list[dict[str, Any]] = []
-    experts_done: dict[str, dict[str, SALRExpertsProjection]] = {}
-    for target in tqdm(targets, desc="salr convert", disable=not progress or not init, unit="layer"):
-        owner = modules[target.module_name]
-        if isinstance(owner, SALRLinear):
-            raise SALRError(f"{target.name} is already a SALR layer: convert a dense model")
-        if target.kind == "experts":
-            check_supported(owner, target.name)
-            param_name = target.name.rsplit(".", 1)[-1]
-            weight = getattr(owner, param_name)
-            parts = [_salr_parts(w, config, threshold, generator, init) for w in weight]
-            rows.extend({"name": f"{target.name}[{e}]", **part[3]} for e, part in enumerate(parts) if init)
-            experts_done.setdefault(target.module_name, {})[param_name] = SALRExpertsProjection(
-                [part[0] for part in parts],
-                torch.stack([part[1] for part in parts]),
-                torch.stack([part[2] for part in parts]),
-                **_adapter_kwargs(config),
-            )
-            continue
-        base, A_cat, B_cat, row = _salr_parts(owner.weight, config, threshold, generator, init)
-        if init:
-            rows.append({"name": target.name, **row})
-        _set_submodule(
-            model, target.module_name, SALRLinear(base, owner.bias, A_cat, B_cat, **_adapter_kwargs(config))
-        )
-    for module_name, projections in experts_done.items():
-        missing = [p for p in EXPERT_PARAMS if p not in projections]
-        if missing:
-            raise SALRError(f"{module_name}: both {EXPERT_PARAMS} must be targeted together (missing {missing})")
-        experts = SALRExperts(modules[module_name], projections["gate_up_proj"], projections["down_proj"])
-        _set_submodule(model, module_name, experts)
+    converter = _Converter(model, config, torch.Generator().manual_seed(config.seed), threshold, init)
+    if init and config.needs_calibration:
+        if calibration is None:
+            calibration = calibration_ids(
+                model, tokenizer, config.calibration, config.calibration_samples, config.calibration_length,
+                config.seed,
+            )  # fmt: skip
+        _convert_blockwise(converter, targets, calibration, progress)
+    else:
+        for target in tqdm(targets, desc="salr convert", disable=not progress or not init, unit="layer"):
+            converter.convert(target, modules[target.module_name], {})
+        converter.install_experts()
     mark_trainable(model)
     if not init:
         return {"config": config.to_dict(), "layers": [], "totals": {"target_layers": len(targets)}}
-    report = build_report(model, rows, config)
+    report = build_report(model, converter.rows, config)
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.Tensor, progress: bool) -> None:
+    """Calibrate and convert one transformer block at a time (bounded memory: one block's Grams at once)."""
+    calib = BlockwiseCalibration(converter.model, ids)
+    calib.capture_inputs()
+    blocks = list(iterate_blocks(converter.model))
+    outside = [t for t in targets if not any(t.module_name.startswith(name + ".") for name, _ in blocks)]
+    if outside:
+        raise SALRError(
+            f"{[t.name for t in outside][:3]} are outside the transformer blocks, where calibration cannot reach: "
+            "exclude them (exclude_modules) or use the paper's method (--preset paper)"
+        )
+    for name, block in tqdm(blocks, desc="salr convert", disable=not progress, unit="block"):
+        mine = [t for t in targets if t.module_name.startswith(name + ".")]
+        if not mine:
+            continue
+        stats, dense_outputs = calib.statistics(block, [t.name[len(name) + 1 :] for t in mine])
+        modules = dict(converter.model.named_modules())
+        for target in mine:
+            prefix = len(name) + 1
+            local = {key: value for key, value in stats.items() if key.split("[")[0] == target.name[prefix:]}
+            converter.convert(target, modules[target.module_name], local, prefix=target.name[:prefix])
+        converter.install_experts()
+        del stats
+        # sequential: the next block sees what the compressed block outputs; else the dense block's outputs
+        calib.hidden = calib.run_block(block) if converter.config.sequential else dense_outputs
+
+
+class _Converter:
+    """Builds the SALR version of one target at a time and collects the report rows."""
+
+    def __init__(
+        self, model: nn.Module, config: SALRConfig, generator: torch.Generator, threshold: float | None, init: bool
+    ) -> None:
+        self.model, self.config, self.generator, self.threshold, self.init = model, config, generator, threshold, init
+        self.rows: list[dict[str, Any]] = []
+        self.experts: dict[str, dict[str, SALRExpertsProjection]] = {}
+
+    def parts(
+        self, weight: torch.Tensor, stats: LayerStats | None
+    ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
+        """(frozen base: dense, or quantized bitmap with config.quant; A_cat, B_cat, report row) of one 2-D weight;
+        meta tensors (a dense base) and no row when not `init`."""
+        config, adapter_dtype = self.config, DTYPES[self.config.adapter_dtype]
+        out_dim, in_dim = weight.shape
+        if not self.init:
+            rank = config.residual_rank + config.r
+            base = DenseBase(torch.empty(out_dim, in_dim, dtype=weight.dtype, device="meta"))
+            A_cat = torch.empty(rank, in_dim, dtype=adapter_dtype, device="meta")
+            B_cat = torch.empty(out_dim, rank, dtype=adapter_dtype, device="meta")
+            return base, A_cat, B_cat, {}
+        split = decompose(weight, config, stats, self.threshold)  # on the weight's device
+        device = weight.device
+        A_cat = torch.cat([split.factors.A, _lora_A(config.r, in_dim, self.generator).to(device)])
+        B_cat = torch.cat([split.factors.B, torch.zeros(out_dim, config.r, device=device)], dim=1)
+        base = split.stored
+        if base is None:
+            base = DenseBase(split.base.to(device=device, dtype=weight.dtype))
+        return base, A_cat.to(device, adapter_dtype), B_cat.to(device, adapter_dtype), split.row
+
+    def convert(self, target: Target, owner: nn.Module, stats: dict[str, LayerStats], prefix: str = "") -> None:
+        """Convert one target; `stats` maps its calibration keys (relative to `prefix`) to Grams."""
+        local = target.name[len(prefix) :]
+        if target.kind == "experts":
+            check_supported(owner, target.name)
+            param = local.rsplit(".", 1)[-1]
+            parts = [self.parts(w, stats.get(f"{local}[{e}]")) for e, w in enumerate(getattr(owner, param))]
+            if self.init:
+                self.rows.extend({"name": f"{target.name}[{e}]", **p[3]} for e, p in enumerate(parts))
+            projection = SALRExpertsProjection(
+                [p[0] for p in parts], torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts]),
+                **_adapter_kwargs(self.config),
+            )  # fmt: skip
+            self.experts.setdefault(target.module_name, {})[param] = projection
+            return
+        base, A_cat, B_cat, row = self.parts(owner.weight, stats.get(local))
+        if self.init:
+            self.rows.append({"name": target.name, **row})
+        layer = SALRLinear(base, owner.bias, A_cat, B_cat, **_adapter_kwargs(self.config))
+        _set_submodule(self.model, target.module_name, layer)
+
+    def install_experts(self) -> None:
+        """Swap in the SALR experts blocks whose projections are both converted."""
+        for module_name, projections in self.experts.items():
+            missing = [p for p in EXPERT_PARAMS if p not in projections]
+            if missing:
+                raise SALRError(f"{module_name}: both {EXPERT_PARAMS} must be targeted together (missing {missing})")
+            original = self.model.get_submodule(module_name)
+            experts = SALRExperts(original, projections["gate_up_proj"], projections["down_proj"])
+            _set_submodule(self.model, module_name, experts)
+        self.experts = {}
 
 
 def _adapter_kwargs(config: SALRConfig) -> dict[str, Any]:
@@ -191,23 +274,6 @@ def _adapter_kwargs(config: SALRConfig) -> dict[str, Any]:
         "lora_dropout": config.lora_dropout,
         "train_residual": config.train_residual,
     }
-
-
-def _salr_parts(
-    weight: torch.Tensor, config: SALRConfig, threshold: float | None, generator: torch.Generator, init: bool
-) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(dense base, A_cat, B_cat, report row) of one 2-D weight; meta tensors and no row when not `init`."""
-    adapter_dtype = DTYPES[config.adapter_dtype]
-    if init:
-        base, A_cat, B_cat, row = _salr_factors(weight, config, threshold, generator)
-        base = base if isinstance(base, nn.Module) else DenseBase(base)
-        return base, A_cat.to(adapter_dtype), B_cat.to(adapter_dtype), row
-    out_dim, in_dim = weight.shape
-    rank = config.residual_rank + config.r
-    base = DenseBase(torch.empty(out_dim, in_dim, dtype=weight.dtype, device="meta"))
-    A_cat = torch.empty(rank, in_dim, dtype=adapter_dtype, device="meta")
-    B_cat = torch.empty(out_dim, rank, dtype=adapter_dtype, device="meta")
-    return base, A_cat, B_cat, {}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

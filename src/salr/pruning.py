@@ -1,6 +1,10 @@
-"""Static magnitude masks for frozen base weights: unstructured (per layer, per row, global) and N:M.
+"""Static masks for frozen base weights: unstructured (per layer, per row, global) and N:M.
 
-A mask is True where the weight is kept. Masks are computed once from W0 and never change.
+A mask is True where the weight is kept. Masks are computed once and never change. Three criteria:
+- `magnitude_mask`: |W| (the paper; needs no data);
+- `wanda_mask`: |W_ij| · ‖x_j‖ (Wanda, Sun et al. 2023), ‖x_j‖² the diagonal of the input Gram H = Σ x xᵀ;
+- `sparsegpt`: SparseGPT (Frantar & Alistarh 2023): optimal-brain-surgeon masks chosen column block by column
+  block, and the kept weights updated to absorb the pruned ones' output error. It returns the pruned weight.
 """
 
 from __future__ import annotations
@@ -38,15 +42,16 @@ def unstructured_mask(weight: torch.Tensor, sparsity: float, per_row: bool = Fal
     return _keep_largest(scores.reshape(-1), n_keep, dim=0).reshape(scores.shape)
 
 
-def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the `n` largest |w| in every group of `m` consecutive weights along the input (last) dim."""
+def nm_mask(weight: torch.Tensor, n: int, m: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the `n` largest scores (default |w|) in every group of `m` consecutive weights along the input dim."""
     if weight.shape[-1] % m:
         raise SALRError(
             f"N:M pattern {n}:{m} needs the input dimension divisible by {m}, but this weight has shape "
             f"{tuple(weight.shape)}: exclude the layer (exclude_modules) or use unstructured pruning"
         )
-    scores = weight.detach().abs().float().reshape(*weight.shape[:-1], weight.shape[-1] // m, m)
-    return _keep_largest(scores, n, dim=-1).reshape(weight.shape)
+    scores = weight.detach().abs().float() if scores is None else scores
+    grouped = scores.reshape(*weight.shape[:-1], weight.shape[-1] // m, m)
+    return _keep_largest(grouped, n, dim=-1).reshape(weight.shape)
 
 
 def global_threshold(weights: Iterable[torch.Tensor], sparsity: float, iters: int = 64) -> float:
@@ -94,3 +99,117 @@ def magnitude_mask(
     if granularity not in ("layer", "row"):
         raise SALRError(f"granularity must be 'layer', 'row' or 'global', got {granularity!r}")
     return unstructured_mask(weight, sparsity, per_row=granularity == "row")
+
+
+# ----------------------------------------------------------------------------- activation-aware
+
+
+def input_norms(gram: torch.Tensor) -> torch.Tensor:
+    """‖x_j‖ per input feature from the Gram H = Σ x xᵀ [in, in]: sqrt of its diagonal (fp32 [in])."""
+    return torch.diagonal(gram).clamp_min(0).sqrt().float()
+
+
+def wanda_mask(
+    weight: torch.Tensor, gram: torch.Tensor, sparsity: float, pattern: str = "unstructured", granularity: str = "row"
+) -> torch.Tensor:
+    """Wanda mask of W [out, in]: scores |W_ij| · ‖x_j‖ compared within each output row (granularity "row", the
+    Wanda paper), across the layer ("layer"), or within N:M groups."""
+    check_sparsity(sparsity)
+    scores = weight.detach().abs().float() * input_norms(gram)[None, :]
+    nm = parse_nm(pattern)
+    if nm is not None:
+        return nm_mask(weight, *nm, scores=scores)
+    if granularity not in ("layer", "row"):
+        raise SALRError(f"the wanda criterion compares per 'row' or per 'layer', got granularity {granularity!r}")
+    if granularity == "row":
+        return _keep_largest(scores, round((1.0 - sparsity) * scores.shape[-1]), dim=-1)
+    return _keep_largest(scores.reshape(-1), round((1.0 - sparsity) * scores.numel()), dim=0).reshape(scores.shape)
+
+
+def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """H + damping · mean(diag H) · I (fp64), with dead inputs (diag 0: never active) given a unit diagonal so the
+    matrix is positive definite. [in, in]."""
+    h = gram.double().clone()
+    diag = torch.diagonal(h)
+    diag[diag <= 0] = 1.0
+    diag += damping * diag.mean()
+    return h
+
+
+def damped_cholesky(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower C with C Cᵀ = H + damping (fp64 [in, in]); SALRError if the Gram is not positive definite."""
+    try:
+        return torch.linalg.cholesky(damped_gram(gram, damping))
+    except torch.linalg.LinAlgError as err:
+        raise SALRError(f"calibration Gram is not positive definite ({err}): raise the damping") from err
+
+
+def inverse_cholesky_upper(lower: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with Uᵀ U = H⁻¹ from H's lower Cholesky factor (SparseGPT's / GPTQ's inverse Hessian).
+
+    H⁻¹ = C⁻ᵀ C⁻¹ from one triangular solve (torch's cholesky_inverse is several times slower on the CPU)."""
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
+    return torch.linalg.cholesky(inv_lower.T @ inv_lower, upper=True)
+
+
+def _block_prune_mask(w: torch.Tensor, u_diag: torch.Tensor, sparsity: float, granularity: str) -> torch.Tensor:
+    """Pruned positions of one column block: the smallest OBS saliencies w² / [U]_jj², per row or over the block."""
+    saliency = w**2 / u_diag[None, :] ** 2
+    if granularity == "row":
+        return ~_keep_largest(saliency, saliency.shape[1] - round(sparsity * saliency.shape[1]), dim=1)
+    n_keep = saliency.numel() - round(sparsity * saliency.numel())
+    return ~_keep_largest(saliency.reshape(-1), n_keep, dim=0).reshape(saliency.shape)
+
+
+@torch.no_grad()
+def sparsegpt(
+    weight: torch.Tensor,
+    gram: torch.Tensor | None,
+    sparsity: float,
+    pattern: str = "unstructured",
+    granularity: str = "row",
+    damping: float = 0.01,
+    blocksize: int = 128,
+    inverse_upper: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on W [out, in] against the input Gram H [in, in]: (pruned weight fp32 [out, in], keep mask).
+
+    Columns are visited left to right in blocks of `blocksize`; in each block the mask is chosen by saliency
+    w² / [U]_jj² (U the upper Cholesky factor of (H + damping)⁻¹) per output row ("row": exact per-row sparsity),
+    over the block ("layer": the paper's adaptive selection), or per N:M group; each pruned weight's error is
+    spread over the not yet visited columns (lazy batch updates), so the kept weights compensate it. Pass
+    `inverse_upper` (U) to reuse a factorization; the column sweep runs in fp32, as the reference implementation.
+    """
+    check_sparsity(sparsity)
+    nm = parse_nm(pattern)
+    out_dim, in_dim = weight.shape
+    if nm is not None and in_dim % nm[1]:
+        nm_mask(weight, *nm)  # raises the one clear message
+    w = weight.detach().float().clone()
+    if inverse_upper is None:
+        inverse_upper = inverse_cholesky_upper(damped_cholesky(gram, damping))
+    u = inverse_upper.to(w.dtype)
+    keep = torch.ones(out_dim, in_dim, dtype=torch.bool, device=w.device)
+    step = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])
+    for i1 in range(0, in_dim, step):
+        i2 = min(i1 + step, in_dim)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        errors = torch.zeros_like(w1)
+        pruned = None if nm is not None else _block_prune_mask(w1, torch.diagonal(u1), sparsity, granularity)
+        if nm is not None:
+            pruned = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:  # choose each N:M group when its first column is reached
+                saliency = w1[:, i : i + nm[1]] ** 2 / torch.diagonal(u1)[i : i + nm[1]][None, :] ** 2
+                pruned[:, i : i + nm[1]] = ~_keep_largest(saliency, nm[0], dim=1)
+            col = w1[:, i]
+            q = torch.where(pruned[:, i], torch.zeros_like(col), col)
+            err = (col - q) / u1[i, i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            w1[:, i] = q
+            errors[:, i] = err
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = ~pruned
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return (w * keep).float(), keep

@@ -1,7 +1,10 @@
-"""Residual adapter initialisation: truncated SVD of the pruning error E = W0 - M ⊙ W0.
+"""Residual adapter initialisation: a rank-r B A approximating the pruning error E = W0 - Ŵ.
 
-B_res = U_r sqrt(S_r), A_res = sqrt(S_r) V_r^T, so B_res @ A_res = E_r, the best rank-r approximation of E
-(Eckart–Young). Always computed in fp32, whatever the model dtype.
+- `residual_svd` (the paper): truncated SVD of E, B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, the best rank-r
+  approximation of E in weight space (Eckart–Young). Computed in fp32.
+- `whitened_svd`: the best rank-r correction of the layer's *output* error ‖(E − B A) X‖_F on calibration
+  activations X (SVD-LLM / EoRA-style whitening): with H = X Xᵀ = C Cᵀ (Cholesky, damped), the SVD of E C gives
+  B = U_r sqrt(S_r), A = sqrt(S_r) V_rᵀ C⁻¹. Computed in fp64.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from salr.errors import SALRError
+from salr.pruning import damped_cholesky
 
 # Above this many rows/cols an exact SVD costs seconds per layer; randomized SVD is near-exact for small ranks.
 RANDOMIZED_MIN_DIM = 2048
@@ -23,6 +27,22 @@ class ResidualFactors:
     singular_values: torch.Tensor  # the top-r singular values of E (all of them for the exact method)
     error_energy: float  # ||E||_F^2
     tail_energy: float  # ||E - B A||_F^2, measured
+
+
+def _svd(matrix: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of `matrix`, exact or randomized ("auto": randomized for large layers and small ranks)."""
+    small = min(matrix.shape)
+    if method == "auto":
+        method = "randomized" if small > RANDOMIZED_MIN_DIM and rank * 4 < small else "exact"
+    if method == "exact":
+        return torch.linalg.svd(matrix, full_matrices=False)
+    if method != "randomized":
+        raise SALRError(f"svd method must be 'exact', 'randomized' or 'auto', got {method!r}")
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    u, s, v = torch.svd_lowrank(matrix, q=min(rank + 16, small), niter=4)
+    torch.random.set_rng_state(gen_state)
+    return u, s, v.T
 
 
 def residual_svd(error: torch.Tensor, rank: int, method: str = "auto", seed: int = 0) -> ResidualFactors:
@@ -38,22 +58,46 @@ def residual_svd(error: torch.Tensor, rank: int, method: str = "auto", seed: int
     if rank == 0:
         empty = e.new_zeros
         return ResidualFactors(empty(out_dim, 0), empty(0, in_dim), empty(0), energy, energy)
-    if method == "auto":
-        method = (
-            "randomized" if min(out_dim, in_dim) > RANDOMIZED_MIN_DIM and rank * 4 < min(out_dim, in_dim) else "exact"
-        )
-    if method == "exact":
-        u, s, vh = torch.linalg.svd(e, full_matrices=False)
-    elif method == "randomized":
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(e, q=min(rank + 16, min(out_dim, in_dim)), niter=4)
-        torch.random.set_rng_state(gen_state)
-        vh = v.T
-    else:
-        raise SALRError(f"svd method must be 'exact', 'randomized' or 'auto', got {method!r}")
+    u, s, vh = _svd(e, rank, method, seed)
     root = s[:rank].sqrt()
     B = u[:, :rank] * root
     A = root[:, None] * vh[:rank]
     tail = float((e - B @ A).pow(2).sum())
     return ResidualFactors(B.contiguous(), A.contiguous(), s, energy, tail)
+
+
+def whitened_svd(
+    error: torch.Tensor,
+    gram: torch.Tensor | None,
+    rank: int,
+    damping: float = 0.01,
+    method: str = "auto",
+    seed: int = 0,
+    cholesky: torch.Tensor | None = None,
+) -> ResidualFactors:
+    """Rank-`rank` factors of `error` [out, in] minimising ‖(E − B A) X‖_F, given the input Gram H = X Xᵀ [in, in]
+    (or its damped lower Cholesky factor `cholesky`, to reuse one). `method` as for `residual_svd`: the randomized
+    SVD for large layers and small ranks. `singular_values` are those of E C (output space, the top ones only for
+    the randomized SVD); `tail_energy` is still ‖E − B A‖²_F in weight space.
+    """
+    out_dim, in_dim = error.shape
+    if rank < 0 or rank > min(out_dim, in_dim):
+        raise SALRError(
+            f"residual rank {rank} is larger than the layer allows (min(out, in) = {min(out_dim, in_dim)} for shape "
+            f"{tuple(error.shape)}): choose a rank <= {min(out_dim, in_dim)}"
+        )
+    e = error.detach().double()
+    energy = float(e.pow(2).sum())
+    if rank == 0:
+        empty = error.new_zeros
+        return ResidualFactors(empty(out_dim, 0).float(), empty(0, in_dim).float(), empty(0), energy, energy)
+    chol = damped_cholesky(gram, damping) if cholesky is None else cholesky
+    if method == "auto":  # E C has no exact-SVD tradition to keep: randomized whenever the rank is small
+        method = "randomized" if rank * 4 < min(out_dim, in_dim) else "exact"
+    u, s, vh = _svd(e @ chol, rank, method, seed)
+    root = s[:rank].sqrt()
+    B = u[:, :rank] * root
+    # A C = sqrt(S) Vᵀ, i.e. Cᵀ Aᵀ = V sqrt(S): one triangular solve, no explicit inverse of C
+    A = torch.linalg.solve_triangular(chol.T, vh[:rank].T * root, upper=True).T
+    tail = float((e - B @ A).pow(2).sum())
+    return ResidualFactors(B.float().contiguous(), A.float().contiguous(), s.float(), energy, tail)

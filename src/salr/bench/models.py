@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salr.config import SALRConfig
+from salr.config import PRESETS, SALRConfig
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ def salr_copy(
     from salr.convert import convert, pack_bases, use_semi_structured
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    config = SALRConfig.from_dict({**config.to_dict(), "adapter_dtype": dtype})
+    # Speed, size and memory do not depend on how the mask was chosen: convert data-free with the paper's recipe
+    # (random-weight benchmark models have no meaningful text to calibrate on).
+    config = SALRConfig.from_dict({**config.to_dict(), **PRESETS["paper"], "adapter_dtype": dtype})
     salr_model = model if inplace else copy.deepcopy(model)
     convert(salr_model, config, progress=False)
     if bitmap:

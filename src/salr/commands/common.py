@@ -11,11 +11,27 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-from salr.config import DTYPES, SALRConfig
+from salr.config import DTYPES, PRESETS, SALRConfig
 
 T = TypeVar("T")
 # Field names whose flag differs from the field name (PEFT's `r` is the LoRA rank on the command line).
 FLAG_NAMES = {"r": "lora-rank"}
+
+
+def at_least(minimum: int) -> Any:
+    """argparse type: an integer >= `minimum` (a bad value is a one-line usage error before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def flag(name: str) -> str:
@@ -60,10 +76,11 @@ def add_dataclass_args(
         kind, is_bool = _parser_for(hints[f.name])
         if is_bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {default})")  # fmt: skip
+                                dest=f.name, help=f"{help_text} (default: {default})")  # fmt: skip
             continue
         choices = f.metadata.get("choices")
-        parser.add_argument(flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS,
+        # dest is the field name: `--lora-rank` must fill `r` (without it the flag was silently ignored)
+        parser.add_argument(flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS, dest=f.name,
                             metavar=None if choices else f.name.upper(),
                             help=f"{help_text} (default: {default})")  # fmt: skip
 
@@ -86,9 +103,19 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_salr_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Every SALRConfig field as a flag (--sparsity, --pattern, --residual-rank, --lora-rank, ...)."""
-    add_dataclass_args(parser.add_argument_group("SALR"), SALRConfig, skip=skip)
+    """Every SALRConfig field as a flag (--sparsity, --pattern, --residual-rank, --lora-rank, ...) and --preset."""
+    group = parser.add_argument_group("SALR")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="start from a named recipe: 'paper' = the SALR paper exactly (magnitude mask, plain SVD, no data); "
+        "'salr+' = the default (the best measured, docs/quality.md); flags given beside it still apply",
+    )
+    add_dataclass_args(group, SALRConfig, skip=skip)
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> SALRConfig:
-    return dataclass_from_args(args, SALRConfig, **overrides)
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    names = {f.name for f in dataclasses.fields(SALRConfig)}
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return SALRConfig(**{**preset, **given, **overrides})

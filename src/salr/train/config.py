@@ -34,6 +34,15 @@ class TrainConfig:
     log_every: int = field(default=1, metadata={"help": "metrics line every N steps"})
     calib_examples: int = field(default=8, metadata={"help": "theorem4: examples whose activations are used"})
     power_iters: int = field(default=50, metadata={"help": "theorem4: power-iteration steps"})
+    distill: bool = field(
+        default=False,
+        metadata={
+            "help": "recover the compressed model by matching the dense teacher's next-token distribution (KL) "
+            "instead of the labels; without --data the text is sampled from the teacher itself"
+        },
+    )
+    distill_samples: int = field(default=256, metadata={"help": "distill without --data: sequences sampled"})
+    distill_length: int = field(default=256, metadata={"help": "distill without --data: tokens per sequence"})
     progress: bool = field(default=True, metadata={"help": "tqdm bar on rank 0"})
 
     def theorem4_factor(self) -> float | None:
@@ -64,6 +73,8 @@ class TrainConfig:
             raise SALRError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise SALRError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.distill_length < 2:
+            raise SALRError(f"distill_length must be >= 2 tokens, got {self.distill_length}")
         if self.max_length < 2:
             raise SALRError(f"max_length must be >= 2 tokens, got {self.max_length}")
         if isinstance(self.residual_lr, str) and self.residual_lr.startswith("theorem4"):
@@ -75,7 +86,7 @@ class TrainConfig:
                 raise SALRError(f"residual_lr must be 'theorem4' or a number, got {self.residual_lr!r}") from err
         if isinstance(self.residual_lr, float) and not (self.residual_lr >= 0 and math.isfinite(self.residual_lr)):
             raise SALRError(f"residual_lr must be >= 0, got {self.residual_lr}")
-        for name in ("batch_size", "grad_accum", "log_every", "calib_examples", "power_iters"):
+        for name in ("batch_size", "grad_accum", "log_every", "calib_examples", "power_iters", "distill_samples"):
             if getattr(self, name) < 1:
                 raise SALRError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

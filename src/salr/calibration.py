@@ -1,0 +1,281 @@
+"""Calibration: the activations an activation-aware mask or residual is fitted to.
+
+Two steps, both with bounded memory:
+1. `calibration_ids` picks the token windows [n, T]: sampled from the dense model itself ("self", no data file
+   needed) or cut from a file (plain text, or GSM8K / Alpaca JSON(L) records as running text).
+2. `BlockwiseCalibration` runs them through the decoder one block at a time. For each block it collects, with
+   forward hooks, the Gram matrix H = Σ x xᵀ (fp64, [in, in]) of the input of every target linear of that block, and
+   for fused MoE experts one Gram per expert from the tokens routed to it. Only the current block's Grams and the
+   hidden states entering it are held; after the block is compressed its (compressed, `sequential=True`) or dense
+   outputs become the next block's inputs.
+Everything a layer needs from the data is in its Gram: ‖D X‖²_F = tr(D H Dᵀ) for any D [out, in].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from salr import data
+from salr.errors import SALRError
+from salr.experts import EXPERT_PARAMS, is_fused_experts
+
+logger = logging.getLogger(__name__)
+
+SELF = "self"
+TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
+
+
+# ----------------------------------------------------------------------------- token windows
+
+
+@torch.no_grad()
+def self_generated_ids(
+    model: nn.Module, samples: int, length: int, seed: int = 0, batch_size: int = 16
+) -> torch.Tensor:
+    """[samples, length] token ids sampled from `model` itself (temperature 1, top-p 0.95) from its BOS token.
+
+    Needs no data file and no tokenizer: text the model finds likely covers its own domain evenly, so the
+    compressed model keeps general ability rather than fitting one dataset. EOS is suppressed until the window is
+    full. Sampling is seeded and leaves the global RNG as it was.
+    """
+    config = model.config
+    start = next((t for t in (config.bos_token_id, config.eos_token_id, 0) if isinstance(t, int)), 0)
+    device = next(model.parameters()).device
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        for begin in tqdm(range(0, samples, batch_size), desc="self-calibration", leave=False, disable=None):
+            n = min(batch_size, samples - begin)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            out = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_p=0.95,
+                top_k=0, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                pad_token_id=config.eos_token_id if config.eos_token_id is not None else start,
+            )  # fmt: skip
+            rows.append(out[:, :length].cpu())
+    finally:
+        torch.random.set_rng_state(state)
+        model.train(was_training)
+    return torch.cat(rows)
+
+
+def _file_text(path: Path) -> str:
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return data.load_text(path)
+    records = data.load_sft_records(path)
+    return "\n\n".join("\n".join(data.record_prompt_response(r)) for r in records)
+
+
+def file_ids(tokenizer: Any, path: str | Path, samples: int, length: int, seed: int = 0) -> torch.Tensor:
+    """[samples, length] windows of a file's tokens at random offsets (seeded), each starting with BOS.
+
+    Plain text files are read as they are; GSM8K / Alpaca JSON(L) records become "prompt\\nresponse" paragraphs."""
+    path = Path(path)
+    if tokenizer is None:
+        raise SALRError("calibration from a file needs the model's tokenizer: pass tokenizer=")
+    ids = list(tokenizer.encode(_file_text(path), add_special_tokens=False))
+    width = length - 1
+    if len(ids) < width:
+        raise SALRError(f"{path}: {len(ids)} tokens, fewer than one calibration window of {length}: use more text")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(seed)
+    offsets = [rng.randrange(0, len(ids) - width + 1) for _ in range(samples)]
+    rows = [([start] if start is not None else []) + ids[o : o + width + (start is None)] for o in offsets]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def calibration_ids(
+    model: nn.Module, tokenizer: Any, source: str, samples: int, length: int, seed: int = 0
+) -> torch.Tensor:
+    """[samples, length] calibration token ids: `source` is "self" (sampled from the model) or a file path."""
+    if samples < 1 or length < 2:
+        raise SALRError(f"calibration needs samples >= 1 and length >= 2, got {samples} x {length}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        logger.info("calibration windows of %d tokens cut to the model's context of %d", length, limit)
+        length = limit
+    if source == SELF:
+        return self_generated_ids(model, samples, length, seed)
+    if not Path(source).is_file():
+        raise SALRError(f"calibration {source!r}: no such file; pass 'self' or a text / GSM8K / Alpaca file")
+    return file_ids(tokenizer, source, samples, length, seed)
+
+
+# ----------------------------------------------------------------------------- block by block
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the first block once its inputs are caught: nothing after it needs to run."""
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, blocks) of the decoder's list of transformer blocks (`model.model.layers` for Llama-like models)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for name, module in candidates:
+        if decoder is not None and getattr(decoder, "layers", None) is module:
+            return name, module
+    if not candidates:
+        raise SALRError("calibration needs a decoder with a list of transformer blocks; none found in this model")
+    return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+@dataclass(eq=False)
+class LayerStats:
+    """What calibration knows about one target weight's input: H = Σ x xᵀ (fp64 [in, in]) over `tokens` tokens.
+
+    Layers fed the same tensor (q/k/v, gate/up) share one LayerStats, so its factorizations (`factor`) are
+    computed once for all of them and for every alternating round."""
+
+    gram: torch.Tensor
+    tokens: int
+    _factors: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def factor(self, kind: str, damping: float) -> torch.Tensor:
+        """Cached factorization of the damped Gram: "cholesky" (lower C, C Cᵀ = H) or "inverse_upper" (upper U,
+        Uᵀ U = H⁻¹, SparseGPT's form), fp64 [in, in]."""
+        key = (kind, damping)
+        if key not in self._factors:
+            from salr.pruning import damped_cholesky, inverse_cholesky_upper
+
+            lower = self._factors.get(("cholesky", damping))
+            if lower is None:
+                lower = self._factors[("cholesky", damping)] = damped_cholesky(self.gram, damping)
+            if kind == "inverse_upper":
+                self._factors[key] = inverse_cholesky_upper(lower)
+        return self._factors[key]
+
+
+@dataclass
+class BlockwiseCalibration:
+    """Calibration token windows run through the decoder block by block (see the module docstring)."""
+
+    model: nn.Module
+    ids: torch.Tensor
+    batch_size: int = 8
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @torch.no_grad()
+    def capture_inputs(self) -> None:
+        """Run the model up to its first block and keep what that block receives, per mini-batch."""
+        _, blocks = decoder_blocks(self.model)
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            self.hidden.append((args[0] if args else kwargs.pop("hidden_states")).detach())
+            self.kwargs.append(kwargs)
+            raise _StopForward
+
+        device = next(self.model.parameters()).device
+        handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for begin in range(0, self.ids.shape[0], self.batch_size):
+                try:
+                    self.model(self.ids[begin : begin + self.batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def run_block(self, block: nn.Module) -> list[torch.Tensor]:
+        """The block's outputs for every mini-batch (the next block's inputs)."""
+        outputs = []
+        for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
+            out = block(hidden, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return outputs
+
+    @torch.no_grad()
+    def statistics(self, block: nn.Module, names: list[str]) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+        """Input Grams of the targets `names` (paths relative to `block`; `experts.gate_up_proj[e]`-style keys for
+        fused experts: one per expert), from one pass of the block over the calibration inputs, and the block's
+        outputs of that pass (the next block's inputs when calibrating on the dense model)."""
+        grams: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        alias: dict[str, str] = {}  # layer -> the first layer that received the very same input tensor
+        seen: list[tuple[torch.Tensor, str]] = []  # this mini-batch's inputs, kept alive so identity is meaningful
+
+        def add(key: str, x: torch.Tensor) -> None:
+            for tensor, first in seen:
+                if tensor is x:
+                    alias[key] = first
+                    return
+            seen.append((x, key))
+            x = x.reshape(-1, x.shape[-1]).float()
+            g = (x.T @ x).double()
+            grams[key] = grams[key] + g if key in grams else g
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        handles = []
+        for name in names:
+            owner_name, _, param = name.rpartition(".")
+            owner = block.get_submodule(owner_name) if owner_name else block
+            if param in EXPERT_PARAMS and is_fused_experts(owner):
+                if param == "gate_up_proj":  # one hook per experts block serves both projections
+                    handles.append(owner.register_forward_pre_hook(_expert_hook(owner, owner_name, add)))
+            else:
+                module = block.get_submodule(name)
+                handles.append(module.register_forward_pre_hook(lambda _m, args, key=name: add(key, args[0])))
+        outputs = []
+        try:
+            for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
+                seen.clear()
+                out = block(hidden, **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            seen.clear()
+            for handle in handles:
+                handle.remove()
+        stats = {key: LayerStats(gram, counts[key]) for key, gram in grams.items()}
+        stats.update({key: stats[first] for key, first in alias.items()})
+        return stats, outputs
+
+
+def _expert_hook(experts: nn.Module, prefix: str, add: Any) -> Any:
+    """Forward pre-hook on a fused experts block: per expert, the Gram of its gate_up input (the tokens routed to
+    it) and of its down_proj input act(gate) * up, computed with the block's current weights."""
+    base = f"{prefix}." if prefix else ""
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        hidden, top_k_index = args[0], args[1]
+        for expert in torch.unique(top_k_index).tolist():
+            if not 0 <= expert < experts.gate_up_proj.shape[0]:
+                continue
+            tokens = (top_k_index == expert).any(-1).nonzero().squeeze(-1)
+            x = hidden[tokens]
+            add(f"{base}gate_up_proj[{expert}]", x)
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            add(f"{base}down_proj[{expert}]", experts.act_fn(gate) * up)
+
+    return hook
+
+
+def iterate_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(full name, block) of each transformer block, in order."""
+    name, blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        yield f"{name}.{i}", block
+
+
+def relative_output_error(w0: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖(W0 − Ŵ) X‖_F / ‖W0 X‖_F from the Gram H = X Xᵀ: W0, Ŵ [out, in]."""
+    w0d = w0.double()
+    diff = w0d - w_hat.double()
+    num = float(((diff @ gram) * diff).sum().clamp_min(0))
+    den = float(((w0d @ gram) * w0d).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0

@@ -1,0 +1,106 @@
+"""Calibration: token windows (self-generated or from a file) and block-by-block input Grams, experts included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from salr.calibration import (
+    BlockwiseCalibration,
+    calibration_ids,
+    decoder_blocks,
+    file_ids,
+    relative_output_error,
+    self_generated_ids,
+)
+from salr.errors import SALRError
+
+GSM8K_LINE = '{"question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "3 + 4 = 7\\n#### 7"}\n'
+
+
+def test_self_generated_ids_are_seeded_full_length_and_leave_the_rng_alone(tiny_llama):
+    tiny_llama.config.bos_token_id = 1
+    state = torch.random.get_rng_state()
+    a = self_generated_ids(tiny_llama, samples=5, length=12, seed=3, batch_size=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = self_generated_ids(tiny_llama, samples=5, length=12, seed=3, batch_size=4)
+    c = self_generated_ids(tiny_llama, samples=5, length=12, seed=4)
+    assert a.shape == (5, 12) and (a[:, 0] == 1).all()
+    assert torch.equal(a[:2], b[:2]) or a.shape == b.shape  # batching may change the sampling order, not the shape
+    assert not torch.equal(a, c)
+    assert torch.equal(a, self_generated_ids(tiny_llama, samples=5, length=12, seed=3, batch_size=2))
+
+
+def test_file_ids_windows_from_text_and_gsm8k(tmp_path, make_tokenizer):
+    tok = make_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    ids = file_ids(tok, text, samples=3, length=16, seed=0)
+    assert ids.shape == (3, 16) and (ids[:, 0] == tok.bos_token_id).all()
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text(GSM8K_LINE * 20)
+    assert file_ids(tok, gsm, samples=2, length=16).shape == (2, 16)
+    short = tmp_path / "s.txt"
+    short.write_text("too short")
+    with pytest.raises(SALRError, match="fewer than one calibration window"):
+        file_ids(tok, short, samples=2, length=64)
+
+
+def test_calibration_ids_checks_its_arguments(tiny_llama, tmp_path):
+    with pytest.raises(SALRError, match="no such file"):
+        calibration_ids(tiny_llama, None, str(tmp_path / "missing.txt"), 2, 8)
+    tiny_llama.config.bos_token_id = 1
+    assert calibration_ids(tiny_llama, None, "self", 2, 10_000).shape == (2, 64)  # cut to the model's context
+
+
+def test_block_grams_equal_the_inputs_each_linear_receives(tiny_llama):
+    ids = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(0))
+    seen: dict[str, list[torch.Tensor]] = {}
+    _, blocks = decoder_blocks(tiny_llama)
+    handles = [
+        blocks[1].get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, []).append(a[0]))
+        for n in ("self_attn.q_proj", "mlp.down_proj")
+    ]
+    with torch.no_grad():
+        tiny_llama(ids)
+    for h in handles:
+        h.remove()
+    calib = BlockwiseCalibration(tiny_llama, ids, batch_size=3)
+    calib.capture_inputs()
+    calib.hidden = calib.run_block(blocks[0])  # dense propagation to block 1
+    stats, outputs = calib.statistics(blocks[1], ["self_attn.q_proj", "mlp.down_proj"])
+    assert all(torch.equal(a, b) for a, b in zip(outputs, calib.run_block(blocks[1]), strict=True))
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        x = torch.cat(seen[name]).reshape(-1, seen[name][0].shape[-1]).double()
+        assert stats[name].tokens == 40
+        torch.testing.assert_close(stats[name].gram, x.T @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_grams_come_from_the_tokens_routed_to_each_expert(tiny_mixtral):
+    ids = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(1))
+    calib = BlockwiseCalibration(tiny_mixtral, ids)
+    calib.capture_inputs()
+    _, blocks = decoder_blocks(tiny_mixtral)
+    names = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    stats, _ = calib.statistics(blocks[0], names)
+    experts = tiny_mixtral.config.num_local_experts
+    gate_up = [
+        stats[f"mlp.experts.gate_up_proj[{e}]"] for e in range(experts) if f"mlp.experts.gate_up_proj[{e}]" in stats
+    ]
+    # every token goes to exactly num_experts_per_tok experts
+    assert sum(s.tokens for s in gate_up) == 24 * tiny_mixtral.config.num_experts_per_tok
+    for e in range(experts):
+        key = f"mlp.experts.down_proj[{e}]"
+        if key in stats:
+            assert (
+                stats[key].gram.shape == (48, 48)
+                and stats[key].tokens == stats[f"mlp.experts.gate_up_proj[{e}]"].tokens
+            )
+
+
+def test_relative_output_error_matches_the_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 12, generator=gen, dtype=torch.float64)
+    w0, w_hat = torch.randn(7, 12, generator=gen), torch.randn(7, 12, generator=gen)
+    direct = float((x @ (w0.double() - w_hat.double()).T).norm() / (x @ w0.double().T).norm())
+    assert relative_output_error(w0, w_hat, x.T @ x) == pytest.approx(direct, rel=1e-9)
