@@ -13,7 +13,6 @@ ratios measured side by side in one run are what to compare.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from salr import bitmap_format, ops
 from salr.bench.kernel import parse_shape, pruned_weight
+from salr.io import atomic_write_json
 
 
 def timings(fns: dict, rounds: int) -> dict[str, dict[str, float]]:
@@ -89,8 +89,7 @@ def main() -> None:
         ratios = " ".join(f"{k} {v:.2f}x" for k, v in r["ratios_of_min"].items())
         print(f"{'x'.join(map(str, r['shape']))} M={r['tokens']}: min ms {line} | {ratios}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        atomic_write_json(args.json, report)
 
 
 if __name__ == "__main__":
