@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from salr import data
+from salr.config import PRESETS
 from salr.convert import convert
 from salr.layer import SALRLinear
 from salr.train import TrainConfig, load_examples, train
@@ -176,7 +177,8 @@ def test_optional_quantized_runs(experiment):
     args = argparse.Namespace(residual_rank=4, lora_rank=2, seed=0)
     qsalr, qsalr_plus, qlora = (experiment.run_config(r, args) for r in experiment.OPTIONAL)
     assert (qsalr.quant, qsalr.sparsity, qsalr.residual_rank, qsalr.r) == ("nf4", 0.5, 4, 2)
-    assert (qsalr.criterion, qsalr_plus.criterion, qsalr_plus.residual_init) == ("magnitude", "sparsegpt", "whitened")
+    assert qsalr.criterion == "magnitude" and qsalr_plus.criterion == PRESETS["salr+"]["criterion"]
+    assert qsalr_plus.residual_init == PRESETS["salr+"]["residual_init"]
     assert qsalr_plus.quant == "nf4"
     assert (qlora.quant, qlora.sparsity, qlora.residual_rank, qlora.r) == ("nf4", 0.0, 0, 6)  # SALR's rank
     rows = [
