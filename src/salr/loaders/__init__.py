@@ -39,10 +39,17 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
         from salr.checkpoint import load  # local import: checkpoint imports this module
 
         model, tokenizer = load(path)
+    elif path.is_dir() and _is_peft(path):
+        from salr.peft_adapter import load_peft  # local import: it imports this module
+
+        model, tokenizer, _ = load_peft(path)
     elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = _from_pretrained(str(path))
     elif path.is_dir():
-        raise SALRError(f"{path} is neither a Hugging Face model directory (config.json) nor a SALR checkpoint")
+        raise SALRError(
+            f"{path} is neither a Hugging Face model directory (config.json), a SALR checkpoint, nor an exported PEFT "
+            "pair"
+        )
     elif is_hub_id(spec):
         model, tokenizer = _from_pretrained(spec)
     else:
@@ -55,6 +62,11 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
             raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         cast_weights(model, DTYPES[dtype])
     return model.eval(), tokenizer
+
+
+def _is_peft(path: Path) -> bool:
+    """An exported pair (OUT/adapter + OUT/base) or a PEFT adapter directory (adapter_config.json)."""
+    return (path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
