@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +33,7 @@ from salr.config import parse_nm
 from salr.convert import salr_modules
 from salr.errors import SALRError
 from salr.experts import SALRExperts, SALRExpertsProjection
-from salr.io import atomic_write_json
+from salr.io import atomic_write_json, write_dir
 
 logger = logging.getLogger(__name__)
 
@@ -212,28 +210,15 @@ def save_plain(model: nn.Module, tokenizer: Any, out: str | os.PathLike, extra: 
     """Save a plain transformers checkpoint (safetensors, the model's dtype) + tokenizer + JSON files, atomically.
 
     An existing `out` is replaced only when it is empty or holds a transformers checkpoint (config.json)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise SALRError(f"{out} exists and is not a model directory: choose a new or empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             atomic_write_json(tmp / name, obj)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir(out, fill, "config.json", "model directory")
 
 
 def resolve_run(path: str | os.PathLike) -> Path:

@@ -23,8 +23,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from salr.config import SALRConfig
 from salr.convert import convert, find_targets, mark_trainable, pack_bases, salr_modules
 from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, SALRExpertsProjection, is_fused_experts
-from salr.io import atomic_write_json
+from salr.io import atomic_write_json, write_dir
 from salr.layer import FusedAdapters
 from salr.merge import base_weight, unload
 
@@ -132,28 +130,6 @@ def _fill(peft_model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Te
             lora.weight.data = value.contiguous()
 
 
-def _write_dir(out: Path, fill: Any, marker: str) -> Path:
-    """Build a directory in a temporary sibling with `fill(tmp)`, then rename it to `out`. An existing `out` is
-    replaced only when it is empty or holds `marker` (what this function wrote before)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise SALRError(f"{out} exists and is not an earlier export: choose a new or empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def export_peft(model: nn.Module, tokenizer: Any, config: SALRConfig, out: str | os.PathLike) -> dict[str, Any]:
     """Write OUT/base (pruned base, transformers) and OUT/adapter (PEFT LoRA) for a SALR `model`; consumes `model`
     (its SALR layers are replaced by plain ones). Returns a summary: targets, ranks, files."""
@@ -192,7 +168,7 @@ def export_peft(model: nn.Module, tokenizer: Any, config: SALRConfig, out: str |
         peft_model.save_pretrained(tmp / ADAPTER_DIR, save_embedding_layers=False)
         atomic_write_json(tmp / ADAPTER_DIR / EXPORT_META, meta)
 
-    _write_dir(out, fill, ADAPTER_DIR)
+    write_dir(out, fill, ADAPTER_DIR, "export")
     return {
         "base": str(out / BASE_DIR),
         "adapter": str(out / ADAPTER_DIR),
@@ -322,18 +298,17 @@ def _import_config(cfg: dict, meta: dict | None, targets: dict[str, dict], model
 
 
 def _load_base(spec: str, adapter: Path) -> tuple[nn.Module, Any]:
-    """The base model; its tokenizer from the base directory or the adapter directory, None when neither has one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The base model (every weight from its files, see salr.loaders.hf); its tokenizer from the base directory or
+    the adapter directory, None when neither has one."""
+    from transformers import AutoTokenizer
 
     from salr.loaders import load_model  # loaders import checkpoint, which dispatches here lazily
+    from salr.loaders.hf import load_hf_weights
 
     path = Path(spec)
     if not (path / "config.json").is_file():
         return load_model(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise SALRError(f"could not load the base model {path} ({err}): its files may be missing or corrupt") from err
+    model = load_hf_weights(path)
     for where in (path, adapter):
         if (where / "tokenizer_config.json").is_file():
             return model.eval(), AutoTokenizer.from_pretrained(where)

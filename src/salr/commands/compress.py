@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from salr.checkpoint import prepare_output
 from salr.commands.common import add_model_arg, add_salr_args, config_from_args
 from salr.compress import REPORT_NAME, compress, format_report
 
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.output = str(prepare_output(args.output))  # writable, not someone else's directory: checked before any work
     if args.from_peft:
         from salr.peft_adapter import import_peft
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from salr.commands.merge import add_merge_args, run_merge
+from salr.io import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from salr.checkpoint import load, read_salr_config
     from salr.config import SALRConfig
     from salr.merge import resolve_run
-    from salr.peft_adapter import export_peft
+    from salr.peft_adapter import ADAPTER_DIR, export_peft
 
+    check_output_dir(args.out, ADAPTER_DIR, "export")
     source = resolve_run(args.run)
     model, tokenizer = load(source)
     summary = export_peft(model, tokenizer, SALRConfig.from_dict(read_salr_config(source)["salr"]), args.out)

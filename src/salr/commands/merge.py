@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from salr.io import check_output_dir
 from salr.merge import MODES, REPORT_NAME, SPARSE_RULES, format_report, merge_checkpoint
 
 
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace, out: str) -> dict:
+    check_output_dir(out, "config.json", "model directory")  # before loading and merging, not after
     report = merge_checkpoint(
         args.run, out, args.mode, args.rule, args.check_windows, args.check_length, args.check_text
     )
