@@ -180,3 +180,23 @@ def test_merge_refuses_a_foreign_output_directory(tiny_llama, tmp_path):
     (tmp_path / "o" / "notes.txt").write_text("mine")
     assert main(["merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), "--check-windows", "0"]) == 2
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+def test_a_mask_preserving_method_merges_exactly_in_both_modes():
+    """A FusedAdapters layer whose update is M ⊙ (B A) (LoSA's LoSALinear does this): merged through its own
+    merged_weight(), the sparse merge equals the dense one and keeps the base's sparsity exactly."""
+
+    class MaskedUpdate(SALRLinear):
+        def delta_weight(self):
+            return super().delta_weight() * (self.base.to_dense() != 0)
+
+    layer = _layer(12, 20, 0.5, 0, 3, seed=7)
+    layer.__class__ = MaskedUpdate
+    dense, sparse = merged_weight(layer, "dense"), merged_weight(layer, "sparse")
+    assert torch.equal(dense, sparse) and torch.equal(dense, layer.merged_weight())
+    assert torch.equal(dense == 0, layer.base.to_dense() == 0)
+    model = torch.nn.Sequential(layer)
+    report = merge_model(model, "dense")
+    assert isinstance(model[0], torch.nn.Linear) and torch.equal(model[0].weight, dense)
+    assert report["totals"]["nonzero_at_pruned"] == 0
+    assert report["totals"]["sparsity"] == report["totals"]["base_sparsity"]

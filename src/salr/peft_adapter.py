@@ -68,7 +68,7 @@ def _require_peft(experts: list[str]) -> Any:
     try:
         import peft
     except ImportError as err:
-        raise SALRError("exporting a PEFT adapter needs PEFT: pip install peft==0.21.2") from err
+        raise SALRError("exporting a PEFT adapter needs PEFT: pip install 'salr[peft]'") from err
     if experts and "target_parameters" not in peft.LoraConfig.__dataclass_fields__:
         raise SALRError(
             f"the installed PEFT {peft.__version__} cannot target fused MoE expert parameters "
