@@ -85,7 +85,10 @@ def run_harness(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
         max_length=context_length(model),
     )  # fmt: skip
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=None)
+    # the metadata reaches the task's custom dataset through the TaskManager (simple_evaluate's own `metadata`
+    # is only used when it builds the manager itself)
+    metadata = task_metadata(task, data_path, dev, shots)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
     chat = task == "gsm8k" and data.has_chat_template(tokenizer)  # salr eval's rule for GSM8K prompts
     started = time.perf_counter()
     results = lm_eval.simple_evaluate(
@@ -93,7 +96,6 @@ def run_harness(
         tasks=[name],
         limit=limit,
         task_manager=manager,
-        metadata=task_metadata(task, data_path, dev, shots),
         apply_chat_template=chat,
         gen_kwargs={"max_gen_toks": max_new_tokens, "do_sample": False} if task == "gsm8k" else None,
         log_samples=True,

@@ -17,6 +17,7 @@ What must match salr.evaluate (tests/test_harness.py checks it on real files):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -95,9 +96,9 @@ def _subject(path: Path) -> str:
 def _read_mmlu(path: Path) -> list[dict[str, Any]]:
     rows = []
     for file in _mmlu_files(path):
-        with open(file, encoding="utf-8", newline="") as f:
-            for row in csv.reader(f):
-                rows.append({"subject": _subject(file), "question": row[0], "choices": row[1:5], "answer": row[5]})
+        text = file.read_text(encoding="utf-8")  # universal newlines, as salr.data reads it: "\r\n" in a field is "\n"
+        for row in csv.reader(io.StringIO(text, newline="")):
+            rows.append({"subject": _subject(file), "question": row[0], "choices": row[1:5], "answer": row[5]})
     return rows
 
 
