@@ -58,6 +58,7 @@ static uint8_t SHUF_BF16[256][32] __attribute__((aligned(32))); /* vpshufb: bf16
 static uint8_t SHUF_F16[256][16] __attribute__((aligned(16)));  /* pshufb: fp16 k -> fp16 lane, then vcvtph2ps */
 static int32_t PERM_F32[256][8] __attribute__((aligned(32)));   /* vpermps index: fp32 k -> lane */
 static int32_t MASK_F32[256][8] __attribute__((aligned(32)));   /* all-ones where the bit is set */
+static int32_t LEFTPACK[256][8] __attribute__((aligned(32)));   /* vpermps index: lane k <- k-th set bit */
 
 __attribute__((constructor)) static void init_tables(void) {
     for (int b = 0; b < 256; b++) {
@@ -67,6 +68,7 @@ __attribute__((constructor)) static void init_tables(void) {
         for (int i = 0; i < 8; i++) {
             PERM_F32[b][i] = 0;
             MASK_F32[b][i] = 0;
+            LEFTPACK[b][i] = 0;
             if (!((b >> i) & 1)) continue;
             /* fp32 lane i: bytes 4i..4i+3 (little endian); bf16 goes to the two high bytes. Lanes 4..7 live in
              * the upper 128-bit half, whose shuffle indexes the (broadcast) upper copy of the same 16 bytes. */
@@ -76,6 +78,7 @@ __attribute__((constructor)) static void init_tables(void) {
             SHUF_F16[b][2 * i + 1] = (uint8_t)(2 * k + 1);
             PERM_F32[b][i] = k;
             MASK_F32[b][i] = -1;
+            LEFTPACK[b][k] = i;
             k++;
         }
         POPCNT8[b] = (uint8_t)k;
@@ -406,6 +409,406 @@ int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *
     return bad;
 }
 
+/* ---------------------------------------------------------------------------------------------- quantized values */
+
+/* QSALR: the kept values are a flat stream of n codes with one fp32 scale (absmax) per block of `blocksize`
+ * consecutive values (blocks ignore rows; blocksize is a multiple of 8):
+ *   NF4   codes uint8 [ceil(n/2)], value 2j in the HIGH nibble of byte j; value = NF4[code] * absmax (fp32)
+ *   INT8  codes int8 [n];                                                    value = (code * absmax) * fp32(1/127)
+ * exactly the fp32 arithmetic of salr.bitmap_format.dequantize_values (and bitsandbytes' NF4 dequantization).
+ *
+ * The few-token GEMV never builds W. For each row it packs the tokens' x at the row's set bits into a small
+ * per-thread buffer in value order (one vpermps with a left-pack table per bitmap byte), then walks the row's
+ * values in groups of 8 aligned to the global stream: a group never crosses a scale block, its 8 NF4 codes are one
+ * 32-bit load, and they are expanded in registers (broadcast, per-lane shift, two 8-lane permutes of the block's
+ * pre-scaled codebook halves, a blend on bit 3) and FMA-ed against the packed x. Lanes of a group outside the row
+ * meet zeros in the packed x. Rows are validated on the fly like the unquantized kernel. */
+
+#define Q_NF4 0
+#define Q_INT8 1
+#define QCHUNK 64                   /* bitmap bytes (512 columns) packed before the packed values are multiplied */
+#define QBUF (8 * QCHUNK + 16)      /* floats per token of packed x: chunk + carried partial group + store overrun */
+
+static const float NF4_TABLE[16] __attribute__((aligned(32))) = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f,
+    1.0f};
+static const float INV127 = 7.874015718698502e-3f;
+
+typedef struct {
+    int kind;
+    const uint8_t *codes;
+    const float *absmax;
+    int64_t nnz;
+    int64_t blocksize;
+    int bshift; /* log2(blocksize) */
+} qstream;
+
+static inline float qvalue(const qstream *q, int64_t i) {
+    const float s = q->absmax[i >> q->bshift];
+    if (q->kind == Q_NF4) {
+        const uint8_t byte = q->codes[i >> 1];
+        return NF4_TABLE[(i & 1) ? (byte & 15) : (byte >> 4)] * s;
+    }
+    return ((float)(int8_t)q->codes[i] * s) * INV127;
+}
+
+static void qgemv_row_scalar(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes, const float *x,
+                             int64_t m, int64_t ldx, float *y, int64_t ldy) {
+    for (int64_t t0 = 0; t0 < m; t0 += MAX_NT) {
+        int64_t nt = m - t0 < MAX_NT ? m - t0 : MAX_NT;
+        float acc[MAX_NT] = {0};
+        int64_t v = start;
+        for (int64_t j = 0; j < nbytes; j++) {
+            unsigned b = bm[j];
+            while (b) {
+                int i = __builtin_ctz(b);
+                float w = qvalue(q, v++);
+                for (int64_t t = 0; t < nt; t++) acc[t] += w * x[(t0 + t) * ldx + 8 * j + i];
+                b &= b - 1;
+            }
+        }
+        for (int64_t t = 0; t < nt; t++) y[(t0 + t) * ldy] = acc[t];
+    }
+}
+
+static void qdecode_row_scalar(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes, float *out) {
+    memset(out, 0, sizeof(float) * nbytes * 8);
+    int64_t v = start;
+    for (int64_t j = 0; j < nbytes; j++) {
+        unsigned b = bm[j];
+        while (b) {
+            int i = __builtin_ctz(b);
+            out[8 * j + i] = qvalue(q, v++);
+            b &= b - 1;
+        }
+    }
+}
+
+#if SALR_X86
+/* The 8 values of the group starting at global index g (a multiple of 8). NF4: lo/hi are the block's codebook
+ * halves already multiplied by its absmax; INT8: lo is the block's absmax broadcast. A group at the end of the
+ * stream reads only the bytes that exist (its missing values decode as 0). */
+AVX2_INLINE __m256 qgroup(int kind, const uint8_t *codes, int64_t g, int64_t nnz, __m256 lo, __m256 hi) {
+    if (kind == Q_NF4) {
+        __m256i word;
+        if (__builtin_expect(g + 8 <= nnz, 1)) {
+            word = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(codes + (g >> 1)))); /* one load */
+        } else { /* the stream's last bytes; a byte loop, not a memcpy call (a call would spill the accumulators) */
+            uint32_t w = 0x77777777u;
+            for (int64_t i = 0; i < ((nnz - g + 1) >> 1); i++)
+                w = (w & ~(0xffu << (8 * i))) | ((uint32_t)codes[(g >> 1) + i] << (8 * i));
+            word = _mm256_set1_epi32((int)w);
+        }
+        const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24); /* lane i: nibble i, high first */
+        __m256i idx = _mm256_srlv_epi32(word, shifts);                          /* vpermps reads the low 3 bits */
+        __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+        return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))); /* bit 3 -> sign */
+    }
+    uint64_t w = 0;
+    if (__builtin_expect(g + 8 <= nnz, 1)) memcpy(&w, codes + g, 8);
+    else
+        for (int64_t i = 0; i < nnz - g; i++) w |= (uint64_t)codes[g + i] << (8 * i);
+    __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128((int64_t)w)));
+    return _mm256_mul_ps(_mm256_mul_ps(c, lo), _mm256_set1_ps(INV127));
+}
+
+/* lo/hi for the block of global index g (see qgroup). */
+AVX2_INLINE void qblock(int kind, const qstream *q, int64_t g, __m256 *lo, __m256 *hi) {
+    const __m256 s = _mm256_set1_ps(q->absmax[g >> q->bshift]);
+    if (kind == Q_NF4) {
+        *lo = _mm256_mul_ps(_mm256_load_ps(NF4_TABLE), s);
+        *hi = _mm256_mul_ps(_mm256_load_ps(NF4_TABLE + 8), s);
+    } else {
+        *lo = s;
+        *hi = s;
+    }
+}
+
+/* Pack x at the set bits of bitmap bytes [j0, j1) for NT tokens: buf[t * QBUF + fill + k] = x[t, k-th set column].
+ * Returns the values packed, or -1 once the bitmap asks for more than `room` values (the row's remaining count). */
+AVX2_INLINE int64_t qpack(int NT, const uint8_t *bm, int64_t j0, int64_t j1, int64_t room, const float *x,
+                          int64_t ldx, float *buf, int64_t fill) {
+    int64_t j = j0, cnt = 0;
+    for (; j + 8 <= j1; j += 8) {
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > room) return -1;
+        float *dst = buf + fill + cnt;
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) {
+            const int64_t off = u ? __builtin_popcountll(word << (64 - 8 * u)) : 0;
+            const __m256i perm = _mm256_load_si256((const __m256i *)LEFTPACK[bm[j + u]]);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                _mm256_storeu_ps(dst + t * QBUF + off,
+                                 _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + t * ldx + 8 * (j + u)), perm));
+        }
+        cnt += wc;
+    }
+    for (; j < j1; j++) {
+        const unsigned b = bm[j];
+        if (cnt + POPCNT8[b] > room) return -1;
+        const __m256i perm = _mm256_load_si256((const __m256i *)LEFTPACK[b]);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++)
+            _mm256_storeu_ps(buf + t * QBUF + fill + cnt,
+                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + t * ldx + 8 * j), perm));
+        cnt += POPCNT8[b];
+    }
+    return cnt;
+}
+
+/* NT tokens against one row whose values are [start, start + n_row) of the stream; buf holds NT * QBUF floats.
+ * Returns the values consumed (== n_row for a consistent row) or -1 (the bitmap asks for more values). */
+AVX2_INLINE int64_t qgemv_row_block_avx2(int kind, int NT, const qstream *q, const uint8_t *bm, int64_t start,
+                                         int64_t nbytes, int64_t n_row, const float *x, int64_t ldx, float *y,
+                                         int64_t ldy, float *buf) {
+    const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1); /* accumulator banks per token hide the FMA latency */
+    __m256 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm256_setzero_ps();
+    int64_t g = start & ~(int64_t)7; /* global index of buf[t * QBUF] */
+    int64_t fill = start - g;       /* packed entries (the lanes before `start` hold zeros) */
+    int64_t cnt = 0, blk = -1;
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(buf + t * QBUF, _mm256_setzero_ps());
+    for (int64_t j = 0; j < nbytes; j += QCHUNK) {
+        const int64_t got = qpack(NT, bm, j, j + QCHUNK < nbytes ? j + QCHUNK : nbytes, n_row - cnt, x, ldx, buf,
+                                  fill);
+        if (got < 0) return -1;
+        cnt += got;
+        fill += got;
+        const int64_t ng = fill >> 3;
+        int64_t k = 0;
+        for (; k + NB <= ng; k += NB) {
+#pragma GCC unroll 4
+            for (int u = 0; u < NB; u++) {
+                const int64_t gk = g + 8 * (k + u);
+                if ((gk >> q->bshift) != blk) {
+                    blk = (gk >> q->bshift);
+                    qblock(kind, q, gk, &lo, &hi);
+                }
+                const __m256 w = qgroup(kind, q->codes, gk, q->nnz, lo, hi);
+#pragma GCC unroll 8
+                for (int t = 0; t < NT; t++)
+                    acc[u][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(buf + t * QBUF + 8 * (k + u)), acc[u][t]);
+            }
+        }
+        for (; k < ng; k++) {
+            const int64_t gk = g + 8 * k;
+            if ((gk >> q->bshift) != blk) {
+                blk = (gk >> q->bshift);
+                qblock(kind, q, gk, &lo, &hi);
+            }
+            const __m256 w = qgroup(kind, q->codes, gk, q->nnz, lo, hi);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[0][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(buf + t * QBUF + 8 * k), acc[0][t]);
+        }
+        if (ng) /* carry the partial group to the front */
+            for (int t = 0; t < NT; t++) _mm256_storeu_ps(buf + t * QBUF, _mm256_loadu_ps(buf + t * QBUF + 8 * ng));
+        g += 8 * ng;
+        fill &= 7;
+    }
+    if (cnt != n_row) return cnt;
+    if (fill) { /* the row's last, partial group: lanes past the row meet zeros */
+        if ((g >> q->bshift) != blk) qblock(kind, q, g, &lo, &hi);
+        const __m256 w = qgroup(kind, q->codes, g, q->nnz, lo, hi);
+        const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256((const __m256i *)MASK_F32[(1u << fill) - 1]));
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++)
+            acc[0][t] = _mm256_fmadd_ps(w, _mm256_and_ps(_mm256_loadu_ps(buf + t * QBUF), keep), acc[0][t]);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        __m256 s = acc[0][t];
+#pragma GCC unroll 4
+        for (int u = 1; u < NB; u++) s = _mm256_add_ps(s, acc[u][t]);
+        y[t * ldy] = hsum8(s);
+    }
+    return cnt;
+}
+
+AVX2_INLINE int64_t qgemv_row_avx2_kind(int kind, const qstream *q, const uint8_t *bm, int64_t start,
+                                        int64_t nbytes, int64_t n_row, const float *x, int64_t m, int64_t ldx,
+                                        float *y, int64_t ldy, float *buf) {
+    int64_t t = 0, got = n_row;
+    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
+        got = qgemv_row_block_avx2(kind, 8, q, bm, start, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy, buf);
+    if (got != n_row) return got;
+    x += t * ldx;
+    y += t * ldy;
+    switch (m - t) {
+    case 1: return qgemv_row_block_avx2(kind, 1, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
+    case 2: return qgemv_row_block_avx2(kind, 2, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
+    case 3: return qgemv_row_block_avx2(kind, 3, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
+    case 4: return qgemv_row_block_avx2(kind, 4, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
+    case 5: return qgemv_row_block_avx2(kind, 5, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
+    case 6: return qgemv_row_block_avx2(kind, 6, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
+    case 7: return qgemv_row_block_avx2(kind, 7, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
+    default: return got;
+    }
+}
+
+AVX2_FN static int64_t qgemv_row_avx2(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                      int64_t n_row, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy,
+                                      float *buf) {
+    if (q->kind == Q_NF4) return qgemv_row_avx2_kind(Q_NF4, q, bm, start, nbytes, n_row, x, m, ldx, y, ldy, buf);
+    return qgemv_row_avx2_kind(Q_INT8, q, bm, start, nbytes, n_row, x, m, ldx, y, ldy, buf);
+}
+
+/* Row decode for the large-M path: the row's values in groups into vbuf (>= n_row + 16 floats), then each bitmap
+ * byte expands them like fp32 values. Returns the values consumed or -1. */
+AVX2_INLINE int64_t qdecode_row_avx2_kind(int kind, const qstream *q, const uint8_t *bm, int64_t start,
+                                          int64_t nbytes, int64_t n_row, float *out, float *vbuf) {
+    const int64_t g0 = start & ~(int64_t)7;
+    int64_t blk = -1;
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int64_t g = g0; g < start + n_row; g += 8) {
+        if ((g >> q->bshift) != blk) {
+            blk = (g >> q->bshift);
+            qblock(kind, q, g, &lo, &hi);
+        }
+        _mm256_storeu_ps(vbuf + (g - g0), qgroup(kind, q->codes, g, q->nnz, lo, hi));
+    }
+    const float *v0 = vbuf + (start - g0);
+    int64_t j = 0, cnt = 0;
+    for (; j + 8 <= nbytes; j += 8) {
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > n_row) return -1;
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) {
+            const float *vu = v0 + cnt + (u ? __builtin_popcountll(word << (64 - 8 * u)) : 0);
+            _mm256_storeu_ps(out + 8 * (j + u), expand8(DT_F32, (const uint8_t *)vu, (unsigned)(word >> (8 * u)) & 0xff));
+        }
+        cnt += wc;
+    }
+    for (; j < nbytes; j++) {
+        const unsigned b = bm[j];
+        if (cnt + POPCNT8[b] > n_row) return -1;
+        _mm256_storeu_ps(out + 8 * j, expand8(DT_F32, (const uint8_t *)(v0 + cnt), b));
+        cnt += POPCNT8[b];
+    }
+    return cnt;
+}
+
+AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                        int64_t n_row, float *out, float *vbuf) {
+    if (q->kind == Q_NF4) return qdecode_row_avx2_kind(Q_NF4, q, bm, start, nbytes, n_row, out, vbuf);
+    return qdecode_row_avx2_kind(Q_INT8, q, bm, start, nbytes, n_row, out, vbuf);
+}
+#endif /* SALR_X86 */
+
+/* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0). */
+static int qgemv_row(int isa, const qstream *q, const uint8_t *bm, int64_t start, int64_t end, int64_t nbytes,
+                     const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, float *buf) {
+    int ok;
+#if SALR_X86
+    if (isa == ISA_AVX2) {
+        ok = qgemv_row_avx2(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, buf) == end - start;
+    } else
+#endif
+    if ((ok = row_popcount(bm, nbytes) == end - start))
+        qgemv_row_scalar(q, bm, start, nbytes, x, m, ldx, y, ldy);
+    (void)buf;
+    if (!ok)
+        for (int64_t t = 0; t < m; t++) y[t * ldy] = 0.0f;
+    return ok;
+}
+
+/* A stream description from the entry points' arguments; 0 when they are not supported (blocksize must be a power
+ * of two >= 8). */
+static int qstream_init(qstream *q, int kind, const void *codes, const float *absmax, int64_t nnz, int64_t bs) {
+    q->kind = kind;
+    q->codes = (const uint8_t *)codes;
+    q->absmax = absmax;
+    q->nnz = nnz;
+    q->blocksize = bs;
+    q->bshift = bs > 0 ? __builtin_ctzll((uint64_t)bs) : 0;
+    return (kind == Q_NF4 || kind == Q_INT8) && bs >= 8 && (bs & (bs - 1)) == 0 && nnz >= 0;
+}
+
+/* The few-token GEMV over a quantized bitmap weight, as salr_bitmap_gemv (returns -1, a bad row, or -2 for
+ * unsupported arguments). */
+int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
+                          int64_t blocksize, const int64_t *row_offsets, int64_t nnz, int64_t rows, int64_t cols,
+                          const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    qstream q;
+    if (!qstream_init(&q, kind, codes, absmax, nnz, blocksize)) return -2;
+    const int64_t nbytes = (cols + 7) / 8;
+    int64_t bad = -1, oom = 0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int64_t tokens = m < MAX_NT ? m : MAX_NT;
+        float *buf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(tokens * QBUF));
+        if (!buf) {
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp for schedule(dynamic, ROW_CHUNK) nowait /* one barrier (the region's end), not two */
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t start, end;
+            if (!buf) continue;
+            if (!(row_range(row_offsets, r, rows, nnz, &start, &end) &&
+                  qgemv_row(isa, &q, bitmask + r * nbytes, start, end, nbytes, x, m, ldx, y + r, ldy, buf))) {
+                for (int64_t t = 0; t < m; t++) y[t * ldy + r] = 0.0f;
+#pragma omp atomic write
+                bad = r;
+            }
+        }
+        free(buf);
+    }
+    return oom ? -2 : bad;
+}
+
+/* Rows [r0, r1) of a quantized bitmap weight as dense fp32, as salr_bitmap_decode (-2: unsupported arguments). */
+int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
+                            int64_t blocksize, const int64_t *row_offsets, int64_t nnz, int64_t rows, int64_t cols,
+                            int64_t r0, int64_t r1, float *out, int64_t ldo, int nthreads) {
+    qstream q;
+    if (!qstream_init(&q, kind, codes, absmax, nnz, blocksize)) return -2;
+    const int64_t nbytes = (cols + 7) / 8;
+    int64_t bad = -1, oom = 0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + 16));
+        if (!vbuf) {
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp for schedule(dynamic, ROW_CHUNK) nowait /* one barrier (the region's end), not two */
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *bm = bitmask + r * nbytes;
+            float *o = out + (r - r0) * ldo;
+            int64_t start, end;
+            int ok = vbuf != NULL && row_range(row_offsets, r, rows, nnz, &start, &end) && end - start <= 8 * nbytes;
+#if SALR_X86
+            if (ok && isa == ISA_AVX2) {
+                ok = qdecode_row_avx2(&q, bm, start, nbytes, end - start, o, vbuf) == end - start;
+            } else
+#endif
+            if (ok && (ok = row_popcount(bm, nbytes) == end - start))
+                qdecode_row_scalar(&q, bm, start, nbytes, o);
+            if (!ok) {
+                memset(o, 0, sizeof(float) * nbytes * 8);
+#pragma omp atomic write
+                bad = r;
+            }
+        }
+        free(vbuf);
+    }
+    return oom ? -2 : bad;
+}
+
 /* ---------------------------------------------------------------------------------------------- fused SALR layer */
 
 /* A dense vector in dtype dt (fp32 / fp16 / bf16) dotted with an fp32 vector of length n. */
@@ -474,11 +877,13 @@ static inline void store_value(int dt, void *y, int64_t i, float v) {
  * with W the bitmap base, A [rank, cols] and B [rows, rank] contiguous in adt, s_k = 1 for k < residual_rank and
  * lora_scale after. x [m, cols] (row stride ldx) and y [m, rows] (row stride ldy) are in xdt (fp32 or bf16); bias
  * (NULL or [rows]) too. All arithmetic is fp32. m must be <= MAX_NT. Returns -1, or a row whose offsets disagree
- * with its bitmap (its outputs are 0), or -2 for unsupported arguments. Threads share the h = A x step, then rows. */
-int64_t salr_linear_decode(int isa, int dt, const uint8_t *bitmask, const void *values, const int64_t *row_offsets,
-                           int64_t nnz, int64_t rows, int64_t cols, int xdt, const void *x, int64_t m, int64_t ldx,
-                           int adt, int64_t rank, int64_t residual_rank, float lora_scale, const void *A,
-                           const void *B, const void *bias, void *y, int64_t ldy, int nthreads) {
+ * with its bitmap (its outputs are 0), or -2 for unsupported arguments. Threads share the h = A x step, then rows.
+ * W's kept values are `values` in dtype dt, or the quantized stream q when q is not NULL. */
+static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *bitmask, const void *values,
+                             const int64_t *row_offsets, int64_t nnz, int64_t rows, int64_t cols, int xdt,
+                             const void *x, int64_t m, int64_t ldx, int adt, int64_t rank, int64_t residual_rank,
+                             float lora_scale, const void *A, const void *B, const void *bias, void *y, int64_t ldy,
+                             int nthreads) {
     if (m < 1 || m > MAX_NT || (xdt != DT_F32 && xdt != DT_BF16)) return -2;
     const int64_t nbytes = (cols + 7) / 8, kp = nbytes * 8;
     const uint8_t *vals = (const uint8_t *)values;
@@ -492,10 +897,15 @@ int64_t salr_linear_decode(int isa, int dt, const uint8_t *bitmask, const void *
         for (int64_t c = 0; c < cols; c++) xf[t * kp + c] = load_value(xdt, xt, c);
         for (int64_t c = cols; c < kp; c++) xf[t * kp + c] = 0.0f;
     }
-    int64_t bad = -1;
+    int64_t bad = -1, oom = 0;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
+        float *qbuf = q ? (float *)aligned_alloc(32, sizeof(float) * (size_t)(m * QBUF)) : NULL;
+        if (q && !qbuf) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < rank; k++) {
             const float s = k < residual_rank ? 1.0f : lora_scale;
@@ -509,6 +919,9 @@ int64_t salr_linear_decode(int isa, int dt, const uint8_t *bitmask, const void *
             float acc[MAX_NT] = {0};
             int64_t start, end;
             int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
+            if (q) {
+                ok = ok && qbuf && qgemv_row(isa, q, bm, start, end, nbytes, xf, m, kp, acc, 1, qbuf);
+            } else
 #if SALR_X86
             if (ok && isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
                 ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, xf, m, kp, acc, 1) == end - start;
@@ -528,7 +941,28 @@ int64_t salr_linear_decode(int isa, int dt, const uint8_t *bitmask, const void *
             }
             for (int64_t t = 0; t < m; t++) store_value(xdt, y, t * ldy + r, acc[t]);
         }
+        free(qbuf);
     }
     free(xf);
-    return bad;
+    return oom ? -2 : bad;
+}
+
+int64_t salr_linear_decode(int isa, int dt, const uint8_t *bitmask, const void *values, const int64_t *row_offsets,
+                           int64_t nnz, int64_t rows, int64_t cols, int xdt, const void *x, int64_t m, int64_t ldx,
+                           int adt, int64_t rank, int64_t residual_rank, float lora_scale, const void *A,
+                           const void *B, const void *bias, void *y, int64_t ldy, int nthreads) {
+    return linear_decode(isa, dt, NULL, bitmask, values, row_offsets, nnz, rows, cols, xdt, x, m, ldx, adt, rank,
+                         residual_rank, lora_scale, A, B, bias, y, ldy, nthreads);
+}
+
+/* salr_linear_decode on a quantized bitmap base (QSALR): W's kept values are the quantized stream. */
+int64_t salr_qlinear_decode(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
+                            int64_t blocksize, const int64_t *row_offsets, int64_t nnz, int64_t rows, int64_t cols,
+                            int xdt, const void *x, int64_t m, int64_t ldx, int adt, int64_t rank,
+                            int64_t residual_rank, float lora_scale, const void *A, const void *B, const void *bias,
+                            void *y, int64_t ldy, int nthreads) {
+    qstream q;
+    if (!qstream_init(&q, kind, codes, absmax, nnz, blocksize)) return -2;
+    return linear_decode(isa, DT_F32, &q, bitmask, NULL, row_offsets, nnz, rows, cols, xdt, x, m, ldx, adt, rank,
+                         residual_rank, lora_scale, A, B, bias, y, ldy, nthreads);
 }

@@ -11,6 +11,11 @@ OUTPUT/results.md and OUTPUT/{sparsity_sweep,loss_curves}.png.
 Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, exactly SALR's trainable count
 (A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
 LoRA block.
+
+Optional runs (`--quant`, or name them in `--runs`): QSALR at 50 % with the paper's and the salr+ recipe (NF4 base,
+the residual absorbs pruning and quantization error) and QLoRA (dense NF4 base + LoRA of SALR's trainable rank):
+
+    python experiments/paper_grid.py --runs salr@50%,qsalr@50%,qlora@nf4 --output runs/qsalr
 """
 
 from __future__ import annotations
@@ -54,13 +59,20 @@ class Run:
     preset: str = "paper"  # how the base is pruned and the residual initialised (salr.config.PRESETS)
 
 
-def grid(quick: bool) -> list[Run]:
+OPTIONAL = [
+    Run("qsalr@50%", "qsalr"),
+    Run("qsalr+@50%", "qsalr", preset="salr+"),
+    Run("qlora@nf4", "qlora", sparsity=None),
+]
+
+
+def grid(quick: bool, optional: bool = False) -> list[Run]:
     """Full: 4 methods x {50% unstructured, 2:4} with the paper's recipe, SALR+ (our default recipe: SparseGPT mask
     and whitened residual alternated, self-calibration) and prune-LoRA on the same SparseGPT mask at 50 % and 2:4,
     and a sweep of the paper's SALR at 10/30/60/70 %. Runs named "+" use the salr+ preset, the others the paper's.
 
     Quick: the 4 methods at 50% unstructured, SALR and SALR+ at 50% and 2:4, and the paper's SALR at 30% and 70%,
-    besides the pretrained model.
+    besides the pretrained model. `optional` adds the QSALR (both recipes) and QLoRA runs (OPTIONAL) at the end.
     """
     methods = ["lora", "salr", "prune-lora", "salr-frozen-residual"]
     runs = [Run("pretrained", "pretrained", sparsity=None)]
@@ -76,7 +88,7 @@ def grid(quick: bool) -> list[Run]:
         ]
     sweep = [0.3, 0.7] if quick else [0.1, 0.3, 0.6, 0.7]
     runs += [Run(f"salr@{round(s * 100)}%", "salr", sparsity=s) for s in sweep]
-    return runs
+    return runs + (OPTIONAL if optional else [])
 
 
 def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
@@ -143,7 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     p.add_argument("--output", required=True)
     p.add_argument("--quick", action="store_true", help="small preset: 8 runs of 12 steps, small eval slices")
-    p.add_argument("--runs", help="comma-separated run names to keep (e.g. pretrained,salr@50%%)")
+    p.add_argument("--runs", help="comma-separated run names to keep (e.g. pretrained,salr@50%%,qsalr@50%%)")
+    p.add_argument("--quant", action="store_true", help="add the optional QSALR and QLoRA (NF4) runs")
     p.add_argument("--residual-rank", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -285,9 +298,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
             f"{r['gsm8k_accuracy']:.3f} ({r['gsm8k_accuracy_problems']}) | "
             f"{r['mmlu_accuracy']:.3f} ({r['mmlu_questions']}) | {r['wikitext2_perplexity']:.2f} | {loss} |"
         )
-    check = issue_check(rows)
-    if check:
-        lines += ["", check]
+    for check in (issue_check(rows), quant_check(rows)):
+        if check:
+            lines += ["", check]
     lines += ["", timing_table(rows)]
     return "\n".join(lines) + "\n"
 
@@ -333,6 +346,22 @@ def issue_check(rows: list[dict]) -> str:
         f"{by['salr-frozen-residual@50%']:.4f} "
         f"({'better' if by['salr@50%'] < by['salr-frozen-residual@50%'] else 'NOT better'})."
     )
+
+
+def quant_check(rows: list[dict]) -> str:
+    """QSALR's check: answer NLL within 3% of SALR bf16's at 50%, and below QLoRA's at equal trainable parameters."""
+    by = {r["name"]: r["gsm8k_answer_nll"] for r in rows}
+    if "qsalr@50%" not in by or "salr@50%" not in by:
+        return ""
+    gap = by["qsalr@50%"] / by["salr@50%"] - 1
+    text = (
+        f"QSALR@50% answer NLL {by['qsalr@50%']:.4f} vs SALR@50% {by['salr@50%']:.4f} ({gap:+.2%}; "
+        f"{'within' if gap <= 0.03 else 'NOT within'} 3%)"
+    )
+    if "qlora@nf4" in by:
+        better = "below" if by["qsalr@50%"] < by["qlora@nf4"] else "NOT below"
+        text += f", QLoRA {by['qlora@nf4']:.4f} ({better})"
+    return text + "."
 
 
 def plots(rows: list[dict], output: Path) -> list[str]:
@@ -398,14 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_examples(None, tokenizer, args.max_length, records=train_records[: args.train_examples])
     text = data.load_text(args.wikitext)
     setup_seconds = time.perf_counter() - started
-    runs = grid(args.quick)
+    runs = grid(args.quick, optional=args.quant or bool(args.runs))
     if args.runs:
         keep = set(args.runs.split(","))
         runs = [r for r in runs if r.name in keep]
         if not runs:
-            raise SystemExit(
-                f"--runs {args.runs}: no such run (choose from {', '.join(r.name for r in grid(args.quick))})"
-            )
+            names = ", ".join(r.name for r in grid(args.quick, optional=True))
+            raise SystemExit(f"--runs {args.runs}: no such run (choose from {names})")
     conversions = Conversions(runs, args)
     rows = []
     settings = dict(vars(args))
@@ -417,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": settings,
             "runs": rows,
             "check": issue_check(rows),
+            "quant_check": quant_check(rows),
             "threads": torch.get_num_threads(),
             "setup_seconds": setup_seconds,
             "seconds": time.perf_counter() - started,

@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from salr import data
+from salr.config import PRESETS
 from salr.convert import convert
 from salr.layer import SALRLinear
 from salr.train import TrainConfig, load_examples, train
@@ -167,3 +168,24 @@ def test_runner_writes_per_stage_seconds(experiment, tmp_path):
     assert not (out / "runs" / "salr_50pct").exists()  # checkpoints deleted without --keep-runs
     md = (out / "results.md").read_text()
     assert "| GSM8K generation |" in md and "| all runs |" in md
+
+
+def test_optional_quantized_runs(experiment):
+    names = [r.name for r in experiment.grid(quick=True, optional=True)]
+    assert names[-3:] == ["qsalr@50%", "qsalr+@50%", "qlora@nf4"]
+    assert "qsalr@50%" not in [r.name for r in experiment.grid(True)]
+    args = argparse.Namespace(residual_rank=4, lora_rank=2, seed=0)
+    qsalr, qsalr_plus, qlora = (experiment.run_config(r, args) for r in experiment.OPTIONAL)
+    assert (qsalr.quant, qsalr.sparsity, qsalr.residual_rank, qsalr.r) == ("nf4", 0.5, 4, 2)
+    assert qsalr.criterion == "magnitude" and qsalr_plus.criterion == PRESETS["salr+"]["criterion"]
+    assert qsalr_plus.residual_init == PRESETS["salr+"]["residual_init"]
+    assert qsalr_plus.quant == "nf4"
+    assert (qlora.quant, qlora.sparsity, qlora.residual_rank, qlora.r) == ("nf4", 0.0, 0, 6)  # SALR's rank
+    rows = [
+        {"name": "salr@50%", "gsm8k_answer_nll": 1.0},
+        {"name": "qsalr@50%", "gsm8k_answer_nll": 1.02},
+        {"name": "qlora@nf4", "gsm8k_answer_nll": 1.1},
+    ]
+    assert experiment.quant_check(rows) == (
+        "QSALR@50% answer NLL 1.0200 vs SALR@50% 1.0000 (+2.00%; within 3%), QLoRA 1.1000 (below)."
+    )

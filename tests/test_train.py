@@ -131,7 +131,7 @@ def test_methods_and_equal_parameter_lora(tiny_llama):
     ]
     assert counts[0] == counts[1] == counts[2] > 0
     with pytest.raises(salr.SALRError, match="unknown method"):
-        method_config("qlora", SALR_CFG)
+        method_config("dora", SALR_CFG)
 
 
 class Crash(Exception):

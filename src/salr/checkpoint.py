@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from salr.bases import BitmapBase, base_for_saved
-from salr.bitmap_format import dense_nbytes, ideal_bitmap_nbytes
+from salr.bases import BitmapBase, QBitmapBase, base_for_saved
+from salr.bitmap_format import ideal_bitmap_nbytes
 from salr.config import SALRConfig
 from salr.convert import base_format, base_slots, convert, mark_trainable
 from salr.errors import SALRError
@@ -255,32 +255,44 @@ def _previous_files(directory: Path) -> set[str]:
 
 
 def size_report(model: nn.Module, directory: str | os.PathLike) -> dict[str, int]:
-    """Bytes of the saved weights vs the format's ideal and the dense model in the same dtypes.
+    """Bytes of the saved weights vs the format's ideal and the dense bf16 model.
 
-    ideal: 1 bit per base weight + the kept values for bitmap bases (row offsets excluded), every other tensor
-    (adapters, dense bases, everything not pruned) at its own size. dense: every weight dense, no adapters.
+    checkpoint: the weights file on disk. ideal: the stored bases' payloads (bitmap: 1 bit per weight + the kept
+    values; quantized bitmap: + codes + scales; row offsets and metadata excluded) plus every other tensor (adapters,
+    dense bases, everything not pruned) at its own size. dense: every weight of the model dense in bf16, no adapters
+    (what the same model saved in bf16 holds). base: the stored bases' tensors alone.
     """
     tensors, _ = _unique_state_dict(model)
-    ideal = dense = 0
-    bitmap_prefixes = set()
+    ideal = dense = base_bytes = 0
+    base_prefixes = set()
     for prefix, holder, attr in base_slots(model):
         base = getattr(holder, attr)
-        if isinstance(base, BitmapBase):
-            bitmap_prefixes.add(f"{prefix}.")
+        base_prefixes.add(f"{prefix}.")
+        dense += 2 * base.shape[0] * base.shape[1]
+        if isinstance(base, QBitmapBase):
+            ideal += base.ideal_nbytes()
+        elif isinstance(base, BitmapBase):
             ideal += ideal_bitmap_nbytes(base.shape, base.nnz, base.dtype)
-            dense += dense_nbytes(base.shape, base.dtype)
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
-        if any(name.startswith(p) for p in bitmap_prefixes):
+        if any(name.startswith(p) for p in base_prefixes):
+            base_bytes += nbytes
+            if not isinstance(_base_of(model, name), BitmapBase | QBitmapBase):
+                ideal += nbytes  # a dense base: stored as it is
             continue
         ideal += nbytes
         if not name.endswith(("A_cat", "B_cat")):
-            dense += nbytes
+            dense += 2 * tensor.numel() if tensor.is_floating_point() else nbytes
     return {
         "checkpoint_bytes": (Path(directory) / WEIGHTS_NAME).stat().st_size,
         "ideal_bytes": ideal,
         "dense_bytes": dense,
+        "base_bytes": base_bytes,
     }
+
+
+def _base_of(model: nn.Module, tensor_name: str) -> nn.Module:
+    return model.get_submodule(tensor_name.rsplit(".", 1)[0])
 
 
 def prepare_output(output: str | os.PathLike) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from salr.checkpoint import prepare_output, save, size_report
 from salr.config import SALRConfig
 from salr.convert import convert, pack_bases
+from salr.errors import SALRError
 from salr.loaders import load_model
 
 REPORT_NAME = "salr_report.json"
@@ -38,10 +39,16 @@ def format_report(report: dict, max_rows: int | None = None) -> str:
         f"energy {t['pruned_energy']:.4g} -> {t['residual_energy_after_svd']:.4g} after SVD, "
         f"{report.get('seconds', 0):.1f} s"
     )
+    if t.get("quant", "none") != "none":
+        lines.append(
+            f"quantization: {t['quant']}{' + double-quantized scales' if t.get('quant_double') else ''}, error "
+            f"energy {t['quantization_energy']:.4g} (pruning {t['pruned_energy']:.4g}); the residual absorbs both"
+        )
     if "checkpoint_bytes" in t:
         lines.append(
-            f"checkpoint: {t['checkpoint_bytes']:,} bytes (format ideal {t['ideal_bytes']:,}; dense model "
-            f"{t['dense_bytes']:,}, {t['dense_bytes'] / t['checkpoint_bytes']:.2f}x larger)"
+            f"checkpoint: {t['checkpoint_bytes']:,} bytes (format ideal {t['ideal_bytes']:,}; dense bf16 model "
+            f"{t['dense_bytes']:,}, {t['dense_bytes'] / t['checkpoint_bytes']:.2f}x larger); frozen bases "
+            f"{t['base_bytes']:,} bytes"
         )
     return "\n".join(lines)
 
@@ -50,6 +57,8 @@ def compress(
     model_spec: str, config: SALRConfig, output: str | Path, dtype: str | None = None, base_format: str = "bitmap"
 ) -> dict:
     """Load, convert, pack and save; returns the report (also written to output/salr_report.json)."""
+    if config.quant != "none" and base_format != "bitmap":
+        raise SALRError(f"--quant {config.quant} stores quantized bitmap bases: drop --base-format {base_format}")
     output = prepare_output(output)  # fail before the work, not after it
     started = time.perf_counter()
     model, tokenizer = load_model(model_spec, dtype=dtype)

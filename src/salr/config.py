@@ -18,6 +18,7 @@ RESIDUAL_INITS = ("svd", "whitened", "alternating")
 NO_CALIBRATION = "none"
 DEFAULT_SPARSITY = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTS = ("none", "nf4", "int8")
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -111,6 +112,17 @@ class SALRConfig:
     )
     adapter_dtype: str = field(default="float32", metadata={"help": "dtype of A_cat/B_cat", "choices": tuple(DTYPES)})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init and randomized SVD"})
+    quant: str = field(
+        default="none",
+        metadata={
+            "help": "QSALR: quantize the kept base values blockwise ('nf4' = QLoRA's 4-bit NormalFloat, 'int8'); "
+            "the residual then absorbs pruning and quantization error",
+            "choices": QUANTS,
+        },
+    )
+    quant_double: bool = field(
+        default=False, metadata={"help": "with quant: double-quantize the block scales (QLoRA), ~0.37 bit/value less"}
+    )
 
     def __post_init__(self) -> None:
         nm = parse_nm(self.pattern)
@@ -148,6 +160,10 @@ class SALRConfig:
             raise SALRError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.svd_method not in SVD_METHODS:
             raise SALRError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        if self.quant not in QUANTS:
+            raise SALRError(f"quant must be one of {QUANTS}, got {self.quant!r}")
+        if self.quant_double and self.quant == "none":
+            raise SALRError("quant_double quantizes the scales of a quantized base: pass quant='nf4' or 'int8' too")
         if self.adapter_dtype not in DTYPES:
             raise SALRError(f"adapter_dtype must be float32, bfloat16 or float16, got {self.adapter_dtype!r}")
         for name in ("target_modules", "exclude_modules"):

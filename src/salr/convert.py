@@ -1,8 +1,9 @@
 """Find the target layers of any Hugging Face causal LM and convert them to SALR layers in place; report, pack the
 bases into a stored format, merge back.
 
-Data flow per layer (one layer at a time, so memory stays bounded): W0 -> mask -> M ⊙ W0 (frozen base)
--> E = W0 - M ⊙ W0 -> truncated SVD -> [A_res; A_lora], [B_res, B_lora] -> SALRLinear. `convert` has no device
+Data flow per layer (one layer at a time, so memory stays bounded): W0 -> mask -> M ⊙ W0 (frozen base; quantized
+with config.quant) -> E = W0 - base -> truncated SVD -> [A_res; A_lora], [B_res, B_lora] -> SALRLinear
+(salr.decompose has the activation-aware variants). `convert` has no device
 side effects: the model stays where it is, and moving 2:4 bases onto sparse tensor cores is `use_semi_structured`.
 """
 
@@ -28,6 +29,7 @@ from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, SALRExperts, SALRExpertsProjection, check_supported, is_fused_experts
 from salr.layer import FusedAdapters, SALRLinear
 from salr.pruning import global_threshold
+from salr.quantize import quant_totals
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +215,8 @@ class _Converter:
     def parts(
         self, weight: torch.Tensor, stats: LayerStats | None
     ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
-        """(dense base, A_cat, B_cat, report row) of one 2-D weight; meta tensors and no row when not `init`."""
+        """(frozen base: dense, or quantized bitmap with config.quant; A_cat, B_cat, report row) of one 2-D weight;
+        meta tensors (a dense base) and no row when not `init`."""
         config, adapter_dtype = self.config, DTYPES[self.config.adapter_dtype]
         out_dim, in_dim = weight.shape
         if not self.init:
@@ -226,7 +229,9 @@ class _Converter:
         device = weight.device
         A_cat = torch.cat([split.factors.A, _lora_A(config.r, in_dim, self.generator).to(device)])
         B_cat = torch.cat([split.factors.B, torch.zeros(out_dim, config.r, device=device)], dim=1)
-        base = DenseBase(split.base.to(device=device, dtype=weight.dtype))
+        base = split.stored
+        if base is None:
+            base = DenseBase(split.base.to(device=device, dtype=weight.dtype))
         return base, A_cat.to(device, adapter_dtype), B_cat.to(device, adapter_dtype), split.row
 
     def convert(self, target: Target, owner: nn.Module, stats: dict[str, LayerStats], prefix: str = "") -> None:
@@ -303,7 +308,11 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
     """Per-layer rows plus totals. Counts are of weights (parameters and frozen base buffers)."""
     base_numel = base_nonzero = 0
     for _, holder, attr in base_slots(model):
-        dense = getattr(holder, attr).to_dense()
+        base = getattr(holder, attr)
+        if base.format == "qbitmap":  # kept weights are the bitmap's, even those whose value quantized to 0
+            base_numel, base_nonzero = base_numel + base.rows * base.cols, base_nonzero + base.nnz
+            continue
+        dense = base.to_dense()
         base_numel += dense.numel()
         base_nonzero += int((dense != 0).sum()) if dense.device.type != "meta" else 0
     layers = salr_modules(model)
@@ -321,6 +330,7 @@ def build_report(model: nn.Module, rows: list[dict[str, Any]], config: SALRConfi
             "adapter_parameters": adapter_params,
             "pruned_energy": sum(r["pruned_energy"] for r in rows),
             "residual_energy_after_svd": sum(r["residual_energy_after_svd"] for r in rows),
+            **quant_totals(rows, config),
         },
     }
 

@@ -5,6 +5,9 @@
 - "wanda" / "sparsegpt" choose M from the input Gram H of the layer (SparseGPT also updates the kept weights);
 - "whitened" fits B A to the output error ‖(W0 − Ŵ − B A) X‖ instead of the weight error;
 - "alternating" repeats: Ŵ = prune(W0 − B A), B A = fit(W0 − Ŵ), starting from B A = 0 (OATS-style).
+
+With `quant` (QSALR) the frozen base is the quantized Ŵ and every fit above sees its error: E = W0 − deq(Q(Ŵ))
+(salr.quantize); in alternating rounds the quantization is part of each round's prune step.
 """
 
 from __future__ import annotations
@@ -14,35 +17,39 @@ from typing import Any
 
 import torch
 
+from salr.bases.qbitmap import QBitmapBase
 from salr.calibration import LayerStats, relative_output_error
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.pruning import magnitude_mask, sparsegpt, wanda_mask
+from salr.quantize import error_energies, quantize_base
 from salr.residual import ResidualFactors, residual_svd, whitened_svd
 
 
 @dataclass
 class Decomposition:
-    base: torch.Tensor  # Ŵ [out, in] fp32, zeros at pruned positions
+    base: torch.Tensor  # what the frozen base computes [out, in] fp32: Ŵ, or deq(Q(Ŵ)) with quant; 0 where pruned
     factors: ResidualFactors  # B [out, r], A [r, in] fp32
     row: dict[str, Any]  # report row (without the layer name)
+    stored: QBitmapBase | None = None  # the quantized base (quant != "none"), else None: `base` is stored dense
 
 
 def prune(
     target: torch.Tensor, config: SALRConfig, stats: LayerStats | None, threshold: float | None = None
-) -> torch.Tensor:
-    """Ŵ [out, in] fp32 for `target` [out, in]: the masked target (magnitude, wanda) or SparseGPT's updated one."""
-    if config.criterion == "magnitude":
-        return target * magnitude_mask(target, config.sparsity, config.pattern, config.granularity, threshold)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Ŵ [out, in] fp32, mask [out, in] bool, True where kept) for `target` [out, in]: the masked target
+    (magnitude, wanda) or SparseGPT's updated one. Sparsity 0 (LoRA / QLoRA bases) keeps every weight whatever the
+    criterion, without statistics (SALRConfig.needs_calibration says none are collected then)."""
+    if config.criterion == "magnitude" or config.sparsity == 0:
+        mask = magnitude_mask(target, config.sparsity, config.pattern, config.granularity, threshold)
+        return target * mask, mask
     if stats is None:
         raise SALRError(f"criterion {config.criterion!r} needs calibration statistics for every target layer")
     if config.criterion == "wanda":
-        return target * wanda_mask(target, stats.gram, config.sparsity, config.pattern, config.granularity)
+        mask = wanda_mask(target, stats.gram, config.sparsity, config.pattern, config.granularity)
+        return target * mask, mask
     inverse_upper = stats.factor("inverse_upper", config.damping)
-    pruned, _ = sparsegpt(
-        target, None, config.sparsity, config.pattern, config.granularity, inverse_upper=inverse_upper
-    )
-    return pruned
+    return sparsegpt(target, None, config.sparsity, config.pattern, config.granularity, inverse_upper=inverse_upper)
 
 
 def fit_residual(error: torch.Tensor, config: SALRConfig, stats: LayerStats | None) -> ResidualFactors:
@@ -67,22 +74,29 @@ def decompose(
     rounds = config.alternating_rounds if config.residual_init == "alternating" and config.residual_rank else 1
     low_rank = torch.zeros_like(w0)
     for _ in range(rounds):
-        base = prune(w0 - low_rank, config, stats, threshold)
+        pruned, mask = prune(w0 - low_rank, config, stats, threshold)
+        stored, base = quantize_base(pruned, mask, config, weight.dtype)  # base = Ŵ, or deq(Q(Ŵ))
         factors = fit_residual(w0 - base, config, stats)
         low_rank = factors.B @ factors.A
-    return Decomposition(base, factors, _report_row(w0, base, factors, config, stats))
+    row = _report_row(w0, base, mask, factors, config, stats)
+    row.update(error_energies(w0, pruned, base))
+    return Decomposition(base, factors, row, stored)
 
 
 def _report_row(
-    w0: torch.Tensor, base: torch.Tensor, factors: ResidualFactors, config: SALRConfig, stats: LayerStats | None
+    w0: torch.Tensor,
+    base: torch.Tensor,
+    mask: torch.Tensor,
+    factors: ResidualFactors,
+    config: SALRConfig,
+    stats: LayerStats | None,
 ) -> dict[str, Any]:
     out_dim, in_dim = w0.shape
     rank = config.residual_rank
     exact = config.residual_init == "svd" and factors.singular_values.numel() == min(out_dim, in_dim)
     row = {
         "shape": [out_dim, in_dim],
-        "sparsity": 1.0 - float((base != 0).float().mean()),
-        "pruned_energy": factors.error_energy,
+        "sparsity": 1.0 - float(mask.float().mean()),
         "residual_energy_after_svd": factors.tail_energy,
         "svd_tail_energy": float(factors.singular_values[rank:].pow(2).sum()) if exact else None,
         "theorem3_bound": (1.0 - rank / min(out_dim, in_dim)) * factors.error_energy,

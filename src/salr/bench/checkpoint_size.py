@@ -18,14 +18,25 @@ logger = logging.getLogger(__name__)
 
 
 def checkpoint_case(
-    model: nn.Module, name: str, sparsity: float = 0.5, residual_rank: int = 64, lora_rank: int = 16
+    model: nn.Module,
+    name: str,
+    sparsity: float = 0.5,
+    residual_rank: int = 64,
+    lora_rank: int = 16,
+    quant: str = "none",
+    quant_double: bool = False,
 ) -> dict[str, Any]:
-    """Save `model` dense (save_pretrained, safetensors) and as a SALR checkpoint (bitmap bases, adapters in the
-    model's dtype) into a temporary directory and report the bytes of the weight files on disk, the format's ideal
-    bytes (1 bit per weight + kept values + adapters + dense rest) and the adapters' bytes."""
+    """Save `model` dense (save_pretrained, safetensors) and as a SALR checkpoint (bitmap bases, quantized with
+    `quant`, adapters in the model's dtype) into a temporary directory and report the bytes of the weight files on
+    disk, the format's ideal bytes (1 bit per weight + kept values + adapters + dense rest), the adapters' bytes, and
+    the frozen bases' bytes against the same weights dense in bf16."""
     from salr.checkpoint import WEIGHTS_NAME, save, size_report
+    from salr.convert import base_slots
 
-    salr_model, config = salr_copy(model, SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank))
+    config = SALRConfig(
+        sparsity=sparsity, residual_rank=residual_rank, r=lora_rank, quant=quant, quant_double=quant_double
+    )
+    salr_model, config = salr_copy(model, config)
     with tempfile.TemporaryDirectory(prefix="salr-ckpt-") as tmp:
         model.save_pretrained(Path(tmp, "dense"))
         dense_file = sum(p.stat().st_size for p in Path(tmp, "dense").glob("*.safetensors"))
@@ -33,6 +44,7 @@ def checkpoint_case(
         sizes = size_report(salr_model, Path(tmp, "salr"))
         assert sizes["checkpoint_bytes"] == Path(tmp, "salr", WEIGHTS_NAME).stat().st_size
     adapters = sum(p.numel() * p.element_size() for n, p in salr_model.named_parameters() if n.endswith("_cat"))
+    base_dense_bf16 = sum(2 * getattr(h, a).shape[0] * getattr(h, a).shape[1] for _, h, a in base_slots(salr_model))
     return {
         "name": name,
         "salr_config": config.to_dict(),
@@ -42,6 +54,10 @@ def checkpoint_case(
         "adapter_bytes": adapters,
         "over_ideal": sizes["checkpoint_bytes"] / sizes["ideal_bytes"] - 1.0,
         "compression_vs_dense": dense_file / sizes["checkpoint_bytes"],
+        "dense_bf16_bytes": sizes["dense_bytes"],
+        "salr_base_bytes": sizes["base_bytes"],
+        "base_dense_bf16_bytes": base_dense_bf16,
+        "base_compression_vs_dense_bf16": base_dense_bf16 / sizes["base_bytes"],
     }
 
 
@@ -51,13 +67,16 @@ def checkpoint_sizes(
     residual_rank: int = 64,
     lora_rank: int = 16,
     llama_layer: dict | None = None,
+    quant: str = "none",
+    quant_double: bool = False,
 ) -> dict[str, Any]:
     """`salr bench --checkpoint`: `checkpoint_case` for a model (`spec`, skipped if None) and for one Llama-3-8B-shaped
     decoder layer (a 1-layer LlamaForCausalLM with a 256-token vocabulary so the embeddings, kept dense in both, do
     not dominate; `llama_layer` overrides its shape, e.g. for tests)."""
     from salr.loaders import load_model
 
-    ranks = {"sparsity": sparsity, "residual_rank": residual_rank, "lora_rank": lora_rank}
+    ranks = {"sparsity": sparsity, "residual_rank": residual_rank, "lora_rank": lora_rank, "quant": quant}
+    ranks["quant_double"] = quant_double
     cases = []
     if spec:
         model, _ = load_model(spec, dtype="bfloat16")

@@ -159,19 +159,19 @@ def _child_generation_memory(
 
 
 def _generation_memory(
-    models: dict[str, nn.Module], config: SALRConfig, input_ids: torch.Tensor, max_new_tokens: int
+    models: dict[str, nn.Module], configs: dict[str, SALRConfig], input_ids: torch.Tensor, max_new_tokens: int
 ) -> dict[str, dict[str, float]]:
-    """Save each model ("dense_bf16", "dense_fp32", "salr") and measure the RSS of a child that loads it and
-    generates (`_child_generation_memory`)."""
+    """Save each model ("dense_bf16", "dense_fp32", and the SALR ones, those with a config) and measure the RSS of a
+    child that loads it and generates (`_child_generation_memory`)."""
     from salr.checkpoint import save
 
-    kinds = {"dense_bf16": "bfloat16", "dense_fp32": "float32", "salr": "salr"}
+    kinds = {"dense_bf16": "bfloat16", "dense_fp32": "float32", **{name: "salr" for name in configs}}
     out = {}
     with tempfile.TemporaryDirectory(prefix="salr-bench-") as tmp:
         for name, kind in kinds.items():
             path = Path(tmp, name)
             if kind == "salr":
-                save(models[name], path, config)
+                save(models[name], path, configs[name])
             else:
                 models[name].save_pretrained(path)
             args = (str(path), kind, input_ids[0].tolist(), max_new_tokens, torch.get_num_threads())
@@ -200,11 +200,14 @@ def generation_report(
     prompt: str = DEFAULT_PROMPT,
     prompt_tokens: int | None = None,
     memory: bool = True,
+    quant: str = "none",
+    quant_double: bool = False,
 ) -> dict[str, Any]:
     """`salr bench --generate` on the CPU: dense bf16, dense fp32 and SALR (bitmap base, bf16 adapters unmerged)
     decode the same prompt in one process, next to the dense model with its converted linears stubbed out
-    (`no_linears`, for `decode_breakdown`); with `memory`, the peak RSS of each model (not `no_linears`) comes from a
-    child process that loads it from disk (a saved checkpoint) and generates."""
+    (`no_linears`, for `decode_breakdown`); with `quant` also QSALR (`qsalr`: the same conversion with quantized
+    bases). With `memory`, the peak RSS of each model (not `no_linears`) comes from a child process that loads it
+    from disk (a saved checkpoint) and generates."""
     from salr.loaders import load_model
 
     dense_bf16, tokenizer = load_model(spec, dtype="bfloat16")
@@ -216,9 +219,14 @@ def generation_report(
     models = {"dense_bf16": dense_bf16, "dense_fp32": dense_fp32, "salr": salr_model}
     # The same model with its decoder linears stubbed out: what decoding costs outside the layers SALR replaces.
     models["no_linears"] = without_decoder_linears(dense_bf16, salr_model)
+    configs = {"salr": config}
+    if quant != "none":
+        qconfig = SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank, quant=quant,
+                             quant_double=quant_double)  # fmt: skip
+        models["qsalr"], configs["qsalr"] = salr_copy(dense_bf16, qconfig)
     results = generation_compare(models, input_ids, max_new_tokens, rounds)
     if memory:
-        for name, rss in _generation_memory(models, config, input_ids, max_new_tokens).items():
+        for name, rss in _generation_memory(models, configs, input_ids, max_new_tokens).items():
             results[name].update(rss)
     salr_tps = results["salr"]["decode_tokens_per_s"]
     same = sum(a == b for a, b in zip(results["salr"]["token_ids"], results["dense_bf16"]["token_ids"], strict=True))
@@ -237,6 +245,19 @@ def generation_report(
         "salr_tokens_matching_dense_bf16": same / len(results["salr"]["token_ids"]),
         "breakdown": decode_breakdown(results, salr_model),
         "environment": environment(),
+        **(_qsalr_fields(results, configs["qsalr"]) if "qsalr" in results else {}),
+    }
+
+
+def _qsalr_fields(results: dict[str, dict], config: SALRConfig) -> dict[str, Any]:
+    """QSALR's decode speed against dense bf16 and SALR bf16 from the same interleaved run."""
+    tps = results["qsalr"]["decode_tokens_per_s"]
+    same = sum(a == b for a, b in zip(results["qsalr"]["token_ids"], results["dense_bf16"]["token_ids"], strict=True))
+    return {
+        "qsalr_config": config.to_dict(),
+        "qsalr_speedup_vs_dense_bf16": tps / results["dense_bf16"]["decode_tokens_per_s"],
+        "qsalr_speedup_vs_salr": tps / results["salr"]["decode_tokens_per_s"],
+        "qsalr_tokens_matching_dense_bf16": same / len(results["qsalr"]["token_ids"]),
     }
 
 

@@ -84,9 +84,14 @@ def kernel_case(
     device: str = "cpu",
     seed: int = 0,
     budget_s: float = 1.0,
+    quant: str = "none",
+    quant_double: bool = False,
 ) -> dict[str, Any]:
     """Time y = x @ W.T for one weight shape (out, in) and token count: dense bf16, dense fp32, bitmap (bf16
-    values); median ms of each, speedups, the bitmap output's max relative error and the weight's bytes."""
+    values); median ms of each, speedups, the bitmap output's max relative error and the weight's bytes.
+
+    With `quant` ("nf4", "int8") `bitmap` is the quantized bitmap op (QSALR: the bf16 kept values quantized) and the
+    bf16 bitmap op is timed beside it as `bitmap_bf16`; bytes are then the quantized format's."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SALRError("--device cuda but no CUDA device is available")
@@ -98,20 +103,28 @@ def kernel_case(
     x16 = x32.to(torch.bfloat16)
     args = (bw.bitmask, bw.values, bw.row_offsets, rows, cols)
 
-    def bitmap() -> torch.Tensor:
+    def bitmap_bf16() -> torch.Tensor:
         return ops.bitmap_linear_with(backend, x16, *args)
 
+    fns = {"dense_bf16": lambda: F.linear(x16, w16), "dense_fp32": lambda: F.linear(x32, w32), "bitmap": bitmap_bf16}
+    w_ref, nbytes = w16.float(), weight_bytes(shape, bw.nnz, torch.bfloat16)
+    if quant != "none":
+        qw = bitmap_format.encode_quantized(w16, w16 != 0, quant, double_quant=quant_double)
+        qargs = (qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets, rows, cols, qw.q.blocksize)
+        fns = {**fns, "bitmap_bf16": bitmap_bf16, "bitmap": lambda: ops.qbitmap_linear_with(backend, x16, *qargs)}
+        w_ref = bitmap_format.decode_quantized(qw, torch.float32)
+        nbytes = quantized_weight_bytes(shape, qw.nnz, quant, quant_double)
     with torch.inference_mode():
-        y = bitmap().double()
-        ref = F.linear(x16.float(), w16.float()).double()
+        y = fns["bitmap"]().double()
+        ref = F.linear(x16.float(), w_ref).double()
         err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        fns = {"dense_bf16": lambda: F.linear(x16, w16), "dense_fp32": lambda: F.linear(x32, w32), "bitmap": bitmap}
         ms = time_interleaved(fns, dev, budget_s=budget_s)
-    return {
+    case = {
         "shape": [rows, cols],
         "tokens": tokens,
         "sparsity": sparsity,
         "density": bw.nnz / (rows * cols),
+        "quant": quant,
         "device": str(dev),
         "backend": _backend_label(backend, dev, tokens),
         "dense_bf16_ms": ms["dense_bf16"],
@@ -120,7 +133,24 @@ def kernel_case(
         "speedup_vs_dense_bf16": ms["dense_bf16"] / ms["bitmap"],
         "speedup_vs_dense_fp32": ms["dense_fp32"] / ms["bitmap"],
         "max_rel_err": err,
-        **weight_bytes(shape, bw.nnz, torch.bfloat16),
+        **nbytes,
+    }
+    if quant != "none":
+        case.update(quant_double=quant_double, bitmap_bf16_ms=ms["bitmap_bf16"])
+        case["speedup_vs_bitmap_bf16"] = ms["bitmap_bf16"] / ms["bitmap"]
+    return case
+
+
+def quantized_weight_bytes(shape: tuple[int, int], nnz: int, quant: str, double_quant: bool) -> dict[str, float]:
+    """`weight_bytes` for the quantized bitmap format (bitmap + codes + block scales)."""
+    dense = bitmap_format.dense_nbytes(shape, torch.bfloat16)
+    ideal = bitmap_format.ideal_quantized_nbytes(shape, nnz, quant, double_quant=double_quant)
+    return {
+        "dense_bytes": dense,
+        "bitmap_ideal_bytes": ideal,
+        "row_offsets_bytes": 8 * shape[0],
+        "compression": dense / ideal,
+        "bits_per_weight": 8 * ideal / (shape[0] * shape[1]),
     }
 
 
@@ -132,12 +162,15 @@ def kernel_grid(
     device: str = "cpu",
     budget_s: float = 1.0,
     progress: Callable[[dict], None] | None = None,
+    quant: str = "none",
+    quant_double: bool = False,
 ) -> dict[str, Any]:
     """`kernel_case` for every (shape, tokens); `progress(case)` is called after each one."""
     results = []
     for shape in shapes:
         for m in tokens:
-            case = kernel_case(shape, m, sparsity, backend, device, budget_s=budget_s)
+            case = kernel_case(shape, m, sparsity, backend, device, budget_s=budget_s, quant=quant,
+                               quant_double=quant_double)  # fmt: skip
             results.append(case)
             if progress:
                 progress(case)
@@ -186,9 +219,10 @@ def _problem(
 
 
 def check_triton_on_cpu(
-    shape: tuple[int, int], tokens: int, sparsity: float, dtype: str | torch.dtype = "bf16"
+    shape: tuple[int, int], tokens: int, sparsity: float, dtype: str | torch.dtype = "bf16", quant: str = "none"
 ) -> dict[str, Any]:
-    """Run the Triton bitmap kernel in the CPU interpreter; return its error against a float64 reference.
+    """Run the Triton bitmap kernel (with `quant`: the quantized one) in the CPU interpreter; return its error
+    against a float64 reference.
 
     shape is (out_features, in_features). Needs TRITON_INTERPRET=1 set before triton is imported.
     """
@@ -201,10 +235,19 @@ def check_triton_on_cpu(
     dt = _dtype(dtype)
     _, x, w = _problem(shape, tokens, sparsity, dt, "cpu")
     bw = bitmap_format.encode(w)
-    y = tb.triton_bitmap_linear(x, bw.bitmask, bw.values, bw.row_offsets, *bw.shape)
+    if quant == "none":
+        y = tb.triton_bitmap_linear(x, bw.bitmask, bw.values, bw.row_offsets, *bw.shape)
+    else:
+        from salr.ops import triton_qbitmap
+
+        qw = bitmap_format.encode_quantized(w, w != 0, quant)
+        qargs = (qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets, *qw.shape, qw.q.blocksize)
+        y = triton_qbitmap.triton_qbitmap_linear(x, *qargs)
+        w = bitmap_format.decode_quantized(qw, torch.float32)
     ref = x.double() @ w.double().T
     return {
         "backend": "triton-interpreter",
+        "quant": quant,
         "shape": list(shape),
         "tokens": tokens,
         "sparsity": sparsity,
@@ -300,14 +343,64 @@ def bench_gpu_kernel(
     return result
 
 
-def triton_kernel_grid(
-    shapes: Iterable[tuple[int, int]], tokens: Iterable[int], sparsity: float = 0.5, device: str = "cpu"
+def bench_gpu_qkernel(
+    shape: tuple[int, int],
+    tokens: int,
+    sparsity: float = 0.5,
+    quant: str = "nf4",
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
 ) -> dict[str, Any]:
-    """The Triton bitmap kernel for every (shape, tokens): on a GPU, timings (`bench_gpu_kernel`); on the CPU under
-    TRITON_INTERPRET=1, correctness only (`check_triton_on_cpu`: snr_db, max_abs_err against float64)."""
+    """On a CUDA GPU: the Triton quantized-bitmap kernel (QSALR) vs cuBLAS dense bf16 and the Triton bf16 bitmap
+    kernel, median ms by triton.testing.do_bench, with the quantized kernel's SNR against float64."""
+    from salr.ops import triton as tb
+    from salr.ops import triton_qbitmap
+
+    if not torch.cuda.is_available() or not tb.HAS_TRITON or tb.interpreting():
+        raise SALRError("bench_gpu_qkernel needs a CUDA GPU, triton, and TRITON_INTERPRET unset")
+    w_dense, x, w = _problem(shape, tokens, sparsity, torch.bfloat16, "cuda")
+    w_dense = w_dense.to(torch.bfloat16)
+    bw = bitmap_format.encode(w)
+    qw = bitmap_format.encode_quantized(w, w != 0, quant)
+    qargs = (qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets, *shape, qw.q.blocksize)
+    ref = x.double() @ bitmap_format.decode_quantized(qw, torch.float32).double().T
+    ms = {
+        "dense_ms": _time_ms(lambda: F.linear(x, w_dense), warmup_ms, rep_ms),
+        "bitmap_bf16_triton_ms": _time_ms(
+            lambda: tb.triton_bitmap_linear(x, bw.bitmask, bw.values, bw.row_offsets, *shape), warmup_ms, rep_ms
+        ),
+        "qbitmap_triton_ms": _time_ms(lambda: triton_qbitmap.triton_qbitmap_linear(x, *qargs), warmup_ms, rep_ms),
+    }
+    return {
+        "device": torch.cuda.get_device_name(),
+        "shape": list(shape),
+        "tokens": tokens,
+        "sparsity": sparsity,
+        "quant": quant,
+        "timing": "triton.testing.do_bench median, ms",
+        **ms,
+        "qbitmap_snr_db": snr_db(triton_qbitmap.triton_qbitmap_linear(x, *qargs), ref),
+        "qbitmap_speedup_vs_dense": ms["dense_ms"] / ms["qbitmap_triton_ms"],
+        **quantized_weight_bytes(shape, qw.nnz, quant, False),
+    }
+
+
+def triton_kernel_grid(
+    shapes: Iterable[tuple[int, int]],
+    tokens: Iterable[int],
+    sparsity: float = 0.5,
+    device: str = "cpu",
+    quant: str = "none",
+) -> dict[str, Any]:
+    """The Triton bitmap kernel for every (shape, tokens): on a GPU, timings (`bench_gpu_kernel`, or
+    `bench_gpu_qkernel` with `quant`); on the CPU under TRITON_INTERPRET=1, correctness only (`check_triton_on_cpu`:
+    snr_db, max_abs_err against float64)."""
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SALRError("--device cuda but no CUDA device is available")
+        if quant != "none":
+            results = [bench_gpu_qkernel(shape, m, sparsity, quant) for shape in shapes for m in tokens]
+            return {"environment": environment(), "results": results}
         case: Callable[..., dict] = bench_gpu_kernel
     elif os.environ.get("TRITON_INTERPRET") != "1":
         raise SALRError(
@@ -315,6 +408,7 @@ def triton_kernel_grid(
             "TRITON_INTERPRET=1 in the environment"
         )
     else:
-        case = check_triton_on_cpu
+        results = [check_triton_on_cpu(shape, m, sparsity, quant=quant) for shape in shapes for m in tokens]
+        return {"environment": environment(), "results": results}
     results = [case(shape, m, sparsity) for shape in shapes for m in tokens]
     return {"environment": environment(), "results": results}

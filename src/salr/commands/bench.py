@@ -55,7 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     salr = p.add_argument_group("SALR (the LoRA baseline of --train-memory gets rank residual + LoRA rank)")
     add_dataclass_args(
-        salr, SALRConfig, only=["sparsity", "residual_rank", "r"], defaults={"sparsity": DEFAULT_SPARSITY}
+        salr,
+        SALRConfig,
+        only=["sparsity", "residual_rank", "r", "quant", "quant_double"],
+        defaults={"sparsity": DEFAULT_SPARSITY},
     )
     p.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens to decode per round")
     p.add_argument("--prompt-tokens", type=int, help="--generate: prompt length (default: the built-in prompt)")
@@ -99,8 +102,9 @@ def _kernel(args: argparse.Namespace) -> dict:
     tokens = args.tokens or bench.TOKENS
     if any(m <= 0 for m in tokens):
         raise SALRError("--tokens must be positive")
+    quant = _quant(args)
     if args.backend == "triton" or (args.device == "cuda" and args.backend == "auto"):
-        report = bench.triton_kernel_grid(shapes, tokens, sparsity, args.device)
+        report = bench.triton_kernel_grid(shapes, tokens, sparsity, args.device, quant=quant["quant"])
         for case in report["results"]:
             print(json.dumps(case), flush=True)
     else:
@@ -108,6 +112,7 @@ def _kernel(args: argparse.Namespace) -> dict:
         report = bench.kernel_grid(
             shapes, tokens, sparsity, args.backend, args.device, args.budget,
             progress=lambda case: print(bench.format_row(case), flush=True),
+            quant=quant["quant"], quant_double=quant["quant_double"],
         )  # fmt: skip
     if len(report["results"]) == 1:  # one case: its fields at the top level (the checks read them there)
         report = {**report["results"][0], "environment": report["environment"]}
@@ -123,9 +128,18 @@ def _ranks(args: argparse.Namespace) -> dict:
     return {"sparsity": config.sparsity, "residual_rank": config.residual_rank, "lora_rank": config.r}
 
 
+def _quant(args: argparse.Namespace, supported: bool = True) -> dict:
+    """--quant and --quant-double as SALRConfig reads them; SALRError where this benchmark has no quantized case."""
+    config = dataclass_from_args(args, SALRConfig)
+    if config.quant != "none" and not supported:
+        raise SALRError("--quant applies to --kernel, --checkpoint and CPU --generate")
+    return {"quant": config.quant, "quant_double": config.quant_double}
+
+
 def _generate(args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         specs = [args.model] if args.model else ["llama3-8b", "default"]
+        _quant(args, supported=False)
         report = bench.cuda_generation_compare(
             specs, args.new_tokens, args.prompt_tokens or 128, args.rounds, **_ranks(args)
         )
@@ -138,7 +152,7 @@ def _generate(args: argparse.Namespace) -> dict:
         return report
     report = bench.generation_report(
         args.model or "default", args.new_tokens, args.rounds, prompt_tokens=args.prompt_tokens,
-        memory=not args.no_memory, **_ranks(args),
+        memory=not args.no_memory, **_ranks(args), **_quant(args),
     )  # fmt: skip
     for name, r in report["results"].items():
         mem = f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""
@@ -151,23 +165,28 @@ def _generate(args: argparse.Namespace) -> dict:
         f"{b['speedup_ceiling_at_byte_ratio']:.2f}x)"
     )
     print(f"SALR / dense bf16 decode: {report['salr_speedup_vs_dense_bf16']:.2f}x")
+    if "qsalr_speedup_vs_dense_bf16" in report:
+        print(f"QSALR ({report['qsalr_config']['quant']}) / dense bf16 decode: "
+              f"{report['qsalr_speedup_vs_dense_bf16']:.2f}x")  # fmt: skip
     return report
 
 
 def _checkpoint(args: argparse.Namespace) -> dict:
     if args.device != "cpu":
         raise SALRError("--checkpoint measures files on disk; it runs on the CPU (drop --device cuda)")
-    report = bench.checkpoint_sizes(args.model or "default", **_ranks(args))
+    report = bench.checkpoint_sizes(args.model or "default", **_ranks(args), **_quant(args))
     for c in report["cases"]:
         dense, salr_bytes = c["dense_checkpoint_bytes"] / 2**20, c["salr_checkpoint_bytes"] / 2**20
         print(
             f"{c['name']}: dense {dense:.1f} MiB, SALR {salr_bytes:.1f} MiB "
-            f"({c['compression_vs_dense']:.2f}x smaller, {100 * c['over_ideal']:+.2f}% vs ideal)"
+            f"({c['compression_vs_dense']:.2f}x smaller, {100 * c['over_ideal']:+.2f}% vs ideal); frozen bases "
+            f"{c['base_compression_vs_dense_bf16']:.2f}x smaller than dense bf16"
         )
     return report
 
 
 def _train(args: argparse.Namespace) -> dict:
+    _quant(args, supported=False)
     spec = args.model or ("llama3-8b" if args.device == "cuda" else "default")
     report = bench.train_memory(spec, args.device, args.batch, args.seq, args.steps, **_ranks(args))
     for method, r in report["results"].items():

@@ -1,4 +1,5 @@
-"""`salr train`: fine-tune SALR (or LoRA / prune+LoRA / frozen-residual) adapters on GSM8K or Alpaca data.
+"""`salr train`: fine-tune SALR (or LoRA / prune+LoRA / frozen-residual / QSALR / QLoRA) adapters on GSM8K or Alpaca
+data.
 
 Single process: `salr train ...`; several: `torchrun --nproc_per_node N -m salr.cli train ...`.
 """
@@ -26,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="fine-tune adapters (salr, lora, prune-lora, salr-frozen-residual)")
+    p = subparsers.add_parser(
+        "train", help="fine-tune adapters (salr, lora, prune-lora, salr-frozen-residual, qsalr, qlora)"
+    )
     add_model_arg(p)
     p.add_argument("--method", default="salr", choices=METHODS, help="what is pruned and what is trained")
     p.add_argument("--data", help="GSM8K (question, answer) or Alpaca JSON/JSONL file (optional with --distill)")

@@ -93,6 +93,9 @@ def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
     reloaded gives bit-identical logits.
     """
     for module in model.modules():
+        if getattr(module, "format", None) == "qbitmap":
+            module.to(dtype)  # a quantized base keeps its codes and fp32 scales; only its output dtype changes
+            continue
         for param in module.parameters(recurse=False):
             if param.is_floating_point():
                 param.data = param.data.to(dtype)

@@ -25,7 +25,14 @@ import torch
 from salr import bitmap_format
 from salr.errors import SALRError
 from salr.ops import reference
-from salr.ops.schema import bitmap_linear, bitmap_linear_grad_input, rank_scale, salr_linear
+from salr.ops.schema import (
+    bitmap_linear,
+    bitmap_linear_grad_input,
+    qbitmap_linear,
+    qbitmap_linear_grad_input,
+    rank_scale,
+    salr_linear,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,14 @@ def load() -> ctypes.CDLL | None:
     lib.salr_linear_decode.argtypes = common + [_INT, _P, _I64, _I64, _INT, _I64, _I64, ctypes.c_float, _P, _P, _P]
     lib.salr_linear_decode.argtypes += [_P, _I64, _INT]
     lib.salr_linear_decode.restype = _I64
+    qcommon = [_INT, _INT, _P, _P, _P, _I64, _P, _I64, _I64, _I64]  # isa, kind, bitmask, codes, absmax, bs, offs, ...
+    lib.salr_qbitmap_gemv.argtypes = qcommon + [_P, _I64, _I64, _P, _I64, _INT]
+    lib.salr_qbitmap_gemv.restype = _I64
+    lib.salr_qbitmap_decode.argtypes = qcommon + [_I64, _I64, _P, _I64, _INT]
+    lib.salr_qbitmap_decode.restype = _I64
+    lib.salr_qlinear_decode.argtypes = qcommon + [_INT, _P, _I64, _I64, _INT, _I64, _I64, ctypes.c_float, _P, _P]
+    lib.salr_qlinear_decode.argtypes += [_P, _P, _I64, _INT]
+    lib.salr_qlinear_decode.restype = _I64
     return lib
 
 
@@ -86,6 +101,8 @@ def isa() -> str:
 
 
 def _check_bad_row(bad: int) -> None:
+    if bad == -2:
+        raise SALRError("the native kernel refused its arguments (unsupported quantization or out of memory)")
     if bad >= 0:
         raise SALRError(
             f"bitmap row {bad}: row_offsets disagree with the bitmask popcount (corrupt or mismatched tensors); "
@@ -284,3 +301,184 @@ def salr_linear_kernel(x, bitmask, values, row_offsets, rows, cols, A, B, residu
     if A.shape[0] > 0:
         y = y + reference.adapter_reference(x, A, B, scale).to(y.dtype)
     return y
+
+
+# ----------------------------------------------------------------------------- quantized bitmap bases (QSALR)
+
+_KIND_CODES = {torch.uint8: 0, torch.int8: 1}  # codes dtype -> Q_NF4 / Q_INT8 of the C kernel
+
+
+def _q_args(
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+) -> tuple:
+    """The kernel's leading arguments after the ISA (kind, pointers, blocksize, n), checked; CPU tensors only."""
+    n = bitmap_format.check_quantized_operands(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    if codes.device.type != "cpu":
+        raise SALRError(f"the native CPU kernel needs CPU tensors, got {codes.device}")
+    if not (bitmask.is_contiguous() and codes.is_contiguous() and absmax.is_contiguous()):
+        raise SALRError("the quantized bitmap tensors must be contiguous")
+    return (_KIND_CODES[codes.dtype], bitmask.data_ptr(), codes.data_ptr(), absmax.data_ptr(), blocksize,
+            row_offsets.contiguous().data_ptr(), n)  # fmt: skip
+
+
+def qdecode_rows(
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+    r0: int,
+    r1: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Rows [r0, r1) of a quantized bitmap W as fp32 into out [>= r1 - r0, >= 8 * ceil(cols/8)]; returns out."""
+    kp = 8 * -(-cols // 8)
+    if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape[1] < kp or out.shape[0] < r1 - r0:
+        raise SALRError(f"decode buffer must be fp32 [>= {r1 - r0}, >= {kp}] with unit column stride")
+    args = _q_args(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    bad = load().salr_qbitmap_decode(
+        _ISA_CODES[isa()], *args, rows, cols, r0, r1, out.data_ptr(), out.stride(0), _threads((r1 - r0) * kp)
+    )
+    _check_bad_row(bad)
+    return out
+
+
+def qbitmap_linear_cpu(
+    x: torch.Tensor,
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """y = x @ W.T for a quantized bitmap W with the native kernel: x [..., cols] (any float dtype and strides) ->
+    [..., rows] in x.dtype. M <= GEMV_MAX_TOKENS: the decode-in-registers GEMV; more: fp32 row tiles + sgemm."""
+    lib = load()
+    if lib is None:
+        raise SALRError("the native CPU kernel is not built: reinstall salr (pip install -e .) or use the reference")
+    args = _q_args(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    if x.device.type != "cpu" or x.shape[-1] != cols:
+        raise SALRError(f"x must be a CPU tensor [..., {cols}], got {list(x.shape)} on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)
+    m = x2.shape[0]
+    kp = 8 * -(-cols // 8)
+    if m == 0 or rows == 0 or cols == 0:
+        return x.new_zeros(*lead, rows)
+    xp = _padded_x(x2, kp)
+    if m <= GEMV_MAX_TOKENS:
+        y = torch.empty(m, rows, dtype=torch.float32)
+        bad = lib.salr_qbitmap_gemv(
+            _ISA_CODES[isa()], *args, rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows, _threads(rows * kp)
+        )
+        _check_bad_row(bad)
+        return y.to(x.dtype).reshape(*lead, rows)
+    tile = _tile_rows(kp)
+    buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+    yt = torch.empty(rows, m, dtype=torch.float32)
+    for r0 in range(0, rows, tile):
+        r1 = min(rows, r0 + tile)
+        qdecode_rows(bitmask, codes, absmax, row_offsets, rows, cols, blocksize, r0, r1, buf)
+        torch.mm(buf[: r1 - r0], xp.T, out=yt[r0:r1])
+    return yt.T.to(x.dtype).reshape(*lead, rows)
+
+
+def qbitmap_grad_input_cpu(
+    grad: torch.Tensor,
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W for a frozen quantized bitmap W: grad [..., rows] -> [..., cols] in grad.dtype, from fp32
+    row tiles of W (no dense copy of W)."""
+    if load() is None:
+        raise SALRError("the native CPU kernel is not built: reinstall salr (pip install -e .) or use the reference")
+    _q_args(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    if grad.device.type != "cpu" or grad.shape[-1] != rows:
+        raise SALRError(f"grad must be a CPU tensor [..., {rows}], got {list(grad.shape)} on {grad.device}")
+    lead = grad.shape[:-1]
+    g2 = grad.reshape(-1, rows).to(torch.float32)
+    kp = 8 * -(-cols // 8)
+    gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
+    if g2.shape[0] and rows and cols:
+        tile = _tile_rows(kp)
+        buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+        for r0 in range(0, rows, tile):
+            r1 = min(rows, r0 + tile)
+            qdecode_rows(bitmask, codes, absmax, row_offsets, rows, cols, blocksize, r0, r1, buf)
+            gx.addmm_(g2[:, r0:r1], buf[: r1 - r0])
+    return gx[:, :cols].to(grad.dtype).reshape(*lead, cols)
+
+
+def qsalr_linear_decode(
+    x: torch.Tensor,
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+    n: int,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    residual_rank: int,
+    lora_scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """`salr_linear_decode` on a quantized bitmap base: the whole layer for a few tokens in one native call, or None
+    where this path does not apply. Hot path: `n` (kept values) comes from the caller, whose base was validated."""
+    lib = load()
+    xdt = _X_CODES.get(x.dtype)
+    adt = _DTYPE_CODES.get(A.dtype)
+    if lib is None or xdt is None or adt is None or x.device.type != "cpu" or A.device.type != "cpu":
+        return None
+    shape = x.shape
+    m = x.numel() // cols if shape[-1] == cols else 0
+    if not 0 < m <= GEMV_MAX_TOKENS or not (x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        return None
+    rank = A.shape[0]
+    if A.shape[1] != cols or B.shape[0] != rows or B.shape[1] != rank or B.dtype != A.dtype:
+        raise SALRError(f"adapter shapes A {list(A.shape)}, B {list(B.shape)} do not fit a [{rows}, {cols}] layer")
+    y = torch.empty((*shape[:-1], rows), dtype=x.dtype)
+    bad = lib.salr_qlinear_decode(
+        _ISA_CODES[isa()], _KIND_CODES[codes.dtype], bitmask.data_ptr(), codes.data_ptr(), absmax.data_ptr(),
+        blocksize, row_offsets.data_ptr(), n, rows, cols, xdt, x.data_ptr(), m, cols, adt, rank, residual_rank,
+        lora_scale, A.data_ptr(), B.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if bad != -1:
+        if bad == -2:
+            return None
+        _check_bad_row(bad)
+    return y
+
+
+@qbitmap_linear.register_kernel("cpu")
+def _qbitmap_linear_kernel(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize):
+    if available():
+        return qbitmap_linear_cpu(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    return reference.qbitmap_linear_reference(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+
+
+@qbitmap_linear_grad_input.register_kernel("cpu")
+def _qbitmap_grad_input_kernel(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize):
+    if available():
+        return qbitmap_grad_input_cpu(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    return reference.qbitmap_grad_input_reference(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from salr.bitmap_format import decode_dense
+from salr.bitmap_format import QuantizedValues, decode_dense, dequantize_values, row_counts
 
 
 def bitmap_linear_reference(
@@ -49,3 +49,43 @@ def salr_linear_reference(
     if A.shape[0] > 0:
         y = y + adapter_reference(x, A, B, scale).to(y.dtype)
     return y
+
+
+def qbitmap_dense(
+    bitmask: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, blocksize: int
+) -> torch.Tensor:
+    """fp32 [rows, cols]: the dequantized quantized-bitmap weight. codes uint8 = NF4 (two per byte, high nibble
+    first), int8 = int8; absmax fp32 [ceil(n / blocksize)] are the effective block scales (double quantization
+    already undone)."""
+    kind = "nf4" if codes.dtype == torch.uint8 else "int8"
+    n = int(row_counts(bitmask).sum())
+    q = QuantizedValues(kind, codes, n, blocksize, absmax=absmax)
+    return decode_dense(bitmask, dequantize_values(q, torch.float32), rows, cols)
+
+
+def qbitmap_linear_reference(
+    x: torch.Tensor,
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """y = x @ W.T for a quantized bitmap W: x [..., cols] -> [..., rows] in x.dtype (W cast to x's dtype)."""
+    return F.linear(x, qbitmap_dense(bitmask, codes, absmax, rows, cols, blocksize).to(x.dtype))
+
+
+def qbitmap_grad_input_reference(
+    grad: torch.Tensor,
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W: grad [..., rows] -> [..., cols] in grad.dtype."""
+    return torch.matmul(grad, qbitmap_dense(bitmask, codes, absmax, rows, cols, blocksize).to(grad.dtype))

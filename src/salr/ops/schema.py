@@ -5,6 +5,10 @@
   salr::salr_linear(x, bitmask, values, row_offsets, rows, cols, A, B, residual_rank, lora_scale, bias)
       -> x @ W.T + bias + ((x @ A.T) * s) @ B.T, s = 1 on the first residual_rank ranks, lora_scale after
       (a whole SALR layer, inference only: no autograd)
+  salr::qbitmap_linear(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize) -> y = x @ W.T
+  salr::qbitmap_linear_grad_input(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize) -> grad @ W
+      (W a quantized bitmap weight, QSALR: codes uint8 = NF4 two per byte, int8 = int8 blockwise; absmax fp32 are the
+      effective block scales, double quantization undone)
 
 W [rows, cols] is a frozen bitmap weight (salr.bitmap_format). The default implementations are the plain-PyTorch
 references (salr.ops.reference). Device kernels register themselves when their module is imported: salr.ops.cpu
@@ -21,7 +25,13 @@ from types import ModuleType
 
 import torch
 
-from salr.ops.reference import bitmap_grad_input_reference, bitmap_linear_reference, salr_linear_reference
+from salr.ops.reference import (
+    bitmap_grad_input_reference,
+    bitmap_linear_reference,
+    qbitmap_grad_input_reference,
+    qbitmap_linear_reference,
+    salr_linear_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +116,66 @@ def _backward(ctx, grad):
 bitmap_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("salr::qbitmap_linear", mutates_args=())
+def qbitmap_linear(
+    x: torch.Tensor,
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """y = x @ W.T for a quantized bitmap W [rows, cols]: x [..., cols] any float dtype -> [..., rows] in x.dtype.
+    codes uint8 [ceil(n/2)] (NF4) or int8 [n], absmax fp32 [ceil(n/blocksize)] (salr.bitmap_format)."""
+    return qbitmap_linear_reference(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+
+
+@torch.library.custom_op("salr::qbitmap_linear_grad_input", mutates_args=())
+def qbitmap_linear_grad_input(
+    grad: torch.Tensor,
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W for a quantized bitmap W: grad [..., rows] -> [..., cols] in grad.dtype."""
+    return qbitmap_grad_input_reference(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+
+
+@qbitmap_linear.register_fake
+def _qbitmap_linear_fake(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize):
+    torch._check(x.shape[-1] == cols, lambda: f"x has {x.shape[-1]} features, the bitmap weight {cols}")
+    return x.new_empty(*x.shape[:-1], rows)
+
+
+@qbitmap_linear_grad_input.register_fake
+def _qbitmap_grad_input_fake(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize):
+    return grad.new_empty(*grad.shape[:-1], cols)
+
+
+def _q_setup_context(ctx, inputs, output):
+    _, bitmask, codes, absmax, row_offsets, rows, cols, blocksize = inputs
+    ctx.save_for_backward(bitmask, codes, absmax, row_offsets)
+    ctx.rows, ctx.cols, ctx.blocksize = rows, cols, blocksize
+
+
+def _q_backward(ctx, grad):
+    bitmask, codes, absmax, row_offsets = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        dims = (ctx.rows, ctx.cols, ctx.blocksize)
+        grad_x = qbitmap_linear_grad_input(grad, bitmask, codes, absmax, row_offsets, *dims)
+    return grad_x, None, None, None, None, None, None, None
+
+
+qbitmap_linear.register_autograd(_q_backward, setup_context=_q_setup_context)
+
+
 # ----------------------------------------------------------------------------- CUDA: Triton, loaded on first use
 
 
@@ -147,3 +217,23 @@ def _salr_linear_cuda(x, bitmask, values, row_offsets, rows, cols, A, B, residua
         b_cat=B if A.shape[0] else None, scale=scale,
     )  # fmt: skip
     return y if bias is None else y + bias.to(y.dtype)
+
+
+@qbitmap_linear.register_kernel("cuda")
+def _qbitmap_linear_cuda(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize):
+    kernels = triton_kernels()
+    if kernels is None or x.dtype not in TRITON_DTYPES:
+        return qbitmap_linear_reference(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    from salr.ops import triton_qbitmap
+
+    return triton_qbitmap.triton_qbitmap_linear(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+
+
+@qbitmap_linear_grad_input.register_kernel("cuda")
+def _qbitmap_grad_input_cuda(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize):
+    kernels = triton_kernels()
+    if kernels is None or grad.dtype not in TRITON_DTYPES:
+        return qbitmap_grad_input_reference(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    from salr.ops import triton_qbitmap
+
+    return triton_qbitmap.triton_qbitmap_grad_input(grad, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)

@@ -9,7 +9,7 @@ from typing import Any
 from salr.config import SALRConfig
 from salr.errors import SALRError
 
-METHODS = ("salr", "lora", "prune-lora", "salr-frozen-residual")
+METHODS = ("salr", "lora", "prune-lora", "salr-frozen-residual", "qsalr", "qlora")
 
 
 @dataclass
@@ -101,16 +101,24 @@ def method_config(method: str, config: SALRConfig) -> SALRConfig:
     - `salr`: as given (pruned base, trainable residual + LoRA);
     - `salr-frozen-residual`: the same with the residual block frozen at its SVD init (the paper's ablation);
     - `lora`: dense base, one LoRA block of rank r + residual_rank, so it trains as many parameters as SALR;
-    - `prune-lora`: pruned base without residual, LoRA of rank r + residual_rank (same parameters as SALR).
-    LoRA blocks keep SALR's LoRA scale (lora_alpha / r).
+    - `prune-lora`: pruned base without residual, LoRA of rank r + residual_rank (same parameters as SALR);
+    - `qsalr`: SALR on a quantized base (config.quant, NF4 when unset): the residual absorbs pruning and quantization
+      error;
+    - `qlora`: QLoRA, `lora` on a quantized base (config.quant, NF4 when unset): every weight kept, so its bitmap is
+      all ones and the base computes exactly the dense dequantized W0.
+    LoRA blocks keep SALR's LoRA scale (lora_alpha / r). The other methods keep config.quant as given.
     """
     rank = config.r + config.residual_rank
     equal_rank = {"r": rank, "residual_rank": 0, "lora_alpha": config.lora_scale * rank if config.r else None}
+    dense = {"sparsity": 0.0, "pattern": "unstructured", "granularity": "layer"}
+    quant = {"quant": config.quant if config.quant != "none" else "nf4"}
     changes: dict[str, Any] | None = {
         "salr": {"train_residual": True},
-        "lora": {"sparsity": 0.0, "pattern": "unstructured", "granularity": "layer", **equal_rank},
+        "lora": {**dense, **equal_rank},
         "prune-lora": equal_rank,
         "salr-frozen-residual": {"train_residual": False},
+        "qsalr": {"train_residual": True, **quant},
+        "qlora": {**dense, **equal_rank, **quant},
     }.get(method)
     if changes is None:
         raise SALRError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")

@@ -1,0 +1,84 @@
+"""Triton quantized-bitmap (QSALR) decode + GEMM and input-gradient kernels against the reference.
+
+Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported, as in
+tests/test_kernels_triton.py); with a GPU the same tests run the compiled kernels."""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="triton is not installed: pip install --no-deps triton")
+
+import salr.ops.triton as tb  # noqa: E402
+import salr.ops.triton_qbitmap as tq  # noqa: E402
+from salr import bitmap_format as fm  # noqa: E402
+from salr.errors import SALRError  # noqa: E402
+
+if not CUDA and not tb.interpreting():  # imported earlier without the interpreter: rebuild the kernels
+    tb = importlib.reload(tb)
+    tq = importlib.reload(tq)
+
+DEVICE = "cuda" if CUDA else "cpu"
+MIN_SNR = {torch.float32: 100.0, torch.float16: 55.0, torch.bfloat16: 40.0}
+
+
+def snr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = (y.double() - ref.double()).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.double().pow(2).sum() / noise))
+
+
+def quantized(n, k, kind="nf4", double_quant=False, sparsity=0.5, seed=0, adversarial=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mask = torch.rand(n, k, generator=g) >= sparsity
+    if adversarial:
+        mask[0] = False  # all-zero row
+        mask[1] = True  # fully dense row
+        mask[2] = False
+        mask[2, k - 1] = True  # only the last (padded-byte) column
+    qw = fm.encode_quantized(w * mask, mask, kind, 64, double_quant)
+    ops = [t.to(DEVICE) for t in (qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets)]
+    return fm.decode_quantized(qw, torch.float32).to(DEVICE), (*ops, n, k, 64)
+
+
+@pytest.mark.parametrize("kind,double_quant", [("nf4", False), ("nf4", True), ("int8", False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k", [(1, 33, 37), (3, 40, 300), (33, 65, 260)])
+def test_forward_matches_reference(kind, double_quant, dtype, m, n, k):
+    w, args = quantized(n, k, kind, double_quant, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype).to(DEVICE)
+    y = tq.triton_qbitmap_linear(x, *args)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert snr_db(y, x.double() @ w.double().T) >= MIN_SNR[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_adversarial_rows_strides_and_empty_weight(m):
+    w, args = quantized(9, 203, "nf4", True, adversarial=True)
+    x = torch.randn(2, m, 406).to(DEVICE)[..., ::2]  # 3-D, strided last dim
+    y = tq.triton_qbitmap_linear(x, *args)
+    assert y.shape == (2, m, 9) and snr_db(y, x.double() @ w.double().T) >= MIN_SNR[torch.float32]
+    _, empty = quantized(7, 50, sparsity=1.0)
+    assert torch.count_nonzero(tq.triton_qbitmap_linear(torch.randn(m, 50).to(DEVICE), *empty)) == 0
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("m,n,k", [(1, 33, 37), (17, 40, 129)])
+def test_grad_input_matches_reference(kind, m, n, k):
+    w, args = quantized(n, k, kind, seed=k, adversarial=True)
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(n)).to(DEVICE)
+    gx = tq.triton_qbitmap_grad_input(g, *args)
+    assert gx.shape == (m, k) and snr_db(gx, g.double() @ w.double()) >= MIN_SNR[torch.float32]
+
+
+def test_refuses_mismatched_operands():
+    _, (bitmask, codes, absmax, offsets, n, k, bs) = quantized(8, 40)
+    with pytest.raises(SALRError, match="features"):
+        tq.triton_qbitmap_linear(torch.randn(2, 41).to(DEVICE), bitmask, codes, absmax, offsets, n, k, bs)
+    with pytest.raises(SALRError, match="code bytes"):
+        tq.triton_qbitmap_linear(torch.randn(2, 40).to(DEVICE), bitmask, codes[:-1], absmax, offsets, n, k, bs)
