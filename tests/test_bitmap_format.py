@@ -1,5 +1,8 @@
 """Bitmap format: exact round trips, the compressed-tensors layout, serialisation and corruption checks."""
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -52,18 +55,56 @@ def test_bitmask_matches_numpy_packbits_little(cols):
     assert bw.row_offsets.tolist() == (torch.cumsum(counts, 0) - counts).tolist()
 
 
-def test_compressed_tensors_unpacks_our_bitmask():
-    """compressed-tensors 0.20 no longer registers a sparse-bitmask compressor (only BitmaskConfig and the
-    pack/unpack helpers); its legacy decompressor was unpack_bitmasks + scatter of `compressed`, done here."""
-    helpers = pytest.importorskip("compressed_tensors.utils.helpers")
-    w = sparse_weight(33, 45, 0.6, torch.bfloat16, 1)
-    tensors = fm.to_tensors(fm.encode(w))
-    shape = tensors["shape"].tolist()
-    mask = helpers.unpack_bitmasks(tensors["bitmask"], shape)
-    dense = torch.zeros(shape, dtype=tensors["compressed"].dtype)
-    dense[mask] = tensors["compressed"]
-    assert torch.equal(dense, w)
-    assert torch.equal(helpers.pack_bitmasks(w != 0), tensors["bitmask"])
+FIXTURE = Path(__file__).parent / "data" / "sparse_bitmask_ct014.safetensors"
+FIXTURE_SHA256 = "ad50cf3c5bb4f9861ea54ec33ad7e3d4cfbc8c1b1488e372274afe2bade1ea2f"
+
+
+def test_encoder_writes_the_frozen_compressed_tensors_sparse_bitmask_bytes():
+    """The fixture was written once by compressed-tensors 0.14.0's BitmaskCompressor (tests/data/
+    make_sparse_bitmask_fixture.py); our encoder must give the same tensors, bit for bit, and read them back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    assert hashlib.sha256(FIXTURE.read_bytes()).hexdigest() == FIXTURE_SHA256  # frozen: never regenerated
+    with safe_open(str(FIXTURE), "pt") as f:
+        assert f.metadata()["producer"] == "compressed-tensors 0.14.0 BitmaskCompressor"
+    fixture = load_file(FIXTURE)
+    names = sorted({k.rsplit(".", 1)[0] for k in fixture if k.endswith(".dense")})
+    assert names == ["layer.bf16", "layer.fp16", "layer.fp32"]
+    for name in names:
+        dense = fixture[f"{name}.dense"]
+        ours = fm.to_tensors(fm.encode(dense), prefix=f"{name}.weight.")
+        theirs = {k: v for k, v in fixture.items() if k.startswith(f"{name}.weight.")}
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+            assert ours[key].view(torch.uint8).numpy().tobytes() == value.view(torch.uint8).numpy().tobytes(), key
+        back = fm.decode(fm.from_tensors(theirs, prefix=f"{name}.weight."))
+        assert torch.equal(back, dense) and not torch.signbit(back[dense == 0]).any()  # -0.0 comes back as +0.0
+    assert int(fixture["layer.bf16.weight.row_offsets"][1]) == 0  # the empty first row
+    assert int(fixture["layer.fp32.weight.bitmask"][-1, 0]) & 0b10 == 0  # -0.0 is pruned
+
+
+def test_loading_never_consults_a_format_registry(tiny_llama, tmp_path, monkeypatch):
+    """Bases are rebuilt from the tensor names a checkpoint holds: with the format registry emptied and
+    compressed-tensors unimportable, a bitmap checkpoint still loads with the same logits."""
+    import sys
+
+    import salr
+    from salr import bases
+    from salr.bases import BitmapBase
+    from salr.convert import base_slots
+
+    salr.convert(tiny_llama, salr.SALRConfig.from_preset("paper", residual_rank=2, r=2), progress=False)
+    salr.pack_bases(tiny_llama)
+    salr.save(tiny_llama, tmp_path / "ckpt", salr.SALRConfig.from_preset("paper", residual_rank=2, r=2))
+    monkeypatch.setattr(bases, "STORED_FORMATS", {})
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    model, _ = salr.load(tmp_path / "ckpt")
+    assert all(isinstance(getattr(h, a), BitmapBase) for _, h, a in base_slots(model))
+    ids = torch.arange(3, 15)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny_llama.eval()(ids).logits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -427,8 +427,14 @@ def _hf_config(directory: Path, where: Path) -> Any:
 
 
 def load(directory: str | os.PathLike, verify_checksums: bool = True) -> tuple[PreTrainedModel, Any]:
-    """(model, tokenizer) from a SALR checkpoint, with the same logits as the model that was saved."""
+    """(model, tokenizer) from a SALR checkpoint, with the same logits as the model that was saved; also from a pair
+    written by `salr export --to peft` (or a PEFT LoRA adapter directory), see salr.peft_adapter."""
     directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        from salr import peft_adapter  # lazy: it builds on this module's neighbours
+
+        if peft_adapter.find_pair(directory) is not None:
+            return peft_adapter.load_peft(directory)[:2]
     meta = read_salr_config(directory)
     weights = directory / WEIGHTS_NAME
     with tempfile.TemporaryDirectory(prefix="salr-load-") as tmp:

@@ -20,7 +20,7 @@ from typing import NoReturn
 from salr.errors import SALRError
 
 # Sub-command name -> module under salr.commands. Imported lazily so `salr --help` stays fast.
-COMMANDS = ["compress", "eval", "demo", "theory", "bench", "train"]
+COMMANDS = ["compress", "eval", "demo", "theory", "bench", "train", "merge", "export"]
 
 logger = logging.getLogger("salr")
 

@@ -392,12 +392,9 @@ def use_semi_structured(model: nn.Module) -> dict[str, Any]:
     return {"semi_structured": swapped, "kept": kept, "reasons": reasons}
 
 
-@torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold adapters into dense weights and put plain nn.Linear / 3-D expert parameters back, in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SALRLinear):
-            _set_submodule(model, name, module.to_linear())
-        elif isinstance(module, SALRExperts):
-            _set_submodule(model, name, module.to_original())
-    return model
+    """Fold adapters into dense weights and put plain nn.Linear / 3-D expert parameters back, in place (the dense
+    merge of salr.merge; `salr merge --mode sparse` keeps the base's zeros instead)."""
+    from salr.merge import unload  # merge builds on this module
+
+    return unload(model, lambda name, module: module.merged_weight())

@@ -95,11 +95,13 @@ class SALRExperts(nn.Module):
         self._original = [original]
 
     @torch.no_grad()
-    def to_original(self) -> nn.Module:
-        """The model's own experts module with merged dense weights (M ⊙ W0 + B diag(s) A per expert)."""
+    def to_original(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The model's own experts module with merged dense weights (M ⊙ W0 + B diag(s) A per expert), or with the
+        3-D `weights` given per parameter name (salr.merge's sparse merges)."""
         original = self._original[0]
         for name in EXPERT_PARAMS:
-            setattr(original, name, nn.Parameter(getattr(self, name).merged_weight(), requires_grad=False))
+            weight = weights[name] if weights is not None else getattr(self, name).merged_weight()
+            setattr(original, name, nn.Parameter(weight, requires_grad=False))
         return original
 
     def forward(

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def check_output_dir(out: str | os.PathLike, marker: str, what: str = "output") -> Path:
+    """Before any work: `out` can be written (see check_writable_dir) and is absent, empty or holds `marker` (an
+    earlier output of the same kind, which `write_dir` may replace). Returns the absolute path."""
+    path = check_writable_dir(out, what)
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
+        raise SALRError(
+            f"{what} {path} exists and is not an earlier {what} (no {marker}): choose a new or empty directory"
+        )
+    return path
+
+
+def write_dir(out: str | os.PathLike, fill: Callable[[Path], None], marker: str, what: str = "output") -> Path:
+    """Build directory `out` atomically: `fill(tmp)` writes into a temporary sibling, which is fsynced and renamed to
+    `out`. An existing `out` is replaced only when it is empty or holds `marker` (a file or directory that this kind
+    of output always has), and is removed only after the new one is in place."""
+    out = check_output_dir(out, marker, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, {out.name})
+    tmp = make_temp_dir(out.parent, out.name)
+    try:
+        fill(tmp)
+        fsync_tree(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            fsync_path(out.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+            fsync_path(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _finite(obj: Any) -> bool:

@@ -25,12 +25,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="store frozen bases as bitmaps (1 bit/weight + nonzeros; default) or as dense masked tensors",
     )
     p.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
+    p.add_argument(
+        "--from-peft",
+        metavar="DIR",
+        help="import instead of compressing: a pair from `salr export --to peft` or a PEFT LoRA adapter directory; "
+        "its base (OUT/base, a 'base' dir beside the adapter, the adapter's base_model_name_or_path, or --model when "
+        "given) is the frozen sparse base",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
     args.output = str(prepare_output(args.output))  # writable, not someone else's directory: checked before any work
+    if args.from_peft:
+        from salr.peft_adapter import import_peft
+
+        base = None if args.model == "default" else args.model
+        report = import_peft(args.from_peft, args.output, base=base, base_format=args.base_format)
+        t = report["totals"]
+        print(
+            f"imported {report['from_peft']} on {report['model']}: {t['target_layers']} layers, base sparsity "
+            f"{t['sparsity']:.4f}, residual rank {report['config']['residual_rank']}, "
+            f"LoRA rank {report['config']['r']}"
+        )
+        print(f"wrote {args.output} and {Path(args.output) / REPORT_NAME}")
+        return 0
+    config = config_from_args(args)
     report = compress(args.model, config, args.output, dtype=args.dtype, base_format=args.base_format)
     if not args.quiet:
         print(format_report(report))

@@ -25,8 +25,23 @@ PRUNING_FIELDS = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model: wikitext2 perplexity, GSM8K, MMLU")
     add_model_arg(p)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, help="wikitext2: a text file; gsm8k: a jsonl; mmlu: a csv or a directory")
+    p.add_argument("--task", choices=TASKS, help="salr's own evaluation of one task")
+    p.add_argument(
+        "--harness",
+        metavar="TASKS",
+        help="run lm-evaluation-harness instead (offline, salr/lm_eval_tasks): gsm8k, mmlu or gsm8k,mmlu; needs "
+        "pip install 'salr[harness]'",
+    )
+    p.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="--harness: also run salr's own evaluation on the same items and report item-by-item agreement",
+    )
+    p.add_argument(
+        "--data",
+        help="wikitext2: a text file; gsm8k: a jsonl; mmlu: a csv or a directory (--harness with one task: "
+        "default the task YAML's file under ../shared/data)",
+    )
     p.add_argument("--dev", help="mmlu: the dev split (few-shot examples); default: a 'dev' directory beside --data")
     p.add_argument("--shots", type=at_least(0), default=5, help="mmlu: number of few-shot examples (default 5)")
     p.add_argument("--limit", type=at_least(1), help="evaluate only the first N questions (wikitext2: N windows)")
@@ -50,6 +65,46 @@ def default_dev(data_path: str) -> Path | None:
         if candidate.is_dir() and candidate.resolve() != path.resolve():
             return candidate
     return None
+
+
+def run_harness_cli(args: argparse.Namespace) -> int:
+    """`salr eval --harness TASKS [--cross-check]`: lm-eval's numbers, and salr's on the same items."""
+    from salr.harness import DEFAULT_DATA, cross_check, parse_tasks, run_harness
+    from salr.loaders import load_model
+
+    tasks = parse_tasks(args.harness)
+    if args.data is not None and len(tasks) > 1:
+        raise SALRError("--data names one file: with several --harness tasks, each uses its task YAML's file")
+    for task in tasks:
+        path = args.data if args.data is not None else DEFAULT_DATA[task][0]
+        if not Path(path).exists():
+            raise SALRError(f"{task} data {path}: no such file or directory (pass --data)")
+    if args.json:
+        check_writable_file(args.json, "--json")
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    report: dict[str, Any] = {"model": args.model, "limit": args.limit, "batch_size": args.batch_size, "tasks": {}}
+    for task in tasks:
+        data_path, dev = (args.data, None) if args.data is not None else DEFAULT_DATA[task]
+        dev = args.dev or dev
+        if task == "mmlu" and dev is None and args.shots > 0:
+            found = default_dev(data_path)
+            dev = str(found) if found is not None else None
+        kwargs = dict(dev=dev, shots=args.shots, limit=args.limit, batch_size=args.batch_size)
+        harness = run_harness(model, tokenizer, task, data_path, max_new_tokens=args.max_new_tokens, **kwargs)
+        entry: dict[str, Any] = {"data": data_path, "dev": dev, "harness": harness}
+        print(f"{harness['task']} ({harness['harness']}): accuracy {harness['accuracy']:.4f} "
+              f"({harness['correct']}/{harness['n']}) in {harness['seconds']:.1f} s")  # fmt: skip
+        if args.cross_check:
+            entry["cross_check"] = check = cross_check(model, tokenizer, task, data_path, harness, **kwargs,
+                                                       max_new_tokens=args.max_new_tokens)  # fmt: skip
+            print(f"  salr eval on the same {check['n']} items: accuracy {check['salr_accuracy']:.4f} in "
+                  f"{check['salr_seconds']:.1f} s; {check['agree']}/{check['n']} items agree "
+                  f"({check['what']}); lm-eval took {check['overhead']:.2f}x salr's time")  # fmt: skip
+        report["tasks"][task] = entry
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def prune(model: Any, config: SALRConfig, tokenizer: Any) -> dict[str, Any]:
@@ -77,6 +132,12 @@ def summary(task: str, m: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from salr.loaders import load_model
 
+    if (args.task is None) == (args.harness is None):
+        raise SALRError("pass exactly one of --task TASK (salr eval) or --harness TASKS (lm-evaluation-harness)")
+    if args.harness is not None:
+        return run_harness_cli(args)
+    if args.data is None:
+        raise SALRError(f"--task {args.task} needs --data")
     if args.json:  # before the model is loaded and evaluated, not after
         check_writable_file(args.json, "--json")
     if args.max_length is not None and args.stride is not None and args.stride > args.max_length:

@@ -50,6 +50,10 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
         from salr.checkpoint import load  # local import: checkpoint imports this module
 
         model, tokenizer = load(path)
+    elif path.is_dir() and _is_peft(path):
+        from salr.peft_adapter import load_peft  # local import: it imports this module
+
+        model, tokenizer, _ = load_peft(path)
     elif path.is_dir() and looks_like_salr(path):
         raise SALRError(
             f"{path} is a SALR checkpoint or run without its salr_config.json: it is incomplete (an interrupted "
@@ -58,7 +62,10 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
     elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = load_hf_dir(path)
     elif path.is_dir():
-        raise SALRError(f"{path} is neither a Hugging Face model directory (config.json) nor a SALR checkpoint")
+        raise SALRError(
+            f"{path} is neither a Hugging Face model directory (config.json), a SALR checkpoint, nor an exported PEFT "
+            "pair"
+        )
     elif is_hub_id(spec):
         model, tokenizer = load_hub(spec)
     else:
@@ -72,6 +79,11 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
         cast_weights(model, DTYPES[dtype])
         check_finite(model, f"{spec} cast to {dtype}")  # fp16 overflows to infinity
     return model.eval(), tokenizer
+
+
+def _is_peft(path: Path) -> bool:
+    """An exported pair (OUT/adapter + OUT/base) or a PEFT adapter directory (adapter_config.json)."""
+    return (path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:

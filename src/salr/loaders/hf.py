@@ -138,8 +138,8 @@ def check_loading_info(info: dict[str, Any], name: str) -> None:
         raise SALRError(f"{name}: the weights do not fit the model ({what}): refusing to fill them with random values")
 
 
-def load_hf_dir(directory: Path, hint: str = "") -> tuple[PreTrainedModel, Any]:
-    """(model, tokenizer) of a local Hugging Face model directory, every weight loaded from its files."""
+def load_hf_weights(directory: Path, hint: str = "") -> PreTrainedModel:
+    """The model of a local Hugging Face model directory, every weight loaded from its files."""
     config = config_from_dir(directory)
     check_size_matches_weights(directory, config)
     try:
@@ -152,6 +152,12 @@ def load_hf_dir(directory: Path, hint: str = "") -> tuple[PreTrainedModel, Any]:
             f"{directory}: the model cannot be loaded ({type(err).__name__}: {_first_line(err)}){hint}"
         ) from err
     check_loading_info(info, str(directory))
+    return model
+
+
+def load_hf_dir(directory: Path, hint: str = "") -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) of a local Hugging Face model directory, every weight loaded from its files."""
+    model = load_hf_weights(directory, hint)
     return model, _tokenizer(directory, str(directory), hint)
 
 
