@@ -17,6 +17,7 @@ def test_compress_writes_checkpoint_and_report(stories_path, tmp_path, capsys):
     assert main([*argv, "--lora-rank", "4", "--output", str(out)]) == 0
     report = json.loads((out / "salr_report.json").read_text())
     assert len(report["layers"]) == 35
+    assert report["config"]["r"] == 4  # --lora-rank reaches the field `r` (it was once silently ignored)
     for row in report["layers"]:
         assert set(row) >= {
             "name",

@@ -59,11 +59,12 @@ def add_dataclass_args(
         help_text = f.metadata.get("help", "")
         kind, is_bool = _parser_for(hints[f.name])
         if is_bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {default})")  # fmt: skip
+            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")  # fmt: skip
             continue
         choices = f.metadata.get("choices")
-        parser.add_argument(flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS,
+        # dest is the field name, so a renamed flag (--lora-rank for `r`) reaches its field
+        parser.add_argument(flag(f.name), dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS,
                             metavar=None if choices else f.name.upper(),
                             help=f"{help_text} (default: {default})")  # fmt: skip
 

@@ -18,13 +18,14 @@ from salr.commands.common import (
     dataclass_from_args,
 )
 from salr.errors import SALRError
+from salr.losa.config import LoSAConfig
 from salr.train.config import METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="fine-tune adapters (salr, lora, prune-lora, salr-frozen-residual)")
+    p = subparsers.add_parser("train", help="fine-tune adapters (salr, lora, prune-lora, salr-frozen-residual, losa)")
     add_model_arg(p)
     p.add_argument("--method", default="salr", choices=METHODS, help="what is pruned and what is trained")
     p.add_argument("--data", help="GSM8K (question, answer) or Alpaca JSON/JSONL file (optional with --distill)")
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="run directory: final SALR checkpoint, metrics.jsonl, checkpoints/")
     add_salr_args(p)  # its --seed also seeds the data order and dropout
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, skip=("seed", "progress"))
+    add_dataclass_args(p.add_argument_group("LoSA (--method losa; docs/losa.md)"), LoSAConfig)
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest.json")
     g.add_argument("--eval-data", help="GSM8K/Alpaca file: answer NLL logged every --eval-every steps")
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         dtype=args.dtype,
         eval_fn=eval_fn,
+        losa=dataclass_from_args(args, LoSAConfig),
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

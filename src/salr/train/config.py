@@ -9,7 +9,7 @@ from typing import Any
 from salr.config import SALRConfig
 from salr.errors import SALRError
 
-METHODS = ("salr", "lora", "prune-lora", "salr-frozen-residual")
+METHODS = ("salr", "lora", "prune-lora", "salr-frozen-residual", "losa")
 
 
 @dataclass
@@ -101,7 +101,10 @@ def method_config(method: str, config: SALRConfig) -> SALRConfig:
     - `salr`: as given (pruned base, trainable residual + LoRA);
     - `salr-frozen-residual`: the same with the residual block frozen at its SVD init (the paper's ablation);
     - `lora`: dense base, one LoRA block of rank r + residual_rank, so it trains as many parameters as SALR;
-    - `prune-lora`: pruned base without residual, LoRA of rank r + residual_rank (same parameters as SALR).
+    - `prune-lora`: pruned base without residual, LoRA of rank r + residual_rank (same parameters as SALR);
+    - `losa`: LoSA (salr.losa): progressive pruning of the dense model with a masked LoRA update whose final mean rank
+      is r + residual_rank (same parameters as SALR at the end); the target sparsity and pattern are `config`'s and
+      the model is pruned during training, not by `convert`.
     LoRA blocks keep SALR's LoRA scale (lora_alpha / r).
     """
     rank = config.r + config.residual_rank
@@ -110,6 +113,7 @@ def method_config(method: str, config: SALRConfig) -> SALRConfig:
         "salr": {"train_residual": True},
         "lora": {"sparsity": 0.0, "pattern": "unstructured", "granularity": "layer", **equal_rank},
         "prune-lora": equal_rank,
+        "losa": equal_rank,
         "salr-frozen-residual": {"train_residual": False},
     }.get(method)
     if changes is None:

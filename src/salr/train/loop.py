@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,9 @@ from salr.memory import peak_memory_mib, reset_peak_memory
 from salr.train import state as run_state
 from salr.train.config import METHODS, TrainConfig, method_config
 from salr.train.residual_lr import ResidualLR, frozen_residual_parameters, residual_lr_scales
+
+if TYPE_CHECKING:
+    from salr.losa import LoSAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -401,11 +404,19 @@ def run_training(
     resume: bool = False,
     dtype: str | None = None,
     eval_fn: Callable[[nn.Module, Any], dict[str, float]] | None = None,
+    losa: LoSAConfig | None = None,
 ) -> dict[str, Any]:
     """What `salr train` does: prepare the model (or reload the latest checkpoint with `resume`), tokenise the
-    data, train, save. Returns the report."""
+    data, train, save. Returns the report. `losa` holds the knobs of method "losa" (salr.losa.run_losa)."""
     if method not in METHODS:
         raise SALRError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "losa":
+        from salr.losa import LoSAConfig, run_losa
+
+        if resume:
+            raise SALRError("--resume is not supported for --method losa: its rounds prune the model; start again")
+        return run_losa(model_spec, config, cfg, losa or LoSAConfig(), output, data_path, records, limit, dtype,
+                        eval_fn)  # fmt: skip
     checkpoint = run_state.latest_checkpoint(output) if resume else None
     if resume and checkpoint is None:
         raise SALRError(
