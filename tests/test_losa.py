@@ -151,17 +151,18 @@ def test_reconstruction_error_is_mean_relative_channel_error():
 # ----------------------------------------------------------------------------- the masked layer
 
 
-def _losa_layer(out=12, inp=16, rank=4, sparsity=0.5, seed=0) -> LoSALinear:
+def _losa_layer(out=12, inp=16, rank=4, sparsity=0.5, seed=0, dropout=0.0) -> LoSALinear:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=gen)
     w = w * row_keep_mask(w.abs(), sparsity)
     A = torch.randn(rank, inp, generator=gen) * 0.3
     B = torch.randn(out, rank, generator=gen) * 0.3
-    return LoSALinear(DenseBase(w), torch.randn(out, generator=gen), A, B, lora_scale=2.0)
+    return LoSALinear(DenseBase(w), torch.randn(out, generator=gen), A, B, lora_scale=2.0, lora_dropout=dropout)
 
 
-def test_masked_update_never_writes_a_pruned_position():
-    layer = _losa_layer()
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # one fused GEMM without dropout, the masked branch with it
+def test_masked_update_never_writes_a_pruned_position(dropout):
+    layer = _losa_layer(dropout=dropout)
     pruned = layer.base.to_dense() == 0
     assert pruned.float().mean() == 0.5 and torch.equal(layer.mask, ~pruned)
     opt = torch.optim.AdamW([layer.A_cat, layer.B_cat], lr=0.05)
@@ -176,6 +177,7 @@ def test_masked_update_never_writes_a_pruned_position():
     assert torch.equal(merged * layer.mask, merged)  # the generic sparse merge M ⊙ W is exact for LoSA
     delta = layer.delta_weight()
     assert torch.count_nonzero(delta[pruned]) == 0 and torch.count_nonzero(delta[~pruned]) == (~pruned).sum()
+    layer.eval()
     with torch.no_grad():  # forward == merged linear map
         torch.testing.assert_close(layer(x), x @ merged.T + layer.bias, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-5, atol=1e-5)

@@ -58,17 +58,19 @@ class LoSALinear(SALRLinear):
         return self.base.to_dense() if self.merged else super().merged_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in]. The masked product is dense [out, in]; forming it is LoSA's cost (a weight-sized GEMM per
-        # step) and what keeps the gradient off pruned positions.
-        y = self.base(x)
-        if self.bias is not None:
-            y = y + self.bias
+        # x: [..., in]. The masked product M ⊙ (B A) is dense [out, in]: it cannot be applied through the factors,
+        # and its gradient (gᵀx) ⊙ M is one weight-sized GEMM per step, LoSA's cost over LoRA's. Without dropout it
+        # is added to the base weight so the forward stays one GEMM.
         k = self.active_rank
         if k == 0 or self.merged:
-            return y
-        A, B = self.A_cat[:k], self.B_cat[:, :k]
-        delta = (B * self.rank_scale[:k]) @ A * self.mask
-        return y + F.linear(self.lora_dropout(x.to(delta.dtype)), delta).to(y.dtype)
+            y = self.base(x)
+            return y if self.bias is None else y + self.bias
+        delta = (self.B_cat[:, :k] * self.rank_scale[:k]) @ self.A_cat[:k] * self.mask
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            y = F.linear(x, (self.base.to_dense().to(delta.dtype) + delta).to(x.dtype))
+        else:
+            y = self.base(x) + F.linear(self.lora_dropout(x.to(delta.dtype)), delta).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
     def merge(self) -> None:
