@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 # Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable must be set before anything imports
@@ -67,6 +69,14 @@ def tiny_mixtral() -> MixtralForCausalLM:
         max_position_embeddings=64,
     )
     return MixtralForCausalLM(config).eval()
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has exited (for leftovers of a killed process)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 @pytest.fixture(scope="session")

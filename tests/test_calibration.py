@@ -68,7 +68,8 @@ def test_block_grams_equal_the_inputs_each_linear_receives(tiny_llama):
     calib = BlockwiseCalibration(tiny_llama, ids, batch_size=3)
     calib.capture_inputs()
     calib.hidden = calib.run_block(blocks[0])  # dense propagation to block 1
-    stats = calib.statistics(blocks[1], ["self_attn.q_proj", "mlp.down_proj"])
+    stats, outputs = calib.statistics(blocks[1], ["self_attn.q_proj", "mlp.down_proj"])
+    assert all(torch.equal(a, b) for a, b in zip(outputs, calib.run_block(blocks[1]), strict=True))
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         x = torch.cat(seen[name]).reshape(-1, seen[name][0].shape[-1]).double()
         assert stats[name].tokens == 40
@@ -81,7 +82,7 @@ def test_expert_grams_come_from_the_tokens_routed_to_each_expert(tiny_mixtral):
     calib.capture_inputs()
     _, blocks = decoder_blocks(tiny_mixtral)
     names = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    stats = calib.statistics(blocks[0], names)
+    stats, _ = calib.statistics(blocks[0], names)
     experts = tiny_mixtral.config.num_local_experts
     gate_up = [
         stats[f"mlp.experts.gate_up_proj[{e}]"] for e in range(experts) if f"mlp.experts.gate_up_proj[{e}]" in stats

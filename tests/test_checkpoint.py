@@ -53,7 +53,7 @@ def test_truncated_weights_are_detected_even_without_checksums(saved):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SALRError, match="sha256 mismatch"):
         salr.load(out)
-    with pytest.raises(SALRError, match="cannot be read"):
+    with pytest.raises(SALRError, match="cannot be read|invalid safetensors header"):
         salr.load(out, verify_checksums=False)
 
 

@@ -15,6 +15,8 @@ import salr
 from salr.bases import DenseBase
 from salr.calibration import LayerStats
 from salr.cli import main
+from salr.config import SALRConfig
+from salr.errors import SALRError
 from salr.losa import LoSAConfig, LoSALinear, train_losa
 from salr.losa.allocate import (
     allocate_ranks,
@@ -319,6 +321,23 @@ def test_losa_run_reaches_the_target_and_saves_a_plain_sparse_model(tiny_llama, 
         torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 11))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())  # the run's arguments, as salr train records them
+    assert run["method"] == "losa" and run["run_id"] == report["run_id"]
+    assert run["losa_config"]["prune_method"] == method and run["salr_config"]["pattern"] == pattern
+
+
+def test_losa_refuses_no_calibration_and_a_foreign_output(tiny_llama, tmp_path):
+    config = SALRConfig(**{**_losa_config().to_dict(), "calibration": "none", "criterion": "magnitude",
+                           "residual_init": "svd"})  # fmt: skip
+    with pytest.raises(SALRError, match="calibration"):
+        train_losa(tiny_llama, None, tiny_examples(), config, _cfg(), LoSAConfig(), tmp_path / "run")
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SALRError, match="not a salr run"):
+        train_losa(tiny_llama, None, tiny_examples(), _losa_config(), _cfg(), LoSAConfig(), foreign, calibration=calib)
+    assert not any(isinstance(m, LoSALinear) for m in tiny_llama.modules())  # refused before touching the model
 
 
 def test_rmi_gives_blocks_different_sparsities_and_training_moves_the_merged_weights(tiny_llama, tmp_path):

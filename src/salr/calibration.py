@@ -201,9 +201,10 @@ class BlockwiseCalibration:
         return outputs
 
     @torch.no_grad()
-    def statistics(self, block: nn.Module, names: list[str]) -> dict[str, LayerStats]:
+    def statistics(self, block: nn.Module, names: list[str]) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
         """Input Grams of the targets `names` (paths relative to `block`; `experts.gate_up_proj[e]`-style keys for
-        fused experts: one per expert), from one pass of the block over the calibration inputs."""
+        fused experts: one per expert), from one pass of the block over the calibration inputs, and the block's
+        outputs of that pass (the next block's inputs when calibrating on the dense model)."""
         grams: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         alias: dict[str, str] = {}  # layer -> the first layer that received the very same input tensor
@@ -230,17 +231,19 @@ class BlockwiseCalibration:
             else:
                 module = block.get_submodule(name)
                 handles.append(module.register_forward_pre_hook(lambda _m, args, key=name: add(key, args[0])))
+        outputs = []
         try:
             for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
                 seen.clear()
-                block(hidden, **kwargs)
+                out = block(hidden, **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
         finally:
             seen.clear()
             for handle in handles:
                 handle.remove()
         stats = {key: LayerStats(gram, counts[key]) for key, gram in grams.items()}
         stats.update({key: stats[first] for key, first in alias.items()})
-        return stats
+        return stats, outputs
 
 
 def _expert_hook(experts: nn.Module, prefix: str, add: Any) -> Any:

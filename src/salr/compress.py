@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from salr.checkpoint import save, size_report
+from salr.checkpoint import prepare_output, save, size_report
 from salr.config import SALRConfig
 from salr.convert import convert, pack_bases
-from salr.io import atomic_write_json
 from salr.loaders import load_model
 
 REPORT_NAME = "salr_report.json"
@@ -17,14 +16,19 @@ REPORT_NAME = "salr_report.json"
 
 def format_report(report: dict, max_rows: int | None = None) -> str:
     """A human-readable per-layer table plus totals."""
-    lines = [f"{'layer':<48} {'shape':>11} {'sparsity':>8} {'pruned ‖E‖²':>12} {'after SVD':>12} {'Thm3 bound':>12}"]
+    outputs = any(r.get("output_error_after_residual") is not None for r in report["layers"])
+    head = f"{'layer':<48} {'shape':>11} {'sparsity':>8} {'pruned ‖E‖²':>12} {'after fit':>12} {'Thm3 bound':>12}"
+    lines = [head + (f" {'out err pruned':>14} {'+ residual':>10}" if outputs else "")]
     rows = report["layers"] if max_rows is None else report["layers"][:max_rows]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        lines.append(
+        line = (
             f"{r['name'][-48:]:<48} {shape:>11} {r['sparsity']:>8.4f} {r['pruned_energy']:>12.4g} "
             f"{r['residual_energy_after_svd']:>12.4g} {r['theorem3_bound']:>12.4g}"
         )
+        if outputs:  # ‖(W0 − Ŵ [− B A]) X‖ / ‖W0 X‖ on the calibration activations
+            line += f" {r['output_error_before_residual']:>14.4f} {r['output_error_after_residual']:>10.4f}"
+        lines.append(line)
     if max_rows is not None and len(report["layers"]) > max_rows:
         lines.append(f"... {len(report['layers']) - max_rows} more layers in salr_report.json")
     t = report["totals"]
@@ -46,6 +50,7 @@ def compress(
     model_spec: str, config: SALRConfig, output: str | Path, dtype: str | None = None, base_format: str = "bitmap"
 ) -> dict:
     """Load, convert, pack and save; returns the report (also written to output/salr_report.json)."""
+    output = prepare_output(output)  # fail before the work, not after it
     started = time.perf_counter()
     model, tokenizer = load_model(model_spec, dtype=dtype)
     report = convert(model, config, tokenizer=tokenizer)
@@ -54,7 +59,10 @@ def compress(
     report["model"] = model_spec
     report["base_format"] = base_format
     report["seconds"] = time.perf_counter() - started  # load + prune + SVD + pack
-    save(model, output, config, tokenizer=tokenizer, base_model=model_spec)
-    report["totals"].update(size_report(model, output))
-    atomic_write_json(Path(output) / REPORT_NAME, report)
+
+    def final_report(directory: Path) -> dict:
+        report["totals"].update(size_report(model, directory))
+        return report
+
+    save(model, output, config, tokenizer=tokenizer, base_model=model_spec, extra_files={REPORT_NAME: final_report})
     return report

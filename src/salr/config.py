@@ -26,6 +26,20 @@ def parse_nm(pattern: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+def _check_modules(name: str, spec: Any) -> None:
+    """Module names (a list of strings), 'all-linear' or a regex that compiles; None for exclude_modules."""
+    if spec is None or spec == "all-linear":
+        return
+    if isinstance(spec, list) and all(isinstance(s, str) and s for s in spec):
+        return
+    if not isinstance(spec, str):
+        raise SALRError(f"{name} must be a list of module names, 'all-linear' or a regex, got {spec!r}")
+    try:
+        re.compile(spec)
+    except re.error as err:
+        raise SALRError(f"{name} {spec!r} is not a valid regular expression ({err})") from err
+
+
 @dataclass
 class SALRConfig:
     sparsity: float | None = field(
@@ -136,6 +150,8 @@ class SALRConfig:
             raise SALRError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         if self.adapter_dtype not in DTYPES:
             raise SALRError(f"adapter_dtype must be float32, bfloat16 or float16, got {self.adapter_dtype!r}")
+        for name in ("target_modules", "exclude_modules"):
+            _check_modules(name, getattr(self, name))
 
     def _check_compression_method(self) -> None:
         if self.criterion not in CRITERIA:

@@ -64,6 +64,7 @@ def find_targets(model: nn.Module, config: SALRConfig) -> list[Target]:
     spec = config.target_modules
     if spec is None or spec == "all-linear":
         chosen = [t for t in candidates if t.kind != "output"]
+        _refuse_unsupported(model, config)
     else:
         chosen = [t for t in candidates if _matches(t.name, spec)]
         if isinstance(spec, list):
@@ -78,6 +79,18 @@ def find_targets(model: nn.Module, config: SALRConfig) -> list[Target]:
     return chosen
 
 
+def _refuse_unsupported(model: nn.Module, config: SALRConfig) -> None:
+    """all-linear must mean all: a module salr cannot convert is an error, not a half-converted model."""
+    from salr.architectures import unsupported_modules
+
+    for name, why in unsupported_modules(model):
+        if not (config.exclude_modules and _matches(name, config.exclude_modules)):
+            raise SALRError(
+                f"{name} is {why}: salr cannot convert it and will not leave it dense while converting the rest; "
+                "exclude it with exclude_modules or name the target modules"
+            )
+
+
 def _lora_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
     # PEFT's default LoRA init: kaiming-uniform A (a = sqrt(5)), zero B.
     bound = 1.0 / math.sqrt(in_features)
@@ -90,6 +103,11 @@ def _check_ranks(target: Target, shape: tuple[int, ...], config: SALRConfig) -> 
         raise SALRError(
             f"residual_rank {config.residual_rank} exceeds min(out, in) = {limit} of {target.name} "
             f"{tuple(shape)}: choose residual_rank <= {limit} or exclude the layer"
+        )
+    if config.r > 4 * limit:  # a larger rank is pointless (parameter-matched baselines go a little over min(out, in))
+        raise SALRError(
+            f"LoRA rank {config.r} exceeds 4 x min(out, in) = {4 * limit} of {target.name} {tuple(shape)}: the "
+            "adapter would be larger than the layer; choose a smaller LoRA rank"
         )
     nm = config.nm
     if nm and shape[-1] % nm[1]:
@@ -123,10 +141,15 @@ def convert(
     started = time.perf_counter()
     targets = find_targets(model, config)
     modules = dict(model.named_modules())
-    for target in targets:
+    for target in targets:  # everything is checked before any layer is converted: never a half-converted model
         if isinstance(modules[target.module_name], SALRLinear):
             raise SALRError(f"{target.name} is already a SALR layer: convert a dense model")
-        _check_ranks(target, tuple(_target_weight(modules, target).shape), config)
+        weight = _target_weight(modules, target)
+        _check_ranks(target, tuple(weight.shape), config)
+        if target.kind == "experts":
+            check_supported(modules[target.module_name], target.name)
+        if init and not weight.is_meta and not bool(torch.isfinite(weight).all()):
+            raise SALRError(f"{target.name} has non-finite weights (NaN or infinity): the model is corrupt")
     threshold = None
     if init and config.granularity == "global" and config.nm is None:
         threshold = global_threshold([_target_weight(modules, t) for t in targets], config.sparsity)
@@ -165,8 +188,7 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
         mine = [t for t in targets if t.module_name.startswith(name + ".")]
         if not mine:
             continue
-        stats = calib.statistics(block, [t.name[len(name) + 1 :] for t in mine])
-        dense_outputs = None if converter.config.sequential else calib.run_block(block)
+        stats, dense_outputs = calib.statistics(block, [t.name[len(name) + 1 :] for t in mine])
         modules = dict(converter.model.named_modules())
         for target in mine:
             prefix = len(name) + 1
@@ -174,7 +196,8 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
             converter.convert(target, modules[target.module_name], local, prefix=target.name[:prefix])
         converter.install_experts()
         del stats
-        calib.hidden = dense_outputs if dense_outputs is not None else calib.run_block(block)
+        # sequential: the next block sees what the compressed block outputs; else the dense block's outputs
+        calib.hidden = calib.run_block(block) if converter.config.sequential else dense_outputs
 
 
 class _Converter:

@@ -13,6 +13,7 @@ Records are plain dicts:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -44,18 +45,38 @@ def _check_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SALRError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it a binary file?") from err
+
+
+def _parse_json(text: str, path: Path, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SALRError(f"{path}:{where or err.lineno}: invalid JSON ({err.msg})") from err
+    except RecursionError as err:
+        raise SALRError(f"{path}:{where or 1}: JSON nested too deeply to be a record") from err
+
+
 def _read_json_items(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """(location, object) pairs of a JSON list or a JSONL file; location is "item N" or the line number."""
+    """(location, object) pairs of a JSON list or a JSONL file; location is "item N" or the line number. A file that
+    is one JSON object spread over several lines is one record."""
     path = _check_file(path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     if not text.strip():
         raise SALRError(f"{path}: the file is empty")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SALRError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    stripped = text.strip()
+    if stripped.startswith("["):
+        data = _parse_json(text, path, "")
+        if not isinstance(data, list):
+            raise SALRError(f"{path}: expected a JSON list of records")
         items = [(f"item {i}", item) for i, item in enumerate(data)]
+    elif stripped.startswith("{") and "\n" in stripped and not stripped.splitlines()[0].rstrip().endswith("}"):
+        data = _parse_json(text, path, "")  # one pretty-printed object, not JSON Lines
+        items = [("1", data)]
     else:
         items = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -66,6 +87,8 @@ def _read_json_items(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]
             except json.JSONDecodeError as err:
                 msg = f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object"
                 raise SALRError(msg) from err
+            except RecursionError as err:
+                raise SALRError(f"{path}:{lineno}: JSON nested too deeply to be a record") from err
     for where, item in items:
         if not isinstance(item, dict):
             raise SALRError(f"{path}:{where}: expected a JSON object, got {type(item).__name__}")
@@ -93,20 +116,28 @@ def _load_fields(path: str | os.PathLike, fields: Sequence[str], optional: Seque
     return out
 
 
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise SALRError(f"limit must be a positive number of records, got {limit!r}")
+
+
 def load_gsm8k(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, str]]:
     """GSM8K-format JSON/JSONL: `question` and `answer` (the reference solution ending in ``#### N``)."""
+    _check_limit(limit)
     records = _load_fields(path, ("question", "answer"))
     return records[:limit] if limit is not None else records
 
 
 def load_alpaca(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, str]]:
     """Alpaca-style JSON list or JSONL: `instruction`, `output` and optional `input`."""
+    _check_limit(limit)
     records = _load_fields(path, ("instruction", "output"), optional=("input",))
     return records[:limit] if limit is not None else records
 
 
 def load_sft_records(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, str]]:
     """Fine-tuning data in either GSM8K or Alpaca format, detected from the first record's fields."""
+    _check_limit(limit)
     first = read_json_records(path)[0]
     if "question" in first and "answer" in first:
         return load_gsm8k(path, limit)
@@ -142,22 +173,27 @@ def mmlu_subject(path: str | os.PathLike) -> str:
 
 def load_mmlu(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
     """MMLU csv (no header: question, A, B, C, D, answer letter) from a file or a directory of files."""
+    _check_limit(limit)
     records: list[dict[str, Any]] = []
     for file in mmlu_files(path):
         _check_file(file)
         subject = mmlu_subject(file)
-        with open(file, newline="", encoding="utf-8") as f:
+        text = _read_utf8(file)
+        if "\0" in text:
+            raise SALRError(f"{file}: contains NUL bytes; is it a binary file?")
+        with io.StringIO(text, newline="") as f:
             reader = csv.reader(f)
-            for row in reader:
-                lineno = reader.line_num  # physical line where this row ends (quoted fields can span lines)
-                if len(row) != 6:
-                    raise SALRError(
-                        f"{file}:{lineno}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}"
-                    )
-                answer = row[5].strip().upper()
-                if answer not in MMLU_LETTERS:
-                    raise SALRError(f"{file}:{lineno}: answer must be one of A, B, C, D, got {row[5]!r}")
-                records.append({"subject": subject, "question": row[0], "choices": row[1:5], "answer": answer})
+            try:
+                rows = [(reader.line_num, row) for row in reader]  # line where each row ends (quotes span lines)
+            except csv.Error as err:
+                raise SALRError(f"{file}:{reader.line_num}: not a valid csv file ({err})") from err
+        for lineno, row in rows:
+            if len(row) != 6:
+                raise SALRError(f"{file}:{lineno}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+            answer = row[5].strip().upper()
+            if answer not in MMLU_LETTERS:
+                raise SALRError(f"{file}:{lineno}: answer must be one of A, B, C, D, got {row[5]!r}")
+            records.append({"subject": subject, "question": row[0], "choices": row[1:5], "answer": answer})
     if not records:
         raise SALRError(f"{path}: no MMLU questions found")
     return records[:limit] if limit is not None else records
@@ -166,10 +202,7 @@ def load_mmlu(path: str | os.PathLike, limit: int | None = None) -> list[dict[st
 def load_text(path: str | os.PathLike) -> str:
     """A whole plain-text file (e.g. WikiText-2 ``wiki.test.raw``); universal newlines, so CRLF reads as LF."""
     path = _check_file(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SALRError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    text = _read_utf8(path)
     if not text.strip():
         raise SALRError(f"{path}: the file has no text")
     return text

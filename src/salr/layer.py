@@ -134,7 +134,9 @@ class SALRLinear(FusedAdapters):
             y = y + self.bias
         if self.rank > 0:
             y = y + self.adapter_forward(x, self.A_cat, self.B_cat).to(y.dtype)
-        return y
+        # Row-major like nn.Linear's output: a base may compute [out, tokens] and return its transpose, which model
+        # code that reinterprets the last dimension (DeepSeek-V2's view_as_complex for RoPE) cannot take.
+        return y.contiguous()
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

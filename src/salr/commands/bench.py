@@ -14,7 +14,7 @@ from salr import bench
 from salr.commands.common import add_dataclass_args, dataclass_from_args
 from salr.config import DEFAULT_SPARSITY, PRESETS, SALRConfig
 from salr.errors import SALRError
-from salr.io import atomic_write_json
+from salr.io import atomic_write_json, check_writable_file
 from salr.ops import BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,12 @@ WHAT_CAN_RUN = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmark kernels, generation, checkpoint size and training memory")
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark kernels, generation, checkpoint size and training memory",
+        description=WHAT_CAN_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_argument_group("benchmark (one)")
     mode.add_argument("--kernel", action="store_true", help="layer-level kernel benchmark")
     mode.add_argument("--generate", action="store_true", help="end-to-end greedy generation tokens/s and memory")
@@ -68,7 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     chosen = [m for m in MODES if getattr(args, m)]
     if len(chosen) != 1:
-        raise SALRError(WHAT_CAN_RUN if not chosen else "choose one benchmark per run, got --" + ", --".join(chosen))
+        if not chosen:  # one line; the list with what each one measures is `salr bench --help`
+            raise SALRError(
+                "choose a benchmark: --kernel, --generate, --checkpoint or --train-memory (salr bench --help)"
+            )
+        raise SALRError("choose one benchmark per run, got --" + ", --".join(chosen))
+    if args.json:  # before the benchmark runs, not after
+        check_writable_file(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -18,6 +18,22 @@ T = TypeVar("T")
 FLAG_NAMES = {"r": "lora-rank"}
 
 
+def at_least(minimum: int) -> Any:
+    """argparse type: an integer >= `minimum` (a bad value is a one-line usage error before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def flag(name: str) -> str:
     return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
 
@@ -59,12 +75,12 @@ def add_dataclass_args(
         help_text = f.metadata.get("help", "")
         kind, is_bool = _parser_for(hints[f.name])
         if is_bool:
-            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")  # fmt: skip
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                dest=f.name, help=f"{help_text} (default: {default})")  # fmt: skip
             continue
         choices = f.metadata.get("choices")
-        # dest is the field name, so a renamed flag (--lora-rank for `r`) reaches its field
-        parser.add_argument(flag(f.name), dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS,
+        # dest is the field name: `--lora-rank` must fill `r` (without it the flag was silently ignored)
+        parser.add_argument(flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS, dest=f.name,
                             metavar=None if choices else f.name.upper(),
                             help=f"{help_text} (default: {default})")  # fmt: skip
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from salr.checkpoint import prepare_output
 from salr.commands.common import add_model_arg, add_salr_args, config_from_args
 from salr.compress import REPORT_NAME, compress, format_report
 
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    args.output = str(prepare_output(args.output))  # writable, not someone else's directory: checked before any work
     report = compress(args.model, config, args.output, dtype=args.dtype, base_format=args.base_format)
     if not args.quiet:
         print(format_report(report))

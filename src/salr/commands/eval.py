@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from salr.commands.common import add_dataclass_args, add_model_arg, config_from_args
+from salr.commands.common import add_dataclass_args, add_model_arg, at_least, config_from_args
 from salr.config import PRESETS, SALRConfig
 from salr.errors import SALRError
 from salr.evaluate import TASKS, run_task
-from salr.io import atomic_write_json
+from salr.io import atomic_write_json, check_writable_file
 
 logger = logging.getLogger(__name__)
 # SALRConfig fields `salr eval` accepts for pruning on the fly (LoRA rank is 0: nothing is trained).
@@ -28,12 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="wikitext2: a text file; gsm8k: a jsonl; mmlu: a csv or a directory")
     p.add_argument("--dev", help="mmlu: the dev split (few-shot examples); default: a 'dev' directory beside --data")
-    p.add_argument("--shots", type=int, default=5, help="mmlu: number of few-shot examples (default 5)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N questions (wikitext2: N windows)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, help="wikitext2: window length (default min(context, 1024))")
-    p.add_argument("--stride", type=int, help="wikitext2: new tokens per window (default max-length // 2)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: generation budget per question")
+    p.add_argument("--shots", type=at_least(0), default=5, help="mmlu: number of few-shot examples (default 5)")
+    p.add_argument("--limit", type=at_least(1), help="evaluate only the first N questions (wikitext2: N windows)")
+    p.add_argument("--batch-size", type=at_least(1), default=4)
+    p.add_argument("--max-length", type=at_least(2), help="wikitext2: window length (default min(context, 1024))")
+    p.add_argument("--stride", type=at_least(1), help="wikitext2: new tokens per window (default max-length // 2)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="gsm8k: generation budget per question")
     p.add_argument("--json", help="write the report (metrics + settings) to this file")
     g = p.add_argument_group("on-the-fly pruning (any of these converts the loaded model before evaluation)")
     g.add_argument(
@@ -77,6 +77,15 @@ def summary(task: str, m: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from salr.loaders import load_model
 
+    if args.json:  # before the model is loaded and evaluated, not after
+        check_writable_file(args.json, "--json")
+    if args.max_length is not None and args.stride is not None and args.stride > args.max_length:
+        raise SALRError(f"--stride {args.stride} must not exceed --max-length {args.max_length}")
+    data_path = Path(args.data)
+    if args.task != "mmlu" and not data_path.is_file():
+        raise SALRError(f"--data {args.data}: no such file")
+    if args.task == "mmlu" and not data_path.exists():
+        raise SALRError(f"--data {args.data}: no such file or directory")
     dev = args.dev
     if args.task == "mmlu" and args.shots > 0 and dev is None:
         found = default_dev(args.data)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from salr.errors import SALRError
-from salr.io import atomic_write_json
+from salr.io import atomic_write_json, check_writable_file
 from salr.theory import DELTA_KINDS, PLACEMENTS, collect_linear_inputs, plot_sweep, theory_report
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def format_summary(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_file(args.json, "--json")  # before the experiments run, not after
     started = time.perf_counter()
     # Many small matrices: thread start-up costs more than it saves, and 10x more on a shared machine.
     threads = torch.get_num_threads()

@@ -14,10 +14,12 @@ from salr.commands.common import (
     add_dataclass_args,
     add_model_arg,
     add_salr_args,
+    at_least,
     config_from_args,
     dataclass_from_args,
 )
 from salr.errors import SALRError
+from salr.io import check_writable_dir
 from salr.losa.config import LoSAConfig
 from salr.train.config import METHODS, TrainConfig
 
@@ -29,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arg(p)
     p.add_argument("--method", default="salr", choices=METHODS, help="what is pruned and what is trained")
     p.add_argument("--data", help="GSM8K (question, answer) or Alpaca JSON/JSONL file (optional with --distill)")
-    p.add_argument("--limit", type=int, help="use only the first N records of --data")
+    p.add_argument("--limit", type=at_least(1), help="use only the first N records of --data")
     p.add_argument("--output", required=True, help="run directory: final SALR checkpoint, metrics.jsonl, checkpoints/")
     add_salr_args(p)  # its --seed also seeds the data order and dropout
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, skip=("seed", "progress"))
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest.json")
     g.add_argument("--eval-data", help="GSM8K/Alpaca file: answer NLL logged every --eval-every steps")
-    g.add_argument("--eval-limit", type=int, default=64, help="records of --eval-data to score")
+    g.add_argument("--eval-limit", type=at_least(1), default=64, help="records of --eval-data to score")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=run)
 
@@ -50,6 +52,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from salr import data
+    from salr.integrity import sha256_file
     from salr.train import run_training
 
     cfg = train_config_from_args(args)
@@ -57,11 +60,14 @@ def run(args: argparse.Namespace) -> int:
         raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL), or --distill")
     if args.data is not None and not Path(args.data).is_file():
         raise SALRError(f"--data {args.data}: no such file; pass a GSM8K or Alpaca JSON/JSONL file")
-    eval_fn = None
+    check_writable_dir(args.output, "--output")
+    config = config_from_args(args)
+    eval_fn, eval_info = None, None
     if args.eval_data and cfg.eval_every:
         from salr.evaluate import answer_nll
 
         eval_records = data.load_sft_records(args.eval_data, args.eval_limit)
+        eval_info = {"path": args.eval_data, "sha256": sha256_file(args.eval_data), "limit": args.eval_limit}
 
         def eval_fn(model, tokenizer):
             return {"answer_nll": answer_nll(model, tokenizer, eval_records)["answer_nll"]}
@@ -69,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_training(
         args.model,
         args.method,
-        config_from_args(args),
+        config,
         cfg,
         args.output,
         data_path=args.data,
@@ -77,12 +83,20 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         dtype=args.dtype,
         eval_fn=eval_fn,
+        eval_info=eval_info,
         losa=dataclass_from_args(args, LoSAConfig),
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    if report.get("already_finished"):
+        print(
+            f"{args.output}: the run is already finished ({report['steps']} steps); nothing to do, nothing was "
+            "changed (pass a larger --max-steps to train further)"
+        )
+        return 0
+    final_loss = "n/a" if report["final_loss"] is None else f"{report['final_loss']:.4f}"
     print(
-        f"{args.method}: {report['steps']} steps, final loss {report['final_loss']:.4f}, "
+        f"{args.method}: {report['steps']} steps, final loss {final_loss}, "
         f"{report['trainable_parameters']:,} trainable parameters, {report['tokens']:,} tokens in "
         f"{report['seconds']:.1f} s, peak memory {report['peak_memory_mib']:.0f} MiB; wrote {args.output}"
     )

@@ -1,5 +1,6 @@
 """Load any supported `--model`: 'default', a Hugging Face directory or hub id, a llama2.c checkpoint, or a SALR
-checkpoint directory. Every loader returns (transformers causal LM in eval mode, tokenizer)."""
+checkpoint directory. Every loader returns (transformers causal LM in eval mode, tokenizer), with every weight read
+from the files (never randomly initialised) and finite."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from salr.config import DTYPES
 from salr.errors import SALRError
+from salr.integrity import check_finite
 from salr.loaders.default import load_default
+from salr.loaders.hf import load_hf_dir, load_hub, looks_like_salr
 from salr.loaders.llama2c import load_llama2c_model, load_llama2c_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -30,30 +33,44 @@ def is_hub_id(spec: str) -> bool:
 
 def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) for `spec`; `dtype` ('float32', 'bfloat16', 'float16') casts the weights."""
+    if dtype is not None and dtype not in DTYPES:
+        raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(spec).expanduser()
     if spec == "default":
         model, tokenizer = load_default()
     elif path.is_file() and path.suffix == ".bin":
-        model, tokenizer = load_llama2c_model(path), load_llama2c_tokenizer(_llama2c_tokenizer_path(path))
+        model = load_llama2c_model(path)
+        tokenizer = load_llama2c_tokenizer(_llama2c_tokenizer_path(path))
+        if len(tokenizer) > model.config.vocab_size:
+            raise SALRError(
+                f"{_llama2c_tokenizer_path(path)} has {len(tokenizer)} tokens but {path} only "
+                f"{model.config.vocab_size}: the tokenizer belongs to another model"
+            )
     elif path.is_dir() and (path / "salr_config.json").is_file():
         from salr.checkpoint import load  # local import: checkpoint imports this module
 
         model, tokenizer = load(path)
+    elif path.is_dir() and looks_like_salr(path):
+        raise SALRError(
+            f"{path} is a SALR checkpoint or run without its salr_config.json: it is incomplete (an interrupted "
+            "save?); re-create it, or finish a training run with `salr train ... --resume`"
+        )
     elif path.is_dir() and (path / "config.json").is_file():
-        model, tokenizer = _from_pretrained(str(path))
+        model, tokenizer = load_hf_dir(path)
     elif path.is_dir():
         raise SALRError(f"{path} is neither a Hugging Face model directory (config.json) nor a SALR checkpoint")
     elif is_hub_id(spec):
-        model, tokenizer = _from_pretrained(spec)
+        model, tokenizer = load_hub(spec)
     else:
         raise SALRError(
             f"model {spec!r} not found: pass 'default', a Hugging Face model directory or hub id, a llama2.c "
             "checkpoint (*.bin with its tokenizer beside it), or a SALR checkpoint directory"
         )
+    if not (path.is_dir() and (path / "salr_config.json").is_file()):  # salr.load checked its own
+        check_finite(model, spec)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         cast_weights(model, DTYPES[dtype])
+        check_finite(model, f"{spec} cast to {dtype}")  # fp16 overflows to infinity
     return model.eval(), tokenizer
 
 
@@ -71,15 +88,3 @@ def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
             if buf is not None and buf.is_floating_point() and name not in module._non_persistent_buffers_set:
                 setattr(module, name, buf.to(dtype))
     model.config.dtype = dtype
-
-
-def _from_pretrained(name: str) -> tuple[PreTrainedModel, object]:
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as err:  # noqa: BLE001 - any failure here is a bad or unreachable model for the user
-        raise SALRError(
-            f"could not load {name!r} ({type(err).__name__}: {err}). If it is a hub id, are you offline? "
-            "Pass a local model directory instead; if it is a directory, its files may be missing or corrupt."
-        ) from err
-    return model, tokenizer

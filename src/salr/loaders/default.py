@@ -11,12 +11,12 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
 from salr.errors import SALRError
+from salr.io import fsync_path, fsync_tree, make_temp_dir, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,15 @@ def _convert_gguf(target: Path) -> None:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_stale_temps(target.parent, {target.name})
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,5 +79,10 @@ def default_model_dir() -> Path:
 
 
 def load_default() -> tuple[PreTrainedModel, object]:
+    from salr.loaders.hf import load_hf_dir
+
     path = default_model_dir()
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    try:
+        return load_hf_dir(path)
+    except SALRError as err:
+        raise SALRError(f"the cached default model is damaged ({err}): delete {path} to rebuild it") from err

@@ -8,6 +8,7 @@ permuted per head.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def load_llama2c_model(path: str | Path) -> LlamaForCausalLM:
     if min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv_heads:
         raise SALRError(f"{path}: header {HEADER.unpack_from(raw)} is not a valid llama2.c model header")
     head_dim = dim // n_heads
+    if head_dim % 2:
+        raise SALRError(f"{path}: head size {dim} / {n_heads} heads = {head_dim} is odd: RoPE needs an even head size")
     kv_dim = n_kv_heads * head_dim
     shapes = [
         ("embed", (vocab, dim)),
@@ -110,16 +113,27 @@ def load_llama2c_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     raw = path.read_bytes()
     pieces: list[str] = []
     scores: list[float] = []
-    try:
-        offset = 4  # max_token_length
-        while offset < len(raw):
-            score, length = struct.unpack_from("fi", raw, offset)
-            offset += 8
+    if len(raw) < 4:
+        raise SALRError(f"{path}: not a valid llama2.c tokenizer file ({len(raw)} bytes)")
+    (max_token_length,) = struct.unpack_from("i", raw, 0)
+    offset = 4
+    while offset < len(raw):
+        # Every length is checked against the header and the bytes left before anything is read or allocated.
+        if offset + 8 > len(raw):
+            raise SALRError(f"{path}: not a valid llama2.c tokenizer file (truncated entry at byte {offset})")
+        score, length = struct.unpack_from("fi", raw, offset)
+        offset += 8
+        if not 0 <= length <= max(max_token_length, 0) or offset + length > len(raw) or not math.isfinite(score):
+            raise SALRError(
+                f"{path}: not a valid llama2.c tokenizer file (token {len(pieces)}: length {length}, score {score}, "
+                f"max token length {max_token_length}, {len(raw) - offset} bytes left)"
+            )
+        try:
             pieces.append(raw[offset : offset + length].decode("utf-8"))
-            scores.append(score)
-            offset += length
-    except (struct.error, UnicodeDecodeError) as err:
-        raise SALRError(f"{path}: not a valid llama2.c tokenizer file ({err})") from err
+        except UnicodeDecodeError as err:
+            raise SALRError(f"{path}: not a valid llama2.c tokenizer file (token {len(pieces)} is not UTF-8)") from err
+        scores.append(score)
+        offset += length
     if len(pieces) < 259:
         raise SALRError(f"{path}: not a valid llama2.c tokenizer file ({len(pieces)} tokens)")
     # export.py wrote '▁' as ' ' and <s>/</s> with newlines around them; undo both.

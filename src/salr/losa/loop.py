@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,10 +32,11 @@ from tqdm.auto import tqdm
 
 from salr import data
 from salr.calibration import calibration_ids
-from salr.config import SALRConfig
+from salr.config import NO_CALIBRATION, SALRConfig
 from salr.convert import convert, merge_and_unload
 from salr.errors import SALRError
-from salr.io import atomic_write_json
+from salr.integrity import sha256_file
+from salr.io import atomic_write_json, fsync_tree, make_temp_dir, remove_stale_temps
 from salr.loaders import load_model
 from salr.losa.allocate import allocate_ranks, block_importance, block_sparsities, rmi_matrix
 from salr.losa.config import LoSAConfig, apportion, mean_rank, round_sparsity, sparsity_box
@@ -190,6 +192,7 @@ def train_losa(
     eval_fn: EvalFn | None = None,
     extra_report: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """LoSA on the dense `model` (in place): `config` gives the target sparsity and pattern, the calibration source
     and size, the final mean LoRA rank `r` and the LoRA scale and dropout; `cfg` the optimizer, total steps, batch
@@ -202,8 +205,12 @@ def train_losa(
         raise SALRError("LoSA runs in one process: its pruning passes are not distributed (drop torchrun)")
     if config.r < 1:
         raise SALRError("LoSA needs a LoRA rank: pass --lora-rank (and --residual-rank) with a total >= 1")
-    run_state.check_output_dir(output)
+    if calibration is None and config.calibration == NO_CALIBRATION:
+        raise SALRError("LoSA prunes with Wanda / SparseGPT on calibration data: pass --calibration self or a file")
     started = time.perf_counter()
+    run = run_state.run_record({**(run_info or {}), "method": "losa", "losa_config": dataclasses.asdict(losa)},
+                                  base_model, config, cfg, run_state.examples_digest(list(examples)))  # fmt: skip
+    run = run_state.start_fresh(output, run)  # refuses a foreign or unfinished output before any work
     attach(model, config, losa)
     if calibration is None:
         calibration = calibration_ids(model, tokenizer, config.calibration, config.calibration_samples,
@@ -211,7 +218,6 @@ def train_losa(
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch(len(examples), cfg)))
     steps = apportion(total, losa.weights(), minimum=1)
     parts = split_examples(examples, losa.weights(), cfg.batch_size)
-    output.mkdir(parents=True, exist_ok=True)
     log = {"output": output, "metrics": output / run_state.METRICS_NAME, "teacher": teacher, "eval_fn": eval_fn,
            "bar": tqdm(total=total, desc="losa", disable=not cfg.progress, unit="step")}  # fmt: skip
     log["metrics"].unlink(missing_ok=True)
@@ -227,8 +233,8 @@ def train_losa(
         history.extend(rows)
     log["bar"].close()
     del state
-    report = finish(model, tokenizer, config, cfg, losa, output, base_model, rounds, history, started)
-    report.update(extra_report or {})
+    report = {"run_id": run["run_id"], **(extra_report or {})}
+    report = finish(model, tokenizer, config, cfg, losa, output, base_model, rounds, history, started, report)
     return report
 
 
@@ -242,6 +248,7 @@ def final_config(config: SALRConfig, losa: LoSAConfig) -> SALRConfig:
 def finish(
     model: nn.Module, tokenizer: Any, config: SALRConfig, cfg: TrainConfig, losa: LoSAConfig, output: Path,
     base_model: str, rounds: list[dict[str, Any]], history: list[dict[str, Any]], started: float,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """Merge, measure, save: the SALR checkpoint (loadable by `salr eval --model OUTPUT`) and the merged copy."""
     trainable = active_parameters(model)
@@ -266,6 +273,7 @@ def finish(
         "seconds": time.perf_counter() - started,
         "peak_memory_mib": max((h["peak_memory_mib"] for h in history), default=0.0),
         "history": history,
+        **extra,
     }
     model.eval()
     run_state.save_final(output, model, final_config(config, losa), tokenizer, base_model, report)
@@ -304,16 +312,34 @@ def save_merged(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, 
     `model` is modified in place (plain nn.Linear layers)."""
     merge_and_unload(model)
     totals = merge_totals(model)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    directory = Path(os.path.abspath(directory))
     report = {
         "layers": totals["layers"],
         "totals": {"sparsity": totals["sparsity"], "target_sparsity": target, "parameters": totals["parameters"],
                    "nonzero": totals["nonzero"]},
     }  # fmt: skip
-    atomic_write_json(directory / MERGE_REPORT, report)
+    if directory.exists() and (
+        not directory.is_dir() or (any(directory.iterdir()) and not (directory / "config.json").is_file())
+    ):
+        raise SALRError(f"{directory} exists and is not a model directory: choose a new or empty directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(directory.parent, {directory.name})
+    stage = make_temp_dir(directory.parent, directory.name)
+    try:  # staged, then renamed into place: a killed save never leaves a half-written model under `directory`
+        model.save_pretrained(stage)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        atomic_write_json(stage / MERGE_REPORT, report)
+        fsync_tree(stage)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(stage, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, directory)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return report
 
 
@@ -328,6 +354,7 @@ def run_losa(
     limit: int | None = None,
     dtype: str | None = None,
     eval_fn: EvalFn | None = None,
+    eval_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What `salr train --method losa` does: load the dense model, tokenise the data, `train_losa`. The final mean
     LoRA rank is that of the LoRA baselines (`method_config`: lora rank + residual rank), so LoSA ends with as many
@@ -346,5 +373,10 @@ def run_losa(
         examples = load_examples(data_path, tokenizer, cfg.max_length, limit, records)
     extra = {"data": str(data_path) if data_path is not None else "records", "distill": cfg.distill,
              "prepare_seconds": time.perf_counter() - started}  # fmt: skip
+    run_info = {
+        "dtype": dtype,
+        "data": {"path": str(data_path), "sha256": sha256_file(data_path), "limit": limit} if data_path else None,
+        "eval": eval_info,
+    }
     return train_losa(model, tokenizer, examples, config, cfg, losa, output, model_spec, eval_fn=eval_fn,
-                      extra_report=extra, teacher=teacher)  # fmt: skip
+                      extra_report=extra, teacher=teacher, run_info=run_info)  # fmt: skip

@@ -136,7 +136,7 @@ def prune_blocks(
         if layers:
             if not all(layer.merged for layer in layers.values()):
                 raise SALRError("prune_blocks needs merged LoSA layers: call merge() on each first")
-            stats = calib.statistics(block, list(layers))
+            stats, _ = calib.statistics(block, list(layers))  # the outputs are of the unpruned block: unused
             for local, layer in layers.items():
                 pruned = prune_weight(layer.base.to_dense(), stats[local], ratios[i], pattern, method, damping)
                 layer.base = DenseBase(pruned.to(layer.base.dtype))

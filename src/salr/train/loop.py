@@ -19,7 +19,6 @@ tokens of the whole global step, so N processes compute the same update as one. 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,6 +40,8 @@ from salr.checkpoint import CONFIG_NAME, read_salr_config
 from salr.config import SALRConfig
 from salr.convert import convert, mark_trainable
 from salr.errors import SALRError
+from salr.integrity import sha256_file
+from salr.io import atomic_write_json
 from salr.layer import FusedAdapters
 from salr.loaders import load_model
 from salr.memory import peak_memory_mib, reset_peak_memory
@@ -59,6 +60,18 @@ EvalFn = Callable[[nn.Module, Any], dict[str, float]]
 # ----------------------------------------------------------------------------- model and data
 
 
+def effective_config(model_spec: str, method: str, config: SALRConfig) -> SALRConfig:
+    """The SALRConfig a run trains: a SALR checkpoint's own (residual frozen for `salr-frozen-residual`), else
+    `method_config(method, config)`."""
+    path = Path(model_spec)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        saved = SALRConfig.from_dict(read_salr_config(path)["salr"])
+        if method == "salr-frozen-residual":
+            saved.train_residual = False
+        return saved
+    return method_config(method, config)
+
+
 def prepare_model(
     model_spec: str, method: str, config: SALRConfig, dtype: str | None = None
 ) -> tuple[nn.Module, Any, SALRConfig, dict[str, Any] | None]:
@@ -69,10 +82,9 @@ def prepare_model(
     """
     path = Path(model_spec)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
-        saved = SALRConfig.from_dict(read_salr_config(path)["salr"])
+        saved = effective_config(model_spec, method, config)
         model, tokenizer = load_model(model_spec, dtype=dtype)
-        if method == "salr-frozen-residual":
-            saved.train_residual = False
+        if not saved.train_residual:
             for module in model.modules():
                 if isinstance(module, FusedAdapters):
                     module.train_residual = False
@@ -224,13 +236,25 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, self.total, cfg.min_lr_ratio)
         )
-        self.start = 0
+        self.start, self.tokens_before, self.seconds_before = 0, 0, 0.0
         if resume_from is not None:
             saved = run_state.load_train_state(resume_from)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            run_state.set_rng_state(saved["rng"])
-            self.start, self.scales = saved["step"], saved["residual_lr_scales"]
+            try:
+                self.optimizer.load_state_dict(saved["optimizer"])
+                self.scheduler.load_state_dict(saved["scheduler"])
+                run_state.set_rng_state(saved["rng"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise SALRError(
+                    f"{resume_from / run_state.STATE_NAME} does not fit this model and optimizer ({err}): the "
+                    "checkpoint belongs to another run"
+                ) from err
+            self.start, self.scales = int(saved["step"]), saved["residual_lr_scales"]
+            self.tokens_before, self.seconds_before = int(saved.get("tokens", 0)), float(saved.get("seconds", 0.0))
+            if self.start > self.total:
+                raise SALRError(
+                    f"--resume: the checkpoint is at step {self.start}, beyond the {self.total} steps asked for: "
+                    "pass --max-steps of at least the checkpoint's step"
+                )
             logger.info("resumed from %s at step %d", resume_from, self.start)
         else:
             self.scales = residual_lr_scales(model, cfg, examples)
@@ -285,9 +309,11 @@ class Trainer:
             loss_sum, step_tokens = totals[0], int(totals[1])
         return float(loss_sum) / max(n_tokens, 1), grad_norm, n_tokens, step_tokens
 
-    def train_state(self, step: int) -> dict[str, Any]:
+    def train_state(self, step: int, tokens: int, seconds: float) -> dict[str, Any]:
         return {
             "step": step,
+            "tokens": tokens,  # the run's totals up to `step`, across resumed segments
+            "seconds": seconds,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": run_state.rng_state(),
@@ -308,44 +334,48 @@ def train(
     eval_fn: EvalFn | None = None,
     extra_report: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model`'s adapters (A_cat / B_cat) on `examples`; save the run to `output`; return the report.
 
     `model` is converted already (for a resume: loaded from the checkpoint `resume_from`, whose train_state.pt
     restores optimizer, scheduler, RNG and step). `eval_fn(model, tokenizer) -> {name: value}` runs every
-    `eval_every` steps on rank 0 and its values go into the metrics log. With `cfg.distill` the loss is the KL to
-    `teacher` (the dense model) on the labelled positions.
+    `eval_every` steps on rank 0 into the metrics log. With `cfg.distill` the loss is the KL to `teacher` (the dense
+    model). A new run records its arguments in `output/run.json` (`run_info`: method, dtype, data file); a resume
+    refuses different ones except run_state.SAFE_TRAIN_ARGS. The report covers the whole run.
     """
-    output = Path(output)
-    if int(os.environ.get("RANK", "0")) == 0 and resume_from is None:
-        run_state.check_output_dir(output)
-    resume = None if resume_from is None else Path(resume_from)
-    t = Trainer(model, tokenizer, examples, config, cfg, output, resume, teacher)
+    output = Path(os.path.abspath(output))
+    resume_from = None if resume_from is None else Path(resume_from)
+    record = run_state.run_record(run_info, base_model, config, cfg, run_state.examples_digest(list(examples)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        record = _claim_output(output, record, resume_from)
+    t = Trainer(model, tokenizer, examples, config, cfg, output, resume_from, teacher)
     env, metrics_path = t.env, output / run_state.METRICS_NAME
-    if env.main:
-        output.mkdir(parents=True, exist_ok=True)
-        if resume_from is not None:
-            run_state.rewrite_metrics(metrics_path, t.start)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    bar = tqdm(total=t.total, initial=t.start, desc="train", disable=not (env.main and cfg.progress), unit="step")
     history: list[dict[str, Any]] = []
+    if env.main and resume_from is not None:
+        history = run_state.rewrite_metrics(metrics_path, t.start)
+    bar = tqdm(total=t.total, initial=t.start, desc="train", disable=not (env.main and cfg.progress), unit="step")
     reset_peak_memory(env.device)  # the log reports this run's peak, not earlier work in the same process
     started, tokens_seen = time.perf_counter(), 0
     for step in range(t.start, t.total):
         t0 = time.perf_counter()
         lr_now = t.optimizer.param_groups[0]["lr"]
         loss, grad_norm, n_tokens, step_tokens = t.optimizer_step()
+        if not math.isfinite(loss):
+            raise SALRError(
+                f"training diverged at step {step + 1}: the loss is {loss}; lower --lr or check the data (the last "
+                "checkpoint is kept)"
+            )
         tokens_seen += step_tokens
         row = {
             "step": step + 1,
             "loss": loss,
             "lr": lr_now,
-            "grad_norm": grad_norm,
+            "grad_norm": grad_norm if cfg.max_grad_norm > 0 else None,
             "answer_tokens": n_tokens,
             "tokens_per_s": step_tokens / (time.perf_counter() - t0),
             "peak_memory_mib": peak_memory_mib(env.device),
-            "seconds": time.perf_counter() - started,
+            "seconds": t.seconds_before + time.perf_counter() - started,
         }
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and env.main:
             model.eval()
@@ -353,19 +383,21 @@ def train(
             model.train()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        history.append(row)
-        if env.main and ((step + 1) % cfg.log_every == 0 or step + 1 == t.total or "eval_answer_nll" in row):
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == t.total or "eval_answer_nll" in row:
+            history.append(run_state.clean_row(row))
+            if env.main:
+                run_state.append_metrics(metrics_path, row)
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == t.total):
             if env.main:
-                run_state.save_checkpoint(
-                    output, step + 1, model, config, tokenizer, base_model, t.train_state(step + 1)
-                )
+                run_state.sync_metrics(metrics_path)
+                tokens, seconds = t.tokens_before + tokens_seen, t.seconds_before + time.perf_counter() - started
+                state = t.train_state(step + 1, tokens, seconds)
+                run_state.save_checkpoint(output, step + 1, model, config, tokenizer, base_model, state)
             if env.world > 1:
                 dist.barrier()
     bar.close()
     report = {
+        "run_id": record.get("run_id"),
         "method_config": config.to_dict(),
         "train_config": asdict(cfg),
         "base_model": base_model,
@@ -375,8 +407,8 @@ def train(
         "examples": len(examples),
         "trainable_parameters": sum(p.numel() for p in t.params) - frozen_residual_parameters(model),
         "final_loss": history[-1]["loss"] if history else None,
-        "tokens": tokens_seen,
-        "seconds": time.perf_counter() - started,
+        "tokens": t.tokens_before + tokens_seen,
+        "seconds": t.seconds_before + time.perf_counter() - started,
         "peak_memory_mib": peak_memory_mib(env.device),
         "residual_lr": cfg.residual_lr,
         "residual_lr_per_layer": {n: s * cfg.lr for n, s in t.scales.items()} if t.scales else None,
@@ -392,6 +424,23 @@ def train(
     return report
 
 
+def _claim_output(output: Path, record: dict[str, Any], resume_from: Path | None) -> dict[str, Any]:
+    """Rank 0, before anything else: a new run takes `output` (run_state.start_fresh); a resume checks its
+    arguments against run.json (refusing differences, announcing safe changes), records the accepted ones and
+    removes what killed processes left behind."""
+    if resume_from is None:
+        return run_state.start_fresh(output, record)
+    stored = run_state.read_run(output)
+    if stored is None:
+        raise SALRError(f"--resume: {output / run_state.RUN_NAME} is missing: {output} is not a run this salr started")
+    for note in run_state.compare_run(stored, record):
+        logger.warning(note)
+    run_state.prepare_resume(output, keep=resume_from)
+    record = {**stored, **record, "run_id": stored["run_id"], "format_version": stored["format_version"]}
+    atomic_write_json(output / run_state.RUN_NAME, record)
+    return record
+
+
 def run_training(
     model_spec: str,
     method: str,
@@ -404,29 +453,63 @@ def run_training(
     resume: bool = False,
     dtype: str | None = None,
     eval_fn: Callable[[nn.Module, Any], dict[str, float]] | None = None,
+    eval_info: dict[str, Any] | None = None,
     losa: LoSAConfig | None = None,
 ) -> dict[str, Any]:
     """What `salr train` does: prepare the model (or reload the latest checkpoint with `resume`), tokenise the
-    data, train, save. Returns the report. `losa` holds the knobs of method "losa" (salr.losa.run_losa)."""
+    data, train, save. Returns the report; resuming a finished run returns its report with `already_finished`
+    and changes nothing. Every argument is checked before the model is loaded. `losa` holds the knobs of method
+    "losa" (salr.losa.run_losa)."""
     if method not in METHODS:
         raise SALRError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if limit is not None and limit < 1:
+        raise SALRError(f"--limit must be >= 1, got {limit}")
+    output = Path(os.path.abspath(output))
     if method == "losa":
         from salr.losa import LoSAConfig, run_losa
 
         if resume:
             raise SALRError("--resume is not supported for --method losa: its rounds prune the model; start again")
         return run_losa(model_spec, config, cfg, losa or LoSAConfig(), output, data_path, records, limit, dtype,
-                        eval_fn)  # fmt: skip
-    checkpoint = run_state.latest_checkpoint(output) if resume else None
-    if resume and checkpoint is None:
-        raise SALRError(
-            f"--resume: no checkpoint in {Path(output) / run_state.CHECKPOINTS}; train with --save-every first"
-        )
+                        eval_fn, eval_info)  # fmt: skip
     started = time.perf_counter()
     if records is None and (data_path is not None or not cfg.distill):  # check the data before the slow part
         if data_path is None:
             raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL), or --distill")
         records = data.load_sft_records(data_path, limit)
+    run_info = {
+        "method": method,
+        "dtype": dtype,
+        "data": {"path": str(data_path), "sha256": sha256_file(data_path), "limit": limit} if data_path else None,
+        "eval": eval_info,
+    }
+    checkpoint = None
+    if resume:
+        checkpoint = run_state.latest_checkpoint(output)
+        stored = run_state.read_run(output)
+        if stored is None and checkpoint is None:
+            raise SALRError(
+                f"--resume: no checkpoint in {output / run_state.CHECKPOINTS}; train with --save-every first"
+            )
+        if stored is None:
+            raise SALRError(
+                f"--resume: {output / run_state.RUN_NAME} is missing: {output} is not a run this salr started"
+            )
+        current = run_state.run_record(run_info, model_spec, effective_config(model_spec, method, config), cfg, None)
+        run_state.compare_run(stored, current)  # refuses differences now, before the model is loaded
+        done = run_state.finished_report(output, stored)
+        if (
+            done is not None
+            and (cfg.max_steps is None or cfg.max_steps <= done["steps"])
+            and (cfg.max_steps is not None or cfg.epochs == done["train_config"].get("epochs"))
+        ):
+            return {**done, "already_finished": True}
+        if checkpoint is None:
+            raise SALRError(
+                f"--resume: no checkpoint in {output / run_state.CHECKPOINTS}; train with --save-every first"
+            )
+    elif int(os.environ.get("RANK", "0")) == 0:
+        run_state.check_fresh_output(output)
     teacher = load_teacher(model_spec, dtype) if cfg.distill else None
     if checkpoint is not None:
         model, tokenizer, config, conversion = prepare_model(str(checkpoint), method, config, dtype)
@@ -446,4 +529,5 @@ def run_training(
     return train(
         model, tokenizer, examples, config, cfg, output, model_spec, checkpoint, eval_fn=eval_fn, extra_report=extra,
         teacher=teacher,
+        run_info=run_info,
     )  # fmt: skip

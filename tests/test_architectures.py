@@ -1,0 +1,124 @@
+"""The paper's architectures, first try (issue 12): tiny random-weight Llama-2 (MHA), Llama-3 (GQA), Mixtral,
+DeepSeek-V2-Lite-like (MLA attention, shared + routed experts) and Qwen3-MoE, built from transformers 5.23's config
+classes and saved as Hugging Face directories: compress, train a few steps, save, reload (identical logits), merge.
+What salr cannot convert is refused naming the module, before anything is converted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+import salr
+from salr.compress import compress
+from salr.convert import merge_and_unload, salr_modules
+from salr.experts import SALRExperts
+from salr.layer import SALRLinear
+from salr.train import TrainConfig, train
+
+VOCAB = 320  # the test tokenizer's
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, max_position_embeddings=128)
+ARCHITECTURES = {
+    # Llama-2: multi-head attention (as many KV heads as query heads)
+    "llama2-mha": (LlamaForCausalLM, LlamaConfig(**COMMON, intermediate_size=128, num_attention_heads=4,
+                                                 num_key_value_heads=4, tie_word_embeddings=False)),
+    # Llama-3: grouped-query attention, large RoPE base
+    "llama3-gqa": (LlamaForCausalLM, LlamaConfig(**COMMON, intermediate_size=128, num_attention_heads=8,
+                                                 num_key_value_heads=2, rope_theta=500000.0)),
+    "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, intermediate_size=96, num_attention_heads=4,
+                                                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # DeepSeek-V2-Lite: MLA (no q compression, kv_lora_rank latent), first layer dense, then shared + routed experts
+    "deepseek-v2-lite": (DeepseekV2ForCausalLM, DeepseekV2Config(
+        **COMMON, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
+        q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4,
+        n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, topk_method="greedy")),
+    "qwen3-moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+        **COMMON, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_experts=4, num_experts_per_tok=2)),
+}  # fmt: skip
+CONFIG = salr.SALRConfig(sparsity=0.5, residual_rank=4, r=4)
+
+
+def examples(n: int = 16) -> list[dict[str, list[int]]]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(3, VOCAB, (8 + i % 5,), generator=gen).tolist()
+        out.append({"input_ids": prompt + prompt[:6], "labels": [-100] * len(prompt) + prompt[:6]})
+    return out
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_compress_train_save_reload_merge(arch, tmp_path, make_tokenizer):
+    cls, config = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "hf")
+    make_tokenizer().save_pretrained(tmp_path / "hf")
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+
+    # compress, as `salr compress` does: the loader checks the directory, every target is converted, bitmap bases
+    report = compress(str(tmp_path / "hf"), CONFIG, tmp_path / "ckpt")
+    model, tokenizer = salr.load(tmp_path / "ckpt")
+    dense, _ = salr.load_model(str(tmp_path / "hf"))
+    linears = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and m is not dense.lm_head]
+    converted = {n for n, m in model.named_modules() if isinstance(m, SALRLinear)}
+    assert converted == set(linears), set(linears) ^ converted  # every linear layer but the LM head, no more
+    experts = [m for m in model.modules() if isinstance(m, SALRExperts)]
+    assert len(experts) == {"mixtral": 2, "qwen3-moe": 2, "deepseek-v2-lite": 1}.get(arch, 0)
+    assert report["totals"]["target_layers"] > 0 and abs(report["totals"]["sparsity"] - 0.5) < 0.02
+    assert not torch.allclose(logits(model, ids), logits(dense, ids))  # really pruned
+
+    # train a few steps, save the run, reload it: the same logits, bit for bit
+    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, warmup_steps=0, max_length=64, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, tokenizer, examples(), CONFIG, cfg, tmp_path / "run", base_model=arch)
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) == len(before)  # every adapter trained, experts included
+    trained = logits(model, ids)
+    reloaded, _ = salr.load(tmp_path / "run")
+    assert torch.equal(logits(reloaded, ids), trained)
+
+    # merge: plain dense modules again (the model's own experts class), the same function up to rounding
+    merged = merge_and_unload(reloaded)
+    assert not salr_modules(merged) and not any(isinstance(m, SALRExperts) for m in merged.modules())
+    assert type(merged.model.layers[-1].mlp).__name__ == type(dense.model.layers[-1].mlp).__name__
+    torch.testing.assert_close(logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "build, module, why",
+    [
+        (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)),
+         "transformer.h.0.attn.c_attn", "a transformers Conv1D"),
+        (lambda: GptOssForCausalLM(GptOssConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["full_attention"])),
+         "model.layers.0.mlp.experts.gate_up_proj.*GptOssExperts", "transposed weights"),
+    ],
+    ids=["gpt2-conv1d", "gpt-oss-experts"],
+)  # fmt: skip
+def test_what_cannot_be_converted_is_refused_naming_the_module(build, module, why):
+    model = build()
+    with pytest.raises(salr.SALRError, match=rf"{module}.*{why}"):
+        salr.convert(model, CONFIG, progress=False)
+    assert not salr_modules(model) and not any(isinstance(m, SALRExperts) for m in model.modules())
