@@ -115,3 +115,14 @@ def test_preset_paper_reproduces_the_paper_flags(stories_path, tmp_path):
         "none",
     )
     assert config["residual_rank"] == 4  # a flag beside the preset still applies
+
+
+@pytest.mark.parametrize("command", ["train", "compress", "eval"])
+def test_help_of_every_generated_flag_prints(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage: salr" in out
+    assert ("--lora-rank" in out) == (command != "eval")  # the generated SALR flags of compress and train
+    if command == "train":  # "3% of steps" in a help string is shown, not %-formatted
+        assert "3% of steps" in " ".join(out.split()) and "--rank-allocation" in out
