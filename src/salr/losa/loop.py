@@ -211,10 +211,11 @@ def train_losa(
     run = run_state.run_record({**(run_info or {}), "method": "losa", "losa_config": dataclasses.asdict(losa)},
                                   base_model, config, cfg, run_state.examples_digest(list(examples)))  # fmt: skip
     run = run_state.start_fresh(output, run)  # refuses a foreign or unfinished output before any work
-    attach(model, config, losa)
-    if calibration is None:
+    if calibration is None:  # from the dense model, before the LoRA blocks: sampling through LoSA layers would form
+        # a weight-sized masked delta per layer and token (B = 0 at attach, so the windows are the same)
         calibration = calibration_ids(model, tokenizer, config.calibration, config.calibration_samples,
                                       config.calibration_length, config.seed)  # fmt: skip
+    attach(model, config, losa)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch(len(examples), cfg)))
     steps = apportion(total, losa.weights(), minimum=1)
     parts = split_examples(examples, losa.weights(), cfg.batch_size)
