@@ -47,6 +47,7 @@ from salr.train import TrainConfig, load_examples, method_config, train
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("paper_grid")
 SHARED = ROOT.parent / "shared" / "data"
+CALIBRATION_ARGS = ("calibration", "calibration_samples", "calibration_length")  # override salr+'s (LoSA's) values
 
 
 @dataclass
@@ -99,7 +100,7 @@ def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
         r=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
         seed=args.seed,
-        **{k: getattr(args, k) for k in ("calibration_samples", "calibration_length") if getattr(args, k, None)},
+        **{k: getattr(args, k) for k in CALIBRATION_ARGS if getattr(args, k, None) and run.preset != "paper"},
     )
     return method_config(run.method, base)
 
@@ -162,8 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
+    p.add_argument("--calibration", help="calibration text of SALR+ and LoSA: 'self' (default) or a file")
     p.add_argument("--calibration-samples", type=int, help="calibration windows of SALR+ and LoSA (default 32)")
     p.add_argument("--calibration-length", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
     p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")
     # Full: sized to < 3 h on 2 cores. Measured 2026-11-30 at 80 steps / 100+30+100 eval items: pretrained 11.6 min
     # (eval only), lora@50% 15.7 min (train 515 s + eval 423 s), 12 runs ~3.1 h. With the sizes below: 8024 s.
@@ -219,7 +222,7 @@ def evaluate_model(
         with timed(seconds, "eval_mmlu"):
             mmlu = evaluate.mmlu(model, tokenizer, args.mmlu_dev, args.mmlu, k=args.mmlu_shots, limit=args.mmlu_limit)
     with timed(seconds, "eval_wikitext2"):
-        ppl = evaluate.perplexity(model, tokenizer, text, max_length=512, limit=args.wikitext_windows)
+        ppl = evaluate.perplexity(model, tokenizer, text, max_length=args.wikitext_length, limit=args.wikitext_windows)
     return {
         "gsm8k_answer_nll": nll["answer_nll"],
         "gsm8k_nll_problems": min(len(dev), args.nll_limit),
