@@ -60,9 +60,9 @@ class Run:
 
 
 def grid(quick: bool) -> list[Run]:
-    """Full: 4 methods x {50% unstructured, 2:4} with the paper's recipe, SALR+ (our default recipe: SparseGPT mask,
-    whitened residual, self-calibration) and prune-LoRA on the same SparseGPT mask at 50 % and 2:4, and a sweep of
-    the paper's SALR at 10/30/60/70 %. Runs named "+" use the salr+ preset, the others the paper's.
+    """Full: 4 methods x {50% unstructured, 2:4} with the paper's recipe, SALR+ (our default recipe: SparseGPT mask
+    and whitened residual alternated, self-calibration) and prune-LoRA on the same SparseGPT mask at 50 % and 2:4,
+    and a sweep of the paper's SALR at 10/30/60/70 %. Runs named "+" use the salr+ preset, the others the paper's.
 
     Quick: the 4 methods at 50% unstructured, SALR and SALR+ at 50% and 2:4, and the paper's SALR at 30% and 70%,
     besides the pretrained model.

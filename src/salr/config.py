@@ -67,7 +67,7 @@ class SALRConfig:
         },
     )
     residual_init: str = field(
-        default="whitened",
+        default="alternating",
         metadata={
             "help": "residual adapter init: 'svd' of E (the paper), 'whitened' (best rank-r fix of the output error "
             "on calibration data), 'alternating' (re-prune and re-fit a few rounds)",
@@ -212,5 +212,5 @@ class SALRConfig:
 # best measured combination (docs/quality.md), which is also SALRConfig's default.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"criterion": "magnitude", "residual_init": "svd", "granularity": "layer", "calibration": NO_CALIBRATION},
-    "salr+": {"criterion": "sparsegpt", "residual_init": "whitened", "calibration": "self"},
+    "salr+": {"criterion": "sparsegpt", "residual_init": "alternating", "calibration": "self"},
 }
