@@ -412,7 +412,7 @@ def losa_check(rows: list[dict]) -> str:
                 f"LoSA's trainable parameters and {r['deployed_bytes'] / losa['deployed_bytes']:.2f}x its deployed "
                 "bytes"
             )
-    return "; ".join(parts) + "."
+    return "; ".join(parts) + "." if parts else ""
 
 
 def plots(rows: list[dict], output: Path) -> list[str]:
