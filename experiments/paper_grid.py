@@ -1,4 +1,4 @@
-"""The paper's comparisons at small scale: pretrained, LoRA, SALR, prune+LoRA, SALR with frozen residual.
+"""The paper's comparisons at small scale: pretrained, LoRA, SALR, prune+LoRA, SALR with frozen residual, LoSA.
 
 Every run fine-tunes the default model (SmolLM2-135M-Instruct) on GSM8K train minus its last `--holdout`
 problems, then evaluates on the held-out problems (GSM8K accuracy and answer NLL), MMLU k-shot and WikiText-2
@@ -10,7 +10,9 @@ OUTPUT/results.md and OUTPUT/{sparsity_sweep,loss_curves}.png.
 
 Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, exactly SALR's trainable count
 (A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
-LoRA block.
+LoRA block; LoSA (salr.losa) prunes the dense model progressively during the same steps on the same examples and
+ends with a mean LoRA rank of residual_rank + lora_rank, merged into its sparse weights (no adapters deployed).
+The "deployed MB" column is salr.footprint.deployed_bytes at bf16: dense, bitmap-sparse, or base + adapters.
 
 Optional runs (`--quant`, or name them in `--runs`): QSALR at 50 % with the paper's and the salr+ recipe (NF4 base,
 the residual absorbs pruning and quantization error) and QLoRA (dense NF4 base + LoRA of SALR's trainable rank):
@@ -40,20 +42,23 @@ import torch
 from salr import data, evaluate
 from salr.config import SALRConfig
 from salr.convert import convert
+from salr.footprint import deployed_bytes
 from salr.io import atomic_write_bytes, atomic_write_json
 from salr.layer import FusedAdapters
 from salr.loaders import load_model
+from salr.losa import LoSAConfig, train_losa
 from salr.train import TrainConfig, load_examples, method_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("paper_grid")
 SHARED = ROOT.parent / "shared" / "data"
+CALIBRATION_ARGS = ("calibration", "calibration_samples", "calibration_length")  # override salr+'s (LoSA's) values
 
 
 @dataclass
 class Run:
     name: str
-    method: str  # "pretrained" or one of salr.train.METHODS
+    method: str  # "pretrained" or one of salr.train.METHODS ("losa": salr.losa, no conversion)
     pattern: str = "unstructured"
     sparsity: float | None = 0.5
     preset: str = "paper"  # how the base is pruned and the residual initialised (salr.config.PRESETS)
@@ -73,6 +78,8 @@ def grid(quick: bool, optional: bool = False) -> list[Run]:
 
     Quick: the 4 methods at 50% unstructured, SALR and SALR+ at 50% and 2:4, and the paper's SALR at 30% and 70%,
     besides the pretrained model. `optional` adds the QSALR (both recipes) and QLoRA runs (OPTIONAL) at the end.
+
+    Both: LoSA at 50 % (quick) and 2:4 (full), calibrated like SALR+ (self-generated windows; LoSA's own Wanda).
     """
     methods = ["lora", "salr", "prune-lora", "salr-frozen-residual"]
     runs = [Run("pretrained", "pretrained", sparsity=None)]
@@ -81,6 +88,9 @@ def grid(quick: bool, optional: bool = False) -> list[Run]:
     patterns_24 = ["salr"] if quick else [m for m in methods if m != "lora"]
     runs += [Run(f"{m}@2:4", m, "2:4", None) for m in patterns_24]
     runs += [Run("salr+@2:4", "salr", "2:4", None, preset="salr+")]
+    runs += [Run("losa@50%", "losa", preset="salr+")]
+    if not quick:
+        runs += [Run("losa@2:4", "losa", "2:4", None, preset="salr+")]
     if not quick:
         runs += [
             Run("prune-lora+@50%", "prune-lora", preset="salr+"),
@@ -102,6 +112,7 @@ def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
         r=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
         seed=args.seed,
+        **{k: getattr(args, k) for k in CALIBRATION_ARGS if getattr(args, k, None) and run.preset != "paper"},
     )
     return method_config(run.method, base)
 
@@ -118,7 +129,9 @@ class Conversions:
     """Converted-but-untrained models kept for the later runs of the grid that convert identically."""
 
     def __init__(self, runs: list[Run], args: argparse.Namespace) -> None:
-        self.remaining = Counter(conversion_key(run_config(r, args)) for r in runs if r.method != "pretrained")
+        self.remaining = Counter(
+            conversion_key(run_config(r, args)) for r in runs if r.method not in ("pretrained", "losa")
+        )
         self.kept: dict[str, tuple[Any, dict[str, Any], str]] = {}
 
     def get(
@@ -155,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wikitext", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     p.add_argument("--output", required=True)
     p.add_argument("--quick", action="store_true", help="small preset: 8 runs of 12 steps, small eval slices")
-    p.add_argument("--runs", help="comma-separated run names to keep (e.g. pretrained,salr@50%%,qsalr@50%%)")
+    p.add_argument("--runs", help="comma-separated run names to run, in this order (e.g. pretrained,salr@50%%)")
     p.add_argument("--quant", action="store_true", help="add the optional QSALR and QLoRA (NF4) runs")
     p.add_argument("--residual-rank", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -163,6 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
+    p.add_argument("--calibration", help="calibration text of SALR+ and LoSA: 'self' (default) or a file")
+    p.add_argument("--calibration-samples", type=int, help="calibration windows of SALR+ and LoSA (default 32)")
+    p.add_argument("--calibration-length", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
+    p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")
     # Full: sized to < 3 h on 2 cores. Measured 2026-11-30 at 80 steps / 100+30+100 eval items: pretrained 11.6 min
     # (eval only), lora@50% 15.7 min (train 515 s + eval 423 s), 12 runs ~3.1 h. With the sizes below: 8024 s.
     for name, full, quick in [
@@ -206,14 +224,18 @@ def evaluate_model(
     started = time.perf_counter()
     with timed(seconds, "eval_answer_nll"):
         nll = evaluate.answer_nll(model, tokenizer, dev[: args.nll_limit])
-    with timed(seconds, "eval_gsm8k_generation"):
-        acc = evaluate.gsm8k(
-            model, tokenizer, dev[: args.accuracy_limit], max_new_tokens=args.max_new_tokens, with_answer_nll=False
-        )
-    with timed(seconds, "eval_mmlu"):
-        mmlu = evaluate.mmlu(model, tokenizer, args.mmlu_dev, args.mmlu, k=args.mmlu_shots, limit=args.mmlu_limit)
+    acc = {"accuracy": None, "n": 0, "generated_tokens": 0}  # --accuracy-limit 0 / --mmlu-limit 0 skip them
+    if args.accuracy_limit > 0:
+        with timed(seconds, "eval_gsm8k_generation"):
+            acc = evaluate.gsm8k(
+                model, tokenizer, dev[: args.accuracy_limit], max_new_tokens=args.max_new_tokens, with_answer_nll=False
+            )
+    mmlu = {"accuracy": None, "n": 0}
+    if args.mmlu_limit > 0:
+        with timed(seconds, "eval_mmlu"):
+            mmlu = evaluate.mmlu(model, tokenizer, args.mmlu_dev, args.mmlu, k=args.mmlu_shots, limit=args.mmlu_limit)
     with timed(seconds, "eval_wikitext2"):
-        ppl = evaluate.perplexity(model, tokenizer, text, max_length=512, limit=args.wikitext_windows)
+        ppl = evaluate.perplexity(model, tokenizer, text, max_length=args.wikitext_length, limit=args.wikitext_windows)
     return {
         "gsm8k_answer_nll": nll["answer_nll"],
         "gsm8k_nll_problems": min(len(dev), args.nll_limit),
@@ -226,6 +248,63 @@ def evaluate_model(
         "wikitext2_tokens": ppl["tokens"],
         "eval_seconds": time.perf_counter() - started,
     }
+
+
+def train_run(
+    run: Run,
+    dense: Any,
+    tokenizer: Any,
+    examples: list,
+    args: argparse.Namespace,
+    conversions: Conversions,
+    seconds: dict[str, float],
+) -> tuple[Any, dict[str, Any]]:
+    """Convert (or, for LoSA, copy the dense model) and train one run; returns the trained model and its row fields.
+    LoSA prunes inside its rounds, so its "convert" is the copy and its pruning time is part of "train"."""
+    config = run_config(run, args)
+    cfg = TrainConfig(
+        lr=args.lr,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=False,
+    )
+    out = Path(args.output) / "runs" / run.name.replace("@", "_").replace("%", "pct").replace(":", "-")
+    with timed(seconds, "convert"):
+        if run.method == "losa":
+            model, conversion, reused = copy.deepcopy(dense), None, None
+        else:
+            model, conversion, reused = conversions.get(run, config, dense, tokenizer)
+    with timed(seconds, "train_and_save"):
+        if run.method == "losa":
+            losa = LoSAConfig(rounds=args.losa_rounds, save_merged=False)
+            report = train_losa(model, tokenizer, examples, config, cfg, losa, out, base_model=args.model)
+        else:
+            report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
+    # the training functions save the run after their loop; report["seconds"] covers the loop (LoSA: and pruning)
+    seconds["train"] = report["seconds"]
+    seconds["save"] = seconds.pop("train_and_save") - report["seconds"]
+    fields = {
+        "sparsity": config.sparsity,
+        "trainable_parameters": report["trainable_parameters"],
+        "base_sparsity": report["merged_sparsity"] if conversion is None else conversion["totals"]["sparsity"],
+        "conversion_reused_from": reused,
+        "train_seconds": report["seconds"],
+        "final_loss": report["final_loss"],
+        "loss_curve": [h["loss"] for h in report["history"]],
+        "tokens_per_s": report["tokens"] / report["seconds"],
+        "peak_memory_mib": report["peak_memory_mib"],
+    }
+    if run.method == "losa":
+        fields["losa_rounds"] = [
+            {k: r[k] for k in ("round", "sparsity", "measured_sparsity", "ranks", "steps", "prune_seconds")}
+            for r in report["rounds"]
+        ]
+    if not args.keep_runs:
+        with timed(seconds, "save"):
+            shutil.rmtree(out, ignore_errors=True)
+    return model, fields
 
 
 def run_one(
@@ -245,37 +324,9 @@ def run_one(
     if run.method == "pretrained":
         model = dense  # evaluated as loaded; nothing modifies it
     else:
-        config = run_config(run, args)
-        with timed(seconds, "convert"):
-            model, conversion, reused = conversions.get(run, config, dense, tokenizer)
-        cfg = TrainConfig(
-            lr=args.lr,
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            progress=False,
-        )
-        out = Path(args.output) / "runs" / run.name.replace("@", "_").replace("%", "pct").replace(":", "-")
-        with timed(seconds, "train_and_save"):
-            report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
-        # salr.train.train saves the run's checkpoint after its loop; report["seconds"] covers the loop only.
-        seconds["train"] = report["seconds"]
-        seconds["save"] = seconds.pop("train_and_save") - report["seconds"]
-        row.update(
-            sparsity=config.sparsity,
-            trainable_parameters=report["trainable_parameters"],
-            base_sparsity=conversion["totals"]["sparsity"],
-            conversion_reused_from=reused,
-            train_seconds=report["seconds"],
-            final_loss=report["final_loss"],
-            loss_curve=[h["loss"] for h in report["history"]],
-            tokens_per_s=report["tokens"] / report["seconds"],
-            peak_memory_mib=report["peak_memory_mib"],
-        )
-        if not args.keep_runs:
-            with timed(seconds, "save"):
-                shutil.rmtree(out, ignore_errors=True)
+        model, fields = train_run(run, dense, tokenizer, examples, args, conversions, seconds)
+        row.update(fields)
+    row["deployed_bytes"] = deployed_bytes(model)["total"]
     row.update(evaluate_model(model, tokenizer, dev, text, args, seconds))
     seconds["total"] = time.perf_counter() - started
     row["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
@@ -283,22 +334,26 @@ def run_one(
     return row
 
 
+def _cell(value: float | None, n: int) -> str:
+    return "-" if value is None else f"{value:.3f} ({n})"
+
+
 def markdown(rows: list[dict], settings: dict) -> str:
     lines = [
-        "| run | method | pattern | sparsity | trainable params | GSM8K answer NLL | GSM8K acc | MMLU acc | "
-        "WikiText-2 ppl | final train loss |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | method | pattern | sparsity | trainable params | deployed MB | GSM8K answer NLL | GSM8K acc | "
+        "MMLU acc | WikiText-2 ppl | final train loss |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         sparsity = "-" if r["sparsity"] is None else f"{r['sparsity']:.0%}"
         loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
         lines.append(
             f"| {r['name']} | {r['method']} | {r['pattern'] if r['method'] != 'pretrained' else '-'} | {sparsity} | "
-            f"{r.get('trainable_parameters', 0):,} | {r['gsm8k_answer_nll']:.4f} | "
-            f"{r['gsm8k_accuracy']:.3f} ({r['gsm8k_accuracy_problems']}) | "
-            f"{r['mmlu_accuracy']:.3f} ({r['mmlu_questions']}) | {r['wikitext2_perplexity']:.2f} | {loss} |"
+            f"{r.get('trainable_parameters', 0):,} | {r['deployed_bytes'] / 1e6:.1f} | {r['gsm8k_answer_nll']:.4f} | "
+            f"{_cell(r['gsm8k_accuracy'], r['gsm8k_accuracy_problems'])} | "
+            f"{_cell(r['mmlu_accuracy'], r['mmlu_questions'])} | {r['wikitext2_perplexity']:.2f} | {loss} |"
         )
-    for check in (issue_check(rows), quant_check(rows)):
+    for check in (issue_check(rows), quant_check(rows), losa_check(rows)):
         if check:
             lines += ["", check]
     lines += ["", timing_table(rows)]
@@ -362,6 +417,31 @@ def quant_check(rows: list[dict]) -> str:
         better = "below" if by["qsalr@50%"] < by["qlora@nf4"] else "NOT below"
         text += f", QLoRA {by['qlora@nf4']:.4f} ({better})"
     return text + "."
+
+
+def losa_check(rows: list[dict]) -> str:
+    """Issue 15's check: LoSA@50% against prune-LoRA@50% on WikiText-2 perplexity, and each SALR run at 50 % against
+    LoSA@50% on both metrics with their trainable parameters and deployed bytes side by side."""
+    by = {r["name"]: r for r in rows}
+    losa = by.get("losa@50%")
+    if losa is None:
+        return ""
+    ppl, nll = losa["wikitext2_perplexity"], losa["gsm8k_answer_nll"]
+    parts = []
+    if "prune-lora@50%" in by:
+        other = by["prune-lora@50%"]["wikitext2_perplexity"]
+        parts.append(f"LoSA@50% WikiText-2 ppl {ppl:.2f} vs prune-LoRA@50% {other:.2f} "
+                     f"({'better' if ppl < other else 'NOT better'})")  # fmt: skip
+    for name in ("salr@50%", "salr+@50%", "salr@70%"):
+        if name in by:
+            r = by[name]
+            parts.append(
+                f"{name} ppl {r['wikitext2_perplexity']:.2f} / answer NLL {r['gsm8k_answer_nll']:.4f} vs LoSA "
+                f"{ppl:.2f} / {nll:.4f} at {r['trainable_parameters'] / max(1, losa['trainable_parameters']):.2f}x "
+                f"LoSA's trainable parameters and {r['deployed_bytes'] / losa['deployed_bytes']:.2f}x its deployed "
+                "bytes"
+            )
+    return "; ".join(parts) + "." if parts else ""
 
 
 def plots(rows: list[dict], output: Path) -> list[str]:
@@ -429,11 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_seconds = time.perf_counter() - started
     runs = grid(args.quick, optional=args.quant or bool(args.runs))
     if args.runs:
-        keep = set(args.runs.split(","))
-        runs = [r for r in runs if r.name in keep]
-        if not runs:
-            names = ", ".join(r.name for r in grid(args.quick, optional=True))
-            raise SystemExit(f"--runs {args.runs}: no such run (choose from {names})")
+        by_name = {r.name: r for r in runs}
+        unknown = [n for n in args.runs.split(",") if n not in by_name]
+        if unknown:
+            raise SystemExit(f"--runs: no run {', '.join(unknown)} (choose from {', '.join(by_name)})")
+        runs = [by_name[n] for n in dict.fromkeys(args.runs.split(","))]  # in the order given
     conversions = Conversions(runs, args)
     rows = []
     settings = dict(vars(args))
@@ -446,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": rows,
             "check": issue_check(rows),
             "quant_check": quant_check(rows),
+            "losa_check": losa_check(rows),
             "threads": torch.get_num_threads(),
             "setup_seconds": setup_seconds,
             "seconds": time.perf_counter() - started,

@@ -17,6 +17,7 @@ def test_compress_writes_checkpoint_and_report(stories_path, tmp_path, capsys):
     assert main([*argv, "--lora-rank", "4", "--output", str(out)]) == 0
     report = json.loads((out / "salr_report.json").read_text())
     assert len(report["layers"]) == 35
+    assert report["config"]["r"] == 4  # --lora-rank reaches the field `r` (it was once silently ignored)
     for row in report["layers"]:
         assert set(row) >= {
             "name",
@@ -115,3 +116,14 @@ def test_preset_paper_reproduces_the_paper_flags(stories_path, tmp_path):
         "none",
     )
     assert config["residual_rank"] == 4  # a flag beside the preset still applies
+
+
+@pytest.mark.parametrize("command", ["train", "compress", "eval"])
+def test_help_of_every_generated_flag_prints(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage: salr" in out
+    assert ("--lora-rank" in out) == (command != "eval")  # the generated SALR flags of compress and train
+    if command == "train":  # "3% of steps" in a help string is shown, not %-formatted
+        assert "3% of steps" in " ".join(out.split()) and "--rank-allocation" in out

@@ -44,17 +44,24 @@ def test_quick_grid_keeps_the_comparisons(experiment):
         "salr+@50%",
         "salr@2:4",
         "salr+@2:4",
+        "losa@50%",
         "salr@30%",
         "salr@70%",
     ]
     full = experiment.grid(quick=False)
-    assert set(names) < {r.name for r in full} and len(full) == 16
+    assert set(names) < {r.name for r in full} and len(full) == 18
+    assert {(r.name, r.pattern) for r in full if r.method == "losa"} == {
+        ("losa@50%", "unstructured"),
+        ("losa@2:4", "2:4"),
+    }
     # the paper's recipe and ours side by side; "+" runs use the salr+ preset
     assert {r.name for r in full if r.preset == "salr+"} == {
         "salr+@50%",
         "salr+@2:4",
         "prune-lora+@50%",
         "prune-lora+@2:4",
+        "losa@50%",  # LoSA calibrates like salr+ (self-generated windows)
+        "losa@2:4",
     }
 
 
@@ -189,3 +196,24 @@ def test_optional_quantized_runs(experiment):
     assert experiment.quant_check(rows) == (
         "QSALR@50% answer NLL 1.0200 vs SALR@50% 1.0000 (+2.00%; within 3%), QLoRA 1.1000 (below)."
     )
+
+
+def test_losa_runs_beside_prune_lora_with_deployed_bytes(experiment, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "exp"
+    argv = ["--quick", "--model", str(STORIES), "--output", str(out), "--runs", "pretrained,prune-lora@50%,losa@50%",
+            "--residual-rank", "4", "--lora-rank", "4", "--train-examples", "16", "--steps", "5", "--batch-size", "2",
+            "--max-length", "96", "--nll-limit", "3", "--accuracy-limit", "0", "--mmlu-limit", "0",
+            "--wikitext-windows", "1", "--calibration-samples", "4", "--calibration-length", "64",
+            "--threads", "1"]  # fmt: skip
+    assert experiment.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    pretrained, prune_lora, losa = result["runs"]
+    assert losa["method"] == "losa" and abs(losa["base_sparsity"] - 0.5) < 0.01  # measured on the merged weights
+    assert losa["trainable_parameters"] == prune_lora["trainable_parameters"]  # final mean rank = LoRA's rank
+    assert [r["steps"] for r in losa["losa_rounds"]] == [1, 1, 1, 1, 1] and len(losa["loss_curve"]) == 5
+    # deployed: LoSA is a plain sparse model, prune-LoRA a sparse base plus adapters, both below the dense model
+    assert losa["deployed_bytes"] < prune_lora["deployed_bytes"] <= pretrained["deployed_bytes"]
+    assert losa["gsm8k_accuracy"] is None and "eval_mmlu" not in losa["seconds"]  # limit 0 skips them
+    md = (out / "results.md").read_text()
+    assert "| deployed MB |" in md and "LoSA@50% WikiText-2 ppl" in md

@@ -172,6 +172,7 @@ def sparsegpt(
     damping: float = 0.01,
     blocksize: int = 128,
     inverse_upper: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on W [out, in] against the input Gram H [in, in]: (pruned weight fp32 [out, in], keep mask).
 
@@ -180,6 +181,7 @@ def sparsegpt(
     over the block ("layer": the paper's adaptive selection), or per N:M group; each pruned weight's error is
     spread over the not yet visited columns (lazy batch updates), so the kept weights compensate it. Pass
     `inverse_upper` (U) to reuse a factorization; the column sweep runs in fp32, as the reference implementation.
+    `keep_mask` [out, in] fixes the mask instead (only the update of the kept weights runs).
     """
     check_sparsity(sparsity)
     nm = parse_nm(pattern)
@@ -196,11 +198,14 @@ def sparsegpt(
         i2 = min(i1 + step, in_dim)
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
         errors = torch.zeros_like(w1)
-        pruned = None if nm is not None else _block_prune_mask(w1, torch.diagonal(u1), sparsity, granularity)
-        if nm is not None:
+        if keep_mask is not None:
+            pruned = ~keep_mask[:, i1:i2].to(w1.device)
+        elif nm is None:
+            pruned = _block_prune_mask(w1, torch.diagonal(u1), sparsity, granularity)
+        else:
             pruned = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:  # choose each N:M group when its first column is reached
+            if keep_mask is None and nm is not None and i % nm[1] == 0:  # each N:M group chosen at its first column
                 saliency = w1[:, i : i + nm[1]] ** 2 / torch.diagonal(u1)[i : i + nm[1]][None, :] ** 2
                 pruned[:, i : i + nm[1]] = ~_keep_largest(saliency, nm[0], dim=1)
             col = w1[:, i]

@@ -72,17 +72,18 @@ def add_dataclass_args(
         if (only is not None and f.name not in only) or f.name in skip:
             continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-        help_text = f.metadata.get("help", "")
+        # argparse %-formats help strings: a literal "3% of" would read as a %o conversion and crash --help
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         kind, is_bool = _parser_for(hints[f.name])
         if is_bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                dest=f.name, help=f"{help_text} (default: {default})")  # fmt: skip
+                                dest=f.name, help=help_text)  # fmt: skip
             continue
         choices = f.metadata.get("choices")
         # dest is the field name: `--lora-rank` must fill `r` (without it the flag was silently ignored)
         parser.add_argument(flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS, dest=f.name,
                             metavar=None if choices else f.name.upper(),
-                            help=f"{help_text} (default: {default})")  # fmt: skip
+                            help=help_text)  # fmt: skip
 
 
 def dataclass_from_args(args: argparse.Namespace, cls: type[T], **overrides: Any) -> T:

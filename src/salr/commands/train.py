@@ -21,6 +21,7 @@ from salr.commands.common import (
 )
 from salr.errors import SALRError
 from salr.io import check_writable_dir
+from salr.losa.config import LoSAConfig
 from salr.train.config import METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="fine-tune adapters (salr, lora, prune-lora, salr-frozen-residual, qsalr, qlora)"
+        "train", help="fine-tune adapters (salr, lora, prune-lora, salr-frozen-residual, qsalr, qlora, losa)"
     )
     add_model_arg(p)
     p.add_argument("--method", default="salr", choices=METHODS, help="what is pruned and what is trained")
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="run directory: final SALR checkpoint, metrics.jsonl, checkpoints/")
     add_salr_args(p)  # its --seed also seeds the data order and dropout
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, skip=("seed", "progress"))
+    add_dataclass_args(p.add_argument_group("LoSA (--method losa; docs/losa.md)"), LoSAConfig)
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest.json")
     g.add_argument("--eval-data", help="GSM8K/Alpaca file: answer NLL logged every --eval-every steps")
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         eval_fn=eval_fn,
         eval_info=eval_info,
+        losa=dataclass_from_args(args, LoSAConfig),
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

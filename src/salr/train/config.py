@@ -9,7 +9,7 @@ from typing import Any
 from salr.config import SALRConfig
 from salr.errors import SALRError
 
-METHODS = ("salr", "lora", "prune-lora", "salr-frozen-residual", "qsalr", "qlora")
+METHODS = ("salr", "lora", "prune-lora", "salr-frozen-residual", "qsalr", "qlora", "losa")
 
 
 @dataclass
@@ -105,7 +105,10 @@ def method_config(method: str, config: SALRConfig) -> SALRConfig:
     - `qsalr`: SALR on a quantized base (config.quant, NF4 when unset): the residual absorbs pruning and quantization
       error;
     - `qlora`: QLoRA, `lora` on a quantized base (config.quant, NF4 when unset): every weight kept, so its bitmap is
-      all ones and the base computes exactly the dense dequantized W0.
+      all ones and the base computes exactly the dense dequantized W0;
+    - `losa`: LoSA (salr.losa): progressive pruning of the dense model with a masked LoRA update whose final mean rank
+      is r + residual_rank (same parameters as SALR at the end); the target sparsity and pattern are `config`'s and
+      the model is pruned during training, not by `convert`.
     LoRA blocks keep SALR's LoRA scale (lora_alpha / r). The other methods keep config.quant as given.
     """
     rank = config.r + config.residual_rank
@@ -116,6 +119,7 @@ def method_config(method: str, config: SALRConfig) -> SALRConfig:
         "salr": {"train_residual": True},
         "lora": {**dense, **equal_rank},
         "prune-lora": equal_rank,
+        "losa": equal_rank,
         "salr-frozen-residual": {"train_residual": False},
         "qsalr": {"train_residual": True, **quant},
         "qlora": {**dense, **equal_rank, **quant},

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,9 @@ from salr.memory import peak_memory_mib, reset_peak_memory
 from salr.train import state as run_state
 from salr.train.config import METHODS, TrainConfig, method_config
 from salr.train.residual_lr import ResidualLR, frozen_residual_parameters, residual_lr_scales
+
+if TYPE_CHECKING:
+    from salr.losa import LoSAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -451,15 +454,24 @@ def run_training(
     dtype: str | None = None,
     eval_fn: Callable[[nn.Module, Any], dict[str, float]] | None = None,
     eval_info: dict[str, Any] | None = None,
+    losa: LoSAConfig | None = None,
 ) -> dict[str, Any]:
     """What `salr train` does: prepare the model (or reload the latest checkpoint with `resume`), tokenise the
     data, train, save. Returns the report; resuming a finished run returns its report with `already_finished`
-    and changes nothing. Every argument is checked before the model is loaded."""
+    and changes nothing. Every argument is checked before the model is loaded. `losa` holds the knobs of method
+    "losa" (salr.losa.run_losa)."""
     if method not in METHODS:
         raise SALRError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if limit is not None and limit < 1:
         raise SALRError(f"--limit must be >= 1, got {limit}")
     output = Path(os.path.abspath(output))
+    if method == "losa":
+        from salr.losa import LoSAConfig, run_losa
+
+        if resume:
+            raise SALRError("--resume is not supported for --method losa: its rounds prune the model; start again")
+        return run_losa(model_spec, config, cfg, losa or LoSAConfig(), output, data_path, records, limit, dtype,
+                        eval_fn, eval_info)  # fmt: skip
     started = time.perf_counter()
     if records is None and (data_path is not None or not cfg.distill):  # check the data before the slow part
         if data_path is None:
