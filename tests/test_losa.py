@@ -415,3 +415,27 @@ def test_losa_layers_copy_and_compare_like_salr_layers(tiny_llama):
     layers = attach(copy.deepcopy(tiny_llama), _losa_config(), LoSAConfig())
     assert layers and all(isinstance(m, salr.SALRLinear) for _, m in layers)
     assert len(salr_modules(layers[0][1])) == 1
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_salr_merge_of_a_trained_losa_layer_keeps_its_zeros_and_its_function(mode):
+    """`salr merge` (salr.merge.merge_model) on a model of LoSA layers: both modes give LoSA's own merged weight,
+    so the merged model has exactly the base's zeros and computes what the LoSA model computed."""
+    from salr.merge import merge_model
+
+    model = torch.nn.Sequential(_losa_layer(seed=1), torch.nn.ReLU(), _losa_layer(out=5, inp=12, seed=2))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.B_cat.add_(0.1)  # a nonzero update everywhere, so a fill-in would show
+    x = torch.randn(7, 16)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    bases = [(layer.base.to_dense() == 0).clone() for layer in (model[0], model[2])]
+    report = merge_model(model, mode)
+    assert isinstance(model[0], torch.nn.Linear) and isinstance(model[2], torch.nn.Linear)
+    for pruned, linear in zip(bases, (model[0], model[2]), strict=True):
+        assert torch.equal(linear.weight == 0, pruned)
+    assert report["totals"]["nonzero_at_pruned"] == 0 and report["totals"]["sparsity"] == pytest.approx(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
