@@ -51,6 +51,7 @@ from salr.io import (
     make_temp_dir,
     read_json,
     remove_stale_temps,
+    swap_dir,
     umask,
 )
 
@@ -317,15 +318,7 @@ def check_replaceable(target: Path) -> None:
 def replace_dir(new: Path, target: Path) -> None:
     """Rename `new` to `target`; an existing `target` is moved aside first and removed only afterwards."""
     check_replaceable(target)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        fsync_path(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
-        fsync_path(target.parent)
+    swap_dir(new, target)
 
 
 def read_salr_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -103,6 +103,20 @@ def check_output_dir(out: str | os.PathLike, marker: str, what: str = "output") 
     return path
 
 
+def swap_dir(new: Path, target: Path) -> None:
+    """Rename directory `new` to `target`, durably; an existing `target` is moved aside first and removed only after
+    the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        fsync_path(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+        fsync_path(target.parent)
+
+
 def write_dir(out: str | os.PathLike, fill: Callable[[Path], None], marker: str, what: str = "output") -> Path:
     """Build directory `out` atomically: `fill(tmp)` writes into a temporary sibling, which is fsynced and renamed to
     `out`. An existing `out` is replaced only when it is empty or holds `marker` (a file or directory that this kind
@@ -114,15 +128,7 @@ def write_dir(out: str | os.PathLike, fill: Callable[[Path], None], marker: str,
     try:
         fill(tmp)
         fsync_tree(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            fsync_path(out.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-            fsync_path(out.parent)
+        swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -234,14 +240,7 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
         raise SALRError(f"{what} {path} is the file system root: pass a directory to create")
     if path.exists() and not path.is_dir():
         raise SALRError(f"{what} {path} exists and is not a directory: pass a directory")
-    parent = path.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SALRError(f"{what} {path}: {existing} is a file, so the directory cannot be created")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SALRError(f"{what} {path}: no permission to write in {existing}")
+    _check_parent_writable(path, what)
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
         raise SALRError(f"{what} {path}: no permission to write in it")
     return path
@@ -252,12 +251,16 @@ def check_writable_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(os.path.abspath(path))
     if path.is_dir():
         raise SALRError(f"{what} {path} is a directory: pass a file name")
-    parent = path.parent
-    existing = parent
+    _check_parent_writable(path, what)
+    return path
+
+
+def _check_parent_writable(path: Path, what: str) -> None:
+    """The nearest existing ancestor of `path` is a directory this process may create entries in."""
+    existing = path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise SALRError(f"{what} {path}: {existing} is a file, so the directory cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SALRError(f"{what} {path}: no permission to write in {existing}")
-    return path
