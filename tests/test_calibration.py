@@ -10,6 +10,7 @@ from salr.calibration import (
     calibration_ids,
     decoder_blocks,
     file_ids,
+    output_errors,
     relative_output_error,
     self_generated_ids,
 )
@@ -104,3 +105,15 @@ def test_relative_output_error_matches_the_direct_computation():
     w0, w_hat = torch.randn(7, 12, generator=gen), torch.randn(7, 12, generator=gen)
     direct = float((x @ (w0.double() - w_hat.double()).T).norm() / (x @ w0.double().T).norm())
     assert relative_output_error(w0, w_hat, x.T @ x) == pytest.approx(direct, rel=1e-9)
+
+
+def test_output_errors_match_relative_output_error_before_and_after_the_residual():
+    torch.manual_seed(3)
+    x = torch.randn(200, 24) * torch.rand(24)
+    w0, base = torch.randn(10, 24), torch.randn(10, 24) * (torch.rand(10, 24) > 0.5)
+    B, A = torch.randn(10, 3), torch.randn(3, 24)
+    gram = (x.T @ x).double()
+    before, after = output_errors(w0, base, B, A, gram)
+    assert before == pytest.approx(relative_output_error(w0, base, gram), rel=1e-9)
+    assert after == pytest.approx(relative_output_error(w0, base + B @ A, gram), rel=1e-6)  # B @ A rounds in fp32
+    assert output_errors(torch.zeros(10, 24), base, B, A, gram) == (0.0, 0.0)

@@ -8,7 +8,7 @@ import torch
 import salr
 from salr.calibration import LayerStats, relative_output_error
 from salr.config import SALRConfig
-from salr.decompose import decompose
+from salr.decompose import decompose, decompose_group
 from salr.errors import SALRError
 from salr.pruning import magnitude_mask, sparsegpt, wanda_mask
 from salr.residual import residual_svd, whitened_svd
@@ -131,3 +131,25 @@ def test_calibrated_convert_beats_the_paper_on_its_calibration_objective(stories
     assert len(rows) == 35 and all(r["output_error_after_residual"] is not None for r in rows)
     assert sum(r["output_error_after_residual"] for r in rows) < sum(r["output_error_before_residual"] for r in rows)
     assert report["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+GROUP_CASES = [("unstructured", "row", "none"), ("2:4", None, "none"), ("unstructured", "layer", "none"),
+               ("unstructured", "row", "nf4")]  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern,granularity,quant", GROUP_CASES)
+def test_layers_sharing_an_input_decompose_together_exactly_as_one_by_one(pattern, granularity, quant):
+    """q/k/v (gate/up) share a Gram: decompose_group prunes them in one SparseGPT sweep when rows are independent
+    (per-row and N:M masks), else one by one; either way each layer's split is what decompose gives it alone."""
+    w, gram = problem(out_dim=40, in_dim=64)
+    stats = LayerStats(gram, 400)
+    config = SALRConfig(criterion="sparsegpt", residual_init="alternating", alternating_rounds=2, residual_rank=4,
+                        r=0, pattern=pattern, granularity=granularity, quant=quant, calibration="self")  # fmt: skip
+    parts = [w[:24], w[24:32], w[32:]]  # q, k, v of different heights
+    together = decompose_group(parts, config, stats)
+    for part, split in zip(parts, together, strict=True):
+        alone = decompose(part, config, stats)
+        assert torch.allclose(split.base, alone.base, atol=1e-5)
+        assert torch.equal(split.base != 0, alone.base != 0) or quant != "none"
+        assert torch.allclose(split.factors.B @ split.factors.A, alone.factors.B @ alone.factors.A, atol=1e-4)
+        assert split.row["output_error_after_residual"] == pytest.approx(alone.row["output_error_after_residual"])

@@ -40,7 +40,7 @@ TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 
 @torch.no_grad()
 def self_generated_ids(
-    model: nn.Module, samples: int, length: int, seed: int = 0, batch_size: int = 16
+    model: nn.Module, samples: int, length: int, seed: int = 0, batch_size: int = 64
 ) -> torch.Tensor:
     """[samples, length] token ids sampled from `model` itself (temperature 1, top-p 0.95) from its BOS token.
 
@@ -279,3 +279,18 @@ def relative_output_error(w0: torch.Tensor, w_hat: torch.Tensor, gram: torch.Ten
     num = float(((diff @ gram) * diff).sum().clamp_min(0))
     den = float(((w0d @ gram) * w0d).sum())
     return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def output_errors(
+    w0: torch.Tensor, base: torch.Tensor, B: torch.Tensor, A: torch.Tensor, gram: torch.Tensor
+) -> tuple[float, float]:
+    """`relative_output_error` of Ŵ = base and of Ŵ = base + B A at once, with two [out, in] x [in, in] products
+    instead of four: with E = W0 − base, ‖(E − B A) X‖² = tr(E H Eᵀ) − 2 tr(Bᵀ E H Aᵀ) + tr(Bᵀ B A H Aᵀ)."""
+    w0d, e, b, a = w0.double(), w0.double() - base.double(), B.double(), A.double()
+    den = float(((w0d @ gram) * w0d).sum())
+    eh = e @ gram
+    before = float((eh * e).sum())
+    after = before - 2 * float(((eh @ a.T) * b).sum()) + float(((b @ (a @ gram @ a.T)) * b).sum())
+    if den <= 0:
+        return 0.0, 0.0
+    return math.sqrt(max(before, 0.0) / den), math.sqrt(max(after, 0.0) / den)

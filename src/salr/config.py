@@ -75,7 +75,7 @@ class SALRConfig:
             "choices": RESIDUAL_INITS,
         },
     )
-    alternating_rounds: int = field(default=3, metadata={"help": "rounds of residual_init 'alternating'"})
+    alternating_rounds: int = field(default=2, metadata={"help": "rounds of residual_init 'alternating'"})
     calibration: str = field(
         default="self",
         metadata={
@@ -83,8 +83,8 @@ class SALRConfig:
             "Alpaca file, or 'none' (magnitude + svd only)"
         },
     )
-    calibration_samples: int = field(default=32, metadata={"help": "calibration windows"})
-    calibration_length: int = field(default=512, metadata={"help": "tokens per calibration window"})
+    calibration_samples: int = field(default=64, metadata={"help": "calibration windows"})
+    calibration_length: int = field(default=128, metadata={"help": "tokens per calibration window"})
     sequential: bool = field(
         default=True,
         metadata={

@@ -24,7 +24,7 @@ from salr import bases
 from salr.bases import DenseBase
 from salr.calibration import BlockwiseCalibration, LayerStats, calibration_ids, iterate_blocks
 from salr.config import DTYPES, SALRConfig
-from salr.decompose import decompose
+from salr.decompose import Decomposition, decompose, decompose_group
 from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, SALRExperts, SALRExpertsProjection, check_supported, is_fused_experts
 from salr.layer import FusedAdapters, SALRLinear
@@ -190,10 +190,11 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
         mine = [t for t in targets if t.module_name.startswith(name + ".")]
         if not mine:
             continue
-        stats, dense_outputs = calib.statistics(block, [t.name[len(name) + 1 :] for t in mine])
+        prefix = len(name) + 1
+        stats, dense_outputs = calib.statistics(block, [t.name[prefix:] for t in mine])
         modules = dict(converter.model.named_modules())
+        converter.decompose_shared_inputs(mine, modules, stats, prefix)
         for target in mine:
-            prefix = len(name) + 1
             local = {key: value for key, value in stats.items() if key.split("[")[0] == target.name[prefix:]}
             converter.convert(target, modules[target.module_name], local, prefix=target.name[:prefix])
         converter.install_experts()
@@ -211,12 +212,28 @@ class _Converter:
         self.model, self.config, self.generator, self.threshold, self.init = model, config, generator, threshold, init
         self.rows: list[dict[str, Any]] = []
         self.experts: dict[str, dict[str, SALRExpertsProjection]] = {}
+        self.ready: dict[str, Decomposition] = {}  # decomposed ahead by decompose_shared_inputs, by target name
+
+    def decompose_shared_inputs(
+        self, targets: list[Target], modules: dict[str, nn.Module], stats: dict[str, LayerStats], prefix: int
+    ) -> None:
+        """Decompose together the linear targets that read the same input (one shared LayerStats: q/k/v, gate/up),
+        ahead of `convert` (salr.decompose.decompose_group: one SparseGPT sweep for the group)."""
+        groups: dict[int, list[Target]] = {}
+        for target in targets:
+            local = target.name[prefix:]
+            if target.kind == "linear" and local in stats:
+                groups.setdefault(id(stats[local]), []).append(target)
+        for group in (g for g in groups.values() if len(g) > 1):
+            weights = [modules[t.module_name].weight for t in group]
+            splits = decompose_group(weights, self.config, stats[group[0].name[prefix:]], self.threshold)
+            self.ready.update((t.name, split) for t, split in zip(group, splits, strict=True))
 
     def parts(
-        self, weight: torch.Tensor, stats: LayerStats | None
+        self, weight: torch.Tensor, stats: LayerStats | None, split: Decomposition | None = None
     ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
-        """(frozen base: dense, or quantized bitmap with config.quant; A_cat, B_cat, report row) of one 2-D weight;
-        meta tensors (a dense base) and no row when not `init`."""
+        """(frozen base: dense, or quantized bitmap with config.quant; A_cat, B_cat, report row) of one 2-D weight
+        (from `split` when it was decomposed ahead); meta tensors (a dense base) and no row when not `init`."""
         config, adapter_dtype = self.config, DTYPES[self.config.adapter_dtype]
         out_dim, in_dim = weight.shape
         if not self.init:
@@ -225,7 +242,7 @@ class _Converter:
             A_cat = torch.empty(rank, in_dim, dtype=adapter_dtype, device="meta")
             B_cat = torch.empty(out_dim, rank, dtype=adapter_dtype, device="meta")
             return base, A_cat, B_cat, {}
-        split = decompose(weight, config, stats, self.threshold)  # on the weight's device
+        split = split or decompose(weight, config, stats, self.threshold)  # on the weight's device
         device = weight.device
         A_cat = torch.cat([split.factors.A, _lora_A(config.r, in_dim, self.generator).to(device)])
         B_cat = torch.cat([split.factors.B, torch.zeros(out_dim, config.r, device=device)], dim=1)
@@ -249,7 +266,7 @@ class _Converter:
             )  # fmt: skip
             self.experts.setdefault(target.module_name, {})[param] = projection
             return
-        base, A_cat, B_cat, row = self.parts(owner.weight, stats.get(local))
+        base, A_cat, B_cat, row = self.parts(owner.weight, stats.get(local), self.ready.pop(target.name, None))
         if self.init:
             self.rows.append({"name": target.name, **row})
         layer = SALRLinear(base, owner.bias, A_cat, B_cat, **_adapter_kwargs(self.config))

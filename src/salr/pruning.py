@@ -208,13 +208,10 @@ def sparsegpt(
             if keep_mask is None and nm is not None and i % nm[1] == 0:  # each N:M group chosen at its first column
                 saliency = w1[:, i : i + nm[1]] ** 2 / torch.diagonal(u1)[i : i + nm[1]][None, :] ** 2
                 pruned[:, i : i + nm[1]] = ~_keep_largest(saliency, nm[0], dim=1)
-            col = w1[:, i]
-            q = torch.where(pruned[:, i], torch.zeros_like(col), col)
-            err = (col - q) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            w1[:, i] = q
+            err = w1[:, i] * pruned[:, i] / u1[i, i]  # the pruned weight's error; 0 where kept
+            w1[:, i:].addr_(err, u1[i, i:], alpha=-1)  # in place: no [out, block] temporary per column
             errors[:, i] = err
-        w[:, i1:i2] = w1
+        w[:, i1:i2] = w1 * ~pruned
         keep[:, i1:i2] = ~pruned
         w[:, i2:] -= errors @ u[i1:i2, i2:]
     return (w * keep).float(), keep

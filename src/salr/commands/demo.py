@@ -1,7 +1,8 @@
 """`salr demo`: the README's main job, in four stages on the default model (or --model):
 
 1. compress: the paper's recipe and salr's default (salr+) side by side with naive pruning, completions compared;
-2. recover: data-free distillation of the salr+ model towards the dense one (text sampled from the dense model);
+2. recover: data-free distillation of the salr+ model towards the dense one, on the calibration text (sampled
+   from the dense model unless --calibration FILE);
 3. fine-tune: a short task fine-tune (synthetic arithmetic, or --data), scored before and after;
 4. save, reload, check the reload is exact.
 General ability is tracked all along as perplexity on held-out text sampled from the dense model (and on --text).
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from salr.calibration import self_generated_ids
+from salr.calibration import SELF, calibration_ids, self_generated_ids
 from salr.checkpoint import load
 from salr.commands.common import add_model_arg, add_salr_args, config_from_args
 from salr.compress import format_report
@@ -55,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the summary here")
     g = p.add_argument_group("recovery and fine-tuning")
     g.add_argument("--recovery-steps", type=int, default=30, help="distillation steps (0 skips recovery)")
-    g.add_argument("--sample-length", type=int, default=256, help="tokens per sequence sampled from the dense model "
-                   "(held-out text: 8 sequences; recovery text: 8 per step)")  # fmt: skip
+    g.add_argument("--sample-length", type=int, default=256, help="tokens per held-out sequence sampled from the "
+                   "dense model (8 sequences)")  # fmt: skip
     g.add_argument("--data", help="GSM8K or Alpaca JSON/JSONL (default: synthetic arithmetic problems)")
     g.add_argument("--train-examples", type=int, default=256, help="training records")
     g.add_argument("--eval-examples", type=int, default=40, help="held-out records evaluated before and after")
@@ -91,6 +92,11 @@ class Demo:
         self.generate = complete if chat or args.prompt else continue_text  # story prompts are continued
         self.sample_length = min(args.sample_length, getattr(dense.config, "max_position_embeddings", 1 << 30))
         self.held_out = self_generated_ids(dense, 8, self.sample_length, seed=HELD_OUT_SEED)
+        # One set of text serves calibration (salr+) and recovery: the calibration windows (self-sampled unless
+        # --calibration FILE), sampled once; sampling from a 135M model on 2 cores costs ~10 ms a token.
+        source = config.calibration if config.calibration != "none" else SELF
+        self.calibration = calibration_ids(dense, tokenizer, source, config.calibration_samples,
+                                           config.calibration_length, config.seed)  # fmt: skip
         self.text = Path(args.text).read_text(encoding="utf-8") if args.text else None
         self.summary: dict[str, Any] = {"model": args.model, "config": config.to_dict(), "completions": {},
                                         "held_out_text_perplexity": {}, "text_perplexity": {}}  # fmt: skip
@@ -132,7 +138,7 @@ def compress_stage(demo: Demo) -> torch.nn.Module:
         del model
     salr_model = copy.deepcopy(dense)
     started = time.perf_counter()
-    report = convert(salr_model, config, tokenizer=demo.tokenizer)
+    report = convert(salr_model, config, calibration=demo.calibration if config.needs_calibration else None)
     report["model"] = demo.args.model
     print(format_report(report, max_rows=7))
     print(f"compressed with {config.criterion} + {config.residual_init} in {time.perf_counter() - started:.0f} s")
@@ -148,11 +154,13 @@ def recovery_stage(demo: Demo, model: torch.nn.Module) -> None:
     args = demo.args
     if args.recovery_steps <= 0:
         return
-    print(f"\n== 2. recover: {args.recovery_steps} steps of distillation on text sampled from the dense model ==")
-    cfg = TrainConfig(lr=1e-3, max_steps=args.recovery_steps, batch_size=8, warmup_steps=2, seed=demo.config.seed,
-                      distill=True, progress=True)  # fmt: skip
-    ids = self_generated_ids(demo.dense, args.recovery_steps * 8, demo.sample_length, seed=demo.config.seed + 1)
-    examples = [{"input_ids": row, "labels": row} for row in ids.tolist()]
+    print(
+        f"\n== 2. recover: {args.recovery_steps} steps of distillation towards the dense model on the calibration "
+        "text =="
+    )
+    examples = [{"input_ids": row, "labels": row} for row in demo.calibration.tolist()]
+    cfg = TrainConfig(lr=1e-3, max_steps=args.recovery_steps, batch_size=min(8, len(examples)), warmup_steps=2,
+                      seed=demo.config.seed, distill=True, progress=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="salr-recovery-") as run_dir:  # only the model in memory is kept
         report = train(model, demo.tokenizer, examples, demo.config, cfg, run_dir, args.model, teacher=demo.dense)
     demo.summary["recovery"] = {"steps": report["steps"], "kl_first": report["history"][0]["loss"],
