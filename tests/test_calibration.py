@@ -112,8 +112,14 @@ def test_output_errors_match_relative_output_error_before_and_after_the_residual
     x = torch.randn(200, 24) * torch.rand(24)
     w0, base = torch.randn(10, 24), torch.randn(10, 24) * (torch.rand(10, 24) > 0.5)
     B, A = torch.randn(10, 3), torch.randn(3, 24)
-    gram = (x.T @ x).double()
+    xd = x.double()
+    gram = xd.T @ xd
     before, after = output_errors(w0, base, B, A, gram)
-    assert before == pytest.approx(relative_output_error(w0, base, gram), rel=1e-9)
-    assert after == pytest.approx(relative_output_error(w0, base + B @ A, gram), rel=1e-6)  # B @ A rounds in fp32
+    direct = [
+        float(((w0.double() - w_hat.double()) @ xd.T).norm() / (w0.double() @ xd.T).norm())
+        for w_hat in (base, base + B @ A)
+    ]
+    assert before == pytest.approx(direct[0], rel=1e-9)
+    assert after == pytest.approx(direct[1], rel=1e-6)  # B @ A rounds in fp32
+    assert before == pytest.approx(relative_output_error(w0, base, gram), rel=1e-12)
     assert output_errors(torch.zeros(10, 24), base, B, A, gram) == (0.0, 0.0)

@@ -274,11 +274,8 @@ def iterate_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def relative_output_error(w0: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor) -> float:
     """‖(W0 − Ŵ) X‖_F / ‖W0 X‖_F from the Gram H = X Xᵀ: W0, Ŵ [out, in]."""
-    w0d = w0.double()
-    diff = w0d - w_hat.double()
-    num = float(((diff @ gram) * diff).sum().clamp_min(0))
-    den = float(((w0d @ gram) * w0d).sum())
-    return math.sqrt(num / den) if den > 0 else 0.0
+    no_factor = w0.new_zeros(w0.shape[0], 0), w0.new_zeros(0, w0.shape[1])
+    return output_errors(w0, w_hat, *no_factor, gram)[0]
 
 
 def output_errors(

@@ -26,7 +26,7 @@ from salr.calibration import SELF, calibration_ids, self_generated_ids
 from salr.checkpoint import load
 from salr.commands.common import add_model_arg, add_salr_args, config_from_args
 from salr.compress import format_report
-from salr.config import PRESETS, SALRConfig
+from salr.config import NO_CALIBRATION, PRESETS, SALRConfig
 from salr.convert import convert
 from salr.errors import SALRError
 from salr.evaluate import complete, continue_text, perplexity, score_tokens
@@ -96,7 +96,7 @@ class Demo:
         self.held_out = self_generated_ids(dense, 8, self.sample_length, seed=HELD_OUT_SEED)
         # One set of text serves calibration (salr+) and recovery: the calibration windows (self-sampled unless
         # --calibration FILE), sampled once; sampling from a 135M model on 2 cores costs ~10 ms a token.
-        source = config.calibration if config.calibration != "none" else SELF
+        source = config.calibration if config.calibration != NO_CALIBRATION else SELF
         self.calibration = calibration_ids(dense, tokenizer, source, config.calibration_samples,
                                            config.calibration_length, config.seed)  # fmt: skip
         self.text = Path(args.text).read_text(encoding="utf-8") if args.text else None
