@@ -335,9 +335,7 @@ def _nf4_codes(a: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Ten
         last = a[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, last.view(1)])
         scaled = torch.cat([scaled, torch.clamp(a[full:] / last, -1, 1)])
-    scaled = torch.nn.functional.pad(scaled, (0, n % 2))  # odd n: the pad value 0.0 is code 7
-    q = torch.bucketize(scaled, _NF4_BOUNDS.to(a.device), out_int32=True).to(torch.uint8)
-    return ((q[0::2] << 4) | q[1::2]).contiguous(), absmax
+    return pack_codes(torch.bucketize(scaled, _NF4_BOUNDS.to(a.device)), "nf4"), absmax
 
 
 def _int8_codes(a: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,6 +387,28 @@ def quantize_values(
         return QuantizedValues(kind, codes, a.numel(), blocksize, absmax=absmax)
     qabsmax, nested, offset = quantize_scales(absmax)
     return QuantizedValues(kind, codes, a.numel(), blocksize, qabsmax=qabsmax, nested_absmax=nested, offset=offset)
+
+
+def round_to_scales(values: torch.Tensor, scales: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int64, their fp32 dequantization) of fp32 `values` on the grid of given scales (same shape: the
+    scale of each value's block): the nearest NF4 code of v / s (int8: round-half-even(v · 127 / s)), clamped to
+    the grid's range; a zero scale gives the code of 0. Dequantization is dequantize_values' arithmetic, so
+    re-encoding the returned values with the same scales returns the same codes."""
+    if kind == "nf4":
+        scaled = torch.clamp(values / scales.clamp(min=1e-38), -1, 1)
+        codes = torch.bucketize(scaled, _NF4_BOUNDS.to(values.device)).masked_fill_(scales == 0, NF4_ZERO_CODE)
+        return codes, NF4_CODE.to(values.device)[codes] * scales
+    codes = torch.round(values * (127.0 / scales.clamp(min=1e-38))).clamp_(-127, 127).masked_fill_(scales == 0, 0)
+    return codes.long(), (codes * scales) * INT8_INV127
+
+
+def pack_codes(codes: torch.Tensor, kind: str) -> torch.Tensor:
+    """The stored code stream of int codes [n]: nf4 two per byte, high nibble first (odd n: low nibble 7);
+    int8 as int8."""
+    if kind == "int8":
+        return codes.to(torch.int8).contiguous()
+    q = torch.nn.functional.pad(codes.to(torch.uint8), (0, codes.numel() % 2), value=NF4_ZERO_CODE)
+    return ((q[0::2] << 4) | q[1::2]).contiguous()
 
 
 def unpack_codes(q: QuantizedValues) -> torch.Tensor:

@@ -19,6 +19,7 @@ NO_CALIBRATION = "none"
 DEFAULT_SPARSITY = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTS = ("none", "nf4", "int8")
+QUANT_ROUNDINGS = ("nearest", "gptq")
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -123,6 +124,15 @@ class SALRConfig:
     quant_double: bool = field(
         default=False, metadata={"help": "with quant: double-quantize the block scales (QLoRA), ~0.37 bit/value less"}
     )
+    quant_rounding: str | None = field(
+        default=None,
+        metadata={
+            "help": "with quant: 'nearest' rounds each kept value to its nearest code (QLoRA); 'gptq' rounds one "
+            "input column at a time and lets the later columns absorb the error (GPTQ, needs calibration); unset: "
+            "'gptq' when calibration statistics are collected, else 'nearest'",
+            "choices": QUANT_ROUNDINGS,
+        },
+    )
 
     def __post_init__(self) -> None:
         nm = parse_nm(self.pattern)
@@ -164,6 +174,7 @@ class SALRConfig:
             raise SALRError(f"quant must be one of {QUANTS}, got {self.quant!r}")
         if self.quant_double and self.quant == "none":
             raise SALRError("quant_double quantizes the scales of a quantized base: pass quant='nf4' or 'int8' too")
+        self._check_quant_rounding()
         if self.adapter_dtype not in DTYPES:
             raise SALRError(f"adapter_dtype must be float32, bfloat16 or float16, got {self.adapter_dtype!r}")
         for name in ("target_modules", "exclude_modules"):
@@ -190,6 +201,29 @@ class SALRConfig:
                 raise SALRError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not (isinstance(self.damping, int | float) and 0 < self.damping < 1e3):
             raise SALRError(f"damping must be a positive number, got {self.damping!r}")
+
+    def _check_quant_rounding(self) -> None:
+        if self.quant == "none":
+            if self.quant_rounding is not None:
+                raise SALRError("quant_rounding chooses how a quantized base is rounded: pass quant='nf4' or 'int8'")
+            return
+        if self.quant_rounding is None:
+            return
+        if self.quant_rounding not in QUANT_ROUNDINGS:
+            raise SALRError(f"quant_rounding must be one of {QUANT_ROUNDINGS}, got {self.quant_rounding!r}")
+        if self.quant_rounding == "gptq" and not self.needs_calibration:
+            raise SALRError(
+                "quant_rounding 'gptq' needs calibration statistics, which this config does not collect (magnitude "
+                "mask + plain SVD, or sparsity 0): use quant_rounding 'nearest' or an activation-aware criterion"
+            )
+
+    @property
+    def rounding(self) -> str | None:
+        """How the quantized base is rounded (quant_rounding, or its default: 'gptq' when calibration statistics are
+        collected, else 'nearest'); None without quant."""
+        if self.quant == "none":
+            return None
+        return self.quant_rounding or ("gptq" if self.needs_calibration else "nearest")
 
     @property
     def needs_calibration(self) -> bool:
@@ -219,6 +253,8 @@ class SALRConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SALRConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("quant", "none") != "none" and "quant_rounding" not in known:
+            known["quant_rounding"] = "nearest"  # saved before GPTQ rounding existed
         if known.get("pattern", "unstructured") != "unstructured":
             known["sparsity"] = None  # implied by the pattern; avoids float round-trip mismatch
         return cls(**known)

@@ -22,7 +22,7 @@ from salr.calibration import LayerStats, output_errors
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.pruning import magnitude_mask, sparsegpt, wanda_mask
-from salr.quantize import error_energies, quantize_base
+from salr.quantize import error_energies, quantize_bases
 from salr.residual import ResidualFactors, residual_svd, whitened_svd
 
 
@@ -101,10 +101,11 @@ def decompose_group(
     low_ranks = [torch.zeros_like(w0) for w0 in w0s]
     for _ in range(rounds):
         prunes = _prune_all([w0 - lr for w0, lr in zip(w0s, low_ranks, strict=True)], config, stats, threshold)
-        fits = []
-        for w0, weight, (pruned, mask) in zip(w0s, weights, prunes, strict=True):
-            stored, base = quantize_base(pruned, mask, config, weight.dtype)  # base = Ŵ, or deq(Q(Ŵ))
-            fits.append((stored, base, fit_residual(w0 - base, config, stats)))
+        quantized = quantize_bases(prunes, config, [w.dtype for w in weights], stats)  # base = Ŵ, or deq(Q(Ŵ))
+        fits = [
+            (stored, base, fit_residual(w0 - base, config, stats))
+            for w0, (stored, base) in zip(w0s, quantized, strict=True)
+        ]
         low_ranks = [factors.B @ factors.A for _, _, factors in fits]
     splits = []
     for w0, (pruned, mask), (stored, base, factors) in zip(w0s, prunes, fits, strict=True):

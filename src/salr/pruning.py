@@ -9,7 +9,7 @@ A mask is True where the weight is kept. Masks are computed once and never chang
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -173,6 +173,7 @@ def sparsegpt(
     blocksize: int = 128,
     inverse_upper: torch.Tensor | None = None,
     keep_mask: torch.Tensor | None = None,
+    round_kept: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on W [out, in] against the input Gram H [in, in]: (pruned weight fp32 [out, in], keep mask).
 
@@ -181,7 +182,9 @@ def sparsegpt(
     over the block ("layer": the paper's adaptive selection), or per N:M group; each pruned weight's error is
     spread over the not yet visited columns (lazy batch updates), so the kept weights compensate it. Pass
     `inverse_upper` (U) to reuse a factorization; the column sweep runs in fp32, as the reference implementation.
-    `keep_mask` [out, in] fixes the mask instead (only the update of the kept weights runs).
+    `keep_mask` [out, in] fixes the mask instead (only the update of the kept weights runs). `round_kept(j, w_j)`
+    maps input column j's current values to what is stored (quantization: GPTQ's sweep); each rounding error is
+    then spread like a pruned weight's, and the returned kept weights are the rounded ones.
     """
     check_sparsity(sparsity)
     nm = parse_nm(pattern)
@@ -208,8 +211,12 @@ def sparsegpt(
             if keep_mask is None and nm is not None and i % nm[1] == 0:  # each N:M group chosen at its first column
                 saliency = w1[:, i : i + nm[1]] ** 2 / torch.diagonal(u1)[i : i + nm[1]][None, :] ** 2
                 pruned[:, i : i + nm[1]] = ~_keep_largest(saliency, nm[0], dim=1)
-            err = w1[:, i] * pruned[:, i] / u1[i, i]  # the pruned weight's error; 0 where kept
+            column = w1[:, i]
+            stored = column if round_kept is None else round_kept(i1 + i, column)
+            stored = stored.masked_fill(pruned[:, i], 0.0)
+            err = (column - stored) / u1[i, i]  # the pruned (or rounded) weight's error; 0 where kept as is
             w1[:, i:].addr_(err, u1[i, i:], alpha=-1)  # in place: no [out, block] temporary per column
+            w1[:, i] = stored  # exactly, not w − err·u_ii
             errors[:, i] = err
         w[:, i1:i2] = w1 * ~pruned
         keep[:, i1:i2] = ~pruned

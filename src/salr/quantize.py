@@ -13,31 +13,75 @@ entries, so there the parts overlap and the sum is only approximately ‖E‖².
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from salr.bases.qbitmap import QBitmapBase
-from salr.bitmap_format import QUANT_BLOCKSIZE
+from salr.bitmap_format import QUANT_BLOCKSIZE, QBitmapWeight, encode_quantized, pack_codes, round_to_scales
+from salr.calibration import LayerStats
 from salr.config import SALRConfig
+from salr.errors import SALRError
+from salr.pruning import sparsegpt
 
 
-def quantize_base(
-    pruned: torch.Tensor, mask: torch.Tensor, config: SALRConfig, dtype: torch.dtype
-) -> tuple[QBitmapBase | None, torch.Tensor]:
-    """(stored quantized base or None, the fp32 weight the frozen base computes with) for one pruned weight.
+def quantize_bases(
+    prunes: list[tuple[torch.Tensor, torch.Tensor]],
+    config: SALRConfig,
+    dtypes: list[torch.dtype],
+    stats: LayerStats | None = None,
+) -> list[tuple[QBitmapBase | None, torch.Tensor]]:
+    """(stored quantized base or None, the fp32 weight the frozen base computes with) for each (pruned, mask).
 
-    pruned: fp32 [out, in], zeros outside `mask`; mask: bool [out, in], True where kept; dtype: the model's weight
+    pruned: fp32 [out, in], zeros outside `mask`; mask: bool [out, in], True where kept; dtypes: each weight's own
     dtype. Without quantization there is nothing to store here (the caller keeps `pruned` as a dense base) and the
-    weight is `pruned`; with it, a QBitmapBase holding the quantized kept values (of `pruned` in `dtype`, widened
-    exactly to fp32, as bitsandbytes quantizes) and the weight is its exact fp32 dequantization.
+    weight is `pruned`. With it, a QBitmapBase of the kept values (of `pruned` in its dtype, widened exactly to
+    fp32, as bitsandbytes quantizes) and its exact fp32 dequantization. Rounding "nearest" is QLoRA's; "gptq" keeps
+    the block scales nearest rounding chooses but rounds one input column at a time, spreading each rounding error
+    over the columns not yet rounded through the inverse input Gram (GPTQ; SparseGPT's sweep with the mask fixed),
+    so the base's *output* error on the calibration activations is what is kept small. The weights of a group
+    share `stats` (q/k/v, gate/up); with fixed masks and scales GPTQ's rows are independent, so one sweep over
+    their concatenation rounds them all.
     """
     if config.quant == "none":
-        return None, pruned
-    base = QBitmapBase.from_dense(
-        pruned.to(dtype), mask, kind=config.quant, blocksize=QUANT_BLOCKSIZE, double_quant=config.quant_double
-    )
-    return base, base.dequantize().to(pruned.device)
+        return [(None, pruned) for pruned, _ in prunes]
+    encoded = [
+        encode_quantized(pruned.to(dtype), mask, config.quant, QUANT_BLOCKSIZE, config.quant_double)
+        for (pruned, mask), dtype in zip(prunes, dtypes, strict=True)
+    ]
+    if config.rounding == "gptq":
+        if stats is None:
+            raise SALRError("quant_rounding 'gptq' needs calibration statistics: pass calibration, or use 'nearest'")
+        encoded = _gptq_round(prunes, encoded, dtypes, stats.factor("inverse_upper", config.damping))
+    bases = [QBitmapBase(qw) for qw in encoded]
+    return [(base, base.dequantize().to(pruned.device)) for base, (pruned, _) in zip(bases, prunes, strict=True)]
+
+
+def _gptq_round(
+    prunes: list[tuple[torch.Tensor, torch.Tensor]],
+    encoded: list[QBitmapWeight],
+    dtypes: list[torch.dtype],
+    inverse_upper: torch.Tensor,
+) -> list[QBitmapWeight]:
+    """`encoded` with the codes re-chosen by GPTQ's sweep (see quantize_bases); bitmap and scales unchanged."""
+    kind = encoded[0].q.kind
+    scale_maps = [  # each kept weight's block scale, at its position; 0 where pruned
+        torch.zeros_like(pruned).masked_scatter_(mask, qw.q.scales().repeat_interleave(qw.q.blocksize)[: qw.nnz])
+        for (pruned, mask), qw in zip(prunes, encoded, strict=True)
+    ]
+    column_scales = torch.cat(scale_maps).t().contiguous()  # [in, sum of out]: one contiguous row per input column
+    weight = torch.cat([pruned.to(dtype).float() for (pruned, _), dtype in zip(prunes, dtypes, strict=True)])
+    rounded, _ = sparsegpt(
+        weight, None, 0.0, keep_mask=torch.cat([mask for _, mask in prunes]), inverse_upper=inverse_upper,
+        round_kept=lambda j, column: round_to_scales(column, column_scales[j], kind)[1],
+    )  # fmt: skip
+    result = []
+    sizes = [pruned.shape[0] for pruned, _ in prunes]
+    for part, (_, mask), scales, qw in zip(rounded.split(sizes), prunes, scale_maps, encoded, strict=True):
+        codes, _ = round_to_scales(part[mask], scales[mask], kind)  # the sweep's own codes: its values are on grid
+        result.append(replace(qw, q=replace(qw.q, codes=pack_codes(codes, kind))))
+    return result
 
 
 def error_energies(w0: torch.Tensor, pruned: torch.Tensor, kept: torch.Tensor) -> dict[str, float]:
@@ -55,5 +99,6 @@ def quant_totals(rows: list[dict[str, Any]], config: SALRConfig) -> dict[str, An
     return {
         "quant": config.quant,
         "quant_double": config.quant_double,
+        "quant_rounding": config.rounding,
         "quantization_energy": sum(r.get("quantization_energy", 0.0) for r in rows),
     }
