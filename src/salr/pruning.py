@@ -188,37 +188,58 @@ def sparsegpt(
     """
     check_sparsity(sparsity)
     nm = parse_nm(pattern)
-    out_dim, in_dim = weight.shape
-    if nm is not None and in_dim % nm[1]:
+    if nm is not None and weight.shape[1] % nm[1]:
         nm_mask(weight, *nm)  # raises the one clear message
-    w = weight.detach().float().clone()
     if inverse_upper is None:
         inverse_upper = inverse_cholesky_upper(damped_cholesky(gram, damping))
-    u = inverse_upper.to(w.dtype)
-    keep = torch.ones(out_dim, in_dim, dtype=torch.bool, device=w.device)
+    u = inverse_upper.float()
+    # transposed, [in, out]: the sweep reads and updates whole input columns, contiguous rows here
+    wt = weight.detach().float().t().contiguous()
+    keep_t = torch.ones_like(wt, dtype=torch.bool)
     step = blocksize if nm is None else max(nm[1], blocksize // nm[1] * nm[1])
-    for i1 in range(0, in_dim, step):
-        i2 = min(i1 + step, in_dim)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        errors = torch.zeros_like(w1)
+    for i1 in range(0, wt.shape[0], step):
+        i2 = min(i1 + step, wt.shape[0])
+        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]  # w1 is a view: updated in place
         if keep_mask is not None:
-            pruned = ~keep_mask[:, i1:i2].to(w1.device)
+            pruned = ~keep_mask[:, i1:i2].t().to(w1.device)
         elif nm is None:
-            pruned = _block_prune_mask(w1, torch.diagonal(u1), sparsity, granularity)
+            pruned = _block_prune_mask(w1.t(), torch.diagonal(u1), sparsity, granularity).t()
         else:
-            pruned = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if keep_mask is None and nm is not None and i % nm[1] == 0:  # each N:M group chosen at its first column
-                saliency = w1[:, i : i + nm[1]] ** 2 / torch.diagonal(u1)[i : i + nm[1]][None, :] ** 2
-                pruned[:, i : i + nm[1]] = ~_keep_largest(saliency, nm[0], dim=1)
-            column = w1[:, i]
-            stored = column if round_kept is None else round_kept(i1 + i, column)
-            stored = stored.masked_fill(pruned[:, i], 0.0)
-            err = (column - stored) / u1[i, i]  # the pruned (or rounded) weight's error; 0 where kept as is
-            w1[:, i:].addr_(err, u1[i, i:], alpha=-1)  # in place: no [out, block] temporary per column
-            w1[:, i] = stored  # exactly, not w − err·u_ii
-            errors[:, i] = err
-        w[:, i1:i2] = w1 * ~pruned
-        keep[:, i1:i2] = ~pruned
-        w[:, i2:] -= errors @ u[i1:i2, i2:]
-    return (w * keep).float(), keep
+            pruned = torch.zeros_like(w1, dtype=torch.bool)  # each N:M group is chosen when the sweep reaches it
+        pruned = pruned.contiguous()
+        errors = _sweep_block(w1, u1, pruned, round_kept, i1, nm if keep_mask is None else None)
+        keep_t[i1:i2] = ~pruned
+        wt[i2:].sub_(u[i1:i2, i2:].t() @ errors)  # lazy batch update of the columns after the block
+    return wt.t().contiguous(), keep_t.t().contiguous()
+
+
+def _sweep_block(
+    w1: torch.Tensor,
+    u1: torch.Tensor,
+    pruned: torch.Tensor,
+    round_kept: Callable[[int, torch.Tensor], torch.Tensor] | None,
+    offset: int,
+    nm: tuple[int, int] | None,
+) -> torch.Tensor:
+    """The column-by-column OBS sweep of one block, in place on w1 [block, out] (transposed columns): each column's
+    pruned (or rounded) weights are set and their error, scaled by 1 / [U]_ii, is subtracted from the block's later
+    columns along U's row i. With `nm`, each group of M columns gets its mask (in `pruned`, [block, out]) when the
+    sweep reaches it, from the updated weights, as the reference implementation. Returns the scaled errors
+    [block, out] for the lazy update of the later blocks."""
+    errors = torch.empty_like(w1)
+    u_diag = torch.diagonal(u1)
+    scaled = pruned.float().div_(u_diag[:, None])  # error = w · pruned / [U]_ii
+    for i in range(w1.shape[0]):
+        if nm is not None and i % nm[1] == 0:
+            saliency = w1[i : i + nm[1]] ** 2 / u_diag[i : i + nm[1], None] ** 2  # [M, out]
+            pruned[i : i + nm[1]] = ~_keep_largest(saliency, nm[0], dim=0)
+            scaled[i : i + nm[1]] = pruned[i : i + nm[1]] / u_diag[i : i + nm[1], None]
+        if round_kept is None:
+            torch.mul(w1[i], scaled[i], out=errors[i])
+        else:
+            stored = round_kept(offset + i, w1[i]).masked_fill_(pruned[i], 0.0)
+            torch.sub(w1[i], stored, out=errors[i]).div_(u1[i, i])
+            w1[i] = stored
+        w1[i + 1 :].addr_(u1[i, i + 1 :], errors[i], alpha=-1)
+    w1.masked_fill_(pruned, 0.0)
+    return errors
