@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -229,6 +230,37 @@ def bitmap_grad_input_cpu(
     return (gx if grad.dtype == torch.float32 else gx.to(grad.dtype)).reshape(*lead, cols)
 
 
+def _decode_call(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, rows: int, cols: int
+) -> tuple[Any, tuple, torch.Tensor] | None:
+    """What the one-call layer kernels share: (library, the arguments after the base's (x dtype code, x, m, ldx,
+    adapter dtype code, rank), y to fill) when the fused decode path applies, else None (see salr_linear_decode)."""
+    lib = load()
+    xdt = _X_CODES.get(x.dtype)
+    adt = _DTYPE_CODES.get(A.dtype)
+    if lib is None or xdt is None or adt is None or x.device.type != "cpu" or A.device.type != "cpu":
+        return None
+    m = x.numel() // cols if x.shape[-1] == cols else 0
+    if not 0 < m <= GEMV_MAX_TOKENS or not (x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        return None
+    rank = A.shape[0]
+    if A.shape[1] != cols or B.shape[0] != rows or B.shape[1] != rank or B.dtype != A.dtype:
+        raise SALRError(f"adapter shapes A {list(A.shape)}, B {list(B.shape)} do not fit a [{rows}, {cols}] layer")
+    y = torch.empty((*x.shape[:-1], rows), dtype=x.dtype)
+    return lib, (xdt, x.data_ptr(), m, cols, adt, rank), y
+
+
+def _decode_result(bad: int, y: torch.Tensor) -> torch.Tensor | None:
+    """y, or None when the kernel declined the arguments (-2); a bad row raises."""
+    if bad == -2:
+        return None
+    if bad != -1:
+        _check_bad_row(bad)
+    return y
+
+
 def salr_linear_decode(
     x: torch.Tensor,
     bitmask: torch.Tensor,
@@ -247,31 +279,16 @@ def salr_linear_decode(
     tensors): the caller then runs the ops one by one. s is 1 on the first residual_rank rows of A, lora_scale after.
     Hot path: only cheap checks, the bitmap was validated when it was built or loaded (the kernel still refuses
     rows whose popcount disagrees with the offsets)."""
-    lib = load()
-    xdt = _X_CODES.get(x.dtype)
-    adt = _DTYPE_CODES.get(A.dtype)
-    if lib is None or xdt is None or adt is None or x.device.type != "cpu" or A.device.type != "cpu":
+    call = _decode_call(x, A, B, bias, rows, cols)
+    if call is None:
         return None
-    shape = x.shape
-    m = x.numel() // cols if shape[-1] == cols else 0
-    if not 0 < m <= GEMV_MAX_TOKENS or not (x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):
-        return None
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
-        return None
-    rank = A.shape[0]
-    if A.shape[1] != cols or B.shape[0] != rows or B.shape[1] != rank or B.dtype != A.dtype:
-        raise SALRError(f"adapter shapes A {list(A.shape)}, B {list(B.shape)} do not fit a [{rows}, {cols}] layer")
-    y = torch.empty((*shape[:-1], rows), dtype=x.dtype)
+    lib, x_args, y = call
     bad = lib.salr_linear_decode(
         _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(),
-        values.numel(), rows, cols, xdt, x.data_ptr(), m, cols, adt, rank, residual_rank, lora_scale, A.data_ptr(),
-        B.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
+        values.numel(), rows, cols, *x_args, residual_rank, lora_scale, A.data_ptr(), B.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
     )  # fmt: skip
-    if bad != -1:
-        if bad == -2:
-            return None
-        _check_bad_row(bad)
-    return y
+    return _decode_result(bad, y)
 
 
 # ----------------------------------------------------------------------------- registration as the ops' CPU kernels
@@ -448,32 +465,16 @@ def qsalr_linear_decode(
 ) -> torch.Tensor | None:
     """`salr_linear_decode` on a quantized bitmap base: the whole layer for a few tokens in one native call, or None
     where this path does not apply. Hot path: `n` (kept values) comes from the caller, whose base was validated."""
-    lib = load()
-    xdt = _X_CODES.get(x.dtype)
-    adt = _DTYPE_CODES.get(A.dtype)
-    if lib is None or xdt is None or adt is None or x.device.type != "cpu" or A.device.type != "cpu":
+    call = _decode_call(x, A, B, bias, rows, cols)
+    if call is None:
         return None
-    shape = x.shape
-    m = x.numel() // cols if shape[-1] == cols else 0
-    if not 0 < m <= GEMV_MAX_TOKENS or not (x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):
-        return None
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
-        return None
-    rank = A.shape[0]
-    if A.shape[1] != cols or B.shape[0] != rows or B.shape[1] != rank or B.dtype != A.dtype:
-        raise SALRError(f"adapter shapes A {list(A.shape)}, B {list(B.shape)} do not fit a [{rows}, {cols}] layer")
-    y = torch.empty((*shape[:-1], rows), dtype=x.dtype)
+    lib, x_args, y = call
     bad = lib.salr_qlinear_decode(
         _ISA_CODES[isa()], _KIND_CODES[codes.dtype], bitmask.data_ptr(), codes.data_ptr(), absmax.data_ptr(),
-        blocksize, row_offsets.data_ptr(), n, rows, cols, xdt, x.data_ptr(), m, cols, adt, rank, residual_rank,
-        lora_scale, A.data_ptr(), B.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows,
-        torch.get_num_threads(),
+        blocksize, row_offsets.data_ptr(), n, rows, cols, *x_args, residual_rank, lora_scale, A.data_ptr(),
+        B.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
     )  # fmt: skip
-    if bad != -1:
-        if bad == -2:
-            return None
-        _check_bad_row(bad)
-    return y
+    return _decode_result(bad, y)
 
 
 @qbitmap_linear.register_kernel("cpu")
