@@ -177,8 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
     p.add_argument("--calibration", help="calibration text of SALR+ and LoSA: 'self' (default) or a file")
-    p.add_argument("--calibration-samples", type=int, help="calibration windows of SALR+ and LoSA (default 32)")
-    p.add_argument("--calibration-length", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument(
+        "--calibration-samples", type=int, help="calibration windows of SALR+ and LoSA (default: SALRConfig's, 64)"
+    )
+    p.add_argument("--calibration-length", type=int, help="tokens per calibration window (default: SALRConfig's, 128)")
     p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
     p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")
     # Full: sized to < 3 h on 2 cores. Measured 2026-11-30 at 80 steps / 100+30+100 eval items: pretrained 11.6 min
