@@ -45,14 +45,18 @@ def _svd(matrix: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch
     return u, s, v.T
 
 
+def _check_rank(rank: int, shape: torch.Size) -> None:
+    if rank < 0 or rank > min(shape):
+        raise SALRError(
+            f"residual rank {rank} is larger than the layer allows (min(out, in) = {min(shape)} for shape "
+            f"{tuple(shape)}): choose a rank <= {min(shape)}"
+        )
+
+
 def residual_svd(error: torch.Tensor, rank: int, method: str = "auto", seed: int = 0) -> ResidualFactors:
     """Rank-`rank` factors of `error` [out, in]; `method` is 'exact', 'randomized' or 'auto'."""
     out_dim, in_dim = error.shape
-    if rank < 0 or rank > min(out_dim, in_dim):
-        raise SALRError(
-            f"residual rank {rank} is larger than the layer allows (min(out, in) = {min(out_dim, in_dim)} for shape "
-            f"{tuple(error.shape)}): choose a rank <= {min(out_dim, in_dim)}"
-        )
+    _check_rank(rank, error.shape)
     e = error.detach().float()
     energy = float(e.pow(2).sum())
     if rank == 0:
@@ -81,11 +85,7 @@ def whitened_svd(
     the randomized SVD); `tail_energy` is still ‖E − B A‖²_F in weight space.
     """
     out_dim, in_dim = error.shape
-    if rank < 0 or rank > min(out_dim, in_dim):
-        raise SALRError(
-            f"residual rank {rank} is larger than the layer allows (min(out, in) = {min(out_dim, in_dim)} for shape "
-            f"{tuple(error.shape)}): choose a rank <= {min(out_dim, in_dim)}"
-        )
+    _check_rank(rank, error.shape)
     e = error.detach().double()
     energy = float(e.pow(2).sum())
     if rank == 0:
