@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import salr
+from salr.bases import QBitmapBase
 from salr.cli import main
+from salr.layer import SALRLinear
 
 
-def test_demo_end_to_end(stories_path, tmp_path, capsys):
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_demo_end_to_end(stories_path, tmp_path, capsys, quant):
     out, summary_path = tmp_path / "demo", tmp_path / "demo.json"
     argv = ["demo", "--model", str(stories_path), "--residual-rank", "8", "--lora-rank", "4", "--lr", "3e-3"]
+    argv += ["--quant", quant]
     argv += [
         "--recovery-steps",
         "4",
@@ -41,6 +47,8 @@ def test_demo_end_to_end(stories_path, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "SALR+ (fine-tuned)" in text and "answer NLL" in text and "held-out text perplexity" in text
     model, _ = salr.load(out)  # the run directory is a SALR checkpoint
+    bases = [m.base for m in model.modules() if isinstance(m, SALRLinear)]
+    assert bases and all(isinstance(b, QBitmapBase) == (quant == "nf4") for b in bases)  # QSALR kept through it all
     assert (out / "train_report.json").is_file() and (out / "metrics.jsonl").is_file()
 
 
