@@ -149,11 +149,6 @@ def test_sweep_with_rounding_is_textbook_gptq(blocksize):
     assert not ours[~keep].any()
 
 
-def output_error(w: torch.Tensor, base: torch.Tensor, gram: torch.Tensor) -> float:
-    d = (w - base).double()
-    return float(torch.einsum("oi,ij,oj->", d, gram, d))
-
-
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_gptq_keeps_bitmap_and_scales_and_lowers_the_output_error(kind, double_quant):
@@ -172,9 +167,10 @@ def test_gptq_keeps_bitmap_and_scales_and_lowers_the_output_error(kind, double_q
         a, b = getattr(gptq, name), getattr(nearest, name)
         assert (a is None and b is None) or torch.equal(a, b), name
     assert not torch.equal(gptq.codes, nearest.codes)
-    # what GPTQ minimizes: the quantization's own output error on the calibration inputs, ‖(Ŵ − deq) X‖²
-    err_nearest = output_error(pruned, results["nearest"][1], gram)
-    err_gptq = output_error(pruned, results["gptq"][1], gram)
+    # what GPTQ minimizes: the quantization's own output error on the calibration inputs, ‖(Ŵ − deq) X‖² (both
+    # relative to the same ‖Ŵ X‖², so the ratio of the squares is that of the absolute errors)
+    err_nearest = relative_output_error(pruned, results["nearest"][1], gram) ** 2
+    err_gptq = relative_output_error(pruned, results["gptq"][1], gram) ** 2
     assert err_gptq < 0.8 * err_nearest, (err_gptq, err_nearest)
 
 
