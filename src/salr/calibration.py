@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from salr import data
 from salr.errors import SALRError
@@ -36,6 +37,38 @@ TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 
 
 # ----------------------------------------------------------------------------- token windows
+
+
+class NucleusFilter(LogitsProcessor):
+    """Top-p filtering with transformers' `TopPLogitsWarper` semantics, without sorting the whole vocabulary.
+
+    A token is kept when the probability of the tokens ranked above it is below `top_p` (the most likely one always
+    is). The warper sorts all V logits per step, which is most of the sampling time of a small model with a large
+    vocabulary (64 × 49,152 on the default model: ~0.4 s a token on one core); the nucleus almost always lies in the
+    first few hundred tokens, so a partial `topk` that grows until it covers `top_p` gives the same set for ~1/15
+    the cost.
+    """
+
+    def __init__(self, top_p: float, first_k: int = 256) -> None:
+        if not 0.0 < top_p <= 1.0:
+            raise SALRError(f"top_p must be in (0, 1], got {top_p}")
+        self.top_p = top_p
+        self.first_k = first_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.top_p >= 1.0:
+            return scores  # the whole distribution (a float32 cumsum could reach 1 early and cut the tail)
+        probs = scores.float().softmax(dim=-1)
+        vocab = probs.shape[-1]
+        k = min(self.first_k, vocab)
+        while True:
+            top, index = probs.topk(k, dim=-1)  # descending
+            if k == vocab or bool((top.sum(dim=-1) >= self.top_p).all()):
+                break
+            k = min(4 * k, vocab)
+        above = top.cumsum(dim=-1) - top  # mass of the tokens ranked above each one
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, above < self.top_p)
+        return scores.masked_fill(~keep, -math.inf)
 
 
 @torch.no_grad()
@@ -61,8 +94,9 @@ def self_generated_ids(
             n = min(batch_size, samples - begin)
             prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
             out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_p=0.95,
-                top_k=0, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_p=1.0,
+                top_k=0, logits_processor=LogitsProcessorList([NucleusFilter(0.95)]),
+                max_new_tokens=length - 1, min_new_tokens=length - 1,
                 pad_token_id=config.eos_token_id if config.eos_token_id is not None else start,
             )  # fmt: skip
             rows.append(out[:, :length].cpu())
