@@ -47,6 +47,7 @@ from salr.io import atomic_write_bytes, atomic_write_json
 from salr.layer import FusedAdapters
 from salr.loaders import load_model
 from salr.losa import LoSAConfig, train_losa
+from salr.losa.config import PRUNE_METHODS
 from salr.train import TrainConfig, load_examples, method_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +184,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-length", type=int, help="tokens per calibration window (default: SALRConfig's, 128)")
     p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
     p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")
+    p.add_argument(
+        "--losa-prune-method", choices=PRUNE_METHODS, default="wanda",
+        help="LoSA's one-shot pruning of each round (LoSA: wanda; sparsegpt isolates the mask's share of a gap)",
+    )  # fmt: skip
     # Full: sized to < 3 h on 2 cores. Measured 2026-11-30 at 80 steps / 100+30+100 eval items: pretrained 11.6 min
     # (eval only), lora@50% 15.7 min (train 515 s + eval 423 s), 12 runs ~3.1 h. With the sizes below: 8024 s.
     for name, full, quick in [
@@ -280,7 +285,7 @@ def train_run(
             model, conversion, reused = conversions.get(run, config, dense, tokenizer)
     with timed(seconds, "train_and_save"):
         if run.method == "losa":
-            losa = LoSAConfig(rounds=args.losa_rounds, save_merged=False)
+            losa = LoSAConfig(rounds=args.losa_rounds, prune_method=args.losa_prune_method, save_merged=False)
             report = train_losa(model, tokenizer, examples, config, cfg, losa, out, base_model=args.model)
         else:
             report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
@@ -299,6 +304,7 @@ def train_run(
         "peak_memory_mib": report["peak_memory_mib"],
     }
     if run.method == "losa":
+        fields["losa_prune_method"] = args.losa_prune_method
         fields["losa_rounds"] = [
             {k: r[k] for k in ("round", "sparsity", "measured_sparsity", "ranks", "steps", "prune_seconds")}
             for r in report["rounds"]

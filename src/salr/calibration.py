@@ -43,10 +43,11 @@ class NucleusFilter(LogitsProcessor):
     """Top-p filtering with transformers' `TopPLogitsWarper` semantics, without sorting the whole vocabulary.
 
     A token is kept when the probability of the tokens ranked above it is below `top_p` (the most likely one always
-    is). The warper sorts all V logits per step, which is most of the sampling time of a small model with a large
-    vocabulary (64 × 49,152 on the default model: ~0.4 s a token on one core); the nucleus almost always lies in the
-    first few hundred tokens, so a partial `topk` that grows until it covers `top_p` gives the same set for ~1/15
-    the cost.
+    is). The warper sorts all V logits per step, a large share of the sampling time of a small model with a large
+    vocabulary (64 × 49,152 on the default model: ~0.4 s a token on one core). Most rows' nucleus lies in their
+    first few hundred tokens, so a partial `topk` per row, widened only for the rows it does not cover, keeps the
+    same tokens at a fraction of the cost: on the default model's self-calibration the sampled windows came out
+    identical to the warper's.
     """
 
     def __init__(self, top_p: float, first_k: int = 256) -> None:
@@ -60,14 +61,14 @@ class NucleusFilter(LogitsProcessor):
             return scores  # the whole distribution (a float32 cumsum could reach 1 early and cut the tail)
         probs = scores.float().softmax(dim=-1)
         vocab = probs.shape[-1]
-        k = min(self.first_k, vocab)
-        while True:
-            top, index = probs.topk(k, dim=-1)  # descending
-            if k == vocab or bool((top.sum(dim=-1) >= self.top_p).all()):
-                break
-            k = min(4 * k, vocab)
-        above = top.cumsum(dim=-1) - top  # mass of the tokens ranked above each one
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, above < self.top_p)
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        rows, k = torch.arange(probs.shape[0], device=probs.device), min(self.first_k, vocab)
+        while rows.numel():  # rows whose nucleus is wider than k go round again with 4k (a flat row: the whole V)
+            top, index = probs[rows].topk(k, dim=-1)  # descending
+            done = (top.sum(dim=-1) >= self.top_p) | (k == vocab)
+            above = top.cumsum(dim=-1) - top  # mass of the tokens ranked above each one
+            keep[rows[done]] = keep[rows[done]].scatter_(-1, index[done], above[done] < self.top_p)
+            rows, k = rows[~done], min(4 * k, vocab)
         return scores.masked_fill(~keep, -math.inf)
 
 

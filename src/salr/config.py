@@ -112,7 +112,7 @@ class SALRConfig:
         default=True, metadata={"help": "False freezes the residual block (the paper's ablation)"}
     )
     adapter_dtype: str = field(default="float32", metadata={"help": "dtype of A_cat/B_cat", "choices": tuple(DTYPES)})
-    seed: int = field(default=0, metadata={"help": "seed for LoRA init and randomized SVD"})
+    seed: int = field(default=0, metadata={"help": "seed for LoRA init, randomized SVD and self-calibration sampling"})
     quant: str = field(
         default="none",
         metadata={
