@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -148,3 +150,15 @@ def test_output_errors_match_relative_output_error_before_and_after_the_residual
     assert after == pytest.approx(direct[1], rel=1e-6)  # B @ A rounds in fp32
     assert before == pytest.approx(relative_output_error(w0, base, gram), rel=1e-12)
     assert output_errors(torch.zeros(10, 24), base, B, A, gram) == (0.0, 0.0)
+
+
+def test_sampler_check_finds_nucleus_filter_and_warper_sample_the_same_windows(capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stories = root.parent / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
+    spec = importlib.util.spec_from_file_location("sampler_check", root / "experiments" / "sampler_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--model", str(stories), "--samples", "3", "--length", "24", "--seed", "5"]) == 0
+    assert "identical windows: True; differing tokens 0 of 72" in capsys.readouterr().out
