@@ -111,7 +111,10 @@ def run_harness(
         examples = [{"generated": s["resps"][0][0], "correct": bool(s["exact_match"])} for s in samples]
     else:
         examples = [
-            {"predicted": "ABCD"[max(range(4), key=lambda i, s=s: s["resps"][i][0][0])], "correct": bool(s["acc"])}
+            {
+                "predicted": "ABCD"[max(range(4), key=lambda i, s=s: float(s["resps"][i][0][0]))],
+                "correct": bool(s["acc"]),
+            }
             for s in samples
         ]
     correct = sum(e["correct"] for e in examples)
