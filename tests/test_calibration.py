@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from salr.calibration import (
     self_generated_ids,
 )
 from salr.errors import SALRError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GSM8K_LINE = '{"question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "3 + 4 = 7\\n#### 7"}\n'
 
@@ -152,13 +155,9 @@ def test_output_errors_match_relative_output_error_before_and_after_the_residual
     assert output_errors(torch.zeros(10, 24), base, B, A, gram) == (0.0, 0.0)
 
 
-def test_sampler_check_finds_nucleus_filter_and_warper_sample_the_same_windows(capsys):
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    stories = root.parent / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
-    spec = importlib.util.spec_from_file_location("sampler_check", root / "experiments" / "sampler_check.py")
+def test_sampler_check_finds_nucleus_filter_and_warper_sample_the_same_windows(capsys, stories_path):
+    spec = importlib.util.spec_from_file_location("sampler_check", ROOT / "experiments" / "sampler_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--model", str(stories), "--samples", "3", "--length", "24", "--seed", "5"]) == 0
+    assert module.main(["--model", str(stories_path), "--samples", "3", "--length", "24", "--seed", "5"]) == 0
     assert "identical windows: True; differing tokens 0 of 72" in capsys.readouterr().out

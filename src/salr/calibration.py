@@ -67,7 +67,7 @@ class NucleusFilter(LogitsProcessor):
             top, index = probs[rows].topk(k, dim=-1)  # descending
             done = (top.sum(dim=-1) >= self.top_p) | (k == vocab)
             above = top.cumsum(dim=-1) - top  # mass of the tokens ranked above each one
-            keep[rows[done]] = keep[rows[done]].scatter_(-1, index[done], above[done] < self.top_p)
+            keep[rows[done].unsqueeze(1), index[done]] = above[done] < self.top_p
             rows, k = rows[~done], min(4 * k, vocab)
         return scores.masked_fill(~keep, -math.inf)
 
