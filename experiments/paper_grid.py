@@ -188,6 +188,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--losa-prune-method", choices=PRUNE_METHODS, default="wanda",
         help="LoSA's one-shot pruning of each round (LoSA: wanda; sparsegpt isolates the mask's share of a gap)",
     )  # fmt: skip
+    # Switches that isolate LoSA's parts against prune-LoRA+ (docs/losa.md): uniform sparsity, uniform ranks, warmup.
+    p.add_argument("--losa-no-rmi-allocation", action="store_true", help="LoSA: every block at the round's sparsity")
+    p.add_argument("--losa-no-rank-allocation", action="store_true", help="LoSA: every block at the mean rank")
+    p.add_argument(
+        "--losa-warmup-ratio", type=float, default=0.3,
+        help="LoSA: warmup of each round's schedule, fraction of its steps (LoSA: 0.3; the other runs: 3%% of all)",
+    )  # fmt: skip
     # Full: sized to < 3 h on 2 cores. Measured 2026-11-30 at 80 steps / 100+30+100 eval items: pretrained 11.6 min
     # (eval only), lora@50% 15.7 min (train 515 s + eval 423 s), 12 runs ~3.1 h. With the sizes below: 8024 s.
     for name, full, quick in [
@@ -257,6 +264,18 @@ def evaluate_model(
     }
 
 
+def losa_config(args: argparse.Namespace) -> LoSAConfig:
+    """The LoSA knobs of the grid's command line (the merged copy is not saved: the grid keeps runs by --keep-runs)."""
+    return LoSAConfig(
+        rounds=args.losa_rounds,
+        prune_method=args.losa_prune_method,
+        rmi_allocation=not args.losa_no_rmi_allocation,
+        rank_allocation=not args.losa_no_rank_allocation,
+        warmup_ratio=args.losa_warmup_ratio,
+        save_merged=False,
+    )
+
+
 def train_run(
     run: Run,
     dense: Any,
@@ -285,7 +304,7 @@ def train_run(
             model, conversion, reused = conversions.get(run, config, dense, tokenizer)
     with timed(seconds, "train_and_save"):
         if run.method == "losa":
-            losa = LoSAConfig(rounds=args.losa_rounds, prune_method=args.losa_prune_method, save_merged=False)
+            losa = losa_config(args)
             report = train_losa(model, tokenizer, examples, config, cfg, losa, out, base_model=args.model)
         else:
             report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
@@ -304,9 +323,24 @@ def train_run(
         "peak_memory_mib": report["peak_memory_mib"],
     }
     if run.method == "losa":
-        fields["losa_prune_method"] = args.losa_prune_method
+        losa = losa_config(args)
+        fields["losa_prune_method"] = losa.prune_method
+        fields["losa_rmi_allocation"] = losa.rmi_allocation
+        fields["losa_rank_allocation"] = losa.rank_allocation
+        fields["losa_warmup_ratio"] = losa.warmup_ratio
         fields["losa_rounds"] = [
-            {k: r[k] for k in ("round", "sparsity", "measured_sparsity", "ranks", "steps", "prune_seconds")}
+            {
+                k: r[k]
+                for k in (
+                    "round",
+                    "sparsity",
+                    "measured_sparsity",
+                    "block_sparsity",
+                    "ranks",
+                    "steps",
+                    "prune_seconds",
+                )
+            }
             for r in report["rounds"]
         ]
     if not args.keep_runs:

@@ -205,11 +205,15 @@ def test_losa_runs_beside_prune_lora_with_deployed_bytes(experiment, tmp_path):
             "--residual-rank", "4", "--lora-rank", "4", "--train-examples", "16", "--steps", "5", "--batch-size", "2",
             "--max-length", "96", "--nll-limit", "3", "--accuracy-limit", "0", "--mmlu-limit", "0",
             "--wikitext-windows", "1", "--calibration-samples", "4", "--calibration-length", "64",
-            "--losa-prune-method", "sparsegpt", "--threads", "1"]  # fmt: skip
+            "--losa-prune-method", "sparsegpt", "--losa-no-rmi-allocation", "--losa-no-rank-allocation",
+            "--losa-warmup-ratio", "0.2", "--threads", "1"]  # fmt: skip
     assert experiment.main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     pretrained, prune_lora, losa = result["runs"]
-    assert losa["losa_prune_method"] == "sparsegpt"
+    assert losa["losa_prune_method"] == "sparsegpt" and losa["losa_warmup_ratio"] == 0.2
+    assert losa["losa_rmi_allocation"] is False and losa["losa_rank_allocation"] is False
+    for r in losa["losa_rounds"]:  # the switches reach LoSA: uniform sparsity, ranks within the budget's rounding
+        assert set(r["block_sparsity"]) == {r["sparsity"]} and max(r["ranks"]) - min(r["ranks"]) <= 1
     assert losa["method"] == "losa" and abs(losa["base_sparsity"] - 0.5) < 0.01  # measured on the merged weights
     assert losa["trainable_parameters"] == prune_lora["trainable_parameters"]  # final mean rank = LoRA's rank
     assert [r["steps"] for r in losa["losa_rounds"]] == [1, 1, 1, 1, 1] and len(losa["loss_curve"]) == 5
