@@ -192,6 +192,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--losa-no-rmi-allocation", action="store_true", help="LoSA: every block at the round's sparsity")
     p.add_argument("--losa-no-rank-allocation", action="store_true", help="LoSA: every block at the mean rank")
     p.add_argument(
+        "--losa-unmasked-training", action="store_true",
+        help="LoSA ablation: train B A unmasked on the pruned base, mask it only when merging (prune-LoRA's way)",
+    )  # fmt: skip
+    p.add_argument(
         "--losa-warmup-ratio", type=float, default=0.3,
         help="LoSA: warmup of each round's schedule, fraction of its steps (LoSA: 0.3; the other runs: 3%% of all)",
     )  # fmt: skip
@@ -271,6 +275,7 @@ def losa_config(args: argparse.Namespace) -> LoSAConfig:
         prune_method=args.losa_prune_method,
         rmi_allocation=not args.losa_no_rmi_allocation,
         rank_allocation=not args.losa_no_rank_allocation,
+        masked_training=not args.losa_unmasked_training,
         warmup_ratio=args.losa_warmup_ratio,
         save_merged=False,
     )
@@ -327,6 +332,7 @@ def train_run(
         fields["losa_prune_method"] = losa.prune_method
         fields["losa_rmi_allocation"] = losa.rmi_allocation
         fields["losa_rank_allocation"] = losa.rank_allocation
+        fields["losa_masked_training"] = losa.masked_training
         fields["losa_warmup_ratio"] = losa.warmup_ratio
         fields["losa_rounds"] = [
             {

@@ -185,6 +185,28 @@ def test_masked_update_never_writes_a_pruned_position(dropout):
         torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
+def test_unmasked_training_ablation_updates_pruned_positions_but_merges_sparse():
+    """masked_training=False trains B A like a LoRA on the pruned base (the forward reaches pruned positions), and
+    merging masks the update, so the merged model is still exactly as sparse as the base."""
+    layer = _losa_layer()
+    layer.masked_training = False
+    pruned = layer.base.to_dense() == 0
+    x = torch.randn(64, 16)
+    opt = torch.optim.AdamW([layer.A_cat, layer.B_cat], lr=0.05)
+    for _ in range(3):
+        (layer(x) - x[:, :12] * 3).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    full = layer.base.to_dense() + (layer.B_cat * layer.rank_scale) @ layer.A_cat
+    with torch.no_grad():  # training forward: base + the unmasked update
+        torch.testing.assert_close(layer(x), x @ full.T + layer.bias, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(layer(x), x @ layer.merged_weight().T + layer.bias, rtol=1e-3, atol=1e-3)
+    merged = layer.merged_weight()
+    assert torch.equal(merged == 0, pruned) and torch.equal(merged, full * layer.mask)
+    layer.merge()
+    assert layer.merged and torch.equal(layer.base.to_dense(), merged)  # the merge is the masked one
+
+
 def test_active_rank_switches_components_off_and_scale_is_fixed():
     layer = _losa_layer(rank=6)
     layer.set_rank(2)

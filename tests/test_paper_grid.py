@@ -206,12 +206,14 @@ def test_losa_runs_beside_prune_lora_with_deployed_bytes(experiment, tmp_path):
             "--max-length", "96", "--nll-limit", "3", "--accuracy-limit", "0", "--mmlu-limit", "0",
             "--wikitext-windows", "1", "--calibration-samples", "4", "--calibration-length", "64",
             "--losa-prune-method", "sparsegpt", "--losa-no-rmi-allocation", "--losa-no-rank-allocation",
+            "--losa-unmasked-training",
             "--losa-warmup-ratio", "0.2", "--threads", "1"]  # fmt: skip
     assert experiment.main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     pretrained, prune_lora, losa = result["runs"]
     assert losa["losa_prune_method"] == "sparsegpt" and losa["losa_warmup_ratio"] == 0.2
     assert losa["losa_rmi_allocation"] is False and losa["losa_rank_allocation"] is False
+    assert losa["losa_masked_training"] is False
     for r in losa["losa_rounds"]:  # the switches reach LoSA: uniform sparsity, ranks within the budget's rounding
         assert set(r["block_sparsity"]) == {r["sparsity"]} and max(r["ranks"]) - min(r["ranks"]) <= 1
     assert losa["method"] == "losa" and abs(losa["base_sparsity"] - 0.5) < 0.01  # measured on the merged weights

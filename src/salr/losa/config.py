@@ -48,6 +48,11 @@ class LoSAConfig:
         default="1,1,1,1,6",
         metadata={"help": "losa: share of the optimizer steps and data of each round, comma-separated (LoSA's)"},
     )
+    masked_training: bool = field(
+        default=True,
+        metadata={"help": "losa: train the update masked, M ⊙ (B A), as LoSA (off: an ablation that trains B A "
+                          "unmasked on the pruned base and masks it only when merging)"},
+    )  # fmt: skip
     warmup_ratio: float = field(
         default=0.3, metadata={"help": "losa: warmup of each round's restarted schedule, fraction of its steps"}
     )

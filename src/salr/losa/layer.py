@@ -3,6 +3,8 @@
     y = W x + b + ((M ⊙ (B_k diag(s) A_k)) x),        M = (W != 0),
 
 so merging it (`merged_weight`, `merge`) never writes a pruned position: the merged model is a plain sparse model.
+With `masked_training = False` (an ablation, not LoSA) the forward uses the unmasked B A, as a plain LoRA on the
+pruned base, and only the merge masks it, as `salr merge --mode sparse` masks a prune-LoRA run.
 Only the first k = `active_rank` LoRA components take part (LoSA changes k every round); the others stay in A_cat /
 B_cat with scale 0 and receive no gradient. The LoRA scale s = lora_alpha / r is fixed, whatever k is.
 
@@ -31,6 +33,7 @@ class LoSALinear(SALRLinear):
         super().__init__(base, bias, A, B, residual_rank=0, lora_scale=lora_scale, lora_dropout=lora_dropout)
         self.register_buffer("mask", base.to_dense() != 0, persistent=False)
         self.merged = False  # True while the delta is folded into the base (pruning time): forward skips it
+        self.masked_training = True  # False: the forward uses the unmasked B A; merging still masks it
         self.active_rank = self.lora_rank
 
     @classmethod
@@ -65,7 +68,9 @@ class LoSALinear(SALRLinear):
         if k == 0 or self.merged:
             y = self.base(x)
             return y if self.bias is None else y + self.bias
-        delta = (self.B_cat[:, :k] * self.rank_scale[:k]) @ self.A_cat[:k] * self.mask
+        delta = (self.B_cat[:, :k] * self.rank_scale[:k]) @ self.A_cat[:k]
+        if self.masked_training:
+            delta = delta * self.mask
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             y = F.linear(x, (self.base.to_dense().to(delta.dtype) + delta).to(x.dtype))
         else:

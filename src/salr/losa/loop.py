@@ -68,7 +68,10 @@ def attach(model: nn.Module, config: SALRConfig, losa: LoSAConfig) -> list[tuple
         "lora_alpha": config.lora_scale * rank,
     }  # fmt: skip
     convert(model, SALRConfig(**dense), progress=False)
-    return to_losa(model)
+    layers = to_losa(model)
+    for _, layer in layers:
+        layer.masked_training = losa.masked_training
+    return layers
 
 
 def prune_round(
