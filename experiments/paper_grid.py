@@ -12,7 +12,8 @@ Trainable parameters: LoRA and prune+LoRA use rank residual_rank + lora_rank, ex
 (A_cat / B_cat hold residual_rank + lora_rank rows either way); SALR with a frozen residual trains only its
 LoRA block; LoSA (salr.losa) prunes the dense model progressively during the same steps on the same examples and
 ends with a mean LoRA rank of residual_rank + lora_rank, merged into its sparse weights (no adapters deployed).
-The "deployed MB" column is salr.footprint.deployed_bytes at bf16: dense, bitmap-sparse, or base + adapters.
+The "deployed MB" column is salr.footprint.deployed_bytes at bf16: dense, bitmap-sparse, or base + adapters (a
+quantized base at its stored NF4 / int8 payload).
 
 Optional runs (`--quant`, or name them in `--runs`): QSALR at 50 % with the paper's and the salr+ recipe (NF4 base,
 the residual absorbs pruning and quantization error) and QLoRA (dense NF4 base + LoRA of SALR's trainable rank):

@@ -46,3 +46,22 @@ def test_deployed_bytes_dense_sparse_and_salr(tiny_llama):
     lora = copy.deepcopy(tiny_llama)
     salr.convert(lora, method_config("lora", cfg), progress=False)
     assert deployed_bytes(lora)["total"] == dense["total"]
+
+
+def test_deployed_bytes_counts_a_quantized_base_as_stored(tiny_llama):
+    """QSALR / QLoRA bases count at the format's payload (bitmap + codes + scales), adapters beside them, never merged:
+    the same model at NF4 deploys fewer bytes than at bf16, and each layer's base is exactly its ideal_nbytes."""
+    cfg = salr.SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=4, lora_alpha=8)
+    bf16, nf4 = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    salr.convert(bf16, cfg, progress=False)
+    salr.convert(nf4, method_config("qsalr", cfg), progress=False)
+    layers = [m for m in nf4.modules() if isinstance(m, salr.SALRLinear)]
+    adapters = sum(2 * (m.A_cat.numel() + m.B_cat.numel()) for m in layers)
+    bases = sum(m.base.ideal_nbytes() for m in layers)
+    rest = sum(2 * p.numel() for n, p in nf4.named_parameters() if ".layers." not in n or "norm" in n)
+    report = deployed_bytes(nf4)
+    assert report["adapters"] == adapters and report["total"] == bases + adapters + rest
+    assert report["total"] < deployed_bytes(bf16)["total"]
+    qlora = copy.deepcopy(tiny_llama)  # dense NF4 base + LoRA: below the dense model, though a LoRA would merge
+    salr.convert(qlora, method_config("qlora", cfg), progress=False)
+    assert deployed_bytes(qlora)["total"] < deployed_bytes(tiny_llama)["total"]

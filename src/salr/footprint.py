@@ -4,7 +4,9 @@ Every value counts at one dtype (bf16 by default). A 2-D weight is stored dense 
 rows padded to bytes, plus the kept values: salr.bitmap_format), whichever is smaller, so a dense weight costs its
 dense bytes and a 50 % sparse one 9 bits per weight. A SALR layer deploys as its base plus its adapters, or merged
 into one dense weight when that is smaller (a dense LoRA merges for free; merging into a sparse base fills it).
-A LoSA model is merged by construction: plain sparse weights, no adapters.
+A LoSA model is merged by construction: plain sparse weights, no adapters. A quantized base (QSALR, QLoRA) deploys
+as what it stores: the format's payload (bitmap + 4- or 8-bit codes + block scales, `ideal_nbytes`); merging its
+adapters would dequantize it, so it is never counted merged.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from salr.bases.qbitmap import QBitmapBase
 from salr.layer import SALRLinear
 
 
@@ -38,11 +41,12 @@ def deployed_bytes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dic
     inside = {id(t) for m in layers for t in (*m.parameters(), *m.buffers())}
     total = adapters = dense = 0
     for layer in layers:
+        quantized = isinstance(layer.base, QBitmapBase)
         base = layer.base.to_dense()
-        stored = tensor_bytes(base, dtype)
+        stored = layer.base.ideal_nbytes() if quantized else tensor_bytes(base, dtype)
         extra = (layer.A_cat.numel() + layer.B_cat.numel()) * value if layer.rank else 0
         merged = base.numel() * value
-        if extra and merged <= stored + extra:
+        if extra and not quantized and merged <= stored + extra:
             total += merged
         else:
             total, adapters = total + stored + extra, adapters + extra
