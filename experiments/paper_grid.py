@@ -269,6 +269,11 @@ def evaluate_model(
     }
 
 
+# What a LoSA row records: the grid's LoSA switches, and per round what the report's rounds say.
+LOSA_SWITCHES = ("prune_method", "rmi_allocation", "rank_allocation", "masked_training", "warmup_ratio")
+LOSA_ROUND_FIELDS = ("round", "sparsity", "measured_sparsity", "block_sparsity", "ranks", "steps", "prune_seconds")
+
+
 def losa_config(args: argparse.Namespace) -> LoSAConfig:
     """The LoSA knobs of the grid's command line (the merged copy is not saved: the grid keeps runs by --keep-runs)."""
     return LoSAConfig(
@@ -308,9 +313,9 @@ def train_run(
             model, conversion, reused = copy.deepcopy(dense), None, None
         else:
             model, conversion, reused = conversions.get(run, config, dense, tokenizer)
+    losa = losa_config(args) if run.method == "losa" else None
     with timed(seconds, "train_and_save"):
-        if run.method == "losa":
-            losa = losa_config(args)
+        if losa is not None:
             report = train_losa(model, tokenizer, examples, config, cfg, losa, out, base_model=args.model)
         else:
             report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
@@ -328,28 +333,9 @@ def train_run(
         "tokens_per_s": report["tokens"] / report["seconds"],
         "peak_memory_mib": report["peak_memory_mib"],
     }
-    if run.method == "losa":
-        losa = losa_config(args)
-        fields["losa_prune_method"] = losa.prune_method
-        fields["losa_rmi_allocation"] = losa.rmi_allocation
-        fields["losa_rank_allocation"] = losa.rank_allocation
-        fields["losa_masked_training"] = losa.masked_training
-        fields["losa_warmup_ratio"] = losa.warmup_ratio
-        fields["losa_rounds"] = [
-            {
-                k: r[k]
-                for k in (
-                    "round",
-                    "sparsity",
-                    "measured_sparsity",
-                    "block_sparsity",
-                    "ranks",
-                    "steps",
-                    "prune_seconds",
-                )
-            }
-            for r in report["rounds"]
-        ]
+    if losa is not None:
+        fields.update({f"losa_{k}": getattr(losa, k) for k in LOSA_SWITCHES})
+        fields["losa_rounds"] = [{k: r[k] for k in LOSA_ROUND_FIELDS} for r in report["rounds"]]
     if not args.keep_runs:
         with timed(seconds, "save"):
             shutil.rmtree(out, ignore_errors=True)

@@ -41,11 +41,10 @@ def deployed_bytes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dic
     inside = {id(t) for m in layers for t in (*m.parameters(), *m.buffers())}
     total = adapters = dense = 0
     for layer in layers:
-        quantized = isinstance(layer.base, QBitmapBase)
-        base = layer.base.to_dense()
-        stored = layer.base.ideal_nbytes() if quantized else tensor_bytes(base, dtype)
+        quantized = isinstance(layer.base, QBitmapBase)  # counted as stored: no need to dequantize it
+        stored = layer.base.ideal_nbytes() if quantized else tensor_bytes(layer.base.to_dense(), dtype)
         extra = (layer.A_cat.numel() + layer.B_cat.numel()) * value if layer.rank else 0
-        merged = base.numel() * value
+        merged = math.prod(layer.base.shape) * value
         if extra and not quantized and merged <= stored + extra:
             total += merged
         else:
