@@ -11,6 +11,7 @@ import torch
 from salr.calibration import (
     BlockwiseCalibration,
     NucleusFilter,
+    NucleusSampler,
     calibration_ids,
     decoder_blocks,
     file_ids,
@@ -60,6 +61,24 @@ def test_nucleus_filter_keeps_the_same_tokens_as_transformers_top_p(temperature)
     assert (NucleusFilter(0.95)(None, scores) > -torch.inf)[1].sum() == 1
     with pytest.raises(SALRError, match="top_p"):
         NucleusFilter(0.0)
+
+
+def test_nucleus_sampler_draws_from_the_filtered_distribution():
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(3, 40, generator=generator) * 2.0
+    scores[1] = 0.0  # flat: the nucleus is wider than first_k, so the sampler must widen as the filter does
+    scores[2, 5] = 30.0  # one token holds nearly all the mass
+    sampler = NucleusSampler(0.8, first_k=4)
+    allowed = NucleusFilter(0.8, first_k=4)(None, scores.clone()) > -torch.inf
+    expected = scores.masked_fill(~allowed, -torch.inf).softmax(dim=-1)
+    torch.manual_seed(0)
+    draws = 20_000
+    out = sampler(None, scores.repeat(draws, 1))  # row i + 3 j is a draw from row i
+    assert ((out == 0).sum(dim=-1) == 1).all() and ((out == 0) | (out == -torch.inf)).all()
+    counts = (out == 0).reshape(draws, *scores.shape).sum(dim=0).float()
+    assert not (counts.bool() & ~allowed).any()  # never outside the nucleus
+    assert (counts / draws - expected).abs().max() < 0.015  # 3 sigma of a frequency near 0.1 over 20,000 draws
+    assert (counts[2, 5] == draws).item()
 
 
 def test_file_ids_windows_from_text_and_gsm8k(tmp_path, make_tokenizer):
@@ -134,7 +153,7 @@ def test_relative_output_error_matches_the_direct_computation():
     x = torch.randn(50, 12, generator=gen, dtype=torch.float64)
     w0, w_hat = torch.randn(7, 12, generator=gen), torch.randn(7, 12, generator=gen)
     direct = float((x @ (w0.double() - w_hat.double()).T).norm() / (x @ w0.double().T).norm())
-    assert relative_output_error(w0, w_hat, x.T @ x) == pytest.approx(direct, rel=1e-9)
+    assert relative_output_error(w0, w_hat, x.T @ x) == pytest.approx(direct, rel=1e-5)  # a report figure, fp32
 
 
 def test_output_errors_match_relative_output_error_before_and_after_the_residual():
@@ -149,15 +168,16 @@ def test_output_errors_match_relative_output_error_before_and_after_the_residual
         float(((w0.double() - w_hat.double()) @ xd.T).norm() / (w0.double() @ xd.T).norm())
         for w_hat in (base, base + B @ A)
     ]
-    assert before == pytest.approx(direct[0], rel=1e-9)
-    assert after == pytest.approx(direct[1], rel=1e-6)  # B @ A rounds in fp32
+    assert before == pytest.approx(direct[0], rel=1e-5)  # products in fp32, sums in fp64
+    assert after == pytest.approx(direct[1], rel=1e-5)
     assert before == pytest.approx(relative_output_error(w0, base, gram), rel=1e-12)
     assert output_errors(torch.zeros(10, 24), base, B, A, gram) == (0.0, 0.0)
 
 
-def test_sampler_check_finds_nucleus_filter_and_warper_sample_the_same_windows(capsys, stories_path):
+def test_sampler_check_finds_the_same_nucleus_as_the_warper_and_draws_inside_it(capsys, stories_path):
     spec = importlib.util.spec_from_file_location("sampler_check", ROOT / "experiments" / "sampler_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--model", str(stories_path), "--samples", "3", "--length", "24", "--seed", "5"]) == 0
-    assert "identical windows: True; differing tokens 0 of 72" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kept sets identical at 69 of 69 positions; sampled token inside the nucleus at 69" in out

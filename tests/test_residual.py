@@ -3,7 +3,7 @@ import torch
 
 from salr.errors import SALRError
 from salr.pruning import magnitude_mask
-from salr.residual import residual_svd
+from salr.residual import RANDOMIZED_MIN_DIM, auto_svd_method, residual_svd
 
 
 def _error(shape, sparsity=0.5, seed=0):
@@ -33,6 +33,14 @@ def test_randomized_svd_is_close_to_exact_on_large_layer():
     approx = residual_svd(e, 16, method="randomized")
     assert approx.tail_energy >= exact.tail_energy * (1 - 1e-5)  # cannot beat Eckart–Young
     assert approx.tail_energy <= exact.tail_energy * 1.02
+
+
+def test_auto_svd_is_randomized_from_2048_wide_layers_up():
+    # a 1B-class model's 2048x2048 projections must not take the exact SVD (minutes per model)
+    assert auto_svd_method((RANDOMIZED_MIN_DIM, RANDOMIZED_MIN_DIM), 64) == "randomized"
+    assert auto_svd_method((5632, 2048), 64) == "randomized"
+    assert auto_svd_method((RANDOMIZED_MIN_DIM - 1, 4096), 64) == "exact"
+    assert auto_svd_method((4096, 4096), 1024) == "exact"  # rank too large for a sketch to pay off
 
 
 def test_half_precision_error_is_decomposed_in_fp32():
