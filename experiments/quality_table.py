@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--residual-rank", type=int, default=64)
     p.add_argument("--calibration-samples", type=int, default=32)
     p.add_argument("--calibration-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and of the conversion")
     p.add_argument("--wikitext", default=str(WIKITEXT))
     p.add_argument("--limit", type=int, default=20, help="perplexity windows")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     dense, tokenizer = load_model(args.model)
     dense_ppl = perplexity(dense, tokenizer, text, limit=args.limit)["perplexity"]
     started = time.perf_counter()
-    ids = calibration_ids(dense, tokenizer, "self", args.calibration_samples, args.calibration_length, 0)
+    ids = calibration_ids(dense, tokenizer, "self", args.calibration_samples, args.calibration_length, args.seed)
     rows = [{"recipe": "dense", "perplexity": dense_ppl, "calibration_seconds": time.perf_counter() - started}]
     print(f"dense: perplexity {dense_ppl:.2f}", flush=True)
     for recipe in args.recipes:
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "residual_rank": args.residual_rank,
             "calibration_samples": args.calibration_samples,
             "calibration_length": args.calibration_length,
+            "seed": args.seed,
             **json.loads(recipe),
         }
         config = recipe_config(args.preset, fields)

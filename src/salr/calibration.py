@@ -33,10 +33,6 @@ from salr.experts import EXPERT_PARAMS, is_fused_experts
 logger = logging.getLogger(__name__)
 
 SELF = "self"
-# Calibration tokens per block pass: large enough that the block's matmuls and the Gram products run at full BLAS
-# speed (one pass instead of eight for the default 64 x 128 windows: ~15 % faster), small enough that a 7B-class
-# block's activations stay at a few hundred MB.
-TOKENS_PER_PASS = 8192
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 
 
@@ -227,13 +223,9 @@ class BlockwiseCalibration:
 
     model: nn.Module
     ids: torch.Tensor
-    batch_size: int | None = None  # windows per pass; None: as many as fit in TOKENS_PER_PASS
+    batch_size: int = 8  # windows per pass: 4 to 64 windows of 128 ran within the noise of each other
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.batch_size is None:
-            self.batch_size = max(1, TOKENS_PER_PASS // max(1, self.ids.shape[-1]))
 
     @torch.no_grad()
     def capture_inputs(self) -> None:
