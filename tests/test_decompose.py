@@ -133,6 +133,30 @@ def test_calibrated_convert_beats_the_paper_on_its_calibration_objective(stories
     assert report["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_merged_calibration_pass_computes_what_the_salr_block_computes(stories):
+    from salr.convert import _merged_for_calibration
+    from salr.layer import SALRLinear
+
+    model, _ = stories
+    ids = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    salr.convert(model, SALRConfig(residual_rank=8, r=2), calibration=ids, progress=False)
+    block = model.model.layers[1]
+    for layer in (m for m in block.modules() if isinstance(m, SALRLinear)):
+        torch.nn.init.normal_(layer.B_cat)  # LoRA's B nonzero too: the merge must carry every adapter block
+    x = torch.randn(2, 32, model.config.hidden_size)
+    kwargs = {"position_embeddings": model.model.rotary_emb(x, torch.arange(32)[None]), "attention_mask": None}
+    with torch.no_grad():
+        expected = block(x, **kwargs)
+        with _merged_for_calibration(block):
+            merged = block(x, **kwargs)
+        after = block(x, **kwargs)
+    expected, merged, after = (out[0] if isinstance(out, tuple) else out for out in (expected, merged, after))
+    scale = float(expected.abs().max())  # fp32 reassociation: (Ŵ + B A) x against Ŵ x + B (A x)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert torch.equal(after, expected)  # SALRLinear.forward is back
+    assert all("forward" not in vars(m) for m in block.modules())
+
+
 GROUP_CASES = [("unstructured", "row", "none"), ("2:4", None, "none"), ("unstructured", "layer", "none"),
                ("unstructured", "row", "nf4")]  # fmt: skip
 
