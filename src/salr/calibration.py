@@ -4,10 +4,10 @@ Two steps, both with bounded memory:
 1. `calibration_ids` picks the token windows [n, T]: sampled from the dense model itself ("self", no data file
    needed) or cut from a file (plain text, or GSM8K / Alpaca JSON(L) records as running text).
 2. `BlockwiseCalibration` runs them through the decoder one block at a time. For each block it collects, with
-   forward hooks, the Gram matrix H = Σ x xᵀ (fp64, [in, in]) of the input of every target linear of that block, and
-   for fused MoE experts one Gram per expert from the tokens routed to it. Only the current block's Grams and the
-   hidden states entering it are held; after the block is compressed its (compressed, `sequential=True`) or dense
-   outputs become the next block's inputs.
+   forward hooks, the Gram matrix H = Σ x xᵀ (summed in fp32, held in fp64, [in, in]) of the input of every target
+   linear of that block, and for fused MoE experts one Gram per expert from the tokens routed to it. Only the
+   current block's Grams and the hidden states entering it are held; after the block is compressed its
+   (compressed, `sequential=True`) or dense outputs become the next block's inputs.
 Everything a layer needs from the data is in its Gram: ‖D X‖²_F = tr(D H Dᵀ) for any D [out, in].
 """
 
@@ -275,8 +275,10 @@ class BlockwiseCalibration:
                     return
             seen.append((x, key))
             x = x.reshape(-1, x.shape[-1]).float()
-            g = (x.T @ x).double()
-            grams[key] = grams[key] + g if key in grams else g
+            if key in grams:  # fp32 sums of fp32 products (their rounding is far below the damping), fp64 at the end
+                grams[key].addmm_(x.T, x)
+            else:
+                grams[key] = x.T @ x
             counts[key] = counts.get(key, 0) + x.shape[0]
 
         handles = []
@@ -299,7 +301,7 @@ class BlockwiseCalibration:
             seen.clear()
             for handle in handles:
                 handle.remove()
-        stats = {key: LayerStats(gram, counts[key]) for key, gram in grams.items()}
+        stats = {key: LayerStats(gram.double(), counts[key]) for key, gram in grams.items()}
         stats.update({key: stats[first] for key, first in alias.items()})
         return stats, outputs
 

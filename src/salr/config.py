@@ -76,7 +76,7 @@ class SALRConfig:
             "choices": RESIDUAL_INITS,
         },
     )
-    alternating_rounds: int = field(default=2, metadata={"help": "rounds of residual_init 'alternating'"})
+    alternating_rounds: int = field(default=3, metadata={"help": "rounds of residual_init 'alternating'"})
     calibration: str = field(
         default="self",
         metadata={
