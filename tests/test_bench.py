@@ -275,7 +275,7 @@ def test_checkpointing_keeps_losses_and_gradients(tiny_llama):
         model = method_model(tiny_llama, "salr", config).float().train()
         if checkpointing:
             enable_checkpointing(model)
-            assert model.is_gradient_checkpointing
+            assert model.is_activation_checkpointing
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -60,7 +60,7 @@ def enable_checkpointing(model: nn.Module) -> None:
     """Gradient checkpointing of the decoder layers (transformers' non-reentrant version, which works with a frozen
     embedding): each layer's activations are recomputed in the backward pass instead of kept. Applied the same way
     to every method."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 
