@@ -85,10 +85,10 @@ class NucleusSampler(NucleusFilter):
     """
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
         if self.top_p >= 1.0:
             chosen = torch.multinomial(scores.float().softmax(dim=-1), 1).squeeze(1)
         else:
+            chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
             for rows, top, index, kept in self.nucleus(scores):
                 draw = torch.multinomial(top * kept, 1)  # renormalised over the nucleus by multinomial
                 chosen[rows] = index.gather(1, draw).squeeze(1)
