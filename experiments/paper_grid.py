@@ -178,7 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
-    p.add_argument("--calibration", help="calibration text of SALR+ and LoSA: 'self' (default) or a file")
+    p.add_argument(
+        "--calibration",
+        help="calibration text of SALR+ and LoSA: 'self' (default), a file, or 'train': the grid's own training "
+        "problems (the --train-examples every method fine-tunes on; never the held-out ones)",
+    )
     p.add_argument(
         "--calibration-samples", type=int, help="calibration windows of SALR+ and LoSA (default: SALRConfig's, 64)"
     )
@@ -524,6 +528,15 @@ def plots(rows: list[dict], output: Path) -> list[str]:
     return written
 
 
+def write_calibration_file(output: Path, records: list[dict]) -> Path:
+    """The training problems as GSM8K JSONL under OUTPUT, for `--calibration train`."""
+    path = output / "calibration_train.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -540,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         dev = data.load_gsm8k(args.gsm8k_test)
     dense, tokenizer = load_model(args.model)
     examples = load_examples(None, tokenizer, args.max_length, records=train_records[: args.train_examples])
+    if args.calibration == "train":  # the data every method trains on, so SALR+ sees no text the others do not
+        args.calibration = str(write_calibration_file(output, train_records[: args.train_examples]))
     text = data.load_text(args.wikitext)
     setup_seconds = time.perf_counter() - started
     runs = grid(args.quick, optional=args.quant or bool(args.runs))
