@@ -224,3 +224,12 @@ def test_losa_runs_beside_prune_lora_with_deployed_bytes(experiment, tmp_path):
     assert losa["gsm8k_accuracy"] is None and "eval_mmlu" not in losa["seconds"]  # limit 0 skips them
     md = (out / "results.md").read_text()
     assert "| deployed MB |" in md and "LoSA@50% WikiText-2 ppl" in md
+
+
+def test_calibration_train_writes_only_the_training_problems(experiment, tmp_path):
+    records = [{"question": f"q{i}", "answer": f"a{i}\n#### {i}"} for i in range(5)]
+    path = experiment.write_calibration_file(tmp_path, records[:3])  # the grid passes train_records[:train_examples]
+    assert data.load_gsm8k(path) == records[:3]
+    assert not list(tmp_path.glob("*.tmp"))
+    args = experiment.parse_args(["--output", str(tmp_path), "--calibration", "train"])
+    assert args.calibration == "train"

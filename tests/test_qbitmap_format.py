@@ -108,6 +108,41 @@ def test_bitsandbytes_dequantizes_a_whole_encoded_layer(bnb):
     assert same(dense, fm.decode_quantized(qw, torch.float32))
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_dequantizes_searched_scales_exactly(bnb, double_quant):
+    """Searched (clipped) block scales change only the numbers stored, not the layout bitsandbytes reads."""
+    for name, x in streams():
+        if not bool(torch.isfinite(x).all()):
+            continue
+        q = fm.quantize_values(x, "nf4", 64, double_quant, scales=fm.search_scales(x, "nf4", 64))
+        theirs = bnb.dequantize_4bit(q.codes.view(-1, 1), _quant_state(bnb, q, torch.float32)).reshape(-1)
+        assert same(fm.dequantize_values(q), theirs), (name, double_quant)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_searched_scales_never_lose_to_absmax_and_codes_are_nearest_on_them(kind, double_quant):
+    x = torch.distributions.StudentT(4.0).sample((64 * 50 + 17,))  # a ragged last block
+    weights = torch.rand(x.numel(), generator=G) + 0.1
+    absmax = fm.quantize_values(x, kind, 64)
+    scales = fm.search_scales(x, kind, 64, weights=weights)
+    assert scales.shape == absmax.absmax.shape and bool((scales <= absmax.absmax + 1e-6).all())
+
+    def block_errors(q: fm.QuantizedValues) -> torch.Tensor:
+        err = (fm.dequantize_values(q) - x) ** 2 * weights
+        return torch.nn.functional.pad(err, (0, 64 * q.nblocks - x.numel())).view(-1, 64).sum(1)
+
+    searched = fm.quantize_values(x, kind, 64, scales=scales)
+    assert bool((block_errors(searched) <= block_errors(absmax) * (1 + 1e-6)).all())  # alpha = 1 is a candidate
+    if kind == "nf4":  # clipping pays for NF4's coarse grid; int8's is fine enough that it rarely does
+        assert block_errors(searched).sum() < 0.95 * block_errors(absmax).sum()
+    q = fm.quantize_values(x, kind, 64, double_quant, scales=scales)
+    per = q.scales().repeat_interleave(64)[: x.numel()]
+    assert torch.equal(fm.unpack_codes(q), fm.round_to_scales(x, per, kind)[0])  # nearest codes on stored scales
+    with pytest.raises(SALRError, match="non-negative block scales"):
+        fm.quantize_values(x, kind, 64, scales=scales[:-1])
+
+
 def test_int8_matches_bitsandbytes_llm_int8_rule_per_block(bnb):
     x = torch.randn(64 * 200, generator=G)
     q = fm.quantize_values(x, "int8", 64)

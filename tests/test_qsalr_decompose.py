@@ -39,7 +39,9 @@ def config(**fields) -> SALRConfig:
 def test_whitened_residual_is_fitted_to_the_quantized_base_error(criterion):
     w, gram = problem()
     stats = LayerStats(gram, 600)
-    quant = config(criterion=criterion, residual_init="whitened", quant="nf4", quant_rounding="nearest")
+    quant = config(
+        criterion=criterion, residual_init="whitened", quant="nf4", quant_rounding="nearest", quant_scales="absmax"
+    )
     split = decompose(w, quant, stats)
     # the stored base: NF4 codes of the pruned weight (SparseGPT: its updated kept weights), computing deq(Q(Ŵ))
     pruned, mask = prune(w, quant, stats)
@@ -66,7 +68,12 @@ def test_alternating_rounds_quantize_inside_each_prune_step(criterion):
     w, gram = problem()
     stats = LayerStats(gram, 600)
     alt = config(
-        criterion=criterion, residual_init="alternating", alternating_rounds=3, quant="nf4", quant_rounding="nearest"
+        criterion=criterion,
+        residual_init="alternating",
+        alternating_rounds=3,
+        quant="nf4",
+        quant_rounding="nearest",
+        quant_scales="absmax",
     )
     split = decompose(w, alt, stats)
     # the last round's base is the quantized prune of W0 - (previous round's B A): replay rounds 1 and 2
@@ -81,7 +88,11 @@ def test_alternating_rounds_quantize_inside_each_prune_step(criterion):
     final = whitened_svd(w - split.base, None, 6, cholesky=stats.factor("cholesky", alt.damping))
     torch.testing.assert_close(split.factors.B @ split.factors.A, final.B @ final.A, atol=1e-5, rtol=1e-4)
     once = decompose(
-        w, config(criterion=criterion, residual_init="whitened", quant="nf4", quant_rounding="nearest"), stats
+        w,
+        config(
+            criterion=criterion, residual_init="whitened", quant="nf4", quant_rounding="nearest", quant_scales="absmax"
+        ),
+        stats,
     )
     assert split.row["output_error_after_residual"] <= once.row["output_error_after_residual"] * 1.02
 
@@ -157,7 +168,7 @@ def test_gptq_keeps_bitmap_and_scales_and_lowers_the_output_error(kind, double_q
     pruned, mask = sparsegpt(w, gram, 0.5)
     results = {}
     for rounding in ("nearest", "gptq"):
-        config = SALRConfig(quant=kind, quant_double=double_quant, quant_rounding=rounding)
+        config = SALRConfig(quant=kind, quant_double=double_quant, quant_rounding=rounding, quant_scales="absmax")
         [(stored, base)] = quantize_bases([(pruned, mask)], config, [torch.float32], stats)
         assert torch.equal(stored.dequantize(), base)  # the stored codes compute exactly what was fitted against
         results[rounding] = stored, base
@@ -172,6 +183,23 @@ def test_gptq_keeps_bitmap_and_scales_and_lowers_the_output_error(kind, double_q
     err_nearest = relative_output_error(pruned, results["nearest"][1], gram) ** 2
     err_gptq = relative_output_error(pruned, results["gptq"][1], gram) ** 2
     assert err_gptq < 0.8 * err_nearest, (err_gptq, err_nearest)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_searched_scales_lower_the_output_error_of_the_quantized_base(rounding):
+    w, gram = problem()
+    stats = LayerStats(gram, 600)
+    pruned, mask = sparsegpt(w, gram, 0.5)
+    errors = {}
+    for rule in ("absmax", "search"):
+        config = SALRConfig(quant="nf4", quant_rounding=rounding, quant_scales=rule)
+        [(stored, base)] = quantize_bases([(pruned, mask)], config, [torch.float32], stats)
+        assert torch.equal(stored.dequantize(), base)  # the stored codes compute exactly what was fitted against
+        errors[rule] = relative_output_error(pruned, base, gram)
+        if rule == "absmax":
+            absmax = stored
+    assert not torch.equal(stored.absmax, absmax.absmax) and torch.equal(stored.bitmask, absmax.bitmask)
+    assert errors["search"] < errors["absmax"], errors
 
 
 def test_a_group_is_rounded_as_one_by_one():
@@ -214,3 +242,18 @@ def test_rounding_defaults_and_clear_errors():
     saved = SALRConfig(quant="nf4").to_dict()
     del saved["quant_rounding"]  # a checkpoint written before GPTQ rounding existed was rounded to nearest
     assert SALRConfig.from_dict(saved).rounding == "nearest"
+
+
+def test_scale_rule_defaults_and_clear_errors():
+    assert SALRConfig(quant="nf4").scale_rule == "search"  # salr+: weighted by the calibration statistics
+    assert SALRConfig.from_preset("paper", quant="nf4").scale_rule == "absmax"  # QLoRA's, as the paper
+    assert method_config("qlora", SALRConfig(quant="nf4")).scale_rule == "absmax"  # the QLoRA baseline is QLoRA
+    assert SALRConfig().scale_rule is None
+    assert SALRConfig.from_preset("paper", quant="nf4", quant_scales="search").scale_rule == "search"
+    with pytest.raises(SALRError, match="pass quant="):
+        SALRConfig(quant_scales="search")
+    with pytest.raises(SALRError, match="quant_scales must be one of"):
+        SALRConfig(quant="nf4", quant_scales="minmax")
+    saved = SALRConfig(quant="nf4").to_dict()
+    del saved["quant_scales"]  # a checkpoint written before the search existed has absmax scales
+    assert SALRConfig.from_dict(saved).scale_rule == "absmax"

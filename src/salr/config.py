@@ -20,6 +20,7 @@ DEFAULT_SPARSITY = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTS = ("none", "nf4", "int8")
 QUANT_ROUNDINGS = ("nearest", "gptq")
+QUANT_SCALES = ("absmax", "search")
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -133,6 +134,15 @@ class SALRConfig:
             "choices": QUANT_ROUNDINGS,
         },
     )
+    quant_scales: str | None = field(
+        default=None,
+        metadata={
+            "help": "with quant: each block's scale is its 'absmax' (QLoRA) or the clipped scale whose rounding "
+            "error is least ('search', weighted by the input energy when calibrating); unset: 'search' when "
+            "calibration statistics are collected, else 'absmax'",
+            "choices": QUANT_SCALES,
+        },
+    )
 
     def __post_init__(self) -> None:
         nm = parse_nm(self.pattern)
@@ -204,9 +214,12 @@ class SALRConfig:
 
     def _check_quant_rounding(self) -> None:
         if self.quant == "none":
-            if self.quant_rounding is not None:
-                raise SALRError("quant_rounding chooses how a quantized base is rounded: pass quant='nf4' or 'int8'")
+            for name in ("quant_rounding", "quant_scales"):
+                if getattr(self, name) is not None:
+                    raise SALRError(f"{name} chooses how a quantized base is rounded: pass quant='nf4' or 'int8'")
             return
+        if self.quant_scales is not None and self.quant_scales not in QUANT_SCALES:
+            raise SALRError(f"quant_scales must be one of {QUANT_SCALES}, got {self.quant_scales!r}")
         if self.quant_rounding is None:
             return
         if self.quant_rounding not in QUANT_ROUNDINGS:
@@ -224,6 +237,14 @@ class SALRConfig:
         if self.quant == "none":
             return None
         return self.quant_rounding or ("gptq" if self.needs_calibration else "nearest")
+
+    @property
+    def scale_rule(self) -> str | None:
+        """How block scales are chosen (quant_scales, or its default: 'search' when calibration statistics are
+        collected, else 'absmax'); None without quant."""
+        if self.quant == "none":
+            return None
+        return self.quant_scales or ("search" if self.needs_calibration else "absmax")
 
     @property
     def needs_calibration(self) -> bool:
@@ -255,6 +276,8 @@ class SALRConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if known.get("quant", "none") != "none" and "quant_rounding" not in known:
             known["quant_rounding"] = "nearest"  # saved before GPTQ rounding existed
+        if known.get("quant", "none") != "none" and "quant_scales" not in known:
+            known["quant_scales"] = "absmax"  # saved before the scale search existed
         if known.get("pattern", "unstructured") != "unstructured":
             known["sparsity"] = None  # implied by the pattern; avoids float round-trip mismatch
         return cls(**known)

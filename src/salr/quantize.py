@@ -19,7 +19,14 @@ from typing import Any
 import torch
 
 from salr.bases.qbitmap import QBitmapBase
-from salr.bitmap_format import QUANT_BLOCKSIZE, QBitmapWeight, encode_quantized, pack_codes, round_to_scales
+from salr.bitmap_format import (
+    QUANT_BLOCKSIZE,
+    QBitmapWeight,
+    encode_quantized,
+    pack_codes,
+    round_to_scales,
+    search_scales,
+)
 from salr.calibration import LayerStats
 from salr.config import SALRConfig
 from salr.errors import SALRError
@@ -37,8 +44,9 @@ def quantize_bases(
     pruned: fp32 [out, in], zeros outside `mask`; mask: bool [out, in], True where kept; dtypes: each weight's own
     dtype. Without quantization there is nothing to store here (the caller keeps `pruned` as a dense base) and the
     weight is `pruned`. With it, a QBitmapBase of the kept values (of `pruned` in its dtype, widened exactly to
-    fp32, as bitsandbytes quantizes) and its exact fp32 dequantization. Rounding "nearest" is QLoRA's; "gptq" keeps
-    the block scales nearest rounding chooses but rounds one input column at a time, spreading each rounding error
+    fp32, as bitsandbytes quantizes) and its exact fp32 dequantization. Block scales are each block's absmax (QLoRA)
+    or, with `scale_rule` "search", the clipped scales of least rounding error. Rounding "nearest" is QLoRA's;
+    "gptq" keeps those block scales but rounds one input column at a time, spreading each rounding error
     over the columns not yet rounded through the inverse input Gram (GPTQ; SparseGPT's sweep with the mask fixed),
     so the base's *output* error on the calibration activations is what is kept small. The weights of a group
     share `stats` (q/k/v, gate/up); with fixed masks and scales GPTQ's rows are independent, so one sweep over
@@ -46,16 +54,28 @@ def quantize_bases(
     """
     if config.quant == "none":
         return [(None, pruned) for pruned, _ in prunes]
-    encoded = [
-        encode_quantized(pruned.to(dtype), mask, config.quant, QUANT_BLOCKSIZE, config.quant_double)
-        for (pruned, mask), dtype in zip(prunes, dtypes, strict=True)
-    ]
+    encoded = []
+    for (pruned, mask), dtype in zip(prunes, dtypes, strict=True):
+        weight = pruned.to(dtype)
+        scales = _searched_scales(weight, mask, config.quant, stats) if config.scale_rule == "search" else None
+        encoded.append(encode_quantized(weight, mask, config.quant, QUANT_BLOCKSIZE, config.quant_double, scales))
     if config.rounding == "gptq":
         if stats is None:
             raise SALRError("quant_rounding 'gptq' needs calibration statistics: pass calibration, or use 'nearest'")
         encoded = _gptq_round(prunes, encoded, dtypes, stats.factor("inverse_upper", config.damping))
     bases = [QBitmapBase(qw) for qw in encoded]
     return [(base, base.dequantize().to(pruned.device)) for base, (pruned, _) in zip(bases, prunes, strict=True)]
+
+
+def _searched_scales(weight: torch.Tensor, mask: torch.Tensor, kind: str, stats: LayerStats | None) -> torch.Tensor:
+    """Block scales from `search_scales` over the kept values (row-major), each value's error weighted by its
+    input column's energy, diag H / tokens, when calibration statistics exist (the output error a layer of
+    uncorrelated inputs would see; GPTQ rounding then handles the correlations)."""
+    values = weight[mask].float()
+    if stats is None:
+        return search_scales(values, kind, QUANT_BLOCKSIZE)
+    energy = torch.diagonal(stats.gram).float().to(weight.device)
+    return search_scales(values, kind, QUANT_BLOCKSIZE, weights=energy.expand_as(weight)[mask])
 
 
 def _gptq_round(
@@ -100,5 +120,6 @@ def quant_totals(rows: list[dict[str, Any]], config: SALRConfig) -> dict[str, An
         "quant": config.quant,
         "quant_double": config.quant_double,
         "quant_rounding": config.rounding,
+        "quant_scales": config.scale_rule,
         "quantization_energy": sum(r.get("quantization_energy", 0.0) for r in rows),
     }
