@@ -126,6 +126,27 @@ def test_block_grams_equal_the_inputs_each_linear_receives(tiny_llama):
         torch.testing.assert_close(stats[name].gram, x.T @ x, rtol=1e-4, atol=1e-4)
 
 
+def test_statistics_without_outputs_stop_after_the_last_target_and_keep_the_same_grams(tiny_llama):
+    ids = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(1))
+    _, blocks = decoder_blocks(tiny_llama)
+    calib = BlockwiseCalibration(tiny_llama, ids, batch_size=3)
+    calib.capture_inputs()
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]
+    full, outputs = calib.statistics(blocks[0], names)
+    calls = []
+    handle = blocks[0].mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))  # after the linear ran
+    try:
+        early, none = calib.statistics(blocks[0], names, outputs=False)
+    finally:
+        handle.remove()
+    assert len(outputs) == 2 and none == [] and calls == []  # down_proj's input is taken, its GEMM skipped
+    for name in names:
+        assert early[name].tokens == full[name].tokens == 40
+        assert torch.equal(early[name].gram, full[name].gram), name
+    _, rest = calib.statistics(blocks[0], names[:2], outputs=False)  # a pass that stops inside attention
+    assert rest == []
+
+
 def test_expert_grams_come_from_the_tokens_routed_to_each_expert(tiny_mixtral):
     ids = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(1))
     calib = BlockwiseCalibration(tiny_mixtral, ids)

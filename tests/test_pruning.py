@@ -3,7 +3,14 @@ import torch
 
 from salr.config import SALRConfig
 from salr.errors import SALRError
-from salr.pruning import global_threshold, magnitude_mask, nm_mask, unstructured_mask
+from salr.pruning import (
+    damped_gram,
+    damped_inverse_upper,
+    global_threshold,
+    magnitude_mask,
+    nm_mask,
+    unstructured_mask,
+)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.73, 0.99])
@@ -79,3 +86,22 @@ def test_config_rejects_bad_patterns_and_conflicts():
     assert SALRConfig(pattern="1:4", sparsity=None).sparsity == 0.75
     with pytest.raises(SALRError, match="non-negative"):
         SALRConfig(r=-1)
+
+
+@pytest.mark.parametrize("n", [1, 7, 96])
+def test_damped_inverse_upper_factors_the_inverse_of_the_damped_gram(n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3 * n + 5, n, generator=gen, dtype=torch.float64)
+    x[:, 0] *= 1e3  # a loud feature: a badly conditioned Gram
+    if n > 2:
+        x[:, 2] = 0.0  # a dead input (diag 0) gets a unit diagonal
+    gram = x.T @ x
+    upper = damped_inverse_upper(gram, 0.01)
+    assert upper.dtype == torch.float64 and torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    expected = torch.linalg.inv(damped_gram(gram, 0.01))
+    torch.testing.assert_close(upper.T @ upper, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
+def test_damped_inverse_upper_refuses_an_indefinite_gram():
+    with pytest.raises(SALRError, match="not positive definite"):
+        damped_inverse_upper(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64), 1e-6)

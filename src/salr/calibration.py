@@ -207,13 +207,10 @@ class LayerStats:
         Uᵀ U = H⁻¹, SparseGPT's form), fp64 [in, in]."""
         key = (kind, damping)
         if key not in self._factors:
-            from salr.pruning import damped_cholesky, inverse_cholesky_upper
+            from salr.pruning import damped_cholesky, damped_inverse_upper
 
-            lower = self._factors.get(("cholesky", damping))
-            if lower is None:
-                lower = self._factors[("cholesky", damping)] = damped_cholesky(self.gram, damping)
-            if kind == "inverse_upper":
-                self._factors[key] = inverse_cholesky_upper(lower)
+            factorize = damped_cholesky if kind == "cholesky" else damped_inverse_upper
+            self._factors[key] = factorize(self.gram, damping)
         return self._factors[key]
 
 
@@ -259,10 +256,14 @@ class BlockwiseCalibration:
         return outputs
 
     @torch.no_grad()
-    def statistics(self, block: nn.Module, names: list[str]) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+    def statistics(
+        self, block: nn.Module, names: list[str], outputs: bool = True
+    ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
         """Input Grams of the targets `names` (paths relative to `block`; `experts.gate_up_proj[e]`-style keys for
         fused experts: one per expert), from one pass of the block over the calibration inputs, and the block's
-        outputs of that pass (the next block's inputs when calibrating on the dense model)."""
+        outputs of that pass (the next block's inputs when calibrating on the dense model). With outputs=False
+        (sequential calibration runs the compressed block for them) each pass stops as soon as every target has
+        seen its input, so the block's last linear (down_proj) and what follows it never run; the list is empty."""
         grams: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         alias: dict[str, str] = {}  # layer -> the first layer that received the very same input tensor
@@ -281,7 +282,7 @@ class BlockwiseCalibration:
                 grams[key] = x.T @ x
             counts[key] = counts.get(key, 0) + x.shape[0]
 
-        handles = []
+        handles, modules = [], []
         for name in names:
             owner_name, _, param = name.rpartition(".")
             owner = block.get_submodule(owner_name) if owner_name else block
@@ -289,21 +290,39 @@ class BlockwiseCalibration:
                 if param == "gate_up_proj":  # one hook per experts block serves both projections
                     handles.append(owner.register_forward_pre_hook(_expert_hook(owner, owner_name, add)))
             else:
-                module = block.get_submodule(name)
-                handles.append(module.register_forward_pre_hook(lambda _m, args, key=name: add(key, args[0])))
-        outputs = []
+                modules.append(name)
+        stop_early = not outputs and len(modules) == len(names)  # experts: tokens are routed, no fixed last one
+        fired: set[str] = set()
+
+        def module_hook(key: str) -> Any:
+            def hook(_module: nn.Module, args: tuple) -> None:
+                add(key, args[0])
+                fired.add(key)
+                if stop_early and len(fired) == len(modules):
+                    raise _StopForward
+
+            return hook
+
+        for name in modules:
+            handles.append(block.get_submodule(name).register_forward_pre_hook(module_hook(name)))
+        results = []
         try:
             for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
                 seen.clear()
-                out = block(hidden, **kwargs)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+                fired.clear()
+                try:
+                    out = block(hidden, **kwargs)
+                except _StopForward:
+                    continue
+                if outputs:
+                    results.append(out[0] if isinstance(out, tuple) else out)
         finally:
             seen.clear()
             for handle in handles:
                 handle.remove()
         stats = {key: LayerStats(gram.double(), counts[key]) for key, gram in grams.items()}
         stats.update({key: stats[first] for key, first in alias.items()})
-        return stats, outputs
+        return stats, results
 
 
 def _expert_hook(experts: nn.Module, prefix: str, add: Any) -> Any:

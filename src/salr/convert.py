@@ -193,7 +193,8 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
         if not mine:
             continue
         prefix = len(name) + 1
-        stats, dense_outputs = calib.statistics(block, [t.name[prefix:] for t in mine])
+        sequential = converter.config.sequential
+        stats, dense_outputs = calib.statistics(block, [t.name[prefix:] for t in mine], outputs=not sequential)
         modules = dict(converter.model.named_modules())
         converter.decompose_shared_inputs(mine, modules, stats, prefix)
         for target in mine:
@@ -202,7 +203,7 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
         converter.install_experts()
         del stats
         # sequential: the next block sees what the compressed block outputs; else the dense block's outputs
-        if converter.config.sequential:
+        if sequential:
             with _merged_for_calibration(block):
                 calib.hidden = calib.run_block(block)
         else:
