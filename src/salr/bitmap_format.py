@@ -409,7 +409,9 @@ def quantize_values(
 
 
 # Scale search: each block's scale is alpha · absmax for the alpha of this grid with the least squared error.
-SCALE_SEARCH_ALPHAS = tuple(round(0.70 + 0.015 * i, 3) for i in range(21))  # 0.70, 0.715, ..., 1.00
+# 0.80, 0.825, ..., 1.00: on the default model's weights 21 values from 0.70 lowered the error only 0.3 % more, at
+# 2.3x the time.
+SCALE_SEARCH_ALPHAS = tuple(round(0.80 + 0.025 * i, 3) for i in range(9))
 
 
 def search_scales(
