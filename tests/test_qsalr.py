@@ -103,12 +103,14 @@ def test_compress_cli_reports_quantization_and_bytes(stories_path, tmp_path, cap
     report = json.loads((out / "salr_report.json").read_text())
     totals = report["totals"]
     assert totals["quant"] == "nf4" and totals["quant_double"] is True
+    assert (totals["quant_scales"], totals["quant_rounding"]) == ("search", "gptq")  # salr+: calibrated
     assert set(totals) >= {"checkpoint_bytes", "ideal_bytes", "dense_bytes", "base_bytes", "quantization_energy"}
     assert totals["base_bytes"] < totals["checkpoint_bytes"] <= 1.2 * totals["ideal_bytes"]
     for row in report["layers"]:
         assert set(row) >= {"pruned_energy", "quantization_energy", "error_energy", "residual_energy_after_svd"}
     printed = capsys.readouterr().out
-    assert "quantization: nf4 + double-quantized scales" in printed and "dense bf16 model" in printed
+    assert "quantization: nf4 + double-quantized scales, search scales, gptq rounding" in printed
+    assert "dense bf16 model" in printed
     loaded, _ = salr.load(out)
     assert isinstance(loaded.model.layers[0].mlp.down_proj.base, QBitmapBase)
 

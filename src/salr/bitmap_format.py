@@ -395,7 +395,10 @@ def quantize_values(
     else:
         absmax = scales.detach().to(device=a.device, dtype=torch.float32).reshape(-1)
         if absmax.numel() != -(-a.numel() // blocksize) or not bool((absmax >= 0).all()):
-            raise SALRError(f"scales must be {-(-a.numel() // blocksize)} non-negative block scales")
+            raise SALRError(
+                f"scales must be {-(-a.numel() // blocksize)} non-negative block scales (one per {blocksize} values), "
+                f"got {absmax.numel()}"
+            )
     nested = quantize_scales(absmax) if double_quant else None
     if scales is not None:  # nearest codes on the grid dequantization will use (double-quantized scales, if any)
         effective = absmax if nested is None else dequantize_scales(*nested)

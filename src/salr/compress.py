@@ -42,7 +42,7 @@ def format_report(report: dict, max_rows: int | None = None) -> str:
     if t.get("quant", "none") != "none":
         lines.append(
             f"quantization: {t['quant']}{' + double-quantized scales' if t.get('quant_double') else ''}, "
-            f"{t.get('quant_rounding') or 'nearest'} rounding, error "
+            f"{t.get('quant_scales') or 'absmax'} scales, {t.get('quant_rounding') or 'nearest'} rounding, error "
             f"energy {t['quantization_energy']:.4g} (pruning {t['pruned_energy']:.4g}); the residual absorbs both"
         )
     if "checkpoint_bytes" in t:
