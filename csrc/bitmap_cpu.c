@@ -42,6 +42,7 @@
 
 #define ISA_SCALAR 0
 #define ISA_AVX2 1
+#define ISA_AVX512 2 /* the AVX2 paths plus the AVX-512 (VBMI2) bf16 gemv and decode */
 
 #define MAX_NT 8 /* tokens per register block in the gemv path */
 /* Rows per work item: threads take chunks as they come (dynamic schedule), so a thread that the OS delays (a busy
@@ -50,6 +51,9 @@
 
 #define AVX2_FN __attribute__((target("avx2,fma,f16c,popcnt")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c,popcnt")))
+#define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx2,fma,f16c,popcnt,bmi2"
+#define AVX512_FN __attribute__((target(AVX512_TARGET)))
+#define AVX512_INLINE static inline __attribute__((always_inline, target(AVX512_TARGET)))
 
 /* ---------------------------------------------------------------------------------------------- tables */
 
@@ -92,6 +96,18 @@ int salr_cpu_has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
            __builtin_cpu_supports("popcnt");
+#endif
+}
+
+/* AVX-512 with VBMI2 (vpexpandw: Intel Ice Lake and later, AMD Zen 4 and later). */
+int salr_cpu_has_avx512(void) {
+#if !SALR_X86
+    return 0;
+#else
+    __builtin_cpu_init();
+    return salr_cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
 #endif
 }
 
@@ -330,6 +346,154 @@ AVX2_FN static int64_t decode_row_avx2(int dt, const uint8_t *bm, const uint8_t 
     return decode_row_avx2_dt(DT_F32, bm, v, nbytes, n_row, out);
 }
 
+
+/* ---------------------------------------------------------------------------------------------- AVX-512 path */
+
+/* bf16 values only (the default format): one vpexpandw places a 32-column chunk's kept values (4 bitmap bytes) at
+ * their columns, so a chunk costs one expanding load instead of four table shuffles. The expanded words become fp32
+ * with vpunpcklwd / vpunpckhwd against zero (bf16 is the high half of fp32), which keeps 128-bit lanes apart: the
+ * low half holds columns {0-3, 8-11, 16-19, 24-27} of the chunk and the high half the rest. The gemv reads x
+ * permuted to that order once per call (permute_x_avx512), so the inner loop has no cross-lane work. */
+
+#define CHUNK 32 /* columns per vpexpandw */
+
+/* Columns of x padded to whole chunks (the permuted copy's row length). */
+static inline int64_t chunk_cols(int64_t nbytes) { return (nbytes + 3) / 4 * CHUNK; }
+
+/* xq[t * kq + ...] = x[t, :] in the lane order of the unpacks (columns >= ncols are 0). */
+static void permute_x_avx512(const float *x, int64_t m, int64_t ldx, int64_t ncols, float *xq, int64_t kq) {
+    for (int64_t t = 0; t < m; t++) {
+        const float *xt = x + t * ldx;
+        float *qt = xq + t * kq;
+        for (int64_t c0 = 0; c0 < kq; c0 += CHUNK)
+            for (int i = 0; i < CHUNK; i++) {
+                /* position i of the chunk: half h (lo/hi unpack), lane L, element e */
+                const int h = i / 16, lane = (i % 16) / 4, e = i % 4;
+                const int64_t c = c0 + 8 * lane + 4 * h + e;
+                qt[c0 + i] = c < ncols ? xt[c] : 0.0f;
+            }
+    }
+}
+
+/* The chunk's mask: 4 bitmap bytes from j (fewer at the row's end; missing bytes are 0). */
+static inline uint32_t chunk_mask(const uint8_t *bm, int64_t j, int64_t nbytes) {
+    uint32_t k = 0;
+    if (j + 4 <= nbytes) {
+        memcpy(&k, bm + j, 4);
+    } else {
+        for (int64_t i = 0; j + i < nbytes; i++) k |= (uint32_t)bm[j + i] << (8 * i);
+    }
+    return k;
+}
+
+/* The chunk's 32 words: its n kept values (mask k) at their columns, zeros elsewhere. A masked load (which never
+ * faults past the row) then the register form of vpexpandw: the memory form is slower on Zen 4 (measured). */
+AVX512_INLINE __m512i expand32(uint32_t k, const uint16_t *v, int n) {
+    return _mm512_maskz_expand_epi16(k, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, (unsigned)n), v));
+}
+
+/* NT tokens against one bf16 row, as gemv_row_block_avx2 (validation included) with x in the permuted layout.
+ * The expanding loads touch only the values the mask selects, all within the row once the running count is
+ * checked, so no read goes past the row's values. */
+AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uint16_t *v0, int64_t nbytes,
+                                            int64_t n_row, const float *xq, int64_t kq, float *y, int64_t ldy) {
+    const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    int64_t j = 0, cnt = 0;
+    for (; j + 8 <= nbytes; j += 8) { /* two chunks per 64-bit word */
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > n_row) return -1;
+        const uint32_t k0 = (uint32_t)word, k1 = (uint32_t)(word >> 32);
+        const int c0 = __builtin_popcount(k0);
+        const __m512i w0 = expand32(k0, v0 + cnt, c0), w1 = expand32(k1, v0 + cnt + c0, (int)wc - c0);
+        const __m512 f[4] = {_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w0)),
+                             _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w0)),
+                             _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w1)),
+                             _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w1))};
+        const float *xc = xq + 8 * j;
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm512_fmadd_ps(f[u], _mm512_loadu_ps(xc + t * kq + 16 * u), acc[u % NB][t]);
+        cnt += wc;
+    }
+    for (; j < nbytes; j += 4) { /* the last 1-7 bytes, a chunk at a time */
+        const uint32_t k = chunk_mask(bm, j, nbytes);
+        const int kc = __builtin_popcount(k);
+        if (cnt + kc > n_row) return -1;
+        const __m512i w = expand32(k, v0 + cnt, kc);
+        const __m512 lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w));
+        const __m512 hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w));
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) {
+            acc[0][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xq + t * kq + 8 * j), acc[0][t]);
+            acc[0][t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xq + t * kq + 8 * j + 16), acc[0][t]);
+        }
+        cnt += kc;
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        __m512 s = acc[0][t];
+#pragma GCC unroll 4
+        for (int u = 1; u < NB; u++) s = _mm512_add_ps(s, acc[u][t]);
+        y[t * ldy] = _mm512_reduce_add_ps(s);
+    }
+    return cnt;
+}
+
+/* As gemv_row_avx2 for bf16 values, x permuted (permute_x_avx512, row stride kq). */
+AVX512_FN static int64_t gemv_row_avx512(const uint8_t *bm, const uint16_t *v, int64_t nbytes, int64_t n_row,
+                                         const float *xq, int64_t m, int64_t kq, float *y, int64_t ldy) {
+    int64_t t = 0, got = n_row;
+    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
+        got = gemv_row_block_avx512(8, bm, v, nbytes, n_row, xq + t * kq, kq, y + t * ldy, ldy);
+    if (got != n_row) return got;
+    xq += t * kq;
+    y += t * ldy;
+    switch (m - t) {
+    case 1: return gemv_row_block_avx512(1, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    case 2: return gemv_row_block_avx512(2, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    case 3: return gemv_row_block_avx512(3, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    case 4: return gemv_row_block_avx512(4, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    case 5: return gemv_row_block_avx512(5, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    case 6: return gemv_row_block_avx512(6, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    case 7: return gemv_row_block_avx512(7, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    default: return got;
+    }
+}
+
+/* One bf16 row as dense fp32 into out[0, nbytes * 8), as decode_row_avx2 (natural column order). */
+AVX512_FN static int64_t decode_row_avx512(const uint8_t *bm, const uint16_t *v0, int64_t nbytes, int64_t n_row,
+                                           float *out) {
+    int64_t cnt = 0;
+    for (int64_t j = 0; j < nbytes; j += 4) {
+        const uint32_t k = chunk_mask(bm, j, nbytes);
+        const int kc = __builtin_popcount(k);
+        if (cnt + kc > n_row) return -1;
+        const __m512i w = expand32(k, v0 + cnt, kc);
+        const __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16);
+        const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16);
+        const int64_t left = 8 * (nbytes - j); /* columns of the row from 8j on */
+        if (left >= CHUNK) {
+            _mm512_storeu_si512(out + 8 * j, lo);
+            _mm512_storeu_si512(out + 8 * j + 16, hi);
+        } else {
+            _mm512_mask_storeu_epi32(out + 8 * j, (__mmask16)(left >= 16 ? 0xffffu : (1u << left) - 1), lo);
+            if (left > 16) _mm512_mask_storeu_epi32(out + 8 * j + 16, (__mmask16)((1u << (left - 16)) - 1), hi);
+        }
+        cnt += kc;
+    }
+    return cnt;
+}
+
 #endif /* SALR_X86 */
 
 /* ---------------------------------------------------------------------------------------------- entry points */
@@ -346,7 +510,7 @@ static inline int row_range(const int64_t *offs, int64_t r, int64_t rows, int64_
 }
 
 /* y[t * ldy + r] = sum_c x[t * ldx + c] * W[r, c] for t < m, r < rows. Returns -1, or a row whose offsets
- * disagree with its bitmap (that row's outputs are left at 0). Rows go to threads in ROW_CHUNK pieces; pass
+ * disagree with its bitmap (that row's outputs are left at 0), or -2 when out of memory. Rows go to threads in ROW_CHUNK pieces; pass
  * nthreads = 1 for small layers, where waking a second thread costs more than it saves. */
 int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *values, const int64_t *row_offsets,
                          int64_t nnz, int64_t rows, int64_t cols, const float *x, int64_t m, int64_t ldx, float *y,
@@ -356,13 +520,24 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
     const int esz = elem_size(dt);
     int64_t bad = -1;
     if (nthreads < 1) nthreads = 1;
+#if SALR_X86
+    /* AVX-512: x once in the unpacks' lane order (see the AVX-512 path) */
+    const int wide = isa == ISA_AVX512 && dt == DT_BF16;
+    const int64_t kq = chunk_cols(nbytes);
+    float *xq = wide ? (float *)malloc(sizeof(float) * (size_t)(m * kq)) : NULL;
+    if (wide && !xq) return -2;
+    if (wide) permute_x_avx512(x, m, ldx, nbytes * 8, xq, kq);
+#endif
 #pragma omp parallel for schedule(dynamic, ROW_CHUNK) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *bm = bitmask + r * nbytes;
         int64_t start, end;
         int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
 #if SALR_X86
-        if (ok && isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+        if (ok && wide) {
+            ok = gemv_row_avx512(bm, (const uint16_t *)vals + start, nbytes, end - start, xq, m, kq, y + r, ldy) ==
+                 end - start;
+        } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
             ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, x, m, ldx, y + r, ldy) == end - start;
         } else
 #endif
@@ -374,6 +549,9 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
             bad = r;
         }
     }
+#if SALR_X86
+    free(xq);
+#endif
     return bad;
 }
 
@@ -394,7 +572,9 @@ int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *
         int64_t start, end;
         int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
 #if SALR_X86
-        if (ok && isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+        if (ok && isa == ISA_AVX512 && dt == DT_BF16) {
+            ok = decode_row_avx512(bm, (const uint16_t *)vals + start, nbytes, end - start, o) == end - start;
+        } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
             ok = decode_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, o) == end - start;
         } else
 #endif
@@ -428,6 +608,7 @@ int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *
 #define Q_INT8 1
 #define QCHUNK 64                   /* bitmap bytes (512 columns) packed before the packed values are multiplied */
 #define QBUF (8 * QCHUNK + 16)      /* floats per token of packed x: chunk + carried partial group + store overrun */
+#define QPAD_512 48                 /* floats around a row decoded by the AVX-512 path (16 before, 32 after) */
 
 static const float NF4_TABLE[16] __attribute__((aligned(32))) = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
@@ -704,14 +885,184 @@ AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int
     if (q->kind == Q_NF4) return qdecode_row_avx2_kind(Q_NF4, q, bm, start, nbytes, n_row, out, vbuf);
     return qdecode_row_avx2_kind(Q_INT8, q, bm, start, nbytes, n_row, out, vbuf);
 }
+
+/* AVX-512 (VBMI2) for blocks of >= 16 values: the row's values are decoded to fp32 into vbuf first, 16 per step
+ * with the whole NF4 codebook in one register (vpermps on 16 lanes), then each 16 columns take their values with
+ * one vexpandps, as the bf16 kernel does. Every group of 16 lies inside one scale block. vbuf holds
+ * n_row + QPAD_512 floats; the row's values start at vbuf + 16. */
+
+/* The 16 values of the group starting at global index g (a multiple of 16); table = codebook * absmax (NF4) or
+ * absmax broadcast (INT8). Bytes past the stream's end decode as 0. */
+AVX512_INLINE __m512 qgroup16(int kind, const uint8_t *codes, int64_t g, int64_t nnz, __m512 table) {
+    if (kind == Q_NF4) {
+        uint64_t w = 0x7777777777777777ull; /* code 7 is 0.0 */
+        if (__builtin_expect(g + 16 <= nnz, 1)) {
+            memcpy(&w, codes + (g >> 1), 8);
+        } else {
+            for (int64_t i = 0; i < ((nnz - g + 1) >> 1); i++)
+                w = (w & ~(0xffull << (8 * i))) | ((uint64_t)codes[(g >> 1) + i] << (8 * i));
+        }
+        const __m128i pairs = _mm_shuffle_epi8(_mm_cvtsi64_si128((int64_t)w),
+                                               _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+        const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); /* high first */
+        return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(pairs), shifts), table);
+    }
+    __m128i c;
+    if (__builtin_expect(g + 16 <= nnz, 1)) {
+        c = _mm_loadu_si128((const __m128i *)(codes + g));
+    } else {
+        int8_t tmp[16] = {0};
+        for (int64_t i = 0; i < nnz - g; i++) tmp[i] = (int8_t)codes[g + i];
+        c = _mm_loadu_si128((const __m128i *)tmp);
+    }
+    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), table);
+    return _mm512_mul_ps(v, _mm512_set1_ps(INV127));
+}
+
+/* The row's n_row values from global index start into vbuf + 16 (fp32). */
+AVX512_INLINE void qvalues_avx512(int kind, const qstream *q, int64_t start, int64_t n_row, float *vbuf) {
+    const int64_t g0 = start & ~(int64_t)15;
+    int64_t blk = -1;
+    __m512 table = _mm512_setzero_ps();
+    float *v0 = vbuf + 16 - (start - g0);
+    for (int64_t g = g0; g < start + n_row; g += 16) {
+        if ((g >> q->bshift) != blk) {
+            blk = g >> q->bshift;
+            const __m512 s = _mm512_set1_ps(q->absmax[blk]);
+            table = kind == Q_NF4 ? _mm512_mul_ps(_mm512_loadu_ps(NF4_TABLE), s) : s;
+        }
+        _mm512_storeu_ps(v0 + (g - g0), qgroup16(kind, q->codes, g, q->nnz, table));
+    }
+}
+
+/* As expand32 for 16 fp32 values (the masked load keeps the compiler from folding it into the slow memory form). */
+AVX512_INLINE __m512 expand16(__mmask16 k, const float *v, int n) {
+    return _mm512_maskz_expand_ps(k, _mm512_maskz_loadu_ps((__mmask16)_bzhi_u32(0xffffu, (unsigned)n), v));
+}
+
+/* NT tokens against one row of fp32 values v0[0, n_row) (already decoded), natural column order; validation as in
+ * the other row kernels. x rows hold nbytes * 8 floats: the last odd byte loads its 8 columns masked. */
+AVX512_INLINE int64_t fgemv_row_block_avx512(int NT, const uint8_t *bm, const float *v0, int64_t nbytes,
+                                             int64_t n_row, const float *x, int64_t ldx, float *y, int64_t ldy) {
+    const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+    __m512 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    int64_t j = 0, cnt = 0;
+    for (; j + 8 <= nbytes; j += 8) {
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > n_row) return -1;
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            const int64_t off = u ? __builtin_popcountll(word << (64 - 16 * u)) : 0;
+            const __mmask16 k = (__mmask16)(word >> (16 * u));
+            const __m512 w = expand16(k, v0 + cnt + off, __builtin_popcount(k));
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + 8 * j + 16 * u), acc[u % NB][t]);
+        }
+        cnt += wc;
+    }
+    for (; j < nbytes; j += 2) {
+        const int two = j + 1 < nbytes;
+        const __mmask16 k = (__mmask16)(bm[j] | (two ? (unsigned)bm[j + 1] << 8 : 0u));
+        const int kc = __builtin_popcount(k);
+        if (cnt + kc > n_row) return -1;
+        const __m512 w = expand16(k, v0 + cnt, kc);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++)
+            acc[0][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(two ? 0xffff : 0xff, x + t * ldx + 8 * j), acc[0][t]);
+        cnt += kc;
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        __m512 s = acc[0][t];
+#pragma GCC unroll 4
+        for (int u = 1; u < NB; u++) s = _mm512_add_ps(s, acc[u][t]);
+        y[t * ldy] = _mm512_reduce_add_ps(s);
+    }
+    return cnt;
+}
+
+AVX512_INLINE int64_t qgemv_row_avx512_kind(int kind, const qstream *q, const uint8_t *bm, int64_t start,
+                                            int64_t nbytes, int64_t n_row, const float *x, int64_t m, int64_t ldx,
+                                            float *y, int64_t ldy, float *vbuf) {
+    qvalues_avx512(kind, q, start, n_row, vbuf);
+    const float *v = vbuf + 16;
+    int64_t t = 0, got = n_row;
+    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
+        got = fgemv_row_block_avx512(8, bm, v, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy);
+    if (got != n_row) return got;
+    x += t * ldx;
+    y += t * ldy;
+    switch (m - t) {
+    case 1: return fgemv_row_block_avx512(1, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 2: return fgemv_row_block_avx512(2, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 3: return fgemv_row_block_avx512(3, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 4: return fgemv_row_block_avx512(4, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 5: return fgemv_row_block_avx512(5, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 6: return fgemv_row_block_avx512(6, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 7: return fgemv_row_block_avx512(7, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    default: return got;
+    }
+}
+
+/* The quantized few-token GEMV of one row (n_row <= 8 * nbytes, vbuf >= n_row + QPAD_512 floats). */
+AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                          int64_t n_row, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy,
+                                          float *vbuf) {
+    if (q->kind == Q_NF4) return qgemv_row_avx512_kind(Q_NF4, q, bm, start, nbytes, n_row, x, m, ldx, y, ldy, vbuf);
+    return qgemv_row_avx512_kind(Q_INT8, q, bm, start, nbytes, n_row, x, m, ldx, y, ldy, vbuf);
+}
+
+/* The quantized row as dense fp32 into out[0, nbytes * 8), for the large-M path (vbuf as above). */
+AVX512_INLINE int64_t qdecode_row_avx512_kind(int kind, const qstream *q, const uint8_t *bm, int64_t start,
+                                              int64_t nbytes, int64_t n_row, float *out, float *vbuf) {
+    qvalues_avx512(kind, q, start, n_row, vbuf);
+    const float *v0 = vbuf + 16;
+    int64_t cnt = 0;
+    for (int64_t j = 0; j < nbytes; j += 2) {
+        const int two = j + 1 < nbytes;
+        const __mmask16 k = (__mmask16)(bm[j] | (two ? (unsigned)bm[j + 1] << 8 : 0u));
+        const int kc = __builtin_popcount(k);
+        if (cnt + kc > n_row) return -1;
+        _mm512_mask_storeu_ps(out + 8 * j, two ? 0xffff : 0xff, expand16(k, v0 + cnt, kc));
+        cnt += kc;
+    }
+    return cnt;
+}
+
+AVX512_FN static int64_t qdecode_row_avx512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                            int64_t n_row, float *out, float *vbuf) {
+    if (q->kind == Q_NF4) return qdecode_row_avx512_kind(Q_NF4, q, bm, start, nbytes, n_row, out, vbuf);
+    return qdecode_row_avx512_kind(Q_INT8, q, bm, start, nbytes, n_row, out, vbuf);
+}
+
 #endif /* SALR_X86 */
 
-/* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0). */
+/* Floats of the per-thread buffer qgemv_row needs (the AVX2 packed x or the AVX-512 decoded row). */
+static inline size_t qbuf_floats(int64_t m, int64_t nbytes) {
+    const int64_t packed = (m < MAX_NT ? m : MAX_NT) * QBUF, decoded = 8 * nbytes + QPAD_512;
+    return (size_t)(packed > decoded ? packed : decoded);
+}
+
+/* AVX-512 quantized paths need scale blocks of >= 16 values (a group of 16 within one block). */
+static inline int q_avx512(int isa, const qstream *q) { return isa == ISA_AVX512 && q->bshift >= 4; }
+
+/* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0).
+ * buf holds qbuf_floats(m, nbytes) floats. */
 static int qgemv_row(int isa, const qstream *q, const uint8_t *bm, int64_t start, int64_t end, int64_t nbytes,
                      const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, float *buf) {
     int ok;
 #if SALR_X86
-    if (isa == ISA_AVX2) {
+    if (q_avx512(isa, q)) {
+        ok = end - start <= 8 * nbytes &&
+             qgemv_row_avx512(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, buf) == end - start;
+    } else if (isa >= ISA_AVX2) {
         ok = qgemv_row_avx2(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, buf) == end - start;
     } else
 #endif
@@ -747,8 +1098,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        const int64_t tokens = m < MAX_NT ? m : MAX_NT;
-        float *buf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(tokens * QBUF));
+        float *buf = (float *)aligned_alloc(32, sizeof(float) * qbuf_floats(m, nbytes));
         if (!buf) {
 #pragma omp atomic write
             oom = 1;
@@ -780,7 +1130,7 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + 16));
+        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + QPAD_512));
         if (!vbuf) {
 #pragma omp atomic write
             oom = 1;
@@ -792,7 +1142,9 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
             int64_t start, end;
             int ok = vbuf != NULL && row_range(row_offsets, r, rows, nnz, &start, &end) && end - start <= 8 * nbytes;
 #if SALR_X86
-            if (ok && isa == ISA_AVX2) {
+            if (ok && q_avx512(isa, &q)) {
+                ok = qdecode_row_avx512(&q, bm, start, nbytes, end - start, o, vbuf) == end - start;
+            } else if (ok && isa >= ISA_AVX2) {
                 ok = qdecode_row_avx2(&q, bm, start, nbytes, end - start, o, vbuf) == end - start;
             } else
 #endif
@@ -849,7 +1201,7 @@ AVX2_FN static float dot_avx2(int dt, const uint8_t *a, const float *x, int64_t 
 
 static inline float dot_any(int isa, int dt, const uint8_t *a, const float *x, int64_t n) {
 #if SALR_X86
-    if (isa == ISA_AVX2) return dot_avx2(dt, a, x, n);
+    if (isa >= ISA_AVX2) return dot_avx2(dt, a, x, n);
 #endif
     (void)isa;
     return dot_scalar(dt, a, x, n);
@@ -899,9 +1251,19 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
     }
     int64_t bad = -1, oom = 0;
     if (nthreads < 1) nthreads = 1;
+#if SALR_X86
+    const int wide = !q && isa == ISA_AVX512 && dt == DT_BF16;
+    const int64_t kq = chunk_cols(nbytes);
+    float *xq = wide ? (float *)malloc(sizeof(float) * (size_t)(m * kq)) : NULL;
+    if (wide && !xq) {
+        free(xf);
+        return -2;
+    }
+    if (wide) permute_x_avx512(xf, m, kp, kp, xq, kq);
+#endif
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *qbuf = q ? (float *)aligned_alloc(32, sizeof(float) * (size_t)(m * QBUF)) : NULL;
+        float *qbuf = q ? (float *)aligned_alloc(32, sizeof(float) * qbuf_floats(m, nbytes)) : NULL;
         if (q && !qbuf) {
 #pragma omp atomic write
             oom = 1;
@@ -923,7 +1285,10 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
                 ok = ok && qbuf && qgemv_row(isa, q, bm, start, end, nbytes, xf, m, kp, acc, 1, qbuf);
             } else
 #if SALR_X86
-            if (ok && isa == ISA_AVX2 && avx2_safe(dt, end, nnz)) {
+            if (ok && wide) {
+                ok = gemv_row_avx512(bm, (const uint16_t *)vals + start, nbytes, end - start, xq, m, kq, acc, 1) ==
+                     end - start;
+            } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
                 ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, xf, m, kp, acc, 1) == end - start;
             } else
 #endif
@@ -943,6 +1308,9 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
         }
         free(qbuf);
     }
+#if SALR_X86
+    free(xq);
+#endif
     free(xf);
     return oom ? -2 : bad;
 }

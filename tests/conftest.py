@@ -24,6 +24,21 @@ STORIES = DATA / "models" / "stories260K" / "stories260K.bin"
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
 
 
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def cpu_isa(request, monkeypatch) -> str:
+    """Runs a test once per instruction set of the native CPU kernel (SALR_CPU_ISA); one the CPU lacks is skipped
+    (AVX-512 with VBMI2 needs Intel Ice Lake / AMD Zen 4 or later)."""
+    from salr.ops import cpu
+
+    if not cpu.available():
+        pytest.skip("native kernel not built (python setup.py build_ext -i)")
+    if request.param not in cpu.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels (it has {', '.join(cpu.supported_isas())})")
+    monkeypatch.setenv("SALR_CPU_ISA", request.param)
+    assert cpu.isa() == request.param
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     if not STORIES.is_file():

@@ -51,7 +51,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
     "shape,ranks",
     [((37, 29), (5, 3)), ((64, 64), (0, 0)), ((100, 203), (0, 4)), ((576, 192), (64, 16)), ((130, 1031), (7, 0))],
 )
-def test_fused_layer_matches_exact(dtype, m, shape, ranks):
+def test_fused_layer_matches_exact(cpu_isa, dtype, m, shape, ranks):
     layer = make_layer(*shape, *ranks, dtype)
     x = torch.randn(1, m, shape[1]).to(dtype)
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_scalar_isa_matches(monkeypatch):
 
 
 @native
-def test_two_threads_match_one():
+def test_two_threads_match_one(cpu_isa):
     layer = make_layer(1100, 1031, 32, 16, torch.float32)
     x = torch.randn(2, 1031)
     threads = torch.get_num_threads()
@@ -127,7 +127,7 @@ def test_fused_path_is_taken_only_where_it_applies():
 
 
 @native
-def test_corrupt_bitmap_raises_in_the_fused_path():
+def test_corrupt_bitmap_raises_in_the_fused_path(cpu_isa):
     layer = make_layer(30, 40, 2, 2, torch.float32, sparsity=0.5)
     bw = fm.encode(layer.base.to_dense())
     bm = bw.bitmask.clone()

@@ -39,8 +39,8 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @native
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 33, 130, 600])
-@pytest.mark.parametrize("shape", [(37, 29), (64, 200), (300, 1037)])
-def test_cpu_kernel_matches_reference(dtype, m, shape):
+@pytest.mark.parametrize("shape", [(37, 29), (64, 200), (19, 100), (300, 1037)])
+def test_cpu_kernel_matches_reference(cpu_isa, dtype, m, shape):
     w, bw = make(*shape, dtype=dtype, seed=m)
     x = torch.randn(m, shape[1])
     y = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, *shape)
@@ -117,7 +117,7 @@ def test_fake_tensor_shape_for_compile():
 
 
 @native
-def test_corrupt_offsets_raise_instead_of_reading_out_of_bounds():
+def test_corrupt_offsets_raise_instead_of_reading_out_of_bounds(cpu_isa):
     _, bw = make(20, 64)
     bad = bw.row_offsets.clone()
     bad[7] += 3
@@ -182,7 +182,7 @@ def test_bitmap_base_meta_empty_then_assign():
 @native
 @pytest.mark.parametrize("m", [1, 3, 20])  # gemv (one token, a few tokens) and decode + sgemm
 @pytest.mark.parametrize("extra_bit_col", [5, 700, 1033])  # a set bit in the first word, a middle word, the tail
-def test_bitmap_with_extra_bits_is_caught_in_the_fast_path(m, extra_bit_col):
+def test_bitmap_with_extra_bits_is_caught_in_the_fast_path(cpu_isa, m, extra_bit_col):
     # Row 10 of 40 claims one more nonzero than its offsets give it: the AVX2 walk must notice it word by word
     # (rows far from the end of `values` take the AVX2 path) and raise, not read the next row's values.
     w, bw = make(40, 1037, sparsity=0.6)
@@ -195,7 +195,7 @@ def test_bitmap_with_extra_bits_is_caught_in_the_fast_path(m, extra_bit_col):
 
 
 @native
-def test_multithreaded_gemv_matches_reference():
+def test_multithreaded_gemv_matches_reference(cpu_isa):
     rows, cols = 1100, 1031  # above PARALLEL_MIN_WEIGHTS, rows not a multiple of the chunk, cols not of 64
     assert rows * cols >= cpu.PARALLEL_MIN_WEIGHTS
     w, bw = make(rows, cols)
@@ -223,8 +223,8 @@ def adversarial(rows, cols, dtype, seed):
 
 @native
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m,rows,cols", [(9, 53, 37), (40, 70, 129), (17, 16, 8)])
-def test_many_token_paths_across_tiles(monkeypatch, xdtype, m, rows, cols):
+@pytest.mark.parametrize("m,rows,cols", [(9, 53, 37), (40, 70, 129), (17, 16, 8), (12, 33, 230)])
+def test_many_token_paths_across_tiles(cpu_isa, monkeypatch, xdtype, m, rows, cols):
     """Forward and input gradient with tiles smaller than the layer (a ragged last tile), non-contiguous inputs in
     bf16 / fp32, against the plain-PyTorch reference."""
     monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 16 * 8 * -(-cols // 8))  # 16-row tiles
@@ -241,3 +241,26 @@ def test_many_token_paths_across_tiles(monkeypatch, xdtype, m, rows, cols):
     assert gx.shape == (m, cols) and gx.dtype == xdtype
     assert rel_err(gx, g.double() @ w.double()) < TOL[xdtype]
     assert rel_err(gx, reference.bitmap_grad_input_reference(g, *args).double()) < 2 * TOL[xdtype]
+
+
+@pytest.mark.parametrize("m", [1, 4, 8])
+@pytest.mark.parametrize("cols", [29, 64, 1000, 1037])
+def test_few_token_gemv_on_adversarial_rows(cpu_isa, m, cols):
+    """The M <= 8 kernels (AVX-512 expands 32 columns per step, AVX2 8) on all-zero, fully dense and last-byte-only
+    rows, with bf16 values and columns that leave 1-7 bitmap bytes after the last whole word."""
+    w, bw = adversarial(70, cols, torch.bfloat16, seed=cols + m)
+    x = torch.randn(cols, m).T  # non-contiguous
+    y = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, 70, cols)
+    assert rel_err(y, exact(x, w)) < TOL[torch.float32]
+    assert float(y[:, 0].abs().max()) == 0.0
+    torch.testing.assert_close(y[:, 3], 1.5 * x[:, cols - 1].float())  # the single nonzero in the last byte
+
+
+def test_isa_override_errors(monkeypatch):
+    monkeypatch.setenv("SALR_CPU_ISA", "sse9")
+    with pytest.raises(SALRError, match="SALR_CPU_ISA='sse9' is not one of scalar, avx2, avx512"):
+        cpu.isa()
+    if cpu.available() and "avx512" not in cpu.supported_isas():
+        monkeypatch.setenv("SALR_CPU_ISA", "avx512")
+        with pytest.raises(SALRError, match="supports only"):
+            cpu.isa()

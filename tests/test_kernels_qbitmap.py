@@ -53,7 +53,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize(
     "shape,pattern", [((37, 29), None), ((64, 200), "rows"), ((300, 1037), "ends"), ((3, 5), None)]
 )
-def test_cpu_kernel_matches_reference(kind, double_quant, m, shape, pattern):
+def test_cpu_kernel_matches_reference(cpu_isa, kind, double_quant, m, shape, pattern):
     w, qw, scales = make(*shape, kind, double_quant, seed=m, pattern=pattern)
     x = torch.randn(m, shape[1])
     y = cpu.qbitmap_linear_cpu(x, *args(qw, scales))
@@ -66,7 +66,7 @@ def test_cpu_kernel_matches_reference(kind, double_quant, m, shape, pattern):
 @native
 @pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.9, 0.999])
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
-def test_densities_and_blocksizes(sparsity, blocksize):
+def test_densities_and_blocksizes(cpu_isa, sparsity, blocksize):
     w, qw, scales = make(70, 333, sparsity=sparsity, blocksize=blocksize)
     for m in (1, 4, 17):
         x = torch.randn(m, 333)
@@ -74,7 +74,7 @@ def test_densities_and_blocksizes(sparsity, blocksize):
 
 
 @native
-def test_all_pruned_weight_gives_zeros():
+def test_all_pruned_weight_gives_zeros(cpu_isa):
     w, qw, scales = make(8, 40, sparsity=1.0)
     assert qw.nnz == 0 and qw.q.codes.numel() == 0
     for m in (1, 12):
@@ -108,7 +108,7 @@ def test_scalar_fallback_matches_avx2(monkeypatch, kind, m):
 
 
 @native
-def test_decode_rows_is_the_exact_dequantization():
+def test_decode_rows_is_the_exact_dequantization(cpu_isa):
     w, qw, scales = make(41, 77, "nf4", True, pattern="rows")
     out = torch.full((41, 80), float("nan"))
     bitmask, codes, sc, offsets, rows, cols, bs = args(qw, scales)
@@ -135,7 +135,7 @@ def test_opcheck_schema_fake_and_autograd():
 
 
 @native
-def test_corrupt_inputs_raise_instead_of_reading_out_of_bounds():
+def test_corrupt_inputs_raise_instead_of_reading_out_of_bounds(cpu_isa):
     _, qw, scales = make(20, 64)
     bad = qw.row_offsets.clone()
     bad[7] += 3
@@ -153,7 +153,7 @@ def test_corrupt_inputs_raise_instead_of_reading_out_of_bounds():
 
 
 @native
-def test_multithreaded_gemv_matches_reference():
+def test_multithreaded_gemv_matches_reference(cpu_isa):
     rows, cols = 1100, 1031
     assert rows * cols >= cpu.PARALLEL_MIN_WEIGHTS
     w, qw, scales = make(rows, cols, "nf4", True)
@@ -170,7 +170,7 @@ def test_multithreaded_gemv_matches_reference():
 @native
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_fused_layer_decode_matches_the_unfused_layer(xdtype, m):
+def test_fused_layer_decode_matches_the_unfused_layer(cpu_isa, xdtype, m):
     w, qw, _ = make(48, 72, "nf4", True, pattern="rows")
     base = QBitmapBase(qw)
     A, B = torch.randn(6, 72) * 0.1, torch.randn(48, 6) * 0.1

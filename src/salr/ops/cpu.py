@@ -41,7 +41,7 @@ GEMV_MAX_TOKENS = 8  # at or below: the fused GEMV kernel; above: decode tiles +
 PARALLEL_MIN_WEIGHTS = 1 << 20  # below: one thread (1536x576 takes ~90 us on one; a thread hand-off costs 10+ us)
 TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ISA_CODES = {"scalar": 0, "avx2": 1}
+_ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}  # avx512: bf16 values take vpexpandw (csrc)
 _X_CODES = {torch.float32: 0, torch.bfloat16: 2}  # activation dtypes of the fused decode path
 
 _P = ctypes.c_void_p
@@ -62,6 +62,7 @@ def load() -> ctypes.CDLL | None:
         logger.warning("could not load the native CPU kernel %s: %s", spec.origin, exc)
         return None
     lib.salr_cpu_has_avx2.restype = _INT
+    lib.salr_cpu_has_avx512.restype = _INT
     lib.salr_cpu_max_threads.restype = _INT
     common = [_INT, _INT, _P, _P, _P, _I64, _I64, _I64]
     lib.salr_bitmap_gemv.argtypes = common + [_P, _I64, _I64, _P, _I64, _INT]
@@ -90,15 +91,28 @@ def available() -> bool:
 @functools.cache
 def _cpu_isa() -> str:
     lib = load()
-    return "avx2" if lib is not None and lib.salr_cpu_has_avx2() else "scalar"
+    if lib is None or not lib.salr_cpu_has_avx2():
+        return "scalar"
+    return "avx512" if lib.salr_cpu_has_avx512() else "avx2"
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets this CPU can run, lowest first ("scalar", then "avx2", then "avx512")."""
+    names = list(_ISA_CODES)
+    return names[: names.index(_cpu_isa()) + 1]
 
 
 def isa() -> str:
-    """The instruction set the kernel uses: "avx2" (detected at run time) or "scalar" (or SALR_CPU_ISA=scalar)."""
+    """The instruction set the kernel uses: the best this CPU has ("avx512": AVX-512 with VBMI2, "avx2" or
+    "scalar", detected at run time), or a lower one named by SALR_CPU_ISA (to compare paths or rule one out)."""
     forced = os.environ.get("SALR_CPU_ISA", "").lower()
-    if forced == "scalar":
-        return "scalar"
-    return _cpu_isa()
+    if not forced:
+        return _cpu_isa()
+    if forced not in _ISA_CODES:
+        raise SALRError(f"SALR_CPU_ISA={forced!r} is not one of {', '.join(_ISA_CODES)}")
+    if forced not in supported_isas():
+        raise SALRError(f"SALR_CPU_ISA={forced} but this CPU supports only {', '.join(supported_isas())}")
+    return forced
 
 
 def _check_bad_row(bad: int) -> None:
