@@ -6,7 +6,7 @@
  *   values       the nonzeros in row-major order (bf16, fp16 or fp32)
  *   row_offsets  int64 [rows], index in `values` of each row's first nonzero
  *
- * Two entry points, both called through ctypes with raw pointers (no torch headers, no Python headers):
+ * The entry points are called through ctypes with raw pointers (no torch headers, no Python headers):
  *   salr_bitmap_gemv    y[t, r] = sum_c x[t, c] * W[r, c] for a few tokens t: each bitmap byte is expanded
  *                       to 8 fp32 lanes with one shuffle (AVX2) and FMA-ed against every token.
  *   salr_bitmap_decode  rows [r0, r1) of W as dense fp32, for the large-M path (decode a tile, then sgemm).
@@ -19,9 +19,14 @@
  * value offset (independent for the 8 bytes of a word, no serial chain), a 16-byte broadcast load of the values,
  * one vpshufb with the byte's table entry, one FMA; 8 accumulators. Measured ~2 cycles per bitmap byte on Zen 3.
  *
+ * On CPUs with AVX-512 VBMI2 (Intel Ice Lake and later, AMD Zen 4 and later) bf16 rows take a third path: one
+ * vpexpandw places the kept values of 32 columns (4 bitmap bytes) at once, so the per-byte table shuffles go away.
+ * fp16 and fp32 values, quantized values (an AVX-512 NF4 path measured no faster, docs/benchmarks.md), and CPUs
+ * without VBMI2 keep the AVX2 path.
+ *
  * x must be fp32 with at least nbytes * 8 columns per row (columns >= cols zero-padded): the AVX2 path loads
- * 8 columns per bitmap byte. The AVX2 code uses target attributes so the file builds with plain -O3 and a CPU
- * without AVX2 runs the scalar code (runtime check with __builtin_cpu_supports).
+ * 8 columns per bitmap byte. The AVX2 and AVX-512 code uses target attributes so the file builds with plain -O3,
+ * and each CPU runs the best path it has (runtime check with __builtin_cpu_supports; salr.ops.cpu.isa()).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -608,7 +613,6 @@ int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *
 #define Q_INT8 1
 #define QCHUNK 64                   /* bitmap bytes (512 columns) packed before the packed values are multiplied */
 #define QBUF (8 * QCHUNK + 16)      /* floats per token of packed x: chunk + carried partial group + store overrun */
-#define QPAD_512 48                 /* floats around a row decoded by the AVX-512 path (16 before, 32 after) */
 
 static const float NF4_TABLE[16] __attribute__((aligned(32))) = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
@@ -886,183 +890,14 @@ AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int
     return qdecode_row_avx2_kind(Q_INT8, q, bm, start, nbytes, n_row, out, vbuf);
 }
 
-/* AVX-512 (VBMI2) for blocks of >= 16 values: the row's values are decoded to fp32 into vbuf first, 16 per step
- * with the whole NF4 codebook in one register (vpermps on 16 lanes), then each 16 columns take their values with
- * one vexpandps, as the bf16 kernel does. Every group of 16 lies inside one scale block. vbuf holds
- * n_row + QPAD_512 floats; the row's values start at vbuf + 16. */
-
-/* The 16 values of the group starting at global index g (a multiple of 16); table = codebook * absmax (NF4) or
- * absmax broadcast (INT8). Bytes past the stream's end decode as 0. */
-AVX512_INLINE __m512 qgroup16(int kind, const uint8_t *codes, int64_t g, int64_t nnz, __m512 table) {
-    if (kind == Q_NF4) {
-        uint64_t w = 0x7777777777777777ull; /* code 7 is 0.0 */
-        if (__builtin_expect(g + 16 <= nnz, 1)) {
-            memcpy(&w, codes + (g >> 1), 8);
-        } else {
-            for (int64_t i = 0; i < ((nnz - g + 1) >> 1); i++)
-                w = (w & ~(0xffull << (8 * i))) | ((uint64_t)codes[(g >> 1) + i] << (8 * i));
-        }
-        const __m128i pairs = _mm_shuffle_epi8(_mm_cvtsi64_si128((int64_t)w),
-                                               _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
-        const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); /* high first */
-        return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(pairs), shifts), table);
-    }
-    __m128i c;
-    if (__builtin_expect(g + 16 <= nnz, 1)) {
-        c = _mm_loadu_si128((const __m128i *)(codes + g));
-    } else {
-        int8_t tmp[16] = {0};
-        for (int64_t i = 0; i < nnz - g; i++) tmp[i] = (int8_t)codes[g + i];
-        c = _mm_loadu_si128((const __m128i *)tmp);
-    }
-    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), table);
-    return _mm512_mul_ps(v, _mm512_set1_ps(INV127));
-}
-
-/* The row's n_row values from global index start into vbuf + 16 (fp32). */
-AVX512_INLINE void qvalues_avx512(int kind, const qstream *q, int64_t start, int64_t n_row, float *vbuf) {
-    const int64_t g0 = start & ~(int64_t)15;
-    int64_t blk = -1;
-    __m512 table = _mm512_setzero_ps();
-    float *v0 = vbuf + 16 - (start - g0);
-    for (int64_t g = g0; g < start + n_row; g += 16) {
-        if ((g >> q->bshift) != blk) {
-            blk = g >> q->bshift;
-            const __m512 s = _mm512_set1_ps(q->absmax[blk]);
-            table = kind == Q_NF4 ? _mm512_mul_ps(_mm512_loadu_ps(NF4_TABLE), s) : s;
-        }
-        _mm512_storeu_ps(v0 + (g - g0), qgroup16(kind, q->codes, g, q->nnz, table));
-    }
-}
-
-/* As expand32 for 16 fp32 values (the masked load keeps the compiler from folding it into the slow memory form). */
-AVX512_INLINE __m512 expand16(__mmask16 k, const float *v, int n) {
-    return _mm512_maskz_expand_ps(k, _mm512_maskz_loadu_ps((__mmask16)_bzhi_u32(0xffffu, (unsigned)n), v));
-}
-
-/* NT tokens against one row of fp32 values v0[0, n_row) (already decoded), natural column order; validation as in
- * the other row kernels. x rows hold nbytes * 8 floats: the last odd byte loads its 8 columns masked. */
-AVX512_INLINE int64_t fgemv_row_block_avx512(int NT, const uint8_t *bm, const float *v0, int64_t nbytes,
-                                             int64_t n_row, const float *x, int64_t ldx, float *y, int64_t ldy) {
-    const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
-    __m512 acc[4][MAX_NT];
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; u++)
-#pragma GCC unroll 8
-        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
-    int64_t j = 0, cnt = 0;
-    for (; j + 8 <= nbytes; j += 8) {
-        uint64_t word;
-        memcpy(&word, bm + j, 8);
-        const int64_t wc = __builtin_popcountll(word);
-        if (cnt + wc > n_row) return -1;
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) {
-            const int64_t off = u ? __builtin_popcountll(word << (64 - 16 * u)) : 0;
-            const __mmask16 k = (__mmask16)(word >> (16 * u));
-            const __m512 w = expand16(k, v0 + cnt + off, __builtin_popcount(k));
-#pragma GCC unroll 8
-            for (int t = 0; t < NT; t++)
-                acc[u % NB][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + 8 * j + 16 * u), acc[u % NB][t]);
-        }
-        cnt += wc;
-    }
-    for (; j < nbytes; j += 2) {
-        const int two = j + 1 < nbytes;
-        const __mmask16 k = (__mmask16)(bm[j] | (two ? (unsigned)bm[j + 1] << 8 : 0u));
-        const int kc = __builtin_popcount(k);
-        if (cnt + kc > n_row) return -1;
-        const __m512 w = expand16(k, v0 + cnt, kc);
-#pragma GCC unroll 8
-        for (int t = 0; t < NT; t++)
-            acc[0][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(two ? 0xffff : 0xff, x + t * ldx + 8 * j), acc[0][t]);
-        cnt += kc;
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; t++) {
-        __m512 s = acc[0][t];
-#pragma GCC unroll 4
-        for (int u = 1; u < NB; u++) s = _mm512_add_ps(s, acc[u][t]);
-        y[t * ldy] = _mm512_reduce_add_ps(s);
-    }
-    return cnt;
-}
-
-AVX512_INLINE int64_t qgemv_row_avx512_kind(int kind, const qstream *q, const uint8_t *bm, int64_t start,
-                                            int64_t nbytes, int64_t n_row, const float *x, int64_t m, int64_t ldx,
-                                            float *y, int64_t ldy, float *vbuf) {
-    qvalues_avx512(kind, q, start, n_row, vbuf);
-    const float *v = vbuf + 16;
-    int64_t t = 0, got = n_row;
-    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
-        got = fgemv_row_block_avx512(8, bm, v, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy);
-    if (got != n_row) return got;
-    x += t * ldx;
-    y += t * ldy;
-    switch (m - t) {
-    case 1: return fgemv_row_block_avx512(1, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 2: return fgemv_row_block_avx512(2, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 3: return fgemv_row_block_avx512(3, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 4: return fgemv_row_block_avx512(4, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 5: return fgemv_row_block_avx512(5, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 6: return fgemv_row_block_avx512(6, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 7: return fgemv_row_block_avx512(7, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    default: return got;
-    }
-}
-
-/* The quantized few-token GEMV of one row (n_row <= 8 * nbytes, vbuf >= n_row + QPAD_512 floats). */
-AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
-                                          int64_t n_row, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy,
-                                          float *vbuf) {
-    if (q->kind == Q_NF4) return qgemv_row_avx512_kind(Q_NF4, q, bm, start, nbytes, n_row, x, m, ldx, y, ldy, vbuf);
-    return qgemv_row_avx512_kind(Q_INT8, q, bm, start, nbytes, n_row, x, m, ldx, y, ldy, vbuf);
-}
-
-/* The quantized row as dense fp32 into out[0, nbytes * 8), for the large-M path (vbuf as above). */
-AVX512_INLINE int64_t qdecode_row_avx512_kind(int kind, const qstream *q, const uint8_t *bm, int64_t start,
-                                              int64_t nbytes, int64_t n_row, float *out, float *vbuf) {
-    qvalues_avx512(kind, q, start, n_row, vbuf);
-    const float *v0 = vbuf + 16;
-    int64_t cnt = 0;
-    for (int64_t j = 0; j < nbytes; j += 2) {
-        const int two = j + 1 < nbytes;
-        const __mmask16 k = (__mmask16)(bm[j] | (two ? (unsigned)bm[j + 1] << 8 : 0u));
-        const int kc = __builtin_popcount(k);
-        if (cnt + kc > n_row) return -1;
-        _mm512_mask_storeu_ps(out + 8 * j, two ? 0xffff : 0xff, expand16(k, v0 + cnt, kc));
-        cnt += kc;
-    }
-    return cnt;
-}
-
-AVX512_FN static int64_t qdecode_row_avx512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
-                                            int64_t n_row, float *out, float *vbuf) {
-    if (q->kind == Q_NF4) return qdecode_row_avx512_kind(Q_NF4, q, bm, start, nbytes, n_row, out, vbuf);
-    return qdecode_row_avx512_kind(Q_INT8, q, bm, start, nbytes, n_row, out, vbuf);
-}
-
 #endif /* SALR_X86 */
 
-/* Floats of the per-thread buffer qgemv_row needs (the AVX2 packed x or the AVX-512 decoded row). */
-static inline size_t qbuf_floats(int64_t m, int64_t nbytes) {
-    const int64_t packed = (m < MAX_NT ? m : MAX_NT) * QBUF, decoded = 8 * nbytes + QPAD_512;
-    return (size_t)(packed > decoded ? packed : decoded);
-}
-
-/* AVX-512 quantized paths need scale blocks of >= 16 values (a group of 16 within one block). */
-static inline int q_avx512(int isa, const qstream *q) { return isa == ISA_AVX512 && q->bshift >= 4; }
-
-/* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0).
- * buf holds qbuf_floats(m, nbytes) floats. */
+/* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0). */
 static int qgemv_row(int isa, const qstream *q, const uint8_t *bm, int64_t start, int64_t end, int64_t nbytes,
                      const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, float *buf) {
     int ok;
 #if SALR_X86
-    if (q_avx512(isa, q)) {
-        ok = end - start <= 8 * nbytes &&
-             qgemv_row_avx512(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, buf) == end - start;
-    } else if (isa >= ISA_AVX2) {
+    if (isa >= ISA_AVX2) {
         ok = qgemv_row_avx2(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, buf) == end - start;
     } else
 #endif
@@ -1098,7 +933,8 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *buf = (float *)aligned_alloc(32, sizeof(float) * qbuf_floats(m, nbytes));
+        const int64_t tokens = m < MAX_NT ? m : MAX_NT;
+        float *buf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(tokens * QBUF));
         if (!buf) {
 #pragma omp atomic write
             oom = 1;
@@ -1130,7 +966,7 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + QPAD_512));
+        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + 16));
         if (!vbuf) {
 #pragma omp atomic write
             oom = 1;
@@ -1142,9 +978,7 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
             int64_t start, end;
             int ok = vbuf != NULL && row_range(row_offsets, r, rows, nnz, &start, &end) && end - start <= 8 * nbytes;
 #if SALR_X86
-            if (ok && q_avx512(isa, &q)) {
-                ok = qdecode_row_avx512(&q, bm, start, nbytes, end - start, o, vbuf) == end - start;
-            } else if (ok && isa >= ISA_AVX2) {
+            if (ok && isa >= ISA_AVX2) {
                 ok = qdecode_row_avx2(&q, bm, start, nbytes, end - start, o, vbuf) == end - start;
             } else
 #endif
@@ -1263,7 +1097,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
 #endif
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *qbuf = q ? (float *)aligned_alloc(32, sizeof(float) * qbuf_floats(m, nbytes)) : NULL;
+        float *qbuf = q ? (float *)aligned_alloc(32, sizeof(float) * (size_t)(m * QBUF)) : NULL;
         if (q && !qbuf) {
 #pragma omp atomic write
             oom = 1;
