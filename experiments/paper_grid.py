@@ -175,6 +175,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--residual-rank", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument(
+        "--residual-lr", type=float,
+        help="peak lr of the SALR residual block (TrainConfig.residual_lr; default: --lr). The LoRA block and every "
+        "other method keep --lr",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
@@ -291,6 +296,19 @@ def losa_config(args: argparse.Namespace) -> LoSAConfig:
     )
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The fine-tuning settings every run shares (the residual lr only acts on SALR's residual blocks)."""
+    return TrainConfig(
+        lr=args.lr,
+        residual_lr=args.residual_lr,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=False,
+    )
+
+
 def train_run(
     run: Run,
     dense: Any,
@@ -303,14 +321,7 @@ def train_run(
     """Convert (or, for LoSA, copy the dense model) and train one run; returns the trained model and its row fields.
     LoSA prunes inside its rounds, so its "convert" is the copy and its pruning time is part of "train"."""
     config = run_config(run, args)
-    cfg = TrainConfig(
-        lr=args.lr,
-        max_steps=args.steps,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        progress=False,
-    )
+    cfg = train_config(args)
     out = Path(args.output) / "runs" / run.name.replace("@", "_").replace("%", "pct").replace(":", "-")
     with timed(seconds, "convert"):
         if run.method == "losa":

@@ -233,3 +233,11 @@ def test_calibration_train_writes_only_the_training_problems(experiment, tmp_pat
     assert not list(tmp_path.glob("*.tmp"))
     args = experiment.parse_args(["--output", str(tmp_path), "--calibration", "train"])
     assert args.calibration == "train"
+
+
+def test_residual_lr_reaches_the_training_config(experiment, tmp_path):
+    default = experiment.train_config(experiment.parse_args(["--output", str(tmp_path), "--lr", "1e-3"]))
+    assert default.lr == 1e-3 and default.residual_lr is None  # the residual block follows --lr
+    split = experiment.parse_args(["--output", str(tmp_path), "--lr", "1e-3", "--residual-lr", "1e-4"])
+    cfg = experiment.train_config(split)
+    assert cfg.lr == 1e-3 and cfg.residual_lr == 1e-4 and cfg.max_steps == split.steps
