@@ -118,14 +118,20 @@ def test_decode_rows_is_the_exact_dequantization(cpu_isa):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("m", [1, 4, 70])
-def test_input_gradient_matches_dense(kind, m):
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_input_gradient_matches_dense(monkeypatch, kind, m, small_tiles):
+    """Forward and input gradient through the op; small_tiles: 16-row tiles (a ragged last one)."""
+    if small_tiles:
+        monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 16 * 72)
     w, qw, scales = make(45, 66, kind)
     x = torch.randn(2, m, 66, requires_grad=True)
     g = torch.randn(2, m, 45)
     ops.qbitmap_linear(x, *args(qw, scales)).backward(g)
     x_ref = x.detach().clone().requires_grad_(True)
-    torch.nn.functional.linear(x_ref, w).backward(g)
+    y_ref = torch.nn.functional.linear(x_ref, w)
+    y_ref.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.qbitmap_linear(x.detach(), *args(qw, scales)), y_ref.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck_schema_fake_and_autograd():

@@ -78,6 +78,8 @@ def environment() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": cpu_kernel.isa() if cpu_kernel.available() else "none (native kernel not built)",
         "loadavg_1m": load[0],
+        # glibc's allocator policy changes peak RSS (docs/benchmarks.md, training memory); children inherit it
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
 
 

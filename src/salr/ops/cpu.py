@@ -422,12 +422,12 @@ def qbitmap_linear_cpu(
         return y.to(x.dtype).reshape(*lead, rows)
     tile = _tile_rows(kp)
     buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
-    yt = torch.empty(rows, m, dtype=torch.float32)
+    y = torch.empty(m, rows, dtype=x.dtype)  # written a tile at a time, as in bitmap_linear_cpu
     for r0 in range(0, rows, tile):
         r1 = min(rows, r0 + tile)
         qdecode_rows(bitmask, codes, absmax, row_offsets, rows, cols, blocksize, r0, r1, buf)
-        torch.mm(buf[: r1 - r0], xp.T, out=yt[r0:r1])
-    return yt.T.to(x.dtype).reshape(*lead, rows)
+        y[:, r0:r1] = torch.mm(xp, buf[: r1 - r0].T)
+    return y.reshape(*lead, rows)
 
 
 def qbitmap_grad_input_cpu(
@@ -448,7 +448,7 @@ def qbitmap_grad_input_cpu(
     if grad.device.type != "cpu" or grad.shape[-1] != rows:
         raise SALRError(f"grad must be a CPU tensor [..., {rows}], got {list(grad.shape)} on {grad.device}")
     lead = grad.shape[:-1]
-    g2 = grad.reshape(-1, rows).to(torch.float32)
+    g2 = grad.reshape(-1, rows)  # converted to fp32 a tile of columns at a time, never as a whole
     kp = 8 * -(-cols // 8)
     gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
     if g2.shape[0] and rows and cols:
@@ -457,8 +457,9 @@ def qbitmap_grad_input_cpu(
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
             qdecode_rows(bitmask, codes, absmax, row_offsets, rows, cols, blocksize, r0, r1, buf)
-            gx.addmm_(g2[:, r0:r1], buf[: r1 - r0])
-    return gx[:, :cols].to(grad.dtype).reshape(*lead, cols)
+            gx.addmm_(g2[:, r0:r1].to(torch.float32), buf[: r1 - r0])
+    gx = gx if kp == cols else gx[:, :cols]
+    return (gx if grad.dtype == torch.float32 else gx.to(grad.dtype)).reshape(*lead, cols)
 
 
 def qsalr_linear_decode(
