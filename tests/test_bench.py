@@ -10,6 +10,7 @@ import torch
 
 from salr import memory
 from salr.bases import BitmapBase
+from salr.bench import training as bench_training
 from salr.bench.checkpoint_size import checkpoint_case, checkpoint_sizes
 from salr.bench.generation import _ZeroLinear, generation_compare, generation_report, without_decoder_linears
 from salr.bench.kernel import parse_shape, pruned_weight, weight_bytes
@@ -205,6 +206,24 @@ def test_train_steps_update_only_adapters(stories):
         assert any(not torch.equal(p, trained[n]) for n, p in m.named_parameters() if n in trained)
         counts[method] = stats["trainable_parameters"]
     assert counts["lora"] == counts["salr"]  # LoRA gets SALR's total rank
+
+
+def test_layers_option_reaches_the_children_and_rejects_loaded_models(monkeypatch):
+    with pytest.raises(SALRError, match="--layers needs"):
+        _run(["--train-memory", "--model", "default", "--layers", "2"])
+    with pytest.raises(SALRError, match="--layers needs"):
+        _run(["--train-memory", "--model", "tinyllama-shape", "--layers", "0"])
+    seen = []
+
+    def fake_child(fn, *args):
+        seen.append(args)
+        return {"peak_rss_mib": 2.0, "rss_runtime_mib": 1.0, "step_ms": 1.0}
+
+    monkeypatch.setattr(bench_training, "in_child", fake_child)
+    r = train_memory("tinyllama-shape", "cpu", layers=3)
+    assert [a[-1] for a in seen] == [3, 3] and r["layers"] == 3
+    assert bench_training._layer_overrides(3) == {"num_hidden_layers": 3}
+    assert bench_training._layer_overrides(None) == {}
 
 
 def test_child_process_reports_its_own_numbers():

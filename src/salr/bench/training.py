@@ -64,15 +64,27 @@ def enable_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False
 
 
+def _layer_overrides(layers: int | None) -> dict[str, int]:
+    return {} if layers is None else {"num_hidden_layers": layers}
+
+
 def _child_train_memory(
-    spec: str, method: str, config: SALRConfig, batch: int, seq: int, steps: int, threads: int, checkpointing: bool
+    spec: str,
+    method: str,
+    config: SALRConfig,
+    batch: int,
+    seq: int,
+    steps: int,
+    threads: int,
+    checkpointing: bool,
+    layers: int | None = None,
 ) -> dict[str, Any]:
     """Runs in a fresh process (CPU): build one method's model, train `steps` steps, report peak RSS (MiB)."""
     torch.set_num_threads(threads)
     import transformers.models.llama.modeling_llama  # noqa: F401 - the runtime both methods carry, before any weight
 
     runtime = rss_mib()
-    model, _ = bench_model(spec, "bfloat16")
+    model, _ = bench_model(spec, "bfloat16", **_layer_overrides(layers))
     model = method_model(model, method, config, inplace=True)
     if checkpointing:
         enable_checkpointing(model)
@@ -96,11 +108,12 @@ def _child_train_memory(
 
 
 def _cuda_train_memory(
-    spec: str, method: str, config: SALRConfig, batch: int, seq: int, steps: int, checkpointing: bool
-) -> dict:
+    spec: str, method: str, config: SALRConfig, batch: int, seq: int, steps: int, checkpointing: bool,
+    layers: int | None = None,
+) -> dict:  # fmt: skip
     """On the GPU: build one method's model, train `steps` steps, report torch.cuda.max_memory_allocated (MiB)
     during the training steps."""
-    model = method_model(cuda_model(spec), method, config, inplace=True)
+    model = method_model(cuda_model(spec, **_layer_overrides(layers)), method, config, inplace=True)
     if checkpointing:
         enable_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
@@ -129,10 +142,12 @@ def train_memory(
     residual_rank: int = 64,
     lora_rank: int = 16,
     checkpointing: bool = False,
+    layers: int | None = None,
 ) -> dict[str, Any]:
     """`salr bench --train-memory`: fine-tuning peak memory (MiB) and step time, SALR vs LoRA (`method_model`) on the
-    same model and batch [batch, seq], both with gradient checkpointing when `checkpointing`. Two steps are the least
-    that covers the peak: the second backward runs with the optimizer state the first step created.
+    same model and batch [batch, seq], both with gradient checkpointing when `checkpointing`; `layers` keeps that
+    many decoder layers of a random benchmark model. Two steps are the least that covers the peak: the second
+    backward runs with the optimizer state the first step created.
 
     CUDA: `spec` "llama3-8b" builds the random Llama-3-8B-shaped model on the GPU, anything else is loaded; the peak is
     torch.cuda.max_memory_allocated during the training steps (after the model is built). CPU: each method runs in a
@@ -144,12 +159,12 @@ def train_memory(
         if not torch.cuda.is_available():
             raise SALRError("--device cuda but no CUDA device is available")
         for method in METHODS:
-            results[method] = _cuda_train_memory(spec, method, config, batch, seq, steps, checkpointing)
+            results[method] = _cuda_train_memory(spec, method, config, batch, seq, steps, checkpointing, layers)
             torch.cuda.empty_cache()
         peak_key = "peak_memory_mib"
     elif device == "cpu":
         for method in METHODS:
-            args = (spec, method, config, batch, seq, steps, torch.get_num_threads(), checkpointing)
+            args = (spec, method, config, batch, seq, steps, torch.get_num_threads(), checkpointing, layers)
             results[method] = in_child(_child_train_memory, *args)
         peak_key = "peak_rss_mib"
     else:
@@ -162,6 +177,7 @@ def train_memory(
         "seq": seq,
         "steps": steps,
         "gradient_checkpointing": checkpointing,
+        "layers": layers,
         "sparsity": sparsity,
         "residual_rank": residual_rank,
         "lora_rank": lora_rank,

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from salr import bench
+from salr.bench.models import RANDOM_SPECS
 from salr.commands.common import add_dataclass_args, dataclass_from_args
 from salr.config import DEFAULT_SPARSITY, PRESETS, SALRConfig
 from salr.errors import SALRError
@@ -69,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=2, help="--train-memory: optimizer steps (first is warm-up)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="--train-memory: gradient checkpointing of the decoder layers, for both methods")  # fmt: skip
+    p.add_argument("--layers", type=int, metavar="N",
+                   help="--train-memory, tinyllama-shape or llama3-8b: keep only N decoder layers")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, help="torch / kernel threads (default: torch's)")
     p.add_argument("--json", metavar="OUT", help="write the results here")
@@ -192,9 +195,15 @@ def _train(args: argparse.Namespace) -> dict:
     spec = args.model or ("llama3-8b" if args.device == "cuda" else "default")
     if min(args.batch, args.seq, args.steps) <= 0:
         raise SALRError("--batch, --seq and --steps must be positive")
+    if args.layers is not None and (args.layers <= 0 or spec not in RANDOM_SPECS):
+        raise SALRError(
+            f"--layers needs a positive count and a random benchmark model ({', '.join(RANDOM_SPECS)}), "
+            f"got {args.layers} layers of {spec!r}"
+        )
     report = bench.train_memory(
-        spec, args.device, args.batch, args.seq, args.steps, checkpointing=args.grad_checkpoint, **_ranks(args)
-    )
+        spec, args.device, args.batch, args.seq, args.steps, checkpointing=args.grad_checkpoint, layers=args.layers,
+        **_ranks(args),
+    )  # fmt: skip
     for method, r in report["results"].items():
         print(f"{method:>5}: peak {r[report['peak_metric']]:.0f} MiB, step {r['step_ms']:.0f} ms")
     print(f"SALR / LoRA peak memory: {report['salr_over_lora_peak']:.2f}")
