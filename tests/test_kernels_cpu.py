@@ -243,6 +243,33 @@ def test_many_token_paths_across_tiles(cpu_isa, monkeypatch, xdtype, m, rows, co
     assert rel_err(gx, reference.bitmap_grad_input_reference(g, *args).double()) < 2 * TOL[xdtype]
 
 
+@native
+def test_layers_sharing_the_decode_buffer_stay_independent(monkeypatch):
+    """The many-token paths reuse one decode buffer per thread: a wide layer, a narrow one and the wide one again
+    (forward and input gradient, bitmap and quantized) each match their own reference, and an earlier output is not
+    overwritten by later calls."""
+    monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 16 * 304)  # several tiles for the wide layer
+    x_wide, x_narrow = torch.randn(20, 300), torch.randn(20, 37)
+    w_wide, b_wide = adversarial(90, 300, torch.bfloat16, seed=1)
+    w_narrow, b_narrow = adversarial(41, 37, torch.bfloat16, seed=2)
+    wide = (b_wide.bitmask, b_wide.values, b_wide.row_offsets, 90, 300)
+    narrow = (b_narrow.bitmask, b_narrow.values, b_narrow.row_offsets, 41, 37)
+    y1 = cpu.bitmap_linear_cpu(x_wide, *wide)
+    kept = y1.clone()
+    y2 = cpu.bitmap_linear_cpu(x_narrow, *narrow)
+    g = torch.randn(20, 41)
+    gx = cpu.bitmap_grad_input_cpu(g, *narrow)
+    q = fm.encode_quantized(w_wide.float(), w_wide != 0, "nf4")
+    qargs = (q.bitmask, q.q.codes, q.q.scales(), q.row_offsets, 90, 300, q.q.blocksize)
+    yq = cpu.qbitmap_linear_cpu(x_wide, *qargs)
+    y3 = cpu.bitmap_linear_cpu(x_wide, *wide)
+    assert torch.equal(y1, kept) and torch.equal(y1, y3)
+    assert rel_err(y1, exact(x_wide, w_wide)) < TOL[torch.float32]
+    assert rel_err(y2, exact(x_narrow, w_narrow)) < TOL[torch.float32]
+    assert rel_err(gx, g.double() @ w_narrow.double()) < TOL[torch.float32]
+    torch.testing.assert_close(yq, reference.qbitmap_linear_reference(x_wide, *qargs), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("m", [1, 4, 8])
 @pytest.mark.parametrize("cols", [29, 64, 1000, 1037])
 def test_few_token_gemv_on_adversarial_rows(cpu_isa, m, cols):

@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import logging
 import os
+import threading
 from typing import Any
 
 import torch
@@ -175,6 +176,21 @@ def _tile_rows(kp: int) -> int:
     return max(16, min(4096, (TILE_BYTES // (4 * kp)) // 16 * 16))
 
 
+_workspace = threading.local()
+
+
+def _tile_buffer(rows: int, kp: int) -> tuple[int, torch.Tensor]:
+    """(rows per tile, an fp32 [min(tile, rows), kp] view of this thread's decode buffer). The buffer (TILE_BYTES)
+    is kept between calls: a fresh one per layer call is page-faulted in again each time wherever the allocator
+    returns freed blocks to the OS (docs/benchmarks.md, section 8)."""
+    tile = _tile_rows(kp)
+    n = min(tile, rows)
+    buf = getattr(_workspace, "tile", None)
+    if buf is None or buf.numel() < n * kp:
+        buf = _workspace.tile = torch.empty(n * kp, dtype=torch.float32)
+    return tile, buf[: n * kp].view(n, kp)
+
+
 def bitmap_linear_cpu(
     x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
 ) -> torch.Tensor:
@@ -205,8 +221,7 @@ def bitmap_linear_cpu(
     # Many tokens: decode row tiles of W to fp32 and let sgemm do the work. The output is written tile by tile into
     # y [m, rows] in x.dtype (row-major, as nn.Linear returns it): no fp32 copy of the whole output is held (training
     # calls this with m = batch * seq), only one tile's [m, tile] product when x is not fp32.
-    tile = _tile_rows(kp)
-    buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+    tile, buf = _tile_buffer(rows, kp)
     y = torch.empty(m, rows, dtype=x.dtype)
     for r0 in range(0, rows, tile):
         r1 = min(rows, r0 + tile)
@@ -234,8 +249,7 @@ def bitmap_grad_input_cpu(
     kp = 8 * -(-cols // 8)
     gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
     if g2.shape[0] and rows and cols:
-        tile = _tile_rows(kp)
-        buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+        tile, buf = _tile_buffer(rows, kp)
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
             decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
@@ -420,8 +434,7 @@ def qbitmap_linear_cpu(
         )
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
-    tile = _tile_rows(kp)
-    buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+    tile, buf = _tile_buffer(rows, kp)
     y = torch.empty(m, rows, dtype=x.dtype)  # written a tile at a time, as in bitmap_linear_cpu
     for r0 in range(0, rows, tile):
         r1 = min(rows, r0 + tile)
@@ -452,8 +465,7 @@ def qbitmap_grad_input_cpu(
     kp = 8 * -(-cols // 8)
     gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
     if g2.shape[0] and rows and cols:
-        tile = _tile_rows(kp)
-        buf = torch.empty(min(tile, rows), kp, dtype=torch.float32)
+        tile, buf = _tile_buffer(rows, kp)
         for r0 in range(0, rows, tile):
             r1 = min(rows, r0 + tile)
             qdecode_rows(bitmask, codes, absmax, row_offsets, rows, cols, blocksize, r0, r1, buf)
