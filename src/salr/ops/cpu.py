@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -191,6 +192,40 @@ def _tile_buffer(rows: int, kp: int) -> tuple[int, torch.Tensor]:
     return tile, buf[: n * kp].view(n, kp)
 
 
+TileDecode = Callable[[int, int, torch.Tensor], Any]  # decode(r0, r1, buf): rows [r0, r1) of W as fp32 into buf
+
+
+def _tiled_linear(xp: torch.Tensor, rows: int, kp: int, out_dtype: torch.dtype, decode: TileDecode) -> torch.Tensor:
+    """Many tokens: y = xp @ W.T [m, rows] in out_dtype, from fp32 row tiles of W that `decode(r0, r1, buf)` writes.
+    The output is written tile by tile (row-major, as nn.Linear returns it): no fp32 copy of the whole output is held
+    (training calls this with m = batch * seq), only one tile's [m, tile] product when out_dtype is not fp32."""
+    tile, buf = _tile_buffer(rows, kp)
+    y = torch.empty(xp.shape[0], rows, dtype=out_dtype)
+    for r0 in range(0, rows, tile):
+        r1 = min(rows, r0 + tile)
+        decode(r0, r1, buf)
+        if r0 == 0 and r1 == rows and out_dtype == torch.float32:
+            torch.mm(xp, buf[:rows].T, out=y)
+        else:
+            y[:, r0:r1] = torch.mm(xp, buf[: r1 - r0].T)
+    return y
+
+
+def _tiled_grad_input(g2: torch.Tensor, rows: int, cols: int, decode: TileDecode) -> torch.Tensor:
+    """grad_x = g2 @ W [m, cols] in g2.dtype, accumulating g2[:, tile] @ W[tile] in fp32 over the row tiles that
+    `decode(r0, r1, buf)` writes (no dense copy of W; g2 is converted to fp32 a tile of columns at a time)."""
+    kp = 8 * -(-cols // 8)
+    gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
+    if g2.shape[0] and rows and cols:
+        tile, buf = _tile_buffer(rows, kp)
+        for r0 in range(0, rows, tile):
+            r1 = min(rows, r0 + tile)
+            decode(r0, r1, buf)
+            gx.addmm_(g2[:, r0:r1].to(torch.float32), buf[: r1 - r0])
+    gx = gx if kp == cols else gx[:, :cols]
+    return gx if g2.dtype == torch.float32 else gx.to(g2.dtype)
+
+
 def bitmap_linear_cpu(
     x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, rows: int, cols: int
 ) -> torch.Tensor:
@@ -218,19 +253,9 @@ def bitmap_linear_cpu(
         )  # fmt: skip
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
-    # Many tokens: decode row tiles of W to fp32 and let sgemm do the work. The output is written tile by tile into
-    # y [m, rows] in x.dtype (row-major, as nn.Linear returns it): no fp32 copy of the whole output is held (training
-    # calls this with m = batch * seq), only one tile's [m, tile] product when x is not fp32.
-    tile, buf = _tile_buffer(rows, kp)
-    y = torch.empty(m, rows, dtype=x.dtype)
-    for r0 in range(0, rows, tile):
-        r1 = min(rows, r0 + tile)
-        decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
-        if r0 == 0 and r1 == rows and x.dtype == torch.float32:
-            torch.mm(xp, buf[:rows].T, out=y)
-        else:
-            y[:, r0:r1] = torch.mm(xp, buf[: r1 - r0].T)
-    return y.reshape(*lead, rows)
+    # Many tokens: decode row tiles of W to fp32 and let sgemm do the work.
+    decode = functools.partial(decode_rows, bitmask, values, row_offsets, rows, cols)
+    return _tiled_linear(xp, rows, kp, x.dtype, decode).reshape(*lead, rows)
 
 
 def bitmap_grad_input_cpu(
@@ -245,17 +270,8 @@ def bitmap_grad_input_cpu(
         raise SALRError(f"grad must be a CPU tensor [..., {rows}], got {list(grad.shape)} on {grad.device}")
     bitmask, values, row_offsets = bitmask.contiguous(), values.contiguous(), row_offsets.contiguous()
     lead = grad.shape[:-1]
-    g2 = grad.reshape(-1, rows)  # converted to fp32 a tile of columns at a time, never as a whole
-    kp = 8 * -(-cols // 8)
-    gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
-    if g2.shape[0] and rows and cols:
-        tile, buf = _tile_buffer(rows, kp)
-        for r0 in range(0, rows, tile):
-            r1 = min(rows, r0 + tile)
-            decode_rows(bitmask, values, row_offsets, rows, cols, r0, r1, buf)
-            gx.addmm_(g2[:, r0:r1].to(torch.float32), buf[: r1 - r0])
-    gx = gx if kp == cols else gx[:, :cols]
-    return (gx if grad.dtype == torch.float32 else gx.to(grad.dtype)).reshape(*lead, cols)
+    decode = functools.partial(decode_rows, bitmask, values, row_offsets, rows, cols)
+    return _tiled_grad_input(grad.reshape(-1, rows), rows, cols, decode).reshape(*lead, cols)
 
 
 def _decode_call(
@@ -434,13 +450,8 @@ def qbitmap_linear_cpu(
         )
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
-    tile, buf = _tile_buffer(rows, kp)
-    y = torch.empty(m, rows, dtype=x.dtype)  # written a tile at a time, as in bitmap_linear_cpu
-    for r0 in range(0, rows, tile):
-        r1 = min(rows, r0 + tile)
-        qdecode_rows(bitmask, codes, absmax, row_offsets, rows, cols, blocksize, r0, r1, buf)
-        y[:, r0:r1] = torch.mm(xp, buf[: r1 - r0].T)
-    return y.reshape(*lead, rows)
+    decode = functools.partial(qdecode_rows, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    return _tiled_linear(xp, rows, kp, x.dtype, decode).reshape(*lead, rows)
 
 
 def qbitmap_grad_input_cpu(
@@ -461,17 +472,8 @@ def qbitmap_grad_input_cpu(
     if grad.device.type != "cpu" or grad.shape[-1] != rows:
         raise SALRError(f"grad must be a CPU tensor [..., {rows}], got {list(grad.shape)} on {grad.device}")
     lead = grad.shape[:-1]
-    g2 = grad.reshape(-1, rows)  # converted to fp32 a tile of columns at a time, never as a whole
-    kp = 8 * -(-cols // 8)
-    gx = torch.zeros(g2.shape[0], kp, dtype=torch.float32)
-    if g2.shape[0] and rows and cols:
-        tile, buf = _tile_buffer(rows, kp)
-        for r0 in range(0, rows, tile):
-            r1 = min(rows, r0 + tile)
-            qdecode_rows(bitmask, codes, absmax, row_offsets, rows, cols, blocksize, r0, r1, buf)
-            gx.addmm_(g2[:, r0:r1].to(torch.float32), buf[: r1 - r0])
-    gx = gx if kp == cols else gx[:, :cols]
-    return (gx if grad.dtype == torch.float32 else gx.to(grad.dtype)).reshape(*lead, cols)
+    decode = functools.partial(qdecode_rows, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    return _tiled_grad_input(grad.reshape(-1, rows), rows, cols, decode).reshape(*lead, cols)
 
 
 def qsalr_linear_decode(
