@@ -180,6 +180,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="peak lr of the SALR residual block (TrainConfig.residual_lr; default: --lr). The LoRA block and every "
         "other method keep --lr",
     )  # fmt: skip
+    p.add_argument(
+        "--recovery-steps", type=int, default=0,
+        help="distillation steps towards the dense model on the training text, after conversion and before the "
+        "task fine-tuning (salr train --distill with the grid's training problems as text; 0 = none). Runs whose "
+        "model equals the dense one at init (lora) skip it: their KL and its gradient are exactly zero",
+    )  # fmt: skip
+    p.add_argument("--recovery-lr", type=float, default=1e-4, help="peak lr of the recovery distillation")
+    p.add_argument("--recovery-batch-size", type=int, default=8, help="sequences per recovery step (at most all of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
@@ -309,6 +317,37 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def needs_recovery(run: Run, args: argparse.Namespace) -> bool:
+    """Recovery distills a converted model towards the dense one. Dense LoRA starts equal to the dense model (B = 0),
+    so its KL and gradient are exactly zero; LoSA prunes inside its own training."""
+    return args.recovery_steps > 0 and run.method not in ("pretrained", "lora", "losa")
+
+
+def recover(model: Any, dense: Any, tokenizer: Any, examples: list, config: SALRConfig, args: argparse.Namespace,
+            out: Path) -> dict[str, Any]:  # fmt: skip
+    """Distill the converted model towards the dense one on the training problems' full text (every position a
+    target, the answers' labels unused), with the grid's seed; returns the recovery's report fields."""
+    texts = [{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in examples]
+    cfg = TrainConfig(
+        lr=args.recovery_lr,
+        max_steps=args.recovery_steps,
+        batch_size=min(args.recovery_batch_size, len(texts)),
+        max_length=args.max_length,
+        warmup_steps=2,
+        seed=args.seed + 1,  # a different data order from the task fine-tuning's
+        distill=True,
+        progress=False,
+    )
+    report = train(model, tokenizer, texts, config, cfg, out, base_model=args.model, teacher=dense)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "recovery_steps": report["steps"],
+        "recovery_kl_first": report["history"][0]["loss"],
+        "recovery_kl_last": report["history"][-1]["loss"],
+        "recovery_seconds": report["seconds"],
+    }
+
+
 def train_run(
     run: Run,
     dense: Any,
@@ -328,6 +367,10 @@ def train_run(
             model, conversion, reused = copy.deepcopy(dense), None, None
         else:
             model, conversion, reused = conversions.get(run, config, dense, tokenizer)
+    recovery: dict[str, Any] = {}
+    if needs_recovery(run, args):
+        with timed(seconds, "recover"):
+            recovery = recover(model, dense, tokenizer, examples, config, args, out.with_name(out.name + "_recovery"))
     losa = losa_config(args) if run.method == "losa" else None
     with timed(seconds, "train_and_save"):
         if losa is not None:
@@ -347,6 +390,7 @@ def train_run(
         "loss_curve": [h["loss"] for h in report["history"]],
         "tokens_per_s": report["tokens"] / report["seconds"],
         "peak_memory_mib": report["peak_memory_mib"],
+        **recovery,
     }
     if losa is not None:
         fields.update({f"losa_{k}": getattr(losa, k) for k in LOSA_SWITCHES})
@@ -412,6 +456,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
 
 STAGES = [
     ("convert", "convert"),
+    ("recover", "recover"),
     ("train", "train"),
     ("save", "save"),
     ("eval_answer_nll", "answer NLL"),

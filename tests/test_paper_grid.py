@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import sys
@@ -13,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from salr import data
-from salr.config import PRESETS
+from salr.config import PRESETS, SALRConfig
 from salr.convert import convert
 from salr.layer import SALRLinear
 from salr.train import TrainConfig, load_examples, train
@@ -241,3 +242,40 @@ def test_residual_lr_reaches_the_training_config(experiment, tmp_path):
     split = experiment.parse_args(["--output", str(tmp_path), "--lr", "1e-3", "--residual-lr", "1e-4"])
     cfg = experiment.train_config(split)
     assert cfg.lr == 1e-3 and cfg.residual_lr == 1e-4 and cfg.max_steps == split.steps
+
+
+def test_recovery_distills_converted_runs_and_skips_dense_lora(experiment, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "exp"
+    argv = ["--quick", "--model", str(STORIES), "--output", str(out), "--runs", "lora@50%,salr@50%",
+            "--residual-rank", "8", "--lora-rank", "4", "--train-examples", "8", "--steps", "1", "--batch-size", "2",
+            "--max-length", "96", "--nll-limit", "2", "--accuracy-limit", "0", "--mmlu-limit", "0",
+            "--wikitext-windows", "1", "--threads", "1",
+            "--recovery-steps", "4", "--recovery-lr", "1e-2", "--recovery-batch-size", "64"]  # fmt: skip
+    assert experiment.main(argv) == 0
+    lora, salr = json.loads((out / "results.json").read_text())["runs"]
+    assert "recovery_steps" not in lora and "recover" not in lora["seconds"]  # dense LoRA: KL is exactly zero
+    assert salr["recovery_steps"] == 4 and salr["seconds"]["recover"] > 0
+    # the same sequences every step (the batch holds all): distillation must bring the student closer to the teacher
+    assert 0 < salr["recovery_kl_last"] < salr["recovery_kl_first"]
+    assert not list((out / "runs").glob("*_recovery"))  # the recovery checkpoint is not kept
+
+
+def test_recovery_leaves_the_dense_teacher_untouched(experiment, tmp_path):
+    from salr.loaders import load_model
+
+    dense, tokenizer = load_model(str(STORIES))
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    args = experiment.parse_args(["--output", str(tmp_path), "--recovery-steps", "2", "--recovery-lr", "1e-2",
+                                  "--recovery-batch-size", "2", "--max-length", "256"])  # fmt: skip
+    run = experiment.Run("salr@50%", "salr")
+    assert experiment.needs_recovery(run, args) and not experiment.needs_recovery(experiment.Run("l", "lora"), args)
+    config = SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=2)
+    model = copy.deepcopy(dense)
+    convert(model, config, progress=False)
+    records = data.load_gsm8k(DATA / "gsm8k" / "train.jsonl")[:4]
+    examples = load_examples(None, tokenizer, 256, records=records)
+    fields = experiment.recover(model, dense, tokenizer, examples, config, args, tmp_path / "rec")
+    assert fields["recovery_steps"] == 2
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    assert not (tmp_path / "rec").exists()
