@@ -19,6 +19,10 @@ Optional runs (`--quant`, or name them in `--runs`): QSALR at 50 % with the pape
 the residual absorbs pruning and quantization error) and QLoRA (dense NF4 base + LoRA of SALR's trainable rank):
 
     python experiments/paper_grid.py --runs salr@50%,qsalr@50%,qlora@nf4 --output runs/qsalr
+
+`--recovery-steps N` distills each converted run towards the dense model on the training problems' text (KL on
+every position) before its task fine-tuning: the data-free repair of `salr train --distill`, on the same data pool.
+Dense LoRA skips it (it equals the dense model at init), so it is extra compute for the compressed runs alone.
 """
 
 from __future__ import annotations
@@ -187,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "model equals the dense one at init (lora) skip it: their KL and its gradient are exactly zero",
     )  # fmt: skip
     p.add_argument("--recovery-lr", type=float, default=1e-4, help="peak lr of the recovery distillation")
-    p.add_argument("--recovery-batch-size", type=int, default=8, help="sequences per recovery step (at most all of them)")
+    p.add_argument("--recovery-batch-size", type=int, default=8, help="sequences per recovery step (at most all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-runs", action="store_true", help="keep each run's saved checkpoint under OUTPUT/runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
