@@ -53,7 +53,7 @@ from salr.layer import FusedAdapters
 from salr.loaders import load_model
 from salr.losa import LoSAConfig, train_losa
 from salr.losa.config import PRUNE_METHODS
-from salr.train import TrainConfig, load_examples, method_config, train
+from salr.train import TrainConfig, every_position_examples, load_examples, method_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("paper_grid")
@@ -331,7 +331,7 @@ def recover(model: Any, dense: Any, tokenizer: Any, examples: list, config: SALR
             out: Path) -> dict[str, Any]:  # fmt: skip
     """Distill the converted model towards the dense one on the training problems' full text (every position a
     target, the answers' labels unused), with the grid's seed; returns the recovery's report fields."""
-    texts = [{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in examples]
+    texts = every_position_examples([e["input_ids"] for e in examples])
     cfg = TrainConfig(
         lr=args.recovery_lr,
         max_steps=args.recovery_steps,

@@ -34,6 +34,13 @@ def experiment():
     sys.modules.pop("paper_grid", None)
 
 
+def tiny_grid_argv(out: Path, runs: str, *extra: str) -> list[str]:
+    """A grid command on stories260K with generation and MMLU off, one WikiText-2 window, 96-token examples."""
+    return ["--quick", "--model", str(STORIES), "--output", str(out), "--runs", runs, "--max-length", "96",
+            "--accuracy-limit", "0", "--mmlu-limit", "0", "--wikitext-windows", "1", "--threads", "1",
+            *extra]  # fmt: skip
+
+
 def test_quick_grid_keeps_the_comparisons(experiment):
     names = [r.name for r in experiment.grid(quick=True)]
     assert names == [
@@ -202,13 +209,12 @@ def test_optional_quantized_runs(experiment):
 def test_losa_runs_beside_prune_lora_with_deployed_bytes(experiment, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "exp"
-    argv = ["--quick", "--model", str(STORIES), "--output", str(out), "--runs", "pretrained,prune-lora@50%,losa@50%",
-            "--residual-rank", "4", "--lora-rank", "4", "--train-examples", "16", "--steps", "5", "--batch-size", "2",
-            "--max-length", "96", "--nll-limit", "3", "--accuracy-limit", "0", "--mmlu-limit", "0",
-            "--wikitext-windows", "1", "--calibration-samples", "4", "--calibration-length", "64",
-            "--losa-prune-method", "sparsegpt", "--losa-no-rmi-allocation", "--losa-no-rank-allocation",
-            "--losa-unmasked-training",
-            "--losa-warmup-ratio", "0.2", "--threads", "1"]  # fmt: skip
+    argv = tiny_grid_argv(out, "pretrained,prune-lora@50%,losa@50%",
+                          "--residual-rank", "4", "--lora-rank", "4", "--train-examples", "16", "--steps", "5",
+                          "--batch-size", "2", "--nll-limit", "3", "--calibration-samples", "4",
+                          "--calibration-length", "64", "--losa-prune-method", "sparsegpt",
+                          "--losa-no-rmi-allocation", "--losa-no-rank-allocation", "--losa-unmasked-training",
+                          "--losa-warmup-ratio", "0.2")  # fmt: skip
     assert experiment.main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     pretrained, prune_lora, losa = result["runs"]
@@ -247,11 +253,10 @@ def test_residual_lr_reaches_the_training_config(experiment, tmp_path):
 def test_recovery_distills_converted_runs_and_skips_dense_lora(experiment, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "exp"
-    argv = ["--quick", "--model", str(STORIES), "--output", str(out), "--runs", "lora@50%,salr@50%",
-            "--residual-rank", "8", "--lora-rank", "4", "--train-examples", "8", "--steps", "1", "--batch-size", "2",
-            "--max-length", "96", "--nll-limit", "2", "--accuracy-limit", "0", "--mmlu-limit", "0",
-            "--wikitext-windows", "1", "--threads", "1",
-            "--recovery-steps", "4", "--recovery-lr", "1e-2", "--recovery-batch-size", "64"]  # fmt: skip
+    argv = tiny_grid_argv(out, "lora@50%,salr@50%",
+                          "--residual-rank", "8", "--lora-rank", "4", "--train-examples", "8", "--steps", "1",
+                          "--batch-size", "2", "--nll-limit", "2",
+                          "--recovery-steps", "4", "--recovery-lr", "1e-2", "--recovery-batch-size", "64")  # fmt: skip
     assert experiment.main(argv) == 0
     lora, salr = json.loads((out / "results.json").read_text())["runs"]
     assert "recovery_steps" not in lora and "recover" not in lora["seconds"]  # dense LoRA: KL is exactly zero

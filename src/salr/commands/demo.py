@@ -152,7 +152,7 @@ def compress_stage(demo: Demo) -> torch.nn.Module:
 
 def recovery_stage(demo: Demo, model: torch.nn.Module) -> None:
     """Data-free distillation towards the dense model (salr train --distill)."""
-    from salr.train import TrainConfig, train
+    from salr.train import TrainConfig, every_position_examples, train
 
     args = demo.args
     if args.recovery_steps <= 0:
@@ -161,7 +161,7 @@ def recovery_stage(demo: Demo, model: torch.nn.Module) -> None:
         f"\n== 2. recover: {args.recovery_steps} steps of distillation towards the dense model on the calibration "
         "text =="
     )
-    examples = [{"input_ids": row, "labels": row} for row in demo.calibration.tolist()]
+    examples = every_position_examples(demo.calibration.tolist())
     cfg = TrainConfig(lr=args.recovery_lr, max_steps=args.recovery_steps, batch_size=min(8, len(examples)),
                       warmup_steps=2, seed=demo.config.seed, distill=True, progress=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="salr-recovery-") as run_dir:  # only the model in memory is kept

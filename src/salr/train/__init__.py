@@ -2,6 +2,15 @@
 distributed), `loop` (the training loop and `run_training`, what `salr train` does)."""
 
 from salr.train.config import METHODS, TrainConfig, method_config
-from salr.train.loop import load_examples, prepare_model, run_training, train
+from salr.train.loop import every_position_examples, load_examples, prepare_model, run_training, train
 
-__all__ = ["METHODS", "TrainConfig", "load_examples", "method_config", "prepare_model", "run_training", "train"]
+__all__ = [
+    "METHODS",
+    "TrainConfig",
+    "every_position_examples",
+    "load_examples",
+    "method_config",
+    "prepare_model",
+    "run_training",
+    "train",
+]

@@ -107,10 +107,16 @@ def load_teacher(model_spec: str, dtype: str | None = None) -> nn.Module:
     return teacher.eval().requires_grad_(False)
 
 
+def every_position_examples(rows: list[list[int]]) -> list[dict[str, list[int]]]:
+    """Training examples whose every position is a target (labels = input_ids): what distillation on whole texts
+    uses, since DistillLoss matches the teacher only at labelled positions."""
+    return [{"input_ids": row, "labels": row} for row in rows]
+
+
 def distill_examples(teacher: nn.Module, cfg: TrainConfig) -> list[dict[str, list[int]]]:
     """Sequences sampled from the teacher itself (data-free recovery), every position a training target."""
     ids = self_generated_ids(teacher, cfg.distill_samples, cfg.distill_length, seed=cfg.seed + 1)
-    return [{"input_ids": row, "labels": row} for row in ids.tolist()]
+    return every_position_examples(ids.tolist())
 
 
 def load_examples(
