@@ -58,7 +58,8 @@ from salr.train import TrainConfig, every_position_examples, load_examples, meth
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("paper_grid")
 SHARED = ROOT.parent / "shared" / "data"
-CALIBRATION_ARGS = ("calibration", "calibration_samples", "calibration_length")  # override salr+'s (LoSA's) values
+# Override salr+'s (LoSA's) values; the paper preset keeps its own (no data, no alternating rounds).
+CALIBRATION_ARGS = ("calibration", "calibration_samples", "calibration_length", "alternating_rounds")
 
 
 @dataclass
@@ -204,6 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--calibration-samples", type=int, help="calibration windows of SALR+ and LoSA (default: SALRConfig's, 64)"
     )
     p.add_argument("--calibration-length", type=int, help="tokens per calibration window (default: SALRConfig's, 128)")
+    p.add_argument(
+        "--alternating-rounds", type=int, help="salr+'s prune / whitened-fit rounds (default: SALRConfig's, 3)"
+    )
     p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
     p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")
     p.add_argument(
