@@ -191,6 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "task fine-tuning (salr train --distill with the grid's training problems as text; 0 = none). Runs whose "
         "model equals the dense one at init (lora) skip it: their KL and its gradient are exactly zero",
     )  # fmt: skip
+    p.add_argument(
+        "--prompt-distill", type=float, default=0.0,
+        help="every fine-tuned run (not LoSA) adds this weight times the KL to the dense model at the prompt "
+        "positions to its answer loss (TrainConfig.prompt_distill; 0 = off)",
+    )  # fmt: skip
     p.add_argument("--recovery-lr", type=float, default=1e-4, help="peak lr of the recovery distillation")
     p.add_argument("--recovery-batch-size", type=int, default=8, help="sequences per recovery step (at most all)")
     p.add_argument("--seed", type=int, default=0)
@@ -321,6 +326,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        prompt_distill=args.prompt_distill,
         progress=False,
     )
 
@@ -384,7 +390,8 @@ def train_run(
         if losa is not None:
             report = train_losa(model, tokenizer, examples, config, cfg, losa, out, base_model=args.model)
         else:
-            report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model)
+            teacher = dense if cfg.prompt_distill else None
+            report = train(model, tokenizer, examples, config, cfg, out, base_model=args.model, teacher=teacher)
     # the training functions save the run after their loop; report["seconds"] covers the loop (LoSA: and pruning)
     seconds["train"] = report["seconds"]
     seconds["save"] = seconds.pop("train_and_save") - report["seconds"]
@@ -628,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--runs: no run {', '.join(unknown)} (choose from {', '.join(by_name)})")
         runs = [by_name[n] for n in dict.fromkeys(args.runs.split(","))]  # in the order given
+    if args.prompt_distill and any(r.method == "losa" for r in runs):
+        raise SystemExit("--prompt-distill: LoSA's rounds train without a teacher; leave the losa runs out (--runs)")
     conversions = Conversions(runs, args)
     rows = []
     settings = dict(vars(args))

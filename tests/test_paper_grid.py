@@ -293,3 +293,23 @@ def test_recovery_leaves_the_dense_teacher_untouched(experiment, tmp_path):
     assert fields["recovery_steps"] == 2
     assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
     assert not (tmp_path / "rec").exists()
+
+
+def test_prompt_distill_reaches_every_trained_run_and_refuses_losa(experiment, tmp_path):
+    """One step with and without --prompt-distill: the step's loss gains the prompts' KL for the pruned run and
+    nothing for dense LoRA (equal to the dense model at init); LoSA, which trains without a teacher, is refused."""
+    torch.set_num_threads(1)
+    losses = []
+    for weight in ("0", "1"):
+        out = tmp_path / f"exp{weight}"
+        argv = tiny_grid_argv(out, "lora@50%,salr@50%",
+                              "--residual-rank", "8", "--lora-rank", "4", "--train-examples", "8", "--steps", "1",
+                              "--batch-size", "2", "--nll-limit", "2", "--prompt-distill", weight)  # fmt: skip
+        assert experiment.main(argv) == 0
+        result = json.loads((out / "results.json").read_text())
+        assert result["settings"]["prompt_distill"] == float(weight)
+        losses.append([r["loss_curve"][0] for r in result["runs"]])
+    (lora0, salr0), (lora1, salr1) = losses
+    assert lora1 == pytest.approx(lora0, rel=1e-5) and salr1 > salr0 * 1.001
+    with pytest.raises(SystemExit, match="LoSA"):
+        experiment.main(tiny_grid_argv(tmp_path / "losa", "losa@50%", "--prompt-distill", "1"))

@@ -328,3 +328,83 @@ def test_data_free_distillation_recovers_a_pruned_model(stories_path, tmp_path):
 def test_train_without_data_needs_distill(stories_path, tmp_path, capsys):
     assert main(["train", "--model", str(stories_path), "--output", str(tmp_path / "o")]) == 2
     assert "or --distill" in capsys.readouterr().err
+
+
+def test_prompt_distill_adds_the_teacher_kl_at_prompt_positions_only(tiny_llama):
+    """AnswerLoss with a teacher: answer CE + weight * KL(teacher ‖ student) summed over the positions that predict
+    a real prompt token; padding and answer positions add no KL; a student equal to its teacher adds none."""
+    import torch.nn.functional as F
+
+    examples = tiny_examples(4)
+    batch = data.collate(examples, 0)  # different lengths: the shorter rows are padded
+    assert int((batch["attention_mask"] == 0).sum()) > 0
+    pruned = converted(copy.deepcopy(tiny_llama), salr.SALRConfig.from_preset("paper", residual_rank=0, r=2))
+    with torch.no_grad():
+        answer_only = float(AnswerLoss(pruned)(**batch))
+        with_kl = float(AnswerLoss(pruned, tiny_llama, 0.5)(**batch))
+    with torch.no_grad():  # the KL term by hand, from full logits
+        s = F.log_softmax(pruned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        t = F.log_softmax(tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        per_position = (t.exp() * (t - s)).sum(-1)[:, :-1]  # [B, T-1]
+        prompt = (batch["labels"][:, 1:] == -100) & (batch["attention_mask"][:, 1:] == 1)
+        expected_kl = float(per_position[prompt].sum())
+    assert expected_kl > 1e-3
+    assert with_kl == pytest.approx(answer_only + 0.5 * expected_kl, rel=1e-4)
+    same = converted(copy.deepcopy(tiny_llama), method_config("lora", SALR_CFG))  # B = 0: equals the teacher
+    with torch.no_grad():
+        assert float(AnswerLoss(same, tiny_llama, 2.0)(**batch)) == pytest.approx(float(AnswerLoss(same)(**batch)))
+
+
+def test_prompt_distill_keeps_the_prompts_closer_to_the_teacher(tiny_llama, tmp_path):
+    """The same run with and without prompt_distill: the prompt positions' KL to the dense model ends lower with it,
+    the answers are still learnt, and a run without a teacher is refused clearly."""
+    from salr.train.loop import DistillLoss
+
+    examples = tiny_examples(32)
+    batch = data.collate(examples[:8], 0)
+
+    def prompt_labels(e):  # the prompt tokens as targets, the answers masked
+        return [t if lab == -100 else -100 for t, lab in zip(e["input_ids"], e["labels"], strict=True)]
+
+    prompt_only = [{**e, "labels": prompt_labels(e)} for e in examples[:8]]
+    prompt_batch = data.collate(prompt_only, 0)
+    kls, answers = [], []
+    for weight in (0.0, 5.0):  # learning the answers moves the prompts' KL from 0.03 to ~1 without it
+        model = converted(copy.deepcopy(tiny_llama))
+        settings = cfg(max_steps=30, prompt_distill=weight)
+        report = train(model, None, examples, SALR_CFG, settings, tmp_path / f"run{weight}", teacher=tiny_llama)
+        assert report["history"][-1]["loss"] < report["history"][0]["loss"]
+        with torch.no_grad():
+            kls.append(float(DistillLoss(model, tiny_llama)(**prompt_batch)))
+            answers.append(float(AnswerLoss(model)(**batch)))
+    assert kls[1] < 0.8 * kls[0], kls
+    assert answers[1] < 1.5 * answers[0], answers  # the answers are not given up for it
+    with pytest.raises(salr.SALRError, match="teacher"):
+        train(converted(copy.deepcopy(tiny_llama)), None, examples, SALR_CFG, cfg(prompt_distill=1.0), tmp_path / "x")
+
+
+def test_prompt_distill_config_errors():
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(salr.SALRError, match="prompt_distill"):
+            TrainConfig(prompt_distill=bad)
+    with pytest.raises(salr.SALRError, match="--distill already"):
+        TrainConfig(distill=True, prompt_distill=0.5)
+
+
+def test_salr_train_prompt_distill_from_the_cli(stories_path, tmp_path, capsys):
+    """`salr train --prompt-distill W`: the dense teacher is the model being converted; the run saves and reports
+    the weight; a bad weight or the mix with --distill is one clear error."""
+    records = tmp_path / "train.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_arithmetic(16, seed=2)))
+    base = ["train", "--model", str(stories_path), "--data", str(records), "--residual-rank", "4", "--lora-rank", "4",
+            "--max-steps", "2", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    assert main([*base, "--prompt-distill", "0.5", "--output", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "train_report.json").read_text())
+    assert report["prompt_distill"] == 0.5 and report["steps"] == 2
+    salr.load(tmp_path / "run")
+    capsys.readouterr()
+    assert main([*base, "--prompt-distill", "-1", "--output", str(tmp_path / "bad")]) == 2
+    assert "prompt_distill must be" in capsys.readouterr().err
+    assert main([*base, "--distill", "--prompt-distill", "1", "--output", str(tmp_path / "bad2")]) == 2
+    err = capsys.readouterr().err
+    assert "drop --prompt-distill" in err and "Traceback" not in err

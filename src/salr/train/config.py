@@ -41,6 +41,14 @@ class TrainConfig:
             "instead of the labels; without --data the text is sampled from the teacher itself"
         },
     )
+    prompt_distill: float = field(
+        default=0.0,
+        metadata={
+            "help": "with --data: add this weight times the KL to the dense teacher's next-token distribution at "
+            "the prompt positions (the labels train the answers; the prompts keep the dense model's behaviour); "
+            "0 = off"
+        },
+    )
     distill_samples: int = field(default=256, metadata={"help": "distill without --data: sequences sampled"})
     distill_length: int = field(default=256, metadata={"help": "distill without --data: tokens per sequence"})
     progress: bool = field(default=True, metadata={"help": "tqdm bar on rank 0"})
@@ -73,6 +81,10 @@ class TrainConfig:
             raise SALRError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise SALRError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (math.isfinite(self.prompt_distill) and self.prompt_distill >= 0):
+            raise SALRError(f"prompt_distill must be a finite weight >= 0, got {self.prompt_distill}")
+        if self.distill and self.prompt_distill:
+            raise SALRError("--distill already matches the teacher at every position: drop --prompt-distill")
         if self.distill_length < 2:
             raise SALRError(f"distill_length must be >= 2 tokens, got {self.distill_length}")
         if self.max_length < 2:

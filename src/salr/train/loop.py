@@ -171,20 +171,35 @@ class AnswerLoss(nn.Module):
 
     The LM head runs only on the hidden states that predict a labelled token, which skips most of the
     vocabulary projection for long prompts. Wrapping (rather than calling submodules) keeps DDP's forward hooks.
+    With a `teacher` and `prompt_weight` > 0 it adds `prompt_weight` times the SUM over prompt positions (those that
+    predict an unlabelled, unpadded token) of KL(teacher ‖ student): the answers are learnt from the labels while the
+    inputs keep the dense model's next-token distribution (TrainConfig.prompt_distill).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None, prompt_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.teacher = [teacher]  # a list: not a submodule, so never trained, saved or wrapped by DDP
+        self.prompt_weight = prompt_weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # input_ids, attention_mask, labels: [B, T] int64; labels -100 where no loss
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, D]
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [B, T-1, D]
         targets = labels[:, 1:]
         keep = targets != data.IGNORE_INDEX
-        logits = head(hidden[:, :-1][keep]).float()  # [N, V]
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
+        logits = head(hidden[keep]).float()  # [N, V]
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        if not self.prompt_weight:
+            return loss
+        prompt = ~keep & attention_mask[:, 1:].bool()  # [B, T-1]: positions predicting a real prompt token
+        teacher = self.teacher[0]
+        with torch.no_grad():
+            t_hidden = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            target = F.log_softmax(teacher.get_output_embeddings()(t_hidden[:, :-1][prompt]).float(), dim=-1)
+        student = F.log_softmax(head(hidden[prompt]).float(), dim=-1)
+        kl = F.kl_div(student, target, log_target=True, reduction="sum")
+        return loss + self.prompt_weight * kl
 
 
 class DistillLoss(nn.Module):
@@ -269,10 +284,12 @@ class Trainer:
             values = sorted(s * cfg.lr for s in self.scales.values())
             logger.info("theorem4 residual lr: min %.3g, median %.3g, max %.3g",
                         values[0], values[len(values) // 2], values[-1])  # fmt: skip
-        if cfg.distill and teacher is None:
-            raise SALRError("distill needs the dense teacher model: pass teacher=")
+        if (cfg.distill or cfg.prompt_distill) and teacher is None:
+            raise SALRError("distill and prompt_distill need the dense teacher model: pass teacher=")
         self.loss_module: nn.Module = (
-            DistillLoss(model, teacher.to(self.env.device)) if cfg.distill else AnswerLoss(model)
+            DistillLoss(model, teacher.to(self.env.device))
+            if cfg.distill
+            else AnswerLoss(model, None if teacher is None else teacher.to(self.env.device), cfg.prompt_distill)
         )
         if self.env.world > 1:
             # Only A_cat / B_cat need gradients; frozen bases are buffers, identical on every rank (no broadcast).
@@ -516,7 +533,7 @@ def run_training(
             )
     elif int(os.environ.get("RANK", "0")) == 0:
         run_state.check_fresh_output(output)
-    teacher = load_teacher(model_spec, dtype) if cfg.distill else None
+    teacher = load_teacher(model_spec, dtype) if cfg.distill or cfg.prompt_distill else None
     if checkpoint is not None:
         model, tokenizer, config, conversion = prepare_model(str(checkpoint), method, config, dtype)
     else:
@@ -529,6 +546,7 @@ def run_training(
         "method": method,
         "data": source if data_path is not None or records is None else "records",
         "distill": cfg.distill,
+        "prompt_distill": cfg.prompt_distill,
         "prepare_seconds": time.perf_counter() - started,
         "conversion_totals": conversion["totals"] if conversion else None,
     }
