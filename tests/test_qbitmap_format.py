@@ -58,16 +58,17 @@ def test_codebooks_are_bitsandbytes(bnb):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_quantization_is_byte_identical_to_bitsandbytes(bnb, double_quant):
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_nf4_quantization_is_byte_identical_to_bitsandbytes(bnb, double_quant, blocksize):
     for name, x in streams():
         for dtype in (torch.float32, torch.bfloat16):
             xs = x.to(dtype)
             if not bool(torch.isfinite(xs).all()) or (dtype != torch.float32 and name == "subnormal"):
                 continue
             ref_codes, ref_state = bnb.quantize_4bit(
-                xs, blocksize=64, quant_type="nf4", compress_statistics=double_quant
+                xs, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
             )
-            q = fm.quantize_values(xs, "nf4", 64, double_quant)
+            q = fm.quantize_values(xs, "nf4", blocksize, double_quant)
             assert same(q.codes, ref_codes.reshape(-1)), (name, dtype)
             if double_quant:
                 assert same(q.qabsmax, ref_state.absmax), name
@@ -87,10 +88,11 @@ def _quant_state(bnb, q: fm.QuantizedValues, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_bitsandbytes_dequantizes_our_packed_codes_exactly(bnb, double_quant):
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_bitsandbytes_dequantizes_our_packed_codes_exactly(bnb, double_quant, blocksize):
     """The issue's check: bitsandbytes.functional.dequantize_4bit on our packed codes == our dequantization."""
     for name, x in streams():
-        q = fm.quantize_values(x, "nf4", 64, double_quant)
+        q = fm.quantize_values(x, "nf4", blocksize, double_quant)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             if not bool(torch.isfinite(x.to(dtype)).all()):
                 continue  # fp16 overflows on the outliers

@@ -41,7 +41,8 @@ def format_report(report: dict, max_rows: int | None = None) -> str:
     )
     if t.get("quant", "none") != "none":
         lines.append(
-            f"quantization: {t['quant']}{' + double-quantized scales' if t.get('quant_double') else ''}, "
+            f"quantization: {t['quant']} in blocks of {t.get('quant_blocksize', 64)}"
+            f"{' + double-quantized scales' if t.get('quant_double') else ''}, "
             f"{t.get('quant_scales') or 'absmax'} scales, {t.get('quant_rounding') or 'nearest'} rounding, error "
             f"energy {t['quantization_energy']:.4g} (pruning {t['pruned_energy']:.4g}); the residual absorbs both"
         )

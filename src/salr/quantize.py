@@ -20,7 +20,6 @@ import torch
 
 from salr.bases.qbitmap import QBitmapBase
 from salr.bitmap_format import (
-    QUANT_BLOCKSIZE,
     QBitmapWeight,
     encode_quantized,
     pack_codes,
@@ -57,8 +56,14 @@ def quantize_bases(
     encoded = []
     for (pruned, mask), dtype in zip(prunes, dtypes, strict=True):
         weight = pruned.to(dtype)
-        scales = _searched_scales(weight, mask, config.quant, stats) if config.scale_rule == "search" else None
-        encoded.append(encode_quantized(weight, mask, config.quant, QUANT_BLOCKSIZE, config.quant_double, scales))
+        scales = (
+            _searched_scales(weight, mask, config.quant, config.quant_blocksize, stats)
+            if config.scale_rule == "search"
+            else None
+        )
+        encoded.append(
+            encode_quantized(weight, mask, config.quant, config.quant_blocksize, config.quant_double, scales)
+        )
     if config.rounding == "gptq":
         if stats is None:
             raise SALRError("quant_rounding 'gptq' needs calibration statistics: pass calibration, or use 'nearest'")
@@ -67,15 +72,17 @@ def quantize_bases(
     return [(base, base.dequantize().to(pruned.device)) for base, (pruned, _) in zip(bases, prunes, strict=True)]
 
 
-def _searched_scales(weight: torch.Tensor, mask: torch.Tensor, kind: str, stats: LayerStats | None) -> torch.Tensor:
+def _searched_scales(
+    weight: torch.Tensor, mask: torch.Tensor, kind: str, blocksize: int, stats: LayerStats | None
+) -> torch.Tensor:
     """Block scales from `search_scales` over the kept values (row-major), each value's error weighted by its
     input column's energy, diag H / tokens, when calibration statistics exist (the output error a layer of
     uncorrelated inputs would see; GPTQ rounding then handles the correlations)."""
     values = weight[mask].float()
     if stats is None:
-        return search_scales(values, kind, QUANT_BLOCKSIZE)
+        return search_scales(values, kind, blocksize)
     energy = torch.diagonal(stats.gram).float().to(weight.device)
-    return search_scales(values, kind, QUANT_BLOCKSIZE, weights=energy.expand_as(weight)[mask])
+    return search_scales(values, kind, blocksize, weights=energy.expand_as(weight)[mask])
 
 
 def _gptq_round(
@@ -119,6 +126,7 @@ def quant_totals(rows: list[dict[str, Any]], config: SALRConfig) -> dict[str, An
     return {
         "quant": config.quant,
         "quant_double": config.quant_double,
+        "quant_blocksize": config.quant_blocksize,
         "quant_rounding": config.rounding,
         "quant_scales": config.scale_rule,
         "quantization_energy": sum(r.get("quantization_energy", 0.0) for r in rows),

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 PRUNING_FIELDS = (
     "sparsity", "pattern", "granularity", "residual_rank", "criterion", "residual_init", "alternating_rounds",
     "calibration", "calibration_samples", "calibration_length", "sequential", "damping", "quant", "quant_double",
-    "quant_rounding", "quant_scales",
+    "quant_blocksize", "quant_rounding", "quant_scales",
 )  # fmt: skip
 
 
