@@ -243,9 +243,9 @@ def test_calibration_train_writes_only_the_training_problems(experiment, tmp_pat
 
 
 def test_alternating_rounds_reach_salr_plus_but_not_the_paper_preset(experiment, tmp_path):
-    args = experiment.parse_args(["--output", str(tmp_path), "--alternating-rounds", "5"])
+    args = experiment.parse_args(["--output", str(tmp_path), "--alternating-rounds", "8"])
     runs = {r.name: r for r in experiment.grid(quick=False)}
-    assert experiment.run_config(runs["salr+@50%"], args).alternating_rounds == 5
+    assert experiment.run_config(runs["salr+@50%"], args).alternating_rounds == 8
     assert experiment.run_config(runs["salr@50%"], args).residual_init == "svd"  # the paper's recipe, no rounds
     default = experiment.parse_args(["--output", str(tmp_path)])
     assert experiment.run_config(runs["salr+@50%"], default).alternating_rounds == SALRConfig().alternating_rounds

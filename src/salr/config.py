@@ -78,7 +78,10 @@ class SALRConfig:
             "choices": RESIDUAL_INITS,
         },
     )
-    alternating_rounds: int = field(default=3, metadata={"help": "rounds of residual_init 'alternating'"})
+    alternating_rounds: int = field(
+        default=5,
+        metadata={"help": "rounds of residual_init 'alternating' (each re-prunes and re-fits: better, slower)"},
+    )
     calibration: str = field(
         default="self",
         metadata={
