@@ -211,7 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--calibration-length", type=int, help="tokens per calibration window (default: SALRConfig's, 128)")
     p.add_argument(
-        "--alternating-rounds", type=int, help="salr+'s prune / whitened-fit rounds (default: SALRConfig's, 3)"
+        "--alternating-rounds",
+        type=int,
+        help=f"salr+'s prune / whitened-fit rounds (default: SALRConfig's, {SALRConfig().alternating_rounds})",
     )
     p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
     p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")

@@ -166,6 +166,19 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def teacher_kl(hidden: torch.Tensor, head: nn.Module, teacher: nn.Module, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """SUM over the positions `where` (bool [B, T-1]) of KL(teacher ‖ student) of the next-token distributions.
+
+    hidden: the student's last hidden states at positions 0..T-2 ([B, T-1, D]), head: its LM head. Both LM heads
+    run only at the selected positions; the teacher runs without gradients."""
+    with torch.no_grad():
+        t_hidden = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        target = F.log_softmax(teacher.get_output_embeddings()(t_hidden[:, :-1][where]).float(), dim=-1)
+    student = F.log_softmax(head(hidden[where]).float(), dim=-1)  # [N, V]
+    return F.kl_div(student, target, log_target=True, reduction="sum")
+
+
 class AnswerLoss(nn.Module):
     """Wraps a causal LM: forward returns the SUM of token cross-entropies over labelled (answer) positions.
 
@@ -193,13 +206,7 @@ class AnswerLoss(nn.Module):
         if not self.prompt_weight:
             return loss
         prompt = ~keep & attention_mask[:, 1:].bool()  # [B, T-1]: positions predicting a real prompt token
-        teacher = self.teacher[0]
-        with torch.no_grad():
-            t_hidden = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            target = F.log_softmax(teacher.get_output_embeddings()(t_hidden[:, :-1][prompt]).float(), dim=-1)
-        student = F.log_softmax(head(hidden[prompt]).float(), dim=-1)
-        kl = F.kl_div(student, target, log_target=True, reduction="sum")
-        return loss + self.prompt_weight * kl
+        return loss + self.prompt_weight * teacher_kl(hidden, head, self.teacher[0], input_ids, attention_mask, prompt)
 
 
 class DistillLoss(nn.Module):
@@ -213,12 +220,9 @@ class DistillLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         keep = labels[:, 1:] != data.IGNORE_INDEX  # [B, T-1]: positions whose next token is a target
-        with torch.no_grad():
-            target = self.teacher[0](input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        student = F.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)  # [N, V]
-        return F.kl_div(student, F.log_softmax(target.float(), dim=-1), log_target=True, reduction="sum")
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        return teacher_kl(hidden, head, self.teacher[0], input_ids, attention_mask, keep)
 
 
 def n_answer_tokens(examples: Sequence[dict[str, list[int]]], indices: Sequence[int]) -> int:
