@@ -59,7 +59,13 @@ ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("paper_grid")
 SHARED = ROOT.parent / "shared" / "data"
 # Override salr+'s (LoSA's) values; the paper preset keeps its own (no data, no alternating rounds).
-CALIBRATION_ARGS = ("calibration", "calibration_samples", "calibration_length", "alternating_rounds")
+CALIBRATION_ARGS = (
+    "calibration",
+    "calibration_samples",
+    "calibration_length",
+    "alternating_rounds",
+    "alternating_momentum",
+)
 
 
 @dataclass
@@ -119,7 +125,11 @@ def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
         r=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
         seed=args.seed,
-        **{k: getattr(args, k) for k in CALIBRATION_ARGS if getattr(args, k, None) and run.preset != "paper"},
+        **{
+            k: getattr(args, k)
+            for k in CALIBRATION_ARGS
+            if getattr(args, k, None) is not None and run.preset != "paper"
+        },
     )
     return method_config(run.method, base)
 
@@ -214,6 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--alternating-rounds",
         type=int,
         help=f"salr+'s prune / whitened-fit rounds (default: SALRConfig's, {SALRConfig().alternating_rounds})",
+    )
+    p.add_argument(
+        "--alternating-momentum",
+        type=float,
+        help="salr+'s extrapolation of the low-rank part between rounds (0 = plain alternation; default: "
+        f"SALRConfig's, {SALRConfig().alternating_momentum})",
     )
     p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
     p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")

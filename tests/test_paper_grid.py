@@ -249,6 +249,9 @@ def test_alternating_rounds_reach_salr_plus_but_not_the_paper_preset(experiment,
     assert experiment.run_config(runs["salr@50%"], args).residual_init == "svd"  # the paper's recipe, no rounds
     default = experiment.parse_args(["--output", str(tmp_path)])
     assert experiment.run_config(runs["salr+@50%"], default).alternating_rounds == SALRConfig().alternating_rounds
+    plain = experiment.parse_args(["--output", str(tmp_path), "--alternating-momentum", "0"])
+    assert experiment.run_config(runs["salr+@50%"], plain).alternating_momentum == 0.0  # 0 is a value, not unset
+    assert experiment.run_config(runs["salr+@50%"], default).alternating_momentum == SALRConfig().alternating_momentum
 
 
 def test_residual_lr_reaches_the_training_config(experiment, tmp_path):

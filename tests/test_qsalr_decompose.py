@@ -76,14 +76,16 @@ def test_alternating_rounds_quantize_inside_each_prune_step(criterion):
         quant_scales="absmax",
     )
     split = decompose(w, alt, stats)
-    # the last round's base is the quantized prune of W0 - (previous round's B A): replay rounds 1 and 2
-    low_rank = torch.zeros_like(w)
+    # the last round's base is the quantized prune of W0 - (the previous rounds' B A, extrapolated by the
+    # momentum m): replay rounds 1 and 2
+    low_rank = previous = torch.zeros_like(w)
+    m = alt.alternating_momentum
     for _ in range(2):
-        pruned, mask = prune(w - low_rank, alt, stats)
+        pruned, mask = prune(w - low_rank - m * (low_rank - previous), alt, stats)
         base = QBitmapBase.from_dense(pruned, mask, kind="nf4").dequantize()
         fit = whitened_svd(w - base, None, 6, cholesky=stats.factor("cholesky", alt.damping))
-        low_rank = fit.B @ fit.A
-    pruned, mask = prune(w - low_rank, alt, stats)
+        previous, low_rank = low_rank, fit.B @ fit.A
+    pruned, mask = prune(w - low_rank - m * (low_rank - previous), alt, stats)
     assert torch.equal(split.base, QBitmapBase.from_dense(pruned, mask, kind="nf4").dequantize())
     final = whitened_svd(w - split.base, None, 6, cholesky=stats.factor("cholesky", alt.damping))
     torch.testing.assert_close(split.factors.B @ split.factors.A, final.B @ final.A, atol=1e-5, rtol=1e-4)

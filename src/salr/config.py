@@ -82,6 +82,13 @@ class SALRConfig:
         default=5,
         metadata={"help": "rounds of residual_init 'alternating' (each re-prunes and re-fits: better, slower)"},
     )
+    alternating_momentum: float = field(
+        default=0.6,
+        metadata={
+            "help": "residual_init 'alternating': from the second round on, prune W0 - (L + m (L - L_prev)), the "
+            "low-rank part L extrapolated along its last step (0 = plain alternation); in [0, 1)"
+        },
+    )
     calibration: str = field(
         default="self",
         metadata={
@@ -226,6 +233,9 @@ class SALRConfig:
         for name in ("alternating_rounds", "calibration_samples", "calibration_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise SALRError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        momentum = self.alternating_momentum
+        if isinstance(momentum, bool) or not (isinstance(momentum, int | float) and 0 <= momentum < 1):
+            raise SALRError(f"alternating_momentum must be a number in [0, 1), got {momentum!r}")
         if not (isinstance(self.damping, int | float) and 0 < self.damping < 1e3):
             raise SALRError(f"damping must be a positive number, got {self.damping!r}")
 
@@ -295,6 +305,7 @@ class SALRConfig:
             known["quant_rounding"] = "nearest"  # saved before GPTQ rounding existed
         if known.get("quant", "none") != "none" and "quant_scales" not in known:
             known["quant_scales"] = "absmax"  # saved before the scale search existed
+        known.setdefault("alternating_momentum", 0.0)  # saved before extrapolated rounds existed
         if known.get("pattern", "unstructured") != "unstructured":
             known["sparsity"] = None  # implied by the pattern; avoids float round-trip mismatch
         return cls(**known)

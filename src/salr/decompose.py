@@ -4,7 +4,10 @@
 - criterion "magnitude" + residual_init "svd" is the paper: Ŵ = M ⊙ W0 with M from |W0|, B A = SVD_r(W0 − Ŵ);
 - "wanda" / "sparsegpt" choose M from the input Gram H of the layer (SparseGPT also updates the kept weights);
 - "whitened" fits B A to the output error ‖(W0 − Ŵ − B A) X‖ instead of the weight error;
-- "alternating" repeats: Ŵ = prune(W0 − B A), B A = fit(W0 − Ŵ), starting from B A = 0 (OATS-style).
+- "alternating" repeats: Ŵ = prune(W0 − B A), B A = fit(W0 − Ŵ), starting from B A = 0 (OATS-style); from the
+  second round on the prune step sees B A extrapolated along its last step, L + m (L − L_prev) with
+  m = `alternating_momentum` (heavy-ball / over-relaxation: the plain alternation converges slowly, and on the
+  default model five extrapolated rounds reach a lower output error than eight plain ones).
 
 With `quant` (QSALR) the frozen base is the quantized Ŵ and every fit above sees its error: E = W0 − deq(Q(Ŵ))
 (salr.quantize); in alternating rounds the quantization is part of each round's prune step.
@@ -99,14 +102,17 @@ def decompose_group(
     w0s = [w.detach().float() for w in weights]
     rounds = config.alternating_rounds if config.residual_init == "alternating" and config.residual_rank else 1
     low_ranks = [torch.zeros_like(w0) for w0 in w0s]
-    for _ in range(rounds):
-        prunes = _prune_all([w0 - lr for w0, lr in zip(w0s, low_ranks, strict=True)], config, stats, threshold)
+    previous = low_ranks
+    momentum = config.alternating_momentum
+    for _ in range(rounds):  # round 1 prunes W0 itself: low_ranks and previous are still zero
+        targets = [w0 - lr - momentum * (lr - prev) for w0, lr, prev in zip(w0s, low_ranks, previous, strict=True)]
+        prunes = _prune_all(targets, config, stats, threshold)
         quantized = quantize_bases(prunes, config, [w.dtype for w in weights], stats)  # base = Ŵ, or deq(Q(Ŵ))
         fits = [
             (stored, base, fit_residual(w0 - base, config, stats))
             for w0, (stored, base) in zip(w0s, quantized, strict=True)
         ]
-        low_ranks = [factors.B @ factors.A for _, _, factors in fits]
+        previous, low_ranks = low_ranks, [factors.B @ factors.A for _, _, factors in fits]
     splits = []
     for w0, (pruned, mask), (stored, base, factors) in zip(w0s, prunes, fits, strict=True):
         row = _report_row(w0, base, mask, factors, config, stats)

@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 # SALRConfig fields `salr eval` accepts for pruning on the fly (LoRA rank is 0: nothing is trained).
 PRUNING_FIELDS = (
     "sparsity", "pattern", "granularity", "residual_rank", "criterion", "residual_init", "alternating_rounds",
-    "calibration", "calibration_samples", "calibration_length", "sequential", "damping", "quant", "quant_double",
-    "quant_blocksize", "quant_rounding", "quant_scales",
+    "alternating_momentum", "calibration", "calibration_samples", "calibration_length", "sequential", "damping",
+    "quant", "quant_double", "quant_blocksize", "quant_rounding", "quant_scales",
 )  # fmt: skip
 
 
