@@ -78,16 +78,18 @@ def test_alternating_rounds_quantize_inside_each_prune_step(criterion):
     split = decompose(w, alt, stats)
     # the last round's base is the quantized prune of W0 - (the previous rounds' B A, extrapolated by the
     # momentum m): replay rounds 1 and 2
+    # momentum m; each round's randomized SVD starts from the basis of the round before
     low_rank = previous = torch.zeros_like(w)
-    m = alt.alternating_momentum
+    m, chol, fit = alt.alternating_momentum, stats.factor("cholesky", alt.damping), None
     for _ in range(2):
         pruned, mask = prune(w - low_rank - m * (low_rank - previous), alt, stats)
         base = QBitmapBase.from_dense(pruned, mask, kind="nf4").dequantize()
-        fit = whitened_svd(w - base, None, 6, cholesky=stats.factor("cholesky", alt.damping))
+        fit = whitened_svd(w - base, None, 6, cholesky=chol, start=fit.basis if fit else None)
         previous, low_rank = low_rank, fit.B @ fit.A
+    assert fit.basis is not None  # 48 x 64 at rank 6: the randomized SVD, so the warm start is exercised
     pruned, mask = prune(w - low_rank - m * (low_rank - previous), alt, stats)
     assert torch.equal(split.base, QBitmapBase.from_dense(pruned, mask, kind="nf4").dequantize())
-    final = whitened_svd(w - split.base, None, 6, cholesky=stats.factor("cholesky", alt.damping))
+    final = whitened_svd(w - split.base, None, 6, cholesky=chol, start=fit.basis)
     torch.testing.assert_close(split.factors.B @ split.factors.A, final.B @ final.A, atol=1e-5, rtol=1e-4)
     once = decompose(
         w,

@@ -52,3 +52,38 @@ def test_half_precision_error_is_decomposed_in_fp32():
 def test_rank_larger_than_layer_is_a_clear_error():
     with pytest.raises(SALRError, match="residual rank 20 is larger"):
         residual_svd(torch.randn(10, 30), 20)
+
+
+def _whitened_problem(seed=0, out_dim=120, in_dim=96, tokens=500):
+    gen = torch.Generator().manual_seed(seed)
+    x = (
+        torch.randn(tokens, in_dim, generator=gen)
+        @ (torch.eye(in_dim) + 0.3 * torch.randn(in_dim, in_dim, generator=gen))
+    ).double()
+    return _error((out_dim, in_dim), seed=seed), x.T @ x
+
+
+def test_warm_started_whitened_svd_matches_a_cold_one_on_a_nearby_error():
+    # Alternating rounds fit a slowly moving E; each round's randomized SVD starts from the basis of the last one
+    # (one power iteration instead of four from random vectors). Its output error must match a cold fit's.
+    from salr.calibration import relative_output_error
+    from salr.residual import whitened_svd
+
+    error, gram = _whitened_problem()
+    first = whitened_svd(error, gram, 12, method="randomized")
+    assert first.basis is not None and first.basis.shape == (96, 12 + 16)
+    moved = error + 0.05 * _error(error.shape, seed=1)
+    cold = whitened_svd(moved, gram, 12, method="randomized")
+    warm = whitened_svd(moved, gram, 12, method="randomized", start=first.basis)
+    exact = whitened_svd(moved, gram, 12, method="exact")
+    assert exact.basis is None
+    errors = {
+        k: relative_output_error(moved, f.B @ f.A, gram) for k, f in (("cold", cold), ("warm", warm), ("exact", exact))
+    }
+    assert errors["exact"] <= errors["warm"] * (1 + 1e-6)  # nothing beats the exact whitened fit
+    assert errors["warm"] <= errors["exact"] * 1.01 and errors["warm"] <= errors["cold"] * 1.01
+    # the warm start is really used: it differs from the cold (random) start bit for bit
+    assert not torch.equal(warm.B, cold.B)
+    # a basis of another width (another rank) is ignored: the cold start runs
+    other = whitened_svd(moved, gram, 12, method="randomized", start=first.basis[:, :20])
+    assert torch.equal(other.B, cold.B)

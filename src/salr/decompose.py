@@ -55,13 +55,16 @@ def prune(
     return sparsegpt(target, None, config.sparsity, config.pattern, config.granularity, inverse_upper=inverse_upper)
 
 
-def fit_residual(error: torch.Tensor, config: SALRConfig, stats: LayerStats | None) -> ResidualFactors:
-    """Rank-`residual_rank` B A for E [out, in]: plain SVD, or whitened by the input Gram when one is given."""
+def fit_residual(
+    error: torch.Tensor, config: SALRConfig, stats: LayerStats | None, previous: ResidualFactors | None = None
+) -> ResidualFactors:
+    """Rank-`residual_rank` B A for E [out, in]: plain SVD, or whitened by the input Gram when one is given;
+    `previous`, the fit of the round before, warm-starts the whitened randomized SVD."""
     if config.residual_init == "svd" or stats is None:
         return residual_svd(error, config.residual_rank, config.svd_method, seed=config.seed)
     return whitened_svd(
         error, None, config.residual_rank, method=config.svd_method, seed=config.seed,
-        cholesky=stats.factor("cholesky", config.damping),
+        cholesky=stats.factor("cholesky", config.damping), start=previous.basis if previous else None,
     )  # fmt: skip
 
 
@@ -104,14 +107,16 @@ def decompose_group(
     low_ranks = [torch.zeros_like(w0) for w0 in w0s]
     previous = low_ranks
     momentum = config.alternating_momentum
+    last_fits: list[ResidualFactors | None] = [None] * len(w0s)
     for _ in range(rounds):  # round 1 prunes W0 itself: low_ranks and previous are still zero
         targets = [w0 - lr - momentum * (lr - prev) for w0, lr, prev in zip(w0s, low_ranks, previous, strict=True)]
         prunes = _prune_all(targets, config, stats, threshold)
         quantized = quantize_bases(prunes, config, [w.dtype for w in weights], stats)  # base = Ŵ, or deq(Q(Ŵ))
         fits = [
-            (stored, base, fit_residual(w0 - base, config, stats))
-            for w0, (stored, base) in zip(w0s, quantized, strict=True)
+            (stored, base, fit_residual(w0 - base, config, stats, last))
+            for w0, (stored, base), last in zip(w0s, quantized, last_fits, strict=True)
         ]
+        last_fits = [factors for _, _, factors in fits]
         previous, low_ranks = low_ranks, [factors.B @ factors.A for _, _, factors in fits]
     splits = []
     for w0, (pruned, mask), (stored, base, factors) in zip(w0s, prunes, fits, strict=True):

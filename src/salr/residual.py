@@ -34,10 +34,22 @@ class ResidualFactors:
     singular_values: torch.Tensor  # the top-r singular values of E (all of them for the exact method)
     error_energy: float  # ||E||_F^2
     tail_energy: float  # ||E - B A||_F^2, measured
+    # the randomized SVD's right basis [in, rank + oversampling] (whitened coordinates for whitened_svd), to start
+    # the next fit of a nearby matrix from (alternating rounds); None for the exact SVD
+    basis: torch.Tensor | None = None
 
 
-def _svd(matrix: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vh) of `matrix`, exact or randomized ("auto": randomized for large layers and small ranks)."""
+WARM_NITER = 1  # power iterations of a randomized SVD started from a nearby matrix's basis (cold: 4)
+
+
+def _svd(
+    matrix: torch.Tensor, rank: int, method: str, seed: int, start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of `matrix`, exact or randomized ("auto": randomized for large layers and small ranks).
+
+    `start` [in, q]: a right basis to begin the randomized SVD's subspace iteration from instead of a random one
+    (the previous round's, when the matrix has moved little): one power iteration then does what four do from
+    random vectors."""
     small = min(matrix.shape)
     if method == "auto":
         method = auto_svd_method(tuple(matrix.shape), rank)
@@ -45,11 +57,25 @@ def _svd(matrix: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch
         return torch.linalg.svd(matrix, full_matrices=False)
     if method != "randomized":
         raise SALRError(f"svd method must be 'exact', 'randomized' or 'auto', got {method!r}")
+    if start is not None and start.shape == (matrix.shape[1], min(rank + 16, small)):
+        return _subspace_svd(matrix, start.to(matrix.dtype), WARM_NITER)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     u, s, v = torch.svd_lowrank(matrix, q=min(rank + 16, small), niter=4)
     torch.random.set_rng_state(gen_state)
     return u, s, v.T
+
+
+def _subspace_svd(
+    matrix: torch.Tensor, start: torch.Tensor, niter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized SVD (Halko et al., as torch.svd_lowrank) from the right basis `start` [in, q]: `niter` rounds of
+    subspace iteration, then the exact SVD of the [q, in] projection. Returns U [out, q], S [q], Vh [q, in]."""
+    basis = torch.linalg.qr(matrix @ start).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ u, s, vh
 
 
 def _check_rank(rank: int, shape: torch.Size) -> None:
@@ -85,16 +111,18 @@ def whitened_svd(
     method: str = "auto",
     seed: int = 0,
     cholesky: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> ResidualFactors:
     """Rank-`rank` factors of `error` [out, in] minimising ‖(E − B A) X‖_F, given the input Gram H = X Xᵀ [in, in]
     (or its damped lower Cholesky factor `cholesky`, to reuse one). `method` as for `residual_svd`: the randomized
     SVD for large layers and small ranks. `singular_values` are those of E C (output space, the top ones only for
-    the randomized SVD); `tail_energy` is still ‖E − B A‖²_F in weight space.
+    the randomized SVD); `tail_energy` is still ‖E − B A‖²_F in weight space. `start`: the `basis` of a previous
+    fit of a nearby E (alternating rounds) to warm-start the randomized SVD from.
     """
     out_dim, in_dim = error.shape
     _check_rank(rank, error.shape)
-    e = error.detach().double()
-    energy = float(e.pow(2).sum())
+    e = error.detach().float()
+    energy = float(e.pow(2).sum(dtype=torch.float64))
     if rank == 0:
         empty = error.new_zeros
         return ResidualFactors(empty(out_dim, 0).float(), empty(0, in_dim).float(), empty(0), energy, energy)
@@ -103,10 +131,12 @@ def whitened_svd(
         method = "randomized" if rank * 4 < min(out_dim, in_dim) else "exact"
     # E C and its SVD in fp32 (3-5x faster): their rounding (~1e-7 relative) is far below the randomized SVD's own
     # approximation error. The Cholesky factor and the map back through it stay fp64: H is ill-conditioned.
-    u, s, vh = _svd(error.detach().float() @ chol.float(), rank, method, seed)
+    u, s, vh = _svd(e @ chol.float(), rank, method, seed, start)
     root = s[:rank].double().sqrt()
     B = u[:, :rank].double() * root
     # A C = sqrt(S) Vᵀ, i.e. Cᵀ Aᵀ = V sqrt(S): one triangular solve, no explicit inverse of C
     A = torch.linalg.solve_triangular(chol.T, vh[:rank].double().T * root, upper=True).T
-    tail = float((e - B @ A).pow(2).sum())
-    return ResidualFactors(B.float().contiguous(), A.float().contiguous(), s.float(), energy, tail)
+    B, A = B.float().contiguous(), A.float().contiguous()
+    tail = float((e - B @ A).pow(2).sum(dtype=torch.float64))  # of the fp32 factors that are stored
+    basis = vh.T.contiguous() if method == "randomized" else None
+    return ResidualFactors(B, A, s.float(), energy, tail, basis)
