@@ -3,8 +3,9 @@
 The default recipe (SparseGPT mask + whitened fit, alternated) converges slowly, and each round costs seconds per
 block, so its rounds and momentum were chosen on this proxy before the perplexity and the fine-tuned result were
 measured (docs/quality.md, "Extrapolated rounds"). It collects the input Grams of two decoder blocks of the dense
-model on calibration windows of a text file, decomposes their projections (q/k/v and gate/up in groups, as
-`salr convert` does) with each setting, and prints the mean relative output error ‖(W0 − Ŵ − B A) X‖ / ‖W0 X‖:
+model on calibration windows of a text file (salr.calibration.BlockwiseCalibration, as `salr convert` does),
+decomposes their projections (q/k/v and gate/up in groups) with each setting, and prints the mean relative output
+error ‖(W0 − Ŵ − B A) X‖ / ‖W0 X‖:
 
     python experiments/alternating_probe.py --rounds 3 5 8 --momentum 0 0.6 [--quant nf4] [--pattern 2:4]
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from salr.calibration import LayerStats, calibration_ids
+from salr.calibration import BlockwiseCalibration, LayerStats, calibration_ids, decoder_blocks
 from salr.config import SALRConfig
 from salr.decompose import decompose_group
 from salr.loaders import load_model
@@ -32,24 +33,19 @@ GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))  # fmt: skip
 
 
-def block_grams(model: torch.nn.Module, ids: torch.Tensor, blocks: list[int]) -> dict[str, torch.Tensor]:
-    """fp64 input Gram of the first projection of each group of `blocks`, from the dense model on `ids`."""
-    grams: dict[str, torch.Tensor] = {}
-    handles = []
-    for b, group in itertools.product(blocks, GROUPS):
-        name = f"model.layers.{b}.{group[0]}"
-
-        def hook(_module: torch.nn.Module, args: tuple, name: str = name) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.T @ x
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for begin in range(0, ids.shape[0], 8):
-            model(ids[begin : begin + 8], use_cache=False)
-    for handle in handles:
-        handle.remove()
-    return grams
+def block_stats(model: torch.nn.Module, ids: torch.Tensor, blocks: list[int]) -> dict[int, dict[str, LayerStats]]:
+    """Each of `blocks`' calibration statistics (LayerStats by projection name, shared within a group), collected
+    as `salr convert` collects them, except that every block sees the dense blocks' outputs (no compression)."""
+    calib = BlockwiseCalibration(model, ids)
+    calib.capture_inputs()
+    _, layers = decoder_blocks(model)
+    names = [name for group in GROUPS for name in group]
+    found = {}
+    for index, block in enumerate(layers[: max(blocks) + 1]):
+        stats, calib.hidden = calib.statistics(block, names)
+        if index in blocks:
+            found[index] = stats
+    return found
 
 
 def main() -> None:
@@ -66,17 +62,17 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     model.eval()
     ids = calibration_ids(model, tokenizer, args.data, 64, 128, seed=0)
-    grams = block_grams(model, ids, args.blocks)
+    stats_by_block = block_stats(model, ids, args.blocks)
+    _, layers = decoder_blocks(model)
     torch.set_num_threads(args.threads)
     for rounds, momentum in itertools.product(args.rounds, args.momentum):
         config = SALRConfig(alternating_rounds=rounds, alternating_momentum=momentum, quant=args.quant,
                             pattern=args.pattern, calibration=args.data)  # fmt: skip
         errors, start = [], time.perf_counter()
         for b, group in itertools.product(args.blocks, GROUPS):
-            names = [f"model.layers.{b}.{name}" for name in group]
-            stats = LayerStats(grams[names[0]], int(ids.numel()))
-            weights = [model.get_submodule(n).weight for n in names]
-            errors += [s.row["output_error_after_residual"] for s in decompose_group(weights, config, stats)]
+            weights = [layers[b].get_submodule(name).weight for name in group]
+            splits = decompose_group(weights, config, stats_by_block[b][group[0]])
+            errors += [split.row["output_error_after_residual"] for split in splits]
         print(f"rounds {rounds:2d}  momentum {momentum:.2f}  mean output error {sum(errors) / len(errors):.5f}  "
               f"({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
 

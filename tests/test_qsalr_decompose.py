@@ -77,8 +77,7 @@ def test_alternating_rounds_quantize_inside_each_prune_step(criterion):
     )
     split = decompose(w, alt, stats)
     # the last round's base is the quantized prune of W0 - (the previous rounds' B A, extrapolated by the
-    # momentum m): replay rounds 1 and 2
-    # momentum m; each round's randomized SVD starts from the basis of the round before
+    # momentum m), and each round's randomized SVD starts from the basis of the round before: replay rounds 1 and 2
     low_rank = previous = torch.zeros_like(w)
     m, chol, fit = alt.alternating_momentum, stats.factor("cholesky", alt.damping), None
     for _ in range(2):

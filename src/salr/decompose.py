@@ -104,22 +104,20 @@ def decompose_group(
     q/k/v or gate/up projections; the same result as one by one, faster with SparseGPT (see `_prune_all`)."""
     w0s = [w.detach().float() for w in weights]
     rounds = config.alternating_rounds if config.residual_init == "alternating" and config.residual_rank else 1
-    low_ranks = [torch.zeros_like(w0) for w0 in w0s]
-    previous = low_ranks
+    low_ranks = previous = [torch.zeros_like(w0) for w0 in w0s]
     momentum = config.alternating_momentum
-    last_fits: list[ResidualFactors | None] = [None] * len(w0s)
+    fits: list[ResidualFactors | None] = [None] * len(w0s)  # each round's fit warm-starts the next one's SVD
     for _ in range(rounds):  # round 1 prunes W0 itself: low_ranks and previous are still zero
         targets = [w0 - lr - momentum * (lr - prev) for w0, lr, prev in zip(w0s, low_ranks, previous, strict=True)]
         prunes = _prune_all(targets, config, stats, threshold)
         quantized = quantize_bases(prunes, config, [w.dtype for w in weights], stats)  # base = Ŵ, or deq(Q(Ŵ))
         fits = [
-            (stored, base, fit_residual(w0 - base, config, stats, last))
-            for w0, (stored, base), last in zip(w0s, quantized, last_fits, strict=True)
+            fit_residual(w0 - base, config, stats, last)
+            for w0, (_, base), last in zip(w0s, quantized, fits, strict=True)
         ]
-        last_fits = [factors for _, _, factors in fits]
-        previous, low_ranks = low_ranks, [factors.B @ factors.A for _, _, factors in fits]
+        previous, low_ranks = low_ranks, [factors.B @ factors.A for factors in fits]
     splits = []
-    for w0, (pruned, mask), (stored, base, factors) in zip(w0s, prunes, fits, strict=True):
+    for w0, (pruned, mask), (stored, base), factors in zip(w0s, prunes, quantized, fits, strict=True):
         row = _report_row(w0, base, mask, factors, config, stats)
         row.update(error_energies(w0, pruned, base))
         splits.append(Decomposition(base, factors, row, stored))
