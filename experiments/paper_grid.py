@@ -122,6 +122,7 @@ def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
         sparsity=run.sparsity,
         pattern=run.pattern,
         residual_rank=args.residual_rank,
+        residual_rank_pattern=args.residual_rank_pattern,
         r=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
         seed=args.seed,
@@ -189,6 +190,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quant", action="store_true", help="add the optional QSALR and QLoRA (NF4) runs")
     p.add_argument("--residual-rank", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument(
+        "--residual-rank-pattern",
+        type=json.loads,
+        help="per-layer residual ranks of the SALR runs, JSON {regex: rank} (SALRConfig.residual_rank_pattern); "
+        "the LoRA-type runs keep one rank, lora rank + residual rank, everywhere",
+    )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument(
         "--residual-lr", type=float,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -106,6 +106,13 @@ class SALRConfig:
     )
     damping: float = field(default=0.01, metadata={"help": "Gram damping, relative to its mean diagonal"})
     residual_rank: int = field(default=64, metadata={"help": "rank of the SVD residual adapter (0 = naive pruning)"})
+    residual_rank_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "per-layer residual ranks in place of residual_rank, as PEFT's rank_pattern: {regex: rank}, a "
+            "key matching the end of a target's name (after a dot); the first matching key wins"
+        },
+    )
     r: int = field(default=16, metadata={"help": "LoRA rank (0 = no LoRA block)"})
     lora_alpha: float | None = field(
         default=None, metadata={"help": "LoRA scaling numerator, scale = lora_alpha / r; 2 * r when unset"}
@@ -187,6 +194,7 @@ class SALRConfig:
         if not isinstance(self.sparsity, int | float) or not 0.0 <= float(self.sparsity) < 1.0:
             raise SALRError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         self.sparsity = float(self.sparsity)
+        self._check_rank_pattern()  # before needs_calibration reads it
         self._check_compression_method()
         for name in ("residual_rank", "r"):
             value = getattr(self, name)
@@ -239,6 +247,37 @@ class SALRConfig:
         if not (isinstance(self.damping, int | float) and 0 < self.damping < 1e3):
             raise SALRError(f"damping must be a positive number, got {self.damping!r}")
 
+    def _check_rank_pattern(self) -> None:
+        pattern = self.residual_rank_pattern
+        if pattern is None:
+            return
+        if not isinstance(pattern, dict) or not pattern:
+            raise SALRError(f"residual_rank_pattern must be a non-empty dict {{regex: rank}}, got {pattern!r}")
+        for key, rank in pattern.items():
+            if not isinstance(key, str) or not key:
+                raise SALRError(f"residual_rank_pattern keys must be non-empty regex strings, got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as err:
+                msg = f"residual_rank_pattern key {key!r} is not a valid regular expression ({err})"
+                raise SALRError(msg) from err
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                raise SALRError(f"residual_rank_pattern[{key!r}] must be a non-negative integer, got {rank!r}")
+
+    def residual_rank_of(self, name: str) -> int:
+        """The residual rank of the target `name`: that of the first residual_rank_pattern key whose regex matches
+        the end of the name (the whole name, or what follows a dot), else residual_rank."""
+        for key, rank in (self.residual_rank_pattern or {}).items():
+            if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+                return rank
+        return self.residual_rank
+
+    def for_target(self, name: str) -> SALRConfig:
+        """This config as the target `name` converts with: residual_rank resolved, no pattern left."""
+        if self.residual_rank_pattern is None:
+            return self
+        return replace(self, residual_rank=self.residual_rank_of(name), residual_rank_pattern=None)
+
     def _check_quant_rounding(self) -> None:
         if self.quant == "none":
             for name in ("quant_rounding", "quant_scales"):
@@ -278,7 +317,8 @@ class SALRConfig:
         """True when converting reads activations: an activation-aware mask or residual on a pruned base."""
         if self.sparsity == 0:
             return False
-        return self.criterion != "magnitude" or (self.residual_init != "svd" and self.residual_rank > 0)
+        ranks = [self.residual_rank, *(self.residual_rank_pattern or {}).values()]
+        return self.criterion != "magnitude" or (self.residual_init != "svd" and max(ranks) > 0)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> SALRConfig:

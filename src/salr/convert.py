@@ -149,7 +149,7 @@ def convert(
         if isinstance(modules[target.module_name], SALRLinear):
             raise SALRError(f"{target.name} is already a SALR layer: convert a dense model")
         weight = _target_weight(modules, target)
-        _check_ranks(target, tuple(weight.shape), config)
+        _check_ranks(target, tuple(weight.shape), config.for_target(target.name))
         if target.kind == "experts":
             check_supported(modules[target.module_name], target.name)
         if init and not weight.is_meta and not bool(torch.isfinite(weight).all()):
@@ -241,22 +241,25 @@ class _Converter:
     ) -> None:
         """Decompose together the linear targets that read the same input (one shared LayerStats: q/k/v, gate/up),
         ahead of `convert` (salr.decompose.decompose_group: one SparseGPT sweep for the group)."""
-        groups: dict[int, list[Target]] = {}
+        groups: dict[tuple[int, int], list[Target]] = {}  # by shared statistics and residual rank
         for target in targets:
             local = target.name[prefix:]
             if target.kind == "linear" and local in stats:
-                groups.setdefault(id(stats[local]), []).append(target)
+                key = (id(stats[local]), self.config.residual_rank_of(target.name))
+                groups.setdefault(key, []).append(target)
         for group in (g for g in groups.values() if len(g) > 1):
             weights = [modules[t.module_name].weight for t in group]
-            splits = decompose_group(weights, self.config, stats[group[0].name[prefix:]], self.threshold)
+            config = self.config.for_target(group[0].name)
+            splits = decompose_group(weights, config, stats[group[0].name[prefix:]], self.threshold)
             self.ready.update((t.name, split) for t, split in zip(group, splits, strict=True))
 
     def parts(
-        self, weight: torch.Tensor, stats: LayerStats | None, split: Decomposition | None = None
+        self, weight: torch.Tensor, config: SALRConfig, stats: LayerStats | None, split: Decomposition | None = None
     ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
         """(frozen base: dense, or quantized bitmap with config.quant; A_cat, B_cat, report row) of one 2-D weight
-        (from `split` when it was decomposed ahead); meta tensors (a dense base) and no row when not `init`."""
-        config, adapter_dtype = self.config, DTYPES[self.config.adapter_dtype]
+        converted with `config` (the target's: SALRConfig.for_target), from `split` when it was decomposed ahead;
+        meta tensors (a dense base) and no row when not `init`."""
+        adapter_dtype = DTYPES[config.adapter_dtype]
         out_dim, in_dim = weight.shape
         if not self.init:
             rank = config.residual_rank + config.r
@@ -276,22 +279,24 @@ class _Converter:
     def convert(self, target: Target, owner: nn.Module, stats: dict[str, LayerStats], prefix: str = "") -> None:
         """Convert one target; `stats` maps its calibration keys (relative to `prefix`) to Grams."""
         local = target.name[len(prefix) :]
+        config = self.config.for_target(target.name)
         if target.kind == "experts":
             check_supported(owner, target.name)
             param = local.rsplit(".", 1)[-1]
-            parts = [self.parts(w, stats.get(f"{local}[{e}]")) for e, w in enumerate(getattr(owner, param))]
+            parts = [self.parts(w, config, stats.get(f"{local}[{e}]")) for e, w in enumerate(getattr(owner, param))]
             if self.init:
                 self.rows.extend({"name": f"{target.name}[{e}]", **p[3]} for e, p in enumerate(parts))
             projection = SALRExpertsProjection(
                 [p[0] for p in parts], torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts]),
-                **_adapter_kwargs(self.config),
+                **_adapter_kwargs(config),
             )  # fmt: skip
             self.experts.setdefault(target.module_name, {})[param] = projection
             return
-        base, A_cat, B_cat, row = self.parts(owner.weight, stats.get(local), self.ready.pop(target.name, None))
+        split = self.ready.pop(target.name, None)
+        base, A_cat, B_cat, row = self.parts(owner.weight, config, stats.get(local), split)
         if self.init:
             self.rows.append({"name": target.name, **row})
-        layer = SALRLinear(base, owner.bias, A_cat, B_cat, **_adapter_kwargs(self.config))
+        layer = SALRLinear(base, owner.bias, A_cat, B_cat, **_adapter_kwargs(config))
         _set_submodule(self.model, target.module_name, layer)
 
     def install_experts(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from typing import Any, TypeVar
 
@@ -45,6 +46,17 @@ def _modules(value: str) -> list[str] | str:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _json_object(value: str) -> dict[str, Any]:
+    """A JSON object such as '{"(gate|up|down)_proj": 83, "self_attn\\..*": 32}' (SALRConfig checks the contents)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({err})") from err
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {value!r}")
+    return parsed
+
+
 def _parser_for(annotation: Any) -> tuple[Any, bool]:
     """(argparse type, is_bool) for a field annotation such as 'int', 'float | None', 'list[str] | str | None'."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
@@ -52,6 +64,8 @@ def _parser_for(annotation: Any) -> tuple[Any, bool]:
         return None, True
     if any(typing.get_origin(a) is list for a in args):
         return _modules, False
+    if any(typing.get_origin(a) is dict for a in args):
+        return _json_object, False
     for kind in (int, float, str):
         if kind in args:
             return (float if float in args and kind is int else kind), False

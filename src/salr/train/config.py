@@ -124,7 +124,11 @@ def method_config(method: str, config: SALRConfig) -> SALRConfig:
     LoRA blocks keep SALR's LoRA scale (lora_alpha / r). The other methods keep config.quant as given.
     """
     rank = config.r + config.residual_rank
-    equal_rank = {"r": rank, "residual_rank": 0, "lora_alpha": config.lora_scale * rank if config.r else None}
+    # a residual_rank_pattern does not carry over: those methods' one block has rank r + residual_rank everywhere
+    equal_rank = {
+        "r": rank, "residual_rank": 0, "residual_rank_pattern": None,
+        "lora_alpha": config.lora_scale * rank if config.r else None,
+    }  # fmt: skip
     dense = {"sparsity": 0.0, "pattern": "unstructured", "granularity": "layer"}
     quant = {"quant": config.quant if config.quant != "none" else "nf4"}
     changes: dict[str, Any] | None = {
