@@ -131,7 +131,9 @@ def compress_stage(demo: Demo) -> torch.nn.Module:
     dense, config = demo.dense, demo.config
     demo.look("dense", dense)
     variants = {
-        f"naive {config.pattern} pruning": SALRConfig(**{**config.to_dict(), **PRESETS["paper"], "residual_rank": 0}),
+        f"naive {config.pattern} pruning": SALRConfig(
+            **{**config.to_dict(), **PRESETS["paper"], "residual_rank": 0, "residual_rank_pattern": None}
+        ),
         "SALR, paper recipe": SALRConfig(**{**config.to_dict(), **PRESETS["paper"]}),
     }
     for name, variant in variants.items():
