@@ -114,6 +114,12 @@ def grid(quick: bool, optional: bool = False) -> list[Run]:
     return runs + (OPTIONAL if optional else [])
 
 
+def takes_sparsity_pattern(run: Run) -> bool:
+    """--sparsity-pattern replaces the 50 % of the unstructured runs that convert (not the sweep, N:M or LoSA, which
+    allocates its own layer sparsities)."""
+    return run.pattern == "unstructured" and run.sparsity == 0.5 and run.method != "losa"
+
+
 def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
     """The SALRConfig a (non-pretrained) run converts and trains with: `method_config` gives LoRA / prune+LoRA one
     block of rank residual_rank + lora_rank, SALR's trainable parameter count, at the same LoRA scale (2)."""
@@ -123,6 +129,7 @@ def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
         pattern=run.pattern,
         residual_rank=args.residual_rank,
         residual_rank_pattern=args.residual_rank_pattern,
+        sparsity_pattern=getattr(args, "sparsity_pattern", None) if takes_sparsity_pattern(run) else None,
         r=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
         seed=args.seed,
@@ -195,6 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=json.loads,
         help="per-layer residual ranks of the SALR runs, JSON {regex: rank} (SALRConfig.residual_rank_pattern); "
         "the LoRA-type runs keep one rank, lora rank + residual rank, everywhere",
+    )
+    p.add_argument(
+        "--sparsity-pattern",
+        type=json.loads,
+        help="per-layer sparsity of the unstructured 50 %% runs (not the sweep, N:M or LoSA), JSON {regex: sparsity} "
+        "(SALRConfig.sparsity_pattern); layers no key matches keep 50 %%",
     )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument(

@@ -316,3 +316,16 @@ def test_prompt_distill_reaches_every_trained_run_and_refuses_losa(experiment, t
     assert lora1 == pytest.approx(lora0, rel=1e-5) and salr1 > salr0 * 1.001
     with pytest.raises(SystemExit, match="LoSA"):
         experiment.main(tiny_grid_argv(tmp_path / "losa", "losa@50%", "--prompt-distill", "1"))
+
+
+def test_sparsity_pattern_goes_to_the_unstructured_50_percent_runs(experiment):
+    pattern = {"(gate|up|down)_proj": 0.25}
+    grid = experiment
+    args = argparse.Namespace(residual_rank=4, residual_rank_pattern=None, sparsity_pattern=pattern, lora_rank=2,
+                              seed=0)  # fmt: skip
+    configs = {run.name: grid.run_config(run, args) for run in grid.grid(quick=False) if run.method != "pretrained"}
+    assert configs["salr+@50%"].sparsity_pattern == pattern
+    assert configs["prune-lora+@50%"].sparsity_pattern == pattern
+    assert configs["lora@50%"].sparsity_pattern is None
+    assert all(configs[name].sparsity_pattern is None for name in configs if "2:4" in name or "losa" in name)
+    assert configs["salr@70%"].sparsity_pattern is None  # the sweep keeps its one sparsity per run

@@ -44,6 +44,30 @@ def _check_modules(name: str, spec: Any) -> None:
         raise SALRError(f"{name} {spec!r} is not a valid regular expression ({err})") from err
 
 
+def _check_layer_pattern(name: str, pattern: Any, what: str) -> None:
+    """A per-layer pattern is None or a non-empty {regex: value} dict with valid regex keys."""
+    if pattern is None:
+        return
+    if not isinstance(pattern, dict) or not pattern:
+        raise SALRError(f"{name} must be a non-empty dict {{regex: {what}}}, got {pattern!r}")
+    for key in pattern:
+        if not isinstance(key, str) or not key:
+            raise SALRError(f"{name} keys must be non-empty regex strings, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise SALRError(f"{name} key {key!r} is not a valid regular expression ({err})") from err
+
+
+def _first_match(pattern: dict[str, Any] | None, name: str, default: Any) -> Any:
+    """PEFT's rank_pattern rule: the value of the first key whose regex matches the end of `name` (the whole name, or
+    what follows a dot), else `default`."""
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
 @dataclass
 class SALRConfig:
     sparsity: float | None = field(
@@ -51,6 +75,13 @@ class SALRConfig:
         metadata={
             "help": "fraction of each base weight set to zero, in [0, 1): 0.5 when unset; implied (1 - N/M) "
             "by an N:M pattern"
+        },
+    )
+    sparsity_pattern: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": "per-layer sparsity in place of sparsity (unstructured only), the rule of residual_rank_pattern: "
+            "{regex: sparsity}, a key matching the end of a target's name (after a dot); the first matching key wins"
         },
     )
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4', '4:8'"})
@@ -195,6 +226,7 @@ class SALRConfig:
             raise SALRError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         self.sparsity = float(self.sparsity)
         self._check_rank_pattern()  # before needs_calibration reads it
+        self._check_sparsity_pattern()
         self._check_compression_method()
         for name in ("residual_rank", "r"):
             value = getattr(self, name)
@@ -248,35 +280,46 @@ class SALRConfig:
             raise SALRError(f"damping must be a positive number, got {self.damping!r}")
 
     def _check_rank_pattern(self) -> None:
-        pattern = self.residual_rank_pattern
-        if pattern is None:
-            return
-        if not isinstance(pattern, dict) or not pattern:
-            raise SALRError(f"residual_rank_pattern must be a non-empty dict {{regex: rank}}, got {pattern!r}")
-        for key, rank in pattern.items():
-            if not isinstance(key, str) or not key:
-                raise SALRError(f"residual_rank_pattern keys must be non-empty regex strings, got {key!r}")
-            try:
-                re.compile(key)
-            except re.error as err:
-                msg = f"residual_rank_pattern key {key!r} is not a valid regular expression ({err})"
-                raise SALRError(msg) from err
+        _check_layer_pattern("residual_rank_pattern", self.residual_rank_pattern, "rank")
+        for key, rank in (self.residual_rank_pattern or {}).items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
                 raise SALRError(f"residual_rank_pattern[{key!r}] must be a non-negative integer, got {rank!r}")
+
+    def _check_sparsity_pattern(self) -> None:
+        pattern = self.sparsity_pattern
+        _check_layer_pattern("sparsity_pattern", pattern, "sparsity")
+        if pattern is None:
+            return
+        for key, value in pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise SALRError(f"sparsity_pattern[{key!r}] must be a number in [0, 1), got {value!r}")
+        if self.nm is not None:
+            raise SALRError(
+                f"sparsity_pattern sets per-layer unstructured sparsity, but pattern is {self.pattern!r} (N:M fixes "
+                "the sparsity of every layer): drop one of the two"
+            )
+        if self.granularity == "global":
+            raise SALRError("sparsity_pattern sets each layer's own sparsity; granularity 'global' ranks all layers "
+                            "together: use granularity 'row' or 'layer'")  # fmt: skip
 
     def residual_rank_of(self, name: str) -> int:
         """The residual rank of the target `name`: that of the first residual_rank_pattern key whose regex matches
         the end of the name (the whole name, or what follows a dot), else residual_rank."""
-        for key, rank in (self.residual_rank_pattern or {}).items():
-            if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
-                return rank
-        return self.residual_rank
+        return _first_match(self.residual_rank_pattern, name, self.residual_rank)
+
+    def sparsity_of(self, name: str) -> float:
+        """The sparsity of the target `name`: the first sparsity_pattern match (the rule of residual_rank_of), else
+        sparsity."""
+        return float(_first_match(self.sparsity_pattern, name, self.sparsity))
 
     def for_target(self, name: str) -> SALRConfig:
-        """This config as the target `name` converts with: residual_rank resolved, no pattern left."""
-        if self.residual_rank_pattern is None:
+        """This config as the target `name` converts with: residual rank and sparsity resolved, no pattern left."""
+        if self.residual_rank_pattern is None and self.sparsity_pattern is None:
             return self
-        return replace(self, residual_rank=self.residual_rank_of(name), residual_rank_pattern=None)
+        return replace(
+            self, residual_rank=self.residual_rank_of(name), residual_rank_pattern=None,
+            sparsity=self.sparsity_of(name), sparsity_pattern=None,
+        )  # fmt: skip
 
     def _check_quant_rounding(self) -> None:
         if self.quant == "none":
@@ -315,7 +358,7 @@ class SALRConfig:
     @property
     def needs_calibration(self) -> bool:
         """True when converting reads activations: an activation-aware mask or residual on a pruned base."""
-        if self.sparsity == 0:
+        if self.sparsity == 0 and not any((self.sparsity_pattern or {}).values()):
             return False
         ranks = [self.residual_rank, *(self.residual_rank_pattern or {}).values()]
         return self.criterion != "magnitude" or (self.residual_init != "svd" and max(ranks) > 0)

@@ -241,11 +241,12 @@ class _Converter:
     ) -> None:
         """Decompose together the linear targets that read the same input (one shared LayerStats: q/k/v, gate/up),
         ahead of `convert` (salr.decompose.decompose_group: one SparseGPT sweep for the group)."""
-        groups: dict[tuple[int, int], list[Target]] = {}  # by shared statistics and residual rank
+        groups: dict[tuple[int, int, float], list[Target]] = {}  # by shared statistics, residual rank and sparsity
         for target in targets:
             local = target.name[prefix:]
             if target.kind == "linear" and local in stats:
-                key = (id(stats[local]), self.config.residual_rank_of(target.name))
+                name = target.name
+                key = (id(stats[local]), self.config.residual_rank_of(name), self.config.sparsity_of(name))
                 groups.setdefault(key, []).append(target)
         for group in (g for g in groups.values() if len(g) > 1):
             weights = [modules[t.module_name].weight for t in group]

@@ -210,6 +210,8 @@ def train_losa(
         raise SALRError("LoSA needs a LoRA rank: pass --lora-rank (and --residual-rank) with a total >= 1")
     if calibration is None and config.calibration == NO_CALIBRATION:
         raise SALRError("LoSA prunes with Wanda / SparseGPT on calibration data: pass --calibration self or a file")
+    if config.sparsity_pattern is not None:
+        raise SALRError("LoSA allocates each layer's sparsity itself (its RMI allocation): drop --sparsity-pattern")
     started = time.perf_counter()
     run = run_state.run_record({**(run_info or {}), "method": "losa", "losa_config": dataclasses.asdict(losa)},
                                   base_model, config, cfg, run_state.examples_digest(list(examples)))  # fmt: skip
