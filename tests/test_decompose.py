@@ -54,6 +54,17 @@ def test_sparsegpt_beats_the_same_mask_without_its_update(pattern, granularity):
     assert updated < 0.95 * masked_only and updated < wanda
 
 
+@pytest.mark.parametrize("sparsity", [0.45, 0.3, 0.65, 0.1])
+def test_sparsegpt_prunes_exactly_the_asked_fraction_across_column_blocks(sparsity):
+    """Blocks of 8 columns over 20: rounding each block alone pruned round(8 s) + round(8 s) + round(4 s) per row (10
+    at 0.45, not 9); the count is carried from block to block, so a row (or the layer) ends exactly at round(s · n)."""
+    w, gram = problem(in_dim=20)
+    _, keep = sparsegpt(w, gram, sparsity, "unstructured", "row", blocksize=8)
+    assert ((~keep).sum(1) == round(sparsity * 20)).all()
+    _, keep = sparsegpt(w, gram, sparsity, "unstructured", "layer", blocksize=8)
+    assert int((~keep).sum()) == round(sparsity * keep.numel())
+
+
 def test_sparsegpt_refuses_a_bad_nm_shape():
     w, gram = problem(in_dim=30)
     with pytest.raises(SALRError, match="divisible by 4"):

@@ -161,13 +161,21 @@ def damped_inverse_upper(gram: torch.Tensor, damping: float) -> torch.Tensor:
 SUB_BLOCK = 16  # columns per sub-block of rank-1 updates in SparseGPT's sweep (_sweep_block)
 
 
-def _block_prune_mask(w: torch.Tensor, u_diag: torch.Tensor, sparsity: float, granularity: str) -> torch.Tensor:
-    """Pruned positions of one column block: the smallest OBS saliencies w² / [U]_jj², per row or over the block."""
+def _block_prune_mask(
+    w: torch.Tensor, u_diag: torch.Tensor, sparsity: float, granularity: str, start: int
+) -> torch.Tensor:
+    """Pruned positions of the column block [start, start + w.shape[1]) of a layer: the smallest OBS saliencies
+    w² / [U]_jj², per row or over the block. Each block prunes round(sparsity · columns up to its end) minus what the
+    blocks before it pruned, so a row (or the layer) ends at exactly round(sparsity · columns) pruned, whatever the
+    block size (rounding each block alone made 0.45 read 0.4531 with blocks of 128)."""
     saliency = w**2 / u_diag[None, :] ** 2
+    end = start + saliency.shape[1]
     if granularity == "row":
-        return ~_keep_largest(saliency, saliency.shape[1] - round(sparsity * saliency.shape[1]), dim=1)
-    n_keep = saliency.numel() - round(sparsity * saliency.numel())
-    return ~_keep_largest(saliency.reshape(-1), n_keep, dim=0).reshape(saliency.shape)
+        n_prune = round(sparsity * end) - round(sparsity * start)
+        return ~_keep_largest(saliency, saliency.shape[1] - n_prune, dim=1)
+    rows = saliency.shape[0]
+    n_prune = round(sparsity * rows * end) - round(sparsity * rows * start)
+    return ~_keep_largest(saliency.reshape(-1), saliency.numel() - n_prune, dim=0).reshape(saliency.shape)
 
 
 @torch.no_grad()
@@ -211,7 +219,7 @@ def sparsegpt(
         if keep_mask is not None:
             pruned = ~keep_mask[:, i1:i2].t().to(w1.device)
         elif nm is None:
-            pruned = _block_prune_mask(w1.t(), torch.diagonal(u1), sparsity, granularity).t()
+            pruned = _block_prune_mask(w1.t(), torch.diagonal(u1), sparsity, granularity, i1).t()
         else:
             pruned = torch.zeros_like(w1, dtype=torch.bool)  # each N:M group is chosen when the sweep reaches it
         pruned = pruned.contiguous()
