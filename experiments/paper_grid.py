@@ -129,7 +129,7 @@ def run_config(run: Run, args: argparse.Namespace) -> SALRConfig:
         pattern=run.pattern,
         residual_rank=args.residual_rank,
         residual_rank_pattern=args.residual_rank_pattern,
-        sparsity_pattern=getattr(args, "sparsity_pattern", None) if takes_sparsity_pattern(run) else None,
+        sparsity_pattern=args.sparsity_pattern if takes_sparsity_pattern(run) else None,
         r=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank,
         seed=args.seed,

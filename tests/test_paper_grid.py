@@ -91,7 +91,7 @@ def test_frozen_residual_reuses_the_salr_conversion_and_trains_identically(exper
             max_position_embeddings=128,
         )
     )
-    args = argparse.Namespace(residual_rank=4, residual_rank_pattern=None, lora_rank=2, seed=0)
+    args = argparse.Namespace(residual_rank=4, residual_rank_pattern=None, sparsity_pattern=None, lora_rank=2, seed=0)
     runs = [experiment.Run(f"{m}@50%", m) for m in ("salr", "salr-frozen-residual", "prune-lora")]
     conversions = experiment.Conversions(runs, args)
     configs = [experiment.run_config(r, args) for r in runs]
@@ -189,7 +189,7 @@ def test_optional_quantized_runs(experiment):
     names = [r.name for r in experiment.grid(quick=True, optional=True)]
     assert names[-3:] == ["qsalr@50%", "qsalr+@50%", "qlora@nf4"]
     assert "qsalr@50%" not in [r.name for r in experiment.grid(True)]
-    args = argparse.Namespace(residual_rank=4, residual_rank_pattern=None, lora_rank=2, seed=0)
+    args = argparse.Namespace(residual_rank=4, residual_rank_pattern=None, sparsity_pattern=None, lora_rank=2, seed=0)
     qsalr, qsalr_plus, qlora = (experiment.run_config(r, args) for r in experiment.OPTIONAL)
     assert (qsalr.quant, qsalr.sparsity, qsalr.residual_rank, qsalr.r) == ("nf4", 0.5, 4, 2)
     assert qsalr.criterion == "magnitude" and qsalr_plus.criterion == PRESETS["salr+"]["criterion"]
