@@ -231,4 +231,7 @@ def test_layers_sharing_an_input_decompose_together_exactly_as_one_by_one(patter
         assert torch.allclose(split.base, alone.base, atol=1e-5)
         assert torch.equal(split.base != 0, alone.base != 0) or quant != "none"
         assert torch.allclose(split.factors.B @ split.factors.A, alone.factors.B @ alone.factors.A, atol=1e-4)
-        assert split.row["output_error_after_residual"] == pytest.approx(alone.row["output_error_after_residual"])
+        # rel 1e-5: the sweeps run different BLAS shapes (e.g. AVX-512 kernels), as the atol of the factors allows
+        assert split.row["output_error_after_residual"] == pytest.approx(
+            alone.row["output_error_after_residual"], rel=1e-5
+        )
