@@ -53,10 +53,17 @@
 /* Rows per work item: threads take chunks as they come (dynamic schedule), so a thread that the OS delays (a busy
  * shared machine) does not hold up the others at the end of the call. */
 #define ROW_CHUNK 32
+/* Software prefetch distances (bytes ahead of the current read) for the gemv's value/code stream and bitmap. With
+ * the weight out of cache (a model's layers in turn) the hardware prefetcher alone left the M = 1 gemv waiting on
+ * memory as long as it computed: measured on an Intel Xeon with AVX-512, 4096x4096 bf16 at 50 %, 1 thread, weights
+ * rotated through 24 copies so none is cached: 2.21 -> 1.58 ms (docs/benchmarks.md, section 8). */
+#define PREFETCH_VALUES 2048
+#define PREFETCH_BITMAP 512
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 
 #define AVX2_FN __attribute__((target("avx2,fma,f16c,popcnt")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c,popcnt")))
-#define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx2,fma,f16c,popcnt,bmi2"
+#define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx2,fma,f16c,popcnt,bmi2"
 #define AVX512_FN __attribute__((target(AVX512_TARGET)))
 #define AVX512_INLINE static inline __attribute__((always_inline, target(AVX512_TARGET)))
 
@@ -260,6 +267,9 @@ AVX2_INLINE int64_t gemv_row_block_avx2(int dt, int NT, const uint8_t *bm, const
         const int64_t wc = __builtin_popcountll(word);
         if (cnt + wc > n_row) return -1;
         const uint8_t *v = v0 + esz * cnt;
+        PREFETCH(v + PREFETCH_VALUES);
+        PREFETCH(v + PREFETCH_VALUES + 64);
+        PREFETCH(bm + j + PREFETCH_BITMAP);
 #pragma GCC unroll 8
         for (int u = 0; u < 8; u++) {
             const uint8_t *vu = u ? v + esz * __builtin_popcountll(word << (64 - 8 * u)) : v;
@@ -356,9 +366,10 @@ AVX2_FN static int64_t decode_row_avx2(int dt, const uint8_t *bm, const uint8_t 
 
 /* bf16 values only (the default format): one vpexpandw places a 32-column chunk's kept values (4 bitmap bytes) at
  * their columns, so a chunk costs one expanding load instead of four table shuffles. The expanded words become fp32
- * with vpunpcklwd / vpunpckhwd against zero (bf16 is the high half of fp32), which keeps 128-bit lanes apart: the
- * low half holds columns {0-3, 8-11, 16-19, 24-27} of the chunk and the high half the rest. The gemv reads x
- * permuted to that order once per call (permute_x_avx512), so the inner loop has no cross-lane work. */
+ * (bf16 is the high half of fp32) without a shuffle: a left shift of each dword by 16 gives the even columns of the
+ * chunk, a mask of its high half the odd ones. The gemv reads x permuted to that order (the chunk's even columns,
+ * then its odd ones) once per call (permute_x_avx512), so the inner loop has no cross-lane work beyond the expand
+ * and its conversions avoid the shuffle port (unpacks measured ~7 % slower on an Intel Xeon). */
 
 #define CHUNK 32 /* columns per vpexpandw */
 
@@ -372,9 +383,7 @@ static void permute_x_avx512(const float *x, int64_t m, int64_t ldx, int64_t nco
         float *qt = xq + t * kq;
         for (int64_t c0 = 0; c0 < kq; c0 += CHUNK)
             for (int i = 0; i < CHUNK; i++) {
-                /* position i of the chunk: half h (lo/hi unpack), lane L, element e */
-                const int h = i / 16, lane = (i % 16) / 4, e = i % 4;
-                const int64_t c = c0 + 8 * lane + 4 * h + e;
+                const int64_t c = c0 + 2 * (i % 16) + i / 16; /* the chunk's even columns, then its odd ones */
                 qt[c0 + i] = c < ncols ? xt[c] : 0.0f;
             }
     }
@@ -403,7 +412,7 @@ AVX512_INLINE __m512i expand32(uint32_t k, const uint16_t *v, int n) {
 AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uint16_t *v0, int64_t nbytes,
                                             int64_t n_row, const float *xq, int64_t kq, float *y, int64_t ldy) {
     const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
-    const __m512i zero = _mm512_setzero_si512();
+    const __m512i odd = _mm512_set1_epi32((int)0xffff0000u); /* a dword's high word: the chunk's odd column */
     __m512 acc[4][MAX_NT];
 #pragma GCC unroll 4
     for (int u = 0; u < 4; u++)
@@ -415,13 +424,16 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uin
         memcpy(&word, bm + j, 8);
         const int64_t wc = __builtin_popcountll(word);
         if (cnt + wc > n_row) return -1;
+        PREFETCH(v0 + cnt + PREFETCH_VALUES / 2);
+        PREFETCH(v0 + cnt + PREFETCH_VALUES / 2 + 32);
+        PREFETCH(bm + j + PREFETCH_BITMAP);
         const uint32_t k0 = (uint32_t)word, k1 = (uint32_t)(word >> 32);
         const int c0 = __builtin_popcount(k0);
         const __m512i w0 = expand32(k0, v0 + cnt, c0), w1 = expand32(k1, v0 + cnt + c0, (int)wc - c0);
-        const __m512 f[4] = {_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w0)),
-                             _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w0)),
-                             _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w1)),
-                             _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w1))};
+        const __m512 f[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)),
+                             _mm512_castsi512_ps(_mm512_and_si512(w0, odd)),
+                             _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)),
+                             _mm512_castsi512_ps(_mm512_and_si512(w1, odd))};
         const float *xc = xq + 8 * j;
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++)
@@ -435,8 +447,8 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uin
         const int kc = __builtin_popcount(k);
         if (cnt + kc > n_row) return -1;
         const __m512i w = expand32(k, v0 + cnt, kc);
-        const __m512 lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w));
-        const __m512 hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w));
+        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(w, odd));
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++) {
             acc[0][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xq + t * kq + 8 * j), acc[0][t]);
@@ -763,6 +775,11 @@ AVX2_INLINE int64_t qgemv_row_block_avx2(int kind, int NT, const qstream *q, con
     __m256 lo = _mm256_setzero_ps(), hi = lo;
     for (int t = 0; t < NT; t++) _mm256_storeu_ps(buf + t * QBUF, _mm256_setzero_ps());
     for (int64_t j = 0; j < nbytes; j += QCHUNK) {
+        /* a chunk reads one bitmap line and up to 4 lines of NF4 codes (8 of int8): fetch those of a later chunk */
+        PREFETCH(bm + j + PREFETCH_BITMAP);
+        const uint8_t *ahead = q->codes + (kind == Q_NF4 ? (g >> 1) : g) + PREFETCH_VALUES;
+        for (int i = 0; i < (kind == Q_NF4 ? 4 : 8); i++) PREFETCH(ahead + 64 * i);
+        PREFETCH(q->absmax + (g >> q->bshift) + PREFETCH_VALUES / 32);
         const int64_t got = qpack(NT, bm, j, j + QCHUNK < nbytes ? j + QCHUNK : nbytes, n_row - cnt, x, ldx, buf,
                                   fill);
         if (got < 0) return -1;
@@ -890,20 +907,140 @@ AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int
     return qdecode_row_avx2_kind(Q_INT8, q, bm, start, nbytes, n_row, out, vbuf);
 }
 
+
+/* NF4 on AVX-512 (the few-token GEMV; int8, blocksizes below 16 and the large-M decode keep the AVX2 code). The
+ * whole 16-entry codebook, scaled by the block's absmax, fits one register, so a row is first decoded into fp32 in a
+ * per-thread buffer, 16 values per vpermps in stream order (a group of 16 never crosses a scale block). Then each
+ * 16 columns take one expanding load from that buffer, which puts the kept values at their columns against x in its
+ * natural order: no packing of x, and the decode is shared by the tokens. Unlike the removed packed-x attempt
+ * (docs/benchmarks.md, section 7), this measured 2.4x faster than the AVX2 NF4 path on an Intel Xeon (section 8). */
+
+/* The 16 values of the group starting at global index g (a multiple of 16) from the block's scaled codebook; a group
+ * at the end of the stream reads only the code bytes that exist. */
+AVX512_INLINE __m512 nf4_group16(const uint8_t *codes, int64_t g, int64_t nnz, __m512 book) {
+    __m512i word;
+    if (__builtin_expect(g + 16 <= nnz, 1)) {
+        word = _mm512_set1_epi64(*(const int64_t *)(const void *)(codes + (g >> 1))); /* a broadcast load */
+    } else {
+        uint64_t w = 0;
+        for (int64_t i = 0; i < ((nnz - g + 1) >> 1); i++) w |= (uint64_t)codes[(g >> 1) + i] << (8 * i);
+        word = _mm512_set1_epi64((int64_t)w);
+    }
+    /* vpmultishiftqb: the low byte of dword lane i = 8 bits of the word from bit 8 * (i / 2) + 4 * (1 - i % 2), so
+     * its low 4 bits are value i's code (high nibble first); vpermps reads only those 4 bits. */
+#define NF4_AT(q) ((int64_t)(8 * (q) + 4) | ((int64_t)(8 * (q)) << 32)) /* qword q: lanes 2q (high) and 2q + 1 */
+    const __m512i at = _mm512_set_epi64(NF4_AT(7), NF4_AT(6), NF4_AT(5), NF4_AT(4), NF4_AT(3), NF4_AT(2), NF4_AT(1),
+                                        NF4_AT(0));
+#undef NF4_AT
+    return _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(at, word), book);
+}
+
+/* The row's values [start, start + n_row) as fp32 into vbuf[start - g0 ...], g0 = start rounded down to 16. */
+AVX512_INLINE void nf4_decode_row_avx512(const qstream *q, int64_t start, int64_t n_row, float *vbuf) {
+    const int64_t g0 = start & ~(int64_t)15;
+    const __m512 table = _mm512_loadu_ps(NF4_TABLE);
+    int64_t blk = -1;
+    __m512 book = table;
+    for (int64_t g = g0; g < start + n_row; g += 16) {
+        if ((g >> q->bshift) != blk) {
+            blk = g >> q->bshift;
+            book = _mm512_mul_ps(table, _mm512_set1_ps(q->absmax[blk]));
+            PREFETCH(q->absmax + blk + 16);
+        }
+        PREFETCH(q->codes + (g >> 1) + PREFETCH_VALUES);
+        _mm512_storeu_ps(vbuf + (g - g0), nf4_group16(q->codes, g, q->nnz, book));
+    }
+}
+
+/* NT tokens against a row decoded into v (its n_row values), x in natural column order (nbytes * 8 columns, zero
+ * padded). The expanding loads read only the values the bitmap selects, once the running count is checked to stay
+ * within the row. Returns the values consumed (== n_row for a consistent row) or -1. */
+AVX512_INLINE int64_t qgemv_row_block_avx512(int NT, const uint8_t *bm, const float *v, int64_t nbytes, int64_t n_row,
+                                             const float *x, int64_t ldx, float *y, int64_t ldy) {
+    const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+    __m512 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    int64_t j = 0, cnt = 0;
+    for (; j + 8 <= nbytes; j += 8) { /* 64 columns: four expanding loads of 16 */
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > n_row) return -1;
+        PREFETCH(bm + j + PREFETCH_BITMAP);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            const int64_t off = u ? __builtin_popcountll(word << (64 - 16 * u)) : 0;
+            const __mmask16 k = _load_mask16((__mmask16 *)(bm + j + 2 * u)); /* kmovw from memory: no shuffle port */
+            const __m512 w = _mm512_maskz_expand_ps(k, _mm512_loadu_ps(v + cnt + off));
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + 8 * j + 16 * u), acc[u % NB][t]);
+        }
+        cnt += wc;
+    }
+    for (; j < nbytes; j++) { /* the last 1-7 bytes, 8 columns at a time */
+        const unsigned b = bm[j];
+        if (cnt + POPCNT8[b] > n_row) return -1;
+        const __m512 w = _mm512_maskz_expandloadu_ps((__mmask16)b, v + cnt);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++)
+            acc[0][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(0xff, x + t * ldx + 8 * j), acc[0][t]);
+        cnt += POPCNT8[b];
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        __m512 s = acc[0][t];
+#pragma GCC unroll 4
+        for (int u = 1; u < NB; u++) s = _mm512_add_ps(s, acc[u][t]);
+        y[t * ldy] = _mm512_reduce_add_ps(s);
+    }
+    return cnt;
+}
+
+/* As qgemv_row_avx2 for NF4 codes (blocksize >= 16); vbuf holds >= nbytes * 8 + 32 floats. */
+AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                          int64_t n_row, const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy,
+                                          float *vbuf) {
+    nf4_decode_row_avx512(q, start, n_row, vbuf);
+    const float *v = vbuf + (start & 15);
+    int64_t t = 0, got = n_row;
+    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
+        got = qgemv_row_block_avx512(8, bm, v, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy);
+    if (got != n_row) return got;
+    x += t * ldx;
+    y += t * ldy;
+    switch (m - t) {
+    case 1: return qgemv_row_block_avx512(1, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 2: return qgemv_row_block_avx512(2, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 3: return qgemv_row_block_avx512(3, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 4: return qgemv_row_block_avx512(4, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 5: return qgemv_row_block_avx512(5, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 6: return qgemv_row_block_avx512(6, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    case 7: return qgemv_row_block_avx512(7, bm, v, nbytes, n_row, x, ldx, y, ldy);
+    default: return got;
+    }
+}
+
 #endif /* SALR_X86 */
 
 /* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0). */
 static int qgemv_row(int isa, const qstream *q, const uint8_t *bm, int64_t start, int64_t end, int64_t nbytes,
-                     const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, float *buf) {
+                     const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, float *buf, float *vbuf) {
     int ok;
 #if SALR_X86
-    if (isa >= ISA_AVX2) {
+    if (isa == ISA_AVX512 && q->kind == Q_NF4 && q->bshift >= 4) {
+        ok = qgemv_row_avx512(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, vbuf) == end - start;
+    } else if (isa >= ISA_AVX2) {
         ok = qgemv_row_avx2(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, buf) == end - start;
     } else
 #endif
     if ((ok = row_popcount(bm, nbytes) == end - start))
         qgemv_row_scalar(q, bm, start, nbytes, x, m, ldx, y, ldy);
     (void)buf;
+    (void)vbuf;
     if (!ok)
         for (int64_t t = 0; t < m; t++) y[t * ldy] = 0.0f;
     return ok;
@@ -934,7 +1071,8 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         const int64_t tokens = m < MAX_NT ? m : MAX_NT;
-        float *buf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(tokens * QBUF));
+        /* packed x for the AVX2 path, then a decoded row for the AVX-512 one (QBUF is a multiple of 8 floats) */
+        float *buf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(tokens * QBUF + nbytes * 8 + 32));
         if (!buf) {
 #pragma omp atomic write
             oom = 1;
@@ -944,7 +1082,8 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
             int64_t start, end;
             if (!buf) continue;
             if (!(row_range(row_offsets, r, rows, nnz, &start, &end) &&
-                  qgemv_row(isa, &q, bitmask + r * nbytes, start, end, nbytes, x, m, ldx, y + r, ldy, buf))) {
+                  qgemv_row(isa, &q, bitmask + r * nbytes, start, end, nbytes, x, m, ldx, y + r, ldy, buf,
+                            buf + tokens * QBUF))) {
                 for (int64_t t = 0; t < m; t++) y[t * ldy + r] = 0.0f;
 #pragma omp atomic write
                 bad = r;
@@ -1097,7 +1236,8 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
 #endif
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *qbuf = q ? (float *)aligned_alloc(32, sizeof(float) * (size_t)(m * QBUF)) : NULL;
+        /* packed x (AVX2) and a decoded row (AVX-512), as in salr_qbitmap_gemv */
+        float *qbuf = q ? (float *)aligned_alloc(32, sizeof(float) * (size_t)(m * QBUF + kp + 32)) : NULL;
         if (q && !qbuf) {
 #pragma omp atomic write
             oom = 1;
@@ -1116,7 +1256,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
             int64_t start, end;
             int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
             if (q) {
-                ok = ok && qbuf && qgemv_row(isa, q, bm, start, end, nbytes, xf, m, kp, acc, 1, qbuf);
+                ok = ok && qbuf && qgemv_row(isa, q, bm, start, end, nbytes, xf, m, kp, acc, 1, qbuf, qbuf + m * QBUF);
             } else
 #if SALR_X86
             if (ok && wide) {
