@@ -21,8 +21,9 @@
  *
  * On CPUs with AVX-512 VBMI2 (Intel Ice Lake and later, AMD Zen 4 and later) bf16 rows take a third path: one
  * vpexpandw places the kept values of 32 columns (4 bitmap bytes) at once, so the per-byte table shuffles go away.
- * fp16 and fp32 values, quantized values (an AVX-512 NF4 path measured no faster, docs/benchmarks.md), and CPUs
- * without VBMI2 keep the AVX2 path.
+ * NF4 values have their own AVX-512 gemv (a row decoded 16 values per vpermps, then one expanding load per 16
+ * columns). fp16 and fp32 values, int8 codes, the large-M decode of quantized rows, and CPUs without VBMI2 keep the
+ * AVX2 path.
  *
  * x must be fp32 with at least nbytes * 8 columns per row (columns >= cols zero-padded): the AVX2 path loads
  * 8 columns per bitmap byte. The AVX2 and AVX-512 code uses target attributes so the file builds with plain -O3,
