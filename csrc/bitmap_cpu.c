@@ -56,8 +56,10 @@
 #define ROW_CHUNK 32
 /* Software prefetch distances (bytes ahead of the current read) for the gemv's value/code stream and bitmap. With
  * the weight out of cache (a model's layers in turn) the hardware prefetcher alone left the M = 1 gemv waiting on
- * memory as long as it computed: measured on an Intel Xeon with AVX-512, 4096x4096 bf16 at 50 %, 1 thread, weights
- * rotated through 24 copies so none is cached: 2.21 -> 1.58 ms (docs/benchmarks.md, section 8). */
+ * memory about as long as it computed, the two not overlapping. With the prefetches (and the AVX-512 conversion
+ * below) `salr bench --kernel`, 4096x4096 bf16 at 50 %, 1 thread, on an Intel Xeon: 2.43 -> 1.58 ms; the 1B-class
+ * model's decode went from 1.09x to 1.41x dense bf16 (docs/benchmarks.md, section 9). Distances of 1-4 KiB and
+ * 256-1024 B measured within a few percent of each other. */
 #define PREFETCH_VALUES 2048
 #define PREFETCH_BITMAP 512
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
@@ -912,9 +914,10 @@ AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int
 /* NF4 on AVX-512 (the few-token GEMV; int8, blocksizes below 16 and the large-M decode keep the AVX2 code). The
  * whole 16-entry codebook, scaled by the block's absmax, fits one register, so a row is first decoded into fp32 in a
  * per-thread buffer, 16 values per vpermps in stream order (a group of 16 never crosses a scale block). Then each
- * 16 columns take one expanding load from that buffer, which puts the kept values at their columns against x in its
- * natural order: no packing of x, and the decode is shared by the tokens. Unlike the removed packed-x attempt
- * (docs/benchmarks.md, section 7), this measured 2.4x faster than the AVX2 NF4 path on an Intel Xeon (section 8). */
+ * 16 columns take one vexpandps of the buffer's next values, which puts the kept values at their columns against x
+ * in its natural order: no packing of x, and the decode is shared by the tokens. `salr bench --kernel --quant nf4`,
+ * 1 thread, on an Intel Xeon: 1.76x less time than the AVX2 NF4 path on 4096x4096 (1.87 vs 3.29 ms;
+ * docs/benchmarks.md, section 9). A similar path measured within noise of the AVX2 one on an AMD Zen 4 (section 7). */
 
 /* The 16 values of the group starting at global index g (a multiple of 16) from the block's scaled codebook; a group
  * at the end of the stream reads only the code bytes that exist. */
@@ -954,8 +957,9 @@ AVX512_INLINE void nf4_decode_row_avx512(const qstream *q, int64_t start, int64_
 }
 
 /* NT tokens against a row decoded into v (its n_row values), x in natural column order (nbytes * 8 columns, zero
- * padded). The expanding loads read only the values the bitmap selects, once the running count is checked to stay
- * within the row. Returns the values consumed (== n_row for a consistent row) or -1. */
+ * padded). Each expand loads 16 floats from v at the running count, which is checked to stay within the row first;
+ * the load may run up to 16 floats past the row's values, inside the buffer (sized for it), and the expand's mask
+ * drops them. Returns the values consumed (== n_row for a consistent row) or -1. */
 AVX512_INLINE int64_t qgemv_row_block_avx512(int NT, const uint8_t *bm, const float *v, int64_t nbytes, int64_t n_row,
                                              const float *x, int64_t ldx, float *y, int64_t ldy) {
     const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
