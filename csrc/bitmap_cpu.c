@@ -126,6 +126,17 @@ int salr_cpu_has_avx512(void) {
 #endif
 }
 
+/* AVX512-BF16 or AMX-BF16: torch's bf16 matmul then runs natively (oneDNN), so the many-token path multiplies
+ * 16-bit tiles (salr_bitmap_decode16) instead of fp32 ones. */
+int salr_cpu_has_bf16_matmul(void) {
+#if !SALR_X86
+    return 0;
+#else
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#endif
+}
+
 int salr_cpu_max_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -514,6 +525,23 @@ AVX512_FN static int64_t decode_row_avx512(const uint8_t *bm, const uint16_t *v0
     return cnt;
 }
 
+/* One row of 16-bit values (bf16 or fp16) as 16-bit words into out[0, nbytes * 8): the expanded chunk is stored as
+ * it is, no conversion. Returns the values consumed or -1, as decode_row_avx512. */
+AVX512_FN static int64_t decode16_row_avx512(const uint8_t *bm, const uint16_t *v0, int64_t nbytes, int64_t n_row,
+                                             uint16_t *out) {
+    int64_t cnt = 0;
+    for (int64_t j = 0; j < nbytes; j += 4) {
+        const uint32_t k = chunk_mask(bm, j, nbytes);
+        const int kc = __builtin_popcount(k);
+        if (cnt + kc > n_row) return -1;
+        const __m512i w = expand32(k, v0 + cnt, kc);
+        const int64_t left = 8 * (nbytes - j); /* columns of the row from 8j on */
+        _mm512_mask_storeu_epi16(out + 8 * j, left >= CHUNK ? 0xffffffffu : (1u << left) - 1, w);
+        cnt += kc;
+    }
+    return cnt;
+}
+
 #endif /* SALR_X86 */
 
 /* ---------------------------------------------------------------------------------------------- entry points */
@@ -602,6 +630,43 @@ int64_t salr_bitmap_decode(int isa, int dt, const uint8_t *bitmask, const void *
             decode_row_scalar(dt, bm, vals, start, nbytes, nbytes * 8, o);
         if (!ok) {
             memset(o, 0, sizeof(float) * nbytes * 8);
+#pragma omp atomic write
+            bad = r;
+        }
+    }
+    return bad;
+}
+
+/* Rows [r0, r1) of a weight with 16-bit values (bf16 or fp16) as 16-bit words of the same type: out[(r - r0) * ldo
+ * + c] = W[r, c] bit for bit, columns >= cols are 0 (ldo >= nbytes * 8). The many-token path multiplies such tiles
+ * with torch's bf16/fp16 matmul where the CPU has one (salr_cpu_has_bf16_matmul). Returns -1 or a bad row (its
+ * output row is zeroed), as salr_bitmap_decode. */
+int64_t salr_bitmap_decode16(int isa, const uint8_t *bitmask, const uint16_t *values, const int64_t *row_offsets,
+                             int64_t nnz, int64_t rows, int64_t cols, int64_t r0, int64_t r1, uint16_t *out,
+                             int64_t ldo, int nthreads) {
+    const int64_t nbytes = (cols + 7) / 8;
+    int64_t bad = -1;
+    if (nthreads < 1) nthreads = 1;
+    (void)isa;
+#pragma omp parallel for schedule(dynamic, ROW_CHUNK) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *bm = bitmask + r * nbytes;
+        uint16_t *o = out + (r - r0) * ldo;
+        int64_t start, end;
+        int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
+#if SALR_X86
+        if (ok && isa == ISA_AVX512) {
+            ok = decode16_row_avx512(bm, values + start, nbytes, end - start, o) == end - start;
+        } else
+#endif
+        if (ok && (ok = row_popcount(bm, nbytes) == end - start)) {
+            memset(o, 0, sizeof(uint16_t) * nbytes * 8);
+            int64_t v = start;
+            for (int64_t j = 0; j < nbytes; j++)
+                for (unsigned b = bm[j]; b; b &= b - 1) o[8 * j + __builtin_ctz(b)] = values[v++];
+        }
+        if (!ok) {
+            memset(o, 0, sizeof(uint16_t) * nbytes * 8);
 #pragma omp atomic write
             bad = r;
         }

@@ -221,12 +221,25 @@ def adversarial(rows, cols, dtype, seed):
     return w, fm.encode(w)
 
 
+def force_tiles(monkeypatch, tiles: str) -> None:
+    """Make the many-token path use `tiles` ("fp32" or "bf16") on any CPU: bf16 tiles need only torch's bf16
+    matmul, which is slower without native bf16 but exact in what it computes."""
+    if tiles == "bf16":
+        monkeypatch.setattr(cpu, "_native_bf16_matmul", lambda: True)
+        monkeypatch.delenv("SALR_CPU_TILES", raising=False)
+    else:
+        monkeypatch.setenv("SALR_CPU_TILES", "fp32")
+
+
 @native
+@pytest.mark.parametrize("tiles", ["fp32", "bf16"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,rows,cols", [(9, 53, 37), (40, 70, 129), (17, 16, 8), (12, 33, 230)])
-def test_many_token_paths_across_tiles(cpu_isa, monkeypatch, xdtype, m, rows, cols):
+def test_many_token_paths_across_tiles(cpu_isa, monkeypatch, tiles, xdtype, m, rows, cols):
     """Forward and input gradient with tiles smaller than the layer (a ragged last tile), non-contiguous inputs in
-    bf16 / fp32, against the plain-PyTorch reference."""
+    bf16 / fp32, fp32 or bf16 tiles, against the plain-PyTorch reference."""
+    force_tiles(monkeypatch, tiles)
+    assert cpu.bf16_tiles(xdtype, torch.bfloat16) == (tiles == "bf16" and xdtype == torch.bfloat16)
     monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 16 * 8 * -(-cols // 8))  # 16-row tiles
     w, bw = adversarial(rows, cols, torch.bfloat16, seed=m)
     args = (bw.bitmask, bw.values, bw.row_offsets, rows, cols)
@@ -241,6 +254,54 @@ def test_many_token_paths_across_tiles(cpu_isa, monkeypatch, xdtype, m, rows, co
     assert gx.shape == (m, cols) and gx.dtype == xdtype
     assert rel_err(gx, g.double() @ w.double()) < TOL[xdtype]
     assert rel_err(gx, reference.bitmap_grad_input_reference(g, *args).double()) < 2 * TOL[xdtype]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,cols", [(7, 8), (53, 37), (70, 129), (33, 230), (5, 1)])
+def test_decode_rows16_is_the_weight_bit_for_bit(cpu_isa, dtype, rows, cols):
+    """16-bit tiles are the stored values themselves (all-zero, fully dense and end-heavy rows, ragged chunks), with
+    zeros in the padding columns; a sub-range of rows lands at the top of the buffer."""
+    w, bw = adversarial(rows, cols, dtype, seed=rows)
+    kp = 8 * -(-cols // 8)
+    out = torch.full((rows, kp + 5), float("nan"), dtype=dtype)[:, : kp + 3]  # row stride > kp
+    cpu.decode_rows16(bw.bitmask, bw.values, bw.row_offsets, rows, cols, 0, rows, out)
+    assert torch.equal(out[:, :cols].view(torch.int16), w.view(torch.int16))
+    assert not out[:, cols:kp].any()
+    part = torch.empty(rows, kp, dtype=dtype)
+    cpu.decode_rows16(bw.bitmask, bw.values, bw.row_offsets, rows, cols, rows // 2, rows, part)
+    assert torch.equal(part[: rows - rows // 2, :cols].view(torch.int16), w[rows // 2 :].view(torch.int16))
+
+
+@native
+def test_decode_rows16_refuses_corrupt_rows_and_wrong_buffers(cpu_isa):
+    _, bw = adversarial(20, 64, torch.bfloat16, seed=3)
+    bad = bw.row_offsets.clone()
+    bad[7] += 3
+    with pytest.raises(SALRError, match="row 7"):
+        cpu.decode_rows16(bw.bitmask, bw.values, bad, 20, 64, 0, 20, torch.empty(20, 64, dtype=torch.bfloat16))
+    with pytest.raises(SALRError, match="16-bit values"):
+        cpu.decode_rows16(bw.bitmask, bw.values, bw.row_offsets, 20, 64, 0, 20, torch.empty(20, 64))
+    with pytest.raises(SALRError, match="decode buffer"):
+        cpu.decode_rows16(
+            bw.bitmask, bw.values, bw.row_offsets, 20, 64, 0, 20, torch.empty(20, 60, dtype=torch.bfloat16)
+        )
+
+
+def test_bf16_tiles_only_for_bf16_values_and_input(monkeypatch):
+    monkeypatch.setattr(cpu, "_native_bf16_matmul", lambda: True)
+    monkeypatch.delenv("SALR_CPU_TILES", raising=False)
+    assert cpu.bf16_tiles(torch.bfloat16, torch.bfloat16)
+    assert not cpu.bf16_tiles(torch.float32, torch.bfloat16)  # an fp32 input keeps fp32 arithmetic throughout
+    assert not cpu.bf16_tiles(torch.bfloat16, torch.float16)
+    monkeypatch.setenv("SALR_CPU_TILES", "fp32")
+    assert not cpu.bf16_tiles(torch.bfloat16, torch.bfloat16)
+    monkeypatch.setenv("SALR_CPU_TILES", "bf17")
+    with pytest.raises(SALRError, match="SALR_CPU_TILES"):
+        cpu.bf16_tiles(torch.bfloat16, torch.bfloat16)
+    monkeypatch.delenv("SALR_CPU_TILES")
+    monkeypatch.setattr(cpu, "_native_bf16_matmul", lambda: False)
+    assert not cpu.bf16_tiles(torch.bfloat16, torch.bfloat16)
 
 
 @native
@@ -268,6 +329,26 @@ def test_layers_sharing_the_decode_buffer_stay_independent(monkeypatch):
     assert rel_err(y2, exact(x_narrow, w_narrow)) < TOL[torch.float32]
     assert rel_err(gx, g.double() @ w_narrow.double()) < TOL[torch.float32]
     torch.testing.assert_close(yq, reference.qbitmap_linear_reference(x_wide, *qargs), rtol=1e-4, atol=1e-4)
+
+
+@native
+def test_bf16_and_fp32_tiles_share_the_decode_buffer(monkeypatch):
+    """A bf16 input (bf16 tiles), an fp32 one (fp32 tiles) and the bf16 one again, through the one per-thread buffer:
+    each matches its reference and the first output is not overwritten."""
+    force_tiles(monkeypatch, "bf16")
+    monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 16 * 304)  # several tiles for the wide layer
+    w_wide, b_wide = adversarial(90, 300, torch.bfloat16, seed=4)
+    w_narrow, b_narrow = adversarial(41, 37, torch.bfloat16, seed=5)
+    wide = (b_wide.bitmask, b_wide.values, b_wide.row_offsets, 90, 300)
+    narrow = (b_narrow.bitmask, b_narrow.values, b_narrow.row_offsets, 41, 37)
+    x16, x32 = torch.randn(20, 300).to(torch.bfloat16), torch.randn(20, 37)
+    y1 = cpu.bitmap_linear_cpu(x16, *wide)
+    kept = y1.clone()
+    y2 = cpu.bitmap_linear_cpu(x32, *narrow)
+    y3 = cpu.bitmap_linear_cpu(x16, *wide)
+    assert torch.equal(y1, kept) and torch.equal(y1, y3) and y1.dtype == torch.bfloat16
+    assert rel_err(y1, exact(x16, w_wide)) < TOL[torch.bfloat16]
+    assert rel_err(y2, exact(x32, w_narrow)) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("m", [1, 4, 8])

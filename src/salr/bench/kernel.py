@@ -66,13 +66,17 @@ def weight_bytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype = torch.bf
     }
 
 
-def _backend_label(backend: str, device: torch.device, tokens: int) -> str:
-    """The backend that ran, with the native kernel's ISA and path (GEMV or decode + SGEMM) on the CPU."""
+def _backend_label(backend: str, device: torch.device, tokens: int, bf16_tiles: bool = False) -> str:
+    """The backend that ran, with the native kernel's ISA and path on the CPU: GEMV, or decode + SGEMM (fp32 tiles)
+    or decode + bf16 matmul (bf16 tiles, cpu.bf16_tiles)."""
     name = ops.backend_name(device) if backend == "auto" else backend
     if name == "cpu":
         name = f"cpu-{cpu_kernel.isa()}"
     if name.startswith("cpu-"):
-        name += "-gemv" if tokens <= cpu_kernel.GEMV_MAX_TOKENS else "-decode+sgemm"
+        if tokens <= cpu_kernel.GEMV_MAX_TOKENS:
+            name += "-gemv"
+        else:
+            name += "-decode+bf16mm" if bf16_tiles else "-decode+sgemm"
     return name
 
 
@@ -126,7 +130,12 @@ def kernel_case(
         "density": bw.nnz / (rows * cols),
         "quant": quant,
         "device": str(dev),
-        "backend": _backend_label(backend, dev, tokens),
+        "backend": _backend_label(
+            backend,
+            dev,
+            tokens,
+            quant == "none" and cpu_kernel.available() and cpu_kernel.bf16_tiles(x16.dtype, w16.dtype),
+        ),
         "dense_bf16_ms": ms["dense_bf16"],
         "dense_fp32_ms": ms["dense_fp32"],
         "bitmap_ms": ms["bitmap"],

@@ -5,8 +5,11 @@ The extension is a plain C shared library called through ctypes with tensor data
 it builds in pip's isolated environment). Two paths:
   - few tokens (M <= GEMV_MAX_TOKENS): the C kernel streams the bitmap once and FMAs each expanded byte against
     every token (memory bound: reads ~9 bits/weight at 50 % sparsity instead of 16);
-  - many tokens: the C kernel decodes row tiles of W to fp32 and torch.mm (MKL sgemm) multiplies them.
-All arithmetic is fp32; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path.
+  - many tokens: the C kernel decodes row tiles of W to fp32 and torch.mm (MKL sgemm) multiplies them. With bf16
+    values, a bf16 input and a CPU with native bf16 matmul (AVX512-BF16 or AMX), the tiles are the bf16 values
+    themselves and torch's bf16 matmul (fp32 accumulation) multiplies them: the same products, 4-5x faster on AMX.
+All arithmetic is fp32; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path;
+SALR_CPU_TILES=fp32 keeps fp32 tiles where bf16 ones would be used (to compare the two).
 
 `salr_linear_decode` runs a whole SALR layer (bitmap base + both adapter GEMVs + bias) for a few tokens in one
 call: in eager decoding the per-op dispatch of six small torch ops costs more than the arithmetic.
@@ -39,7 +42,7 @@ from salr.ops.schema import (
 
 logger = logging.getLogger(__name__)
 
-GEMV_MAX_TOKENS = 8  # at or below: the fused GEMV kernel; above: decode tiles + sgemm (measured crossover)
+GEMV_MAX_TOKENS = 8  # at or below: the fused GEMV kernel; above: decode tiles + matmul (measured crossover)
 PARALLEL_MIN_WEIGHTS = 1 << 20  # below: one thread (1536x576 takes ~90 us on one; a thread hand-off costs 10+ us)
 TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -66,11 +69,14 @@ def load() -> ctypes.CDLL | None:
     lib.salr_cpu_has_avx2.restype = _INT
     lib.salr_cpu_has_avx512.restype = _INT
     lib.salr_cpu_max_threads.restype = _INT
+    lib.salr_cpu_has_bf16_matmul.restype = _INT
     common = [_INT, _INT, _P, _P, _P, _I64, _I64, _I64]
     lib.salr_bitmap_gemv.argtypes = common + [_P, _I64, _I64, _P, _I64, _INT]
     lib.salr_bitmap_gemv.restype = _I64
     lib.salr_bitmap_decode.argtypes = common + [_I64, _I64, _P, _I64, _INT]
     lib.salr_bitmap_decode.restype = _I64
+    lib.salr_bitmap_decode16.argtypes = [_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _INT]
+    lib.salr_bitmap_decode16.restype = _I64
     lib.salr_linear_decode.argtypes = common + [_INT, _P, _I64, _I64, _INT, _I64, _I64, ctypes.c_float, _P, _P, _P]
     lib.salr_linear_decode.argtypes += [_P, _I64, _INT]
     lib.salr_linear_decode.restype = _I64
@@ -117,6 +123,21 @@ def isa() -> str:
     return forced
 
 
+@functools.cache
+def _native_bf16_matmul() -> bool:
+    lib = load()
+    return lib is not None and bool(lib.salr_cpu_has_bf16_matmul())
+
+
+def bf16_tiles(x_dtype: torch.dtype, values_dtype: torch.dtype) -> bool:
+    """Whether the many-token path multiplies bf16 tiles of W (exactly its bf16 values) rather than fp32 ones: for
+    bf16 values and a bf16 input on a CPU whose bf16 matmul is native, unless SALR_CPU_TILES=fp32."""
+    forced = os.environ.get("SALR_CPU_TILES", "auto").lower()
+    if forced not in ("auto", "fp32"):
+        raise SALRError(f"SALR_CPU_TILES={forced!r} is not one of auto, fp32")
+    return forced == "auto" and x_dtype == values_dtype == torch.bfloat16 and _native_bf16_matmul()
+
+
 def _check_bad_row(bad: int) -> None:
     if bad == -2:
         raise SALRError("the native kernel refused its arguments (unsupported quantization or out of memory)")
@@ -138,12 +159,12 @@ def _check_args(bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.
         raise SALRError(f"the native CPU kernel needs CPU tensors, got {values.device}")
 
 
-def _padded_x(x2: torch.Tensor, kp: int) -> torch.Tensor:
-    """x as contiguous fp32 [M, kp], zero columns past cols (the kernel reads whole bitmap bytes)."""
+def _padded_x(x2: torch.Tensor, kp: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x as contiguous `dtype` [M, kp], zero columns past cols (the kernel reads whole bitmap bytes)."""
     cols = x2.shape[1]
     if kp == cols:
-        return x2.to(torch.float32).contiguous()
-    xp = x2.new_zeros(x2.shape[0], kp, dtype=torch.float32)
+        return x2.to(dtype).contiguous()
+    xp = x2.new_zeros(x2.shape[0], kp, dtype=dtype)
     xp[:, :cols] = x2
     return xp
 
@@ -173,6 +194,31 @@ def decode_rows(
     return out
 
 
+def decode_rows16(
+    bitmask: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    r0: int,
+    r1: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """As decode_rows for 16-bit values, into `out` of the values' dtype: rows [r0, r1) of W bit for bit."""
+    lib = load()
+    kp = 8 * -(-cols // 8)
+    if values.element_size() != 2 or out.dtype != values.dtype:
+        raise SALRError(f"decode_rows16 needs 16-bit values and an output of their dtype: {values.dtype}, {out.dtype}")
+    if out.stride(1) != 1 or out.shape[1] < kp or out.shape[0] < r1 - r0:
+        raise SALRError(f"decode buffer must be [>= {r1 - r0}, >= {kp}] with unit column stride")
+    bad = lib.salr_bitmap_decode16(
+        _ISA_CODES[isa()], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(), values.numel(), rows, cols,
+        r0, r1, out.data_ptr(), out.stride(0), _threads((r1 - r0) * kp),
+    )  # fmt: skip
+    _check_bad_row(bad)
+    return out
+
+
 def _tile_rows(kp: int) -> int:
     return max(16, min(4096, (TILE_BYTES // (4 * kp)) // 16 * 16))
 
@@ -180,31 +226,33 @@ def _tile_rows(kp: int) -> int:
 _workspace = threading.local()
 
 
-def _tile_buffer(rows: int, kp: int) -> tuple[int, torch.Tensor]:
-    """(rows per tile, an fp32 [min(tile, rows), kp] view of this thread's decode buffer). The buffer (TILE_BYTES)
+def _tile_buffer(rows: int, kp: int, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
+    """(rows per tile, a `dtype` [min(tile, rows), kp] view of this thread's decode buffer). The buffer (TILE_BYTES)
     is kept between calls: a fresh one per layer call is page-faulted in again each time wherever the allocator
-    returns freed blocks to the OS (docs/benchmarks.md, section 8)."""
+    returns freed blocks to the OS (docs/benchmarks.md, section 8). A 16-bit tile has the fp32 tile's rows."""
     tile = _tile_rows(kp)
     n = min(tile, rows)
     buf = getattr(_workspace, "tile", None)
     if buf is None or buf.numel() < n * kp:
         buf = _workspace.tile = torch.empty(n * kp, dtype=torch.float32)
-    return tile, buf[: n * kp].view(n, kp)
+    buf = buf[: n * kp] if dtype == torch.float32 else buf.view(dtype)[: n * kp]
+    return tile, buf.view(n, kp)
 
 
-TileDecode = Callable[[int, int, torch.Tensor], Any]  # decode(r0, r1, buf): rows [r0, r1) of W as fp32 into buf
+TileDecode = Callable[[int, int, torch.Tensor], Any]  # decode(r0, r1, buf): rows [r0, r1) of W into buf
 
 
 def _tiled_linear(xp: torch.Tensor, rows: int, kp: int, out_dtype: torch.dtype, decode: TileDecode) -> torch.Tensor:
-    """Many tokens: y = xp @ W.T [m, rows] in out_dtype, from fp32 row tiles of W that `decode(r0, r1, buf)` writes.
-    The output is written tile by tile (row-major, as nn.Linear returns it): no fp32 copy of the whole output is held
-    (training calls this with m = batch * seq), only one tile's [m, tile] product when out_dtype is not fp32."""
-    tile, buf = _tile_buffer(rows, kp)
+    """Many tokens: y = xp @ W.T [m, rows] in out_dtype, from row tiles of W in xp's dtype (fp32, or bf16 when
+    bf16_tiles) that `decode(r0, r1, buf)` writes. The output is written tile by tile (row-major, as nn.Linear
+    returns it): no fp32 copy of the whole output is held (training calls this with m = batch * seq), only one
+    tile's [m, tile] product when out_dtype is not the tiles' dtype."""
+    tile, buf = _tile_buffer(rows, kp, xp.dtype)
     y = torch.empty(xp.shape[0], rows, dtype=out_dtype)
     for r0 in range(0, rows, tile):
         r1 = min(rows, r0 + tile)
         decode(r0, r1, buf)
-        if r0 == 0 and r1 == rows and out_dtype == torch.float32:
+        if r0 == 0 and r1 == rows and out_dtype == xp.dtype:
             torch.mm(xp, buf[:rows].T, out=y)
         else:
             y[:, r0:r1] = torch.mm(xp, buf[: r1 - r0].T)
@@ -243,6 +291,9 @@ def bitmap_linear_cpu(
     kp = 8 * -(-cols // 8)
     if m == 0 or rows == 0 or cols == 0:
         return x.new_zeros(*lead, rows)
+    if m > GEMV_MAX_TOKENS and bf16_tiles(x.dtype, values.dtype):  # bf16 tiles and torch's bf16 matmul
+        decode = functools.partial(decode_rows16, bitmask, values, row_offsets, rows, cols)
+        return _tiled_linear(_padded_x(x2, kp, torch.bfloat16), rows, kp, x.dtype, decode).reshape(*lead, rows)
     xp = _padded_x(x2, kp)
     if m <= GEMV_MAX_TOKENS:
         y = torch.empty(m, rows, dtype=torch.float32)
@@ -253,7 +304,7 @@ def bitmap_linear_cpu(
         )  # fmt: skip
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
-    # Many tokens: decode row tiles of W to fp32 and let sgemm do the work.
+    # Many tokens, fp32 tiles: decode row tiles of W to fp32 and let sgemm do the work.
     decode = functools.partial(decode_rows, bitmask, values, row_offsets, rows, cols)
     return _tiled_linear(xp, rows, kp, x.dtype, decode).reshape(*lead, rows)
 
