@@ -1164,10 +1164,18 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
     return oom ? -2 : bad;
 }
 
-/* Rows [r0, r1) of a quantized bitmap weight as dense fp32, as salr_bitmap_decode (-2: unsupported arguments). */
-int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
+/* fp32 to bf16, rounding to nearest even (the dequantized values here are never NaN). */
+static inline uint16_t finite_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* Rows [r0, r1) of a quantized weight, dequantized in fp32: into out32 (fp32) or, when out32 is NULL, rounded to
+ * bf16 into out16. */
+static int64_t qdecode_rows(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
                             int64_t blocksize, const int64_t *row_offsets, int64_t nnz, int64_t rows, int64_t cols,
-                            int64_t r0, int64_t r1, float *out, int64_t ldo, int nthreads) {
+                            int64_t r0, int64_t r1, float *out32, uint16_t *out16, int64_t ldo, int nthreads) {
     qstream q;
     if (!qstream_init(&q, kind, codes, absmax, nnz, blocksize)) return -2;
     const int64_t nbytes = (cols + 7) / 8;
@@ -1175,7 +1183,8 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + 16));
+        /* the row's values in groups (AVX2 decode), then the fp32 row itself when the output is bf16 */
+        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + 16 + (out32 ? 0 : nbytes * 8)));
         if (!vbuf) {
 #pragma omp atomic write
             oom = 1;
@@ -1183,7 +1192,7 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
 #pragma omp for schedule(dynamic, ROW_CHUNK) nowait /* one barrier (the region's end), not two */
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *bm = bitmask + r * nbytes;
-            float *o = out + (r - r0) * ldo;
+            float *o = out32 ? out32 + (r - r0) * ldo : (vbuf ? vbuf + nbytes * 8 + 16 : NULL);
             int64_t start, end;
             int ok = vbuf != NULL && row_range(row_offsets, r, rows, nnz, &start, &end) && end - start <= 8 * nbytes;
 #if SALR_X86
@@ -1193,8 +1202,15 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
 #endif
             if (ok && (ok = row_popcount(bm, nbytes) == end - start))
                 qdecode_row_scalar(&q, bm, start, nbytes, o);
+            if (!ok && vbuf) memset(o, 0, sizeof(float) * nbytes * 8);
+            if (!out32) {
+                uint16_t *o16 = out16 + (r - r0) * ldo;
+                if (vbuf)
+                    for (int64_t c = 0; c < nbytes * 8; c++) o16[c] = finite_to_bf16(o[c]);
+                else
+                    memset(o16, 0, sizeof(uint16_t) * nbytes * 8);
+            }
             if (!ok) {
-                memset(o, 0, sizeof(float) * nbytes * 8);
 #pragma omp atomic write
                 bad = r;
             }
@@ -1202,6 +1218,23 @@ int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const voi
         free(vbuf);
     }
     return oom ? -2 : bad;
+}
+
+/* Rows [r0, r1) of a quantized bitmap weight as dense fp32, as salr_bitmap_decode (-2: unsupported arguments). */
+int64_t salr_qbitmap_decode(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
+                            int64_t blocksize, const int64_t *row_offsets, int64_t nnz, int64_t rows, int64_t cols,
+                            int64_t r0, int64_t r1, float *out, int64_t ldo, int nthreads) {
+    return qdecode_rows(isa, kind, bitmask, codes, absmax, blocksize, row_offsets, nnz, rows, cols, r0, r1, out, NULL,
+                        ldo, nthreads);
+}
+
+/* The same rows dequantized in fp32, then rounded to bf16 (nearest even): the bf16 tiles of the many-token path for
+ * a bf16 input (salr.ops.cpu.bf16_tiles). */
+int64_t salr_qbitmap_decode_bf16(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
+                                 int64_t blocksize, const int64_t *row_offsets, int64_t nnz, int64_t rows,
+                                 int64_t cols, int64_t r0, int64_t r1, uint16_t *out, int64_t ldo, int nthreads) {
+    return qdecode_rows(isa, kind, bitmask, codes, absmax, blocksize, row_offsets, nnz, rows, cols, r0, r1, NULL, out,
+                        ldo, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------------- fused SALR layer */

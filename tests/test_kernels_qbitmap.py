@@ -116,6 +116,44 @@ def test_decode_rows_is_the_exact_dequantization(cpu_isa):
     assert torch.equal(out[: 41 - 5, :77], w[5:]) and bool((out[: 41 - 5, 77:] == 0).all())
 
 
+@native
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bf16_decode_is_the_dequantization_rounded(cpu_isa, kind):
+    """bf16 tiles: the exact fp32 dequantization rounded to nearest even, zeros past the last column."""
+    _, qw, scales = make(41, 77, kind, pattern="rows")
+    bitmask, codes, sc, offsets, rows, cols, bs = args(qw, scales)
+    exact32 = torch.empty(41, 80)
+    cpu.qdecode_rows(bitmask, codes, sc, offsets, rows, cols, bs, 0, 41, exact32)
+    out = torch.full((41, 83), float("nan"), dtype=torch.bfloat16)
+    cpu.qdecode_rows(bitmask, codes, sc, offsets, rows, cols, bs, 3, 41, out)
+    assert torch.equal(out[:38, :80], exact32[3:].to(torch.bfloat16))
+    bad = offsets.clone()
+    bad[7] += 3
+    with pytest.raises(SALRError, match="row 7"):
+        cpu.qdecode_rows(bitmask, codes, sc, bad, rows, cols, bs, 0, 41, out)
+    with pytest.raises(SALRError, match="fp32 or bf16"):
+        cpu.qdecode_rows(bitmask, codes, sc, offsets, rows, cols, bs, 0, 41, out.half())
+
+
+@native
+@pytest.mark.parametrize("tiles", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("m", [9, 70])
+def test_many_tokens_in_bf16_on_either_tiles(cpu_isa, monkeypatch, tiles, kind, m):
+    """A bf16 input above the gemv's token count, with several tiles of either type forced on any CPU, against the
+    exact product (bf16 tolerance: both round, the bf16 tiles their weights too)."""
+    if tiles == "bf16":
+        monkeypatch.setattr(cpu, "_native_bf16_matmul", lambda: True)
+    else:
+        monkeypatch.setenv("SALR_CPU_TILES", "fp32")
+    monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 16 * 304)  # 16-row tiles, a ragged last one
+    w, qw, scales = make(45, 300, kind, pattern="ends")
+    x = torch.randn(300, m).to(torch.bfloat16).T  # non-contiguous
+    y = cpu.qbitmap_linear_cpu(x, *args(qw, scales))
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 45)
+    assert rel_err(y, exact(x, w)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("m", [1, 4, 70])
 @pytest.mark.parametrize("small_tiles", [False, True])

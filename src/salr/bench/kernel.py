@@ -134,7 +134,7 @@ def kernel_case(
             backend,
             dev,
             tokens,
-            quant == "none" and cpu_kernel.available() and cpu_kernel.bf16_tiles(x16.dtype, w16.dtype),
+            cpu_kernel.available() and cpu_kernel.bf16_tiles(x16.dtype, w16.dtype),
         ),
         "dense_bf16_ms": ms["dense_bf16"],
         "dense_fp32_ms": ms["dense_fp32"],

@@ -8,6 +8,7 @@ it builds in pip's isolated environment). Two paths:
   - many tokens: the C kernel decodes row tiles of W to fp32 and torch.mm (MKL sgemm) multiplies them. With bf16
     values, a bf16 input and a CPU with native bf16 matmul (AVX512-BF16 or AMX), the tiles are the bf16 values
     themselves and torch's bf16 matmul (fp32 accumulation) multiplies them: the same products, 4-5x faster on AMX.
+    Quantized (NF4/int8) bases with a bf16 input then take bf16 tiles too: the fp32 dequantization rounded to bf16.
 All arithmetic is fp32; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path;
 SALR_CPU_TILES=fp32 keeps fp32 tiles where bf16 ones would be used (to compare the two).
 
@@ -85,6 +86,8 @@ def load() -> ctypes.CDLL | None:
     lib.salr_qbitmap_gemv.restype = _I64
     lib.salr_qbitmap_decode.argtypes = qcommon + [_I64, _I64, _P, _I64, _INT]
     lib.salr_qbitmap_decode.restype = _I64
+    lib.salr_qbitmap_decode_bf16.argtypes = qcommon + [_I64, _I64, _P, _I64, _INT]
+    lib.salr_qbitmap_decode_bf16.restype = _I64
     lib.salr_qlinear_decode.argtypes = qcommon + [_INT, _P, _I64, _I64, _INT, _I64, _I64, ctypes.c_float, _P, _P]
     lib.salr_qlinear_decode.argtypes += [_P, _P, _I64, _INT]
     lib.salr_qlinear_decode.restype = _I64
@@ -129,9 +132,10 @@ def _native_bf16_matmul() -> bool:
     return lib is not None and bool(lib.salr_cpu_has_bf16_matmul())
 
 
-def bf16_tiles(x_dtype: torch.dtype, values_dtype: torch.dtype) -> bool:
-    """Whether the many-token path multiplies bf16 tiles of W (exactly its bf16 values) rather than fp32 ones: for
-    bf16 values and a bf16 input on a CPU whose bf16 matmul is native, unless SALR_CPU_TILES=fp32."""
+def bf16_tiles(x_dtype: torch.dtype, values_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the many-token path multiplies bf16 tiles of W rather than fp32 ones: for a bf16 input and bf16
+    values (exact tiles) or quantized ones (values_dtype left at bf16: the fp32 dequantization rounded to bf16), on
+    a CPU whose bf16 matmul is native, unless SALR_CPU_TILES=fp32."""
     forced = os.environ.get("SALR_CPU_TILES", "auto").lower()
     if forced not in ("auto", "fp32"):
         raise SALRError(f"SALR_CPU_TILES={forced!r} is not one of auto, fp32")
@@ -457,14 +461,15 @@ def qdecode_rows(
     r1: int,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Rows [r0, r1) of a quantized bitmap W as fp32 into out [>= r1 - r0, >= 8 * ceil(cols/8)]; returns out."""
+    """Rows [r0, r1) of a quantized bitmap W into out [>= r1 - r0, >= 8 * ceil(cols/8)]; returns out. fp32 `out`:
+    the exact dequantization; bf16 `out`: that, rounded to nearest even (the bf16 tiles of the many-token path)."""
     kp = 8 * -(-cols // 8)
-    if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape[1] < kp or out.shape[0] < r1 - r0:
-        raise SALRError(f"decode buffer must be fp32 [>= {r1 - r0}, >= {kp}] with unit column stride")
+    fits = out.stride(1) == 1 and out.shape[1] >= kp and out.shape[0] >= r1 - r0
+    if out.dtype not in (torch.float32, torch.bfloat16) or not fits:
+        raise SALRError(f"decode buffer must be fp32 or bf16 [>= {r1 - r0}, >= {kp}] with unit column stride")
     args = _q_args(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
-    bad = load().salr_qbitmap_decode(
-        _ISA_CODES[isa()], *args, rows, cols, r0, r1, out.data_ptr(), out.stride(0), _threads((r1 - r0) * kp)
-    )
+    decode = load().salr_qbitmap_decode if out.dtype == torch.float32 else load().salr_qbitmap_decode_bf16
+    bad = decode(_ISA_CODES[isa()], *args, rows, cols, r0, r1, out.data_ptr(), out.stride(0), _threads((r1 - r0) * kp))
     _check_bad_row(bad)
     return out
 
@@ -480,7 +485,9 @@ def qbitmap_linear_cpu(
     blocksize: int,
 ) -> torch.Tensor:
     """y = x @ W.T for a quantized bitmap W with the native kernel: x [..., cols] (any float dtype and strides) ->
-    [..., rows] in x.dtype. M <= GEMV_MAX_TOKENS: the decode-in-registers GEMV; more: fp32 row tiles + sgemm."""
+    [..., rows] in x.dtype. M <= GEMV_MAX_TOKENS: the decode-in-registers GEMV; more: fp32 row tiles + sgemm, or
+    for a bf16 input where bf16_tiles allows it, the dequantized values rounded to bf16 tiles + torch's bf16 matmul
+    (the rounding is the output's own: relative 2^-9 per weight, far below NF4's quantization step)."""
     lib = load()
     if lib is None:
         raise SALRError("the native CPU kernel is not built: reinstall salr (pip install -e .) or use the reference")
@@ -493,6 +500,9 @@ def qbitmap_linear_cpu(
     kp = 8 * -(-cols // 8)
     if m == 0 or rows == 0 or cols == 0:
         return x.new_zeros(*lead, rows)
+    if m > GEMV_MAX_TOKENS and bf16_tiles(x.dtype):
+        decode = functools.partial(qdecode_rows, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+        return _tiled_linear(_padded_x(x2, kp, torch.bfloat16), rows, kp, x.dtype, decode).reshape(*lead, rows)
     xp = _padded_x(x2, kp)
     if m <= GEMV_MAX_TOKENS:
         y = torch.empty(m, rows, dtype=torch.float32)
