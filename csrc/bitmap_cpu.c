@@ -1094,6 +1094,23 @@ AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, i
     }
 }
 
+/* One NF4 row as bf16 words into out[0, nbytes * 8) for the many-token path's bf16 tiles: the row's values decoded
+ * in fp32 (nf4_decode_row_avx512), rounded to bf16 (nearest even) in stream order into hbuf, then placed at their
+ * columns 32 at a time by decode16_row_avx512. vbuf holds >= nbytes * 8 + 32 floats, hbuf >= nbytes * 8 + 16 words.
+ * Returns the values consumed or -1. */
+AVX512_FN static int64_t qdecode16_row_avx512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                              int64_t n_row, uint16_t *out, float *vbuf, uint16_t *hbuf) {
+    nf4_decode_row_avx512(q, start, n_row, vbuf);
+    const float *v = vbuf + (start & 15);
+    const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    for (int64_t i = 0; i < n_row; i += 16) { /* the last group rounds a few buffer floats past the row: unused */
+        const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(v + i));
+        const __m512i up = _mm512_add_epi32(b, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
+        _mm256_storeu_si256((__m256i *)(hbuf + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
+    }
+    return decode16_row_avx512(bm, hbuf, nbytes, n_row, out);
+}
+
 #endif /* SALR_X86 */
 
 /* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0). */
@@ -1183,8 +1200,9 @@ static int64_t qdecode_rows(int isa, int kind, const uint8_t *bitmask, const voi
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        /* the row's values in groups (AVX2 decode), then the fp32 row itself when the output is bf16 */
-        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 8 + 16 + (out32 ? 0 : nbytes * 8)));
+        /* the row's values in groups (AVX2 decode) or decoded (AVX-512), then the fp32 row itself when the output is
+         * bf16, or (AVX-512 NF4) the row's values rounded to bf16 */
+        float *vbuf = (float *)malloc(sizeof(float) * (size_t)(nbytes * 16 + 64));
         if (!vbuf) {
 #pragma omp atomic write
             oom = 1;
@@ -1192,25 +1210,26 @@ static int64_t qdecode_rows(int isa, int kind, const uint8_t *bitmask, const voi
 #pragma omp for schedule(dynamic, ROW_CHUNK) nowait /* one barrier (the region's end), not two */
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *bm = bitmask + r * nbytes;
-            float *o = out32 ? out32 + (r - r0) * ldo : (vbuf ? vbuf + nbytes * 8 + 16 : NULL);
+            float *o = out32 ? out32 + (r - r0) * ldo : (vbuf ? vbuf + nbytes * 8 + 32 : NULL);
+            uint16_t *o16 = out32 ? NULL : out16 + (r - r0) * ldo;
             int64_t start, end;
             int ok = vbuf != NULL && row_range(row_offsets, r, rows, nnz, &start, &end) && end - start <= 8 * nbytes;
 #if SALR_X86
-            if (ok && isa >= ISA_AVX2) {
+            if (ok && o16 && isa == ISA_AVX512 && kind == Q_NF4 && q.bshift >= 4) { /* NF4 straight to bf16 */
+                ok = qdecode16_row_avx512(&q, bm, start, nbytes, end - start, o16, vbuf,
+                                          (uint16_t *)(vbuf + nbytes * 8 + 32)) == end - start;
+                o16 = NULL; /* written */
+            } else if (ok && isa >= ISA_AVX2) {
                 ok = qdecode_row_avx2(&q, bm, start, nbytes, end - start, o, vbuf) == end - start;
             } else
 #endif
             if (ok && (ok = row_popcount(bm, nbytes) == end - start))
                 qdecode_row_scalar(&q, bm, start, nbytes, o);
-            if (!ok && vbuf) memset(o, 0, sizeof(float) * nbytes * 8);
-            if (!out32) {
-                uint16_t *o16 = out16 + (r - r0) * ldo;
-                if (vbuf)
-                    for (int64_t c = 0; c < nbytes * 8; c++) o16[c] = finite_to_bf16(o[c]);
-                else
-                    memset(o16, 0, sizeof(uint16_t) * nbytes * 8);
-            }
+            if (ok && o16)
+                for (int64_t c = 0; c < nbytes * 8; c++) o16[c] = finite_to_bf16(o[c]);
             if (!ok) {
+                if (out32) memset(out32 + (r - r0) * ldo, 0, sizeof(float) * nbytes * 8);
+                else memset(out16 + (r - r0) * ldo, 0, sizeof(uint16_t) * nbytes * 8);
 #pragma omp atomic write
                 bad = r;
             }
