@@ -7,9 +7,10 @@ it builds in pip's isolated environment). Two paths:
     every token (memory bound: reads ~9 bits/weight at 50 % sparsity instead of 16);
   - many tokens: the C kernel decodes row tiles of W to fp32 and torch.mm (MKL sgemm) multiplies them. With bf16
     values, a bf16 input and a CPU with native bf16 matmul (AVX512-BF16 or AMX), the tiles are the bf16 values
-    themselves and torch's bf16 matmul (fp32 accumulation) multiplies them: the same products, 4-5x faster on AMX.
-    Quantized (NF4/int8) bases with a bf16 input then take bf16 tiles too: the fp32 dequantization rounded to bf16.
-All arithmetic is fp32; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path;
+    themselves and torch's bf16 matmul (fp32 accumulation) multiplies them: the same products, in 2-7x less time on
+    an AMX CPU (docs/benchmarks.md, section 9). Quantized (NF4/int8) bases with a bf16 input then take bf16 tiles
+    too: the fp32 dequantization rounded to bf16, the one rounding step outside fp32 in these kernels.
+Accumulation is fp32 everywhere; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path;
 SALR_CPU_TILES=fp32 keeps fp32 tiles where bf16 ones would be used (to compare the two).
 
 `salr_linear_decode` runs a whole SALR layer (bitmap base + both adapter GEMVs + bias) for a few tokens in one
