@@ -54,6 +54,14 @@
 /* Rows per work item: threads take chunks as they come (dynamic schedule), so a thread that the OS delays (a busy
  * shared machine) does not hold up the others at the end of the call. */
 #define ROW_CHUNK 32
+
+/* The gemvs' work item: larger, so that each thread's value and bitmap streams restart (cold, before the prefetches
+ * run ahead) less often, yet ~16 items per thread keep the dynamic schedule's balance. 4096 rows on 2 threads: 128
+ * rows, measured ~6 % less time than 32 for the M = 1 bf16 gemv on a weight out of cache. */
+static inline int gemv_chunk(int64_t rows, int nthreads) {
+    const int64_t c = rows / (16 * (int64_t)(nthreads > 1 ? nthreads : 1));
+    return (int)(c < ROW_CHUNK ? ROW_CHUNK : (c > 256 ? 256 : c));
+}
 /* Software prefetch distances (bytes ahead of the current read) for the gemv's value/code stream and bitmap. With
  * the weight out of cache (a model's layers in turn) the hardware prefetcher alone left the M = 1 gemv waiting on
  * memory about as long as it computed, the two not overlapping. With the prefetches (and the AVX-512 conversion
@@ -576,7 +584,8 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
     if (wide && !xq) return -2;
     if (wide) permute_x_avx512(x, m, ldx, nbytes * 8, xq, kq);
 #endif
-#pragma omp parallel for schedule(dynamic, ROW_CHUNK) num_threads(nthreads) if (nthreads > 1)
+    const int chunk = gemv_chunk(rows, nthreads);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *bm = bitmask + r * nbytes;
         int64_t start, end;
@@ -1181,6 +1190,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
     const int64_t nbytes = (cols + 7) / 8;
     int64_t bad = -1, oom = 0;
     if (nthreads < 1) nthreads = 1;
+    const int chunk = gemv_chunk(rows, nthreads);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         const int64_t tokens = m < MAX_NT ? m : MAX_NT;
@@ -1190,7 +1200,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
 #pragma omp atomic write
             oom = 1;
         }
-#pragma omp for schedule(dynamic, ROW_CHUNK) nowait /* one barrier (the region's end), not two */
+#pragma omp for schedule(dynamic, chunk) nowait /* one barrier (the region's end), not two */
         for (int64_t r = 0; r < rows; r++) {
             int64_t start, end;
             if (!buf) continue;
@@ -1382,6 +1392,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
     }
     if (wide) permute_x_avx512(xf, m, kp, kp, xq, kq);
 #endif
+    const int chunk = gemv_chunk(rows, nthreads);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         /* packed x (AVX2) and a decoded row (AVX-512), as in salr_qbitmap_gemv */
@@ -1397,7 +1408,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
             for (int64_t t = 0; t < m; t++) h[t * rank + k] = s * dot_any(isa, adt, ak, xf + t * kp, cols);
         }
         /* implicit barrier: every row needs all of h */
-#pragma omp for schedule(dynamic, ROW_CHUNK)
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *bm = bitmask + r * nbytes;
             float acc[MAX_NT] = {0};
