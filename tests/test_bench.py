@@ -20,6 +20,7 @@ from salr.bench.training import _over_runtime, enable_checkpointing, method_mode
 from salr.commands import bench as bench_cmd
 from salr.config import SALRConfig
 from salr.errors import SALRError
+from salr.ops import cpu as cpu_kernel
 from salr.pruning import unstructured_mask
 
 
@@ -84,6 +85,22 @@ def test_single_case_json_contract(tmp_path, backend):
     assert r["shape"] == [96, 136] and r["tokens"] == 3 and r["density"] == pytest.approx(0.5, abs=1e-3)
     assert r["backend"] == "reference" if backend == "reference" else r["backend"].startswith(("cpu-", "reference"))
     assert r["max_rel_err"] < 1e-2  # bf16 output of the same bf16 weight
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="native kernel not built (python setup.py build_ext -i)")
+@pytest.mark.parametrize("tiles", ["fp32", "bf16"])
+def test_many_token_label_names_the_tile_path(tmp_path, monkeypatch, tiles):
+    """Above the gemv's token count the label says which tiles ran: sgemm on fp32 tiles, bf16 matmul on bf16 ones."""
+    if tiles == "bf16":
+        monkeypatch.setattr(cpu_kernel, "_native_bf16_matmul", lambda: True)
+        monkeypatch.delenv("SALR_CPU_TILES", raising=False)
+    else:
+        monkeypatch.setenv("SALR_CPU_TILES", "fp32")
+    out = tmp_path / "b.json"
+    assert _run(["--kernel", "--shape", "96x136", "--tokens", "20", "--budget", "0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["backend"].endswith("-decode+bf16mm" if tiles == "bf16" else "-decode+sgemm")
+    assert r["max_rel_err"] < 1e-2
 
 
 def test_grid_json_has_every_case(tmp_path):
