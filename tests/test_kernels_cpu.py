@@ -259,31 +259,36 @@ def test_many_token_paths_across_tiles(cpu_isa, monkeypatch, tiles, xdtype, m, r
 @native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,cols", [(7, 8), (53, 37), (70, 129), (33, 230), (5, 1)])
-def test_decode_rows16_is_the_weight_bit_for_bit(cpu_isa, dtype, rows, cols):
+def test_decode_rows_in_16_bits_is_the_weight_bit_for_bit(cpu_isa, dtype, rows, cols):
     """16-bit tiles are the stored values themselves (all-zero, fully dense and end-heavy rows, ragged chunks), with
     zeros in the padding columns; a sub-range of rows lands at the top of the buffer."""
     w, bw = adversarial(rows, cols, dtype, seed=rows)
     kp = 8 * -(-cols // 8)
     out = torch.full((rows, kp + 5), float("nan"), dtype=dtype)[:, : kp + 3]  # row stride > kp
-    cpu.decode_rows16(bw.bitmask, bw.values, bw.row_offsets, rows, cols, 0, rows, out)
+    cpu.decode_rows(bw.bitmask, bw.values, bw.row_offsets, rows, cols, 0, rows, out)
     assert torch.equal(out[:, :cols].view(torch.int16), w.view(torch.int16))
     assert not out[:, cols:kp].any()
     part = torch.empty(rows, kp, dtype=dtype)
-    cpu.decode_rows16(bw.bitmask, bw.values, bw.row_offsets, rows, cols, rows // 2, rows, part)
+    cpu.decode_rows(bw.bitmask, bw.values, bw.row_offsets, rows, cols, rows // 2, rows, part)
     assert torch.equal(part[: rows - rows // 2, :cols].view(torch.int16), w[rows // 2 :].view(torch.int16))
 
 
 @native
-def test_decode_rows16_refuses_corrupt_rows_and_wrong_buffers(cpu_isa):
+def test_decode_rows_in_16_bits_refuses_corrupt_rows_and_wrong_buffers(cpu_isa):
     _, bw = adversarial(20, 64, torch.bfloat16, seed=3)
     bad = bw.row_offsets.clone()
     bad[7] += 3
     with pytest.raises(SALRError, match="row 7"):
-        cpu.decode_rows16(bw.bitmask, bw.values, bad, 20, 64, 0, 20, torch.empty(20, 64, dtype=torch.bfloat16))
-    with pytest.raises(SALRError, match="16-bit values"):
-        cpu.decode_rows16(bw.bitmask, bw.values, bw.row_offsets, 20, 64, 0, 20, torch.empty(20, 64))
+        cpu.decode_rows(bw.bitmask, bw.values, bad, 20, 64, 0, 20, torch.empty(20, 64, dtype=torch.bfloat16))
+    with pytest.raises(SALRError, match="fp32 or torch.bfloat16"):  # 16 bits, but not the values' type
+        cpu.decode_rows(bw.bitmask, bw.values, bw.row_offsets, 20, 64, 0, 20, torch.empty(20, 64, dtype=torch.float16))
+    _, b32 = adversarial(20, 64, torch.float32, seed=3)
+    with pytest.raises(SALRError, match="fp32 or torch.float32"):  # fp32 values have no 16-bit tiles
+        cpu.decode_rows(
+            b32.bitmask, b32.values, b32.row_offsets, 20, 64, 0, 20, torch.empty(20, 64, dtype=torch.bfloat16)
+        )
     with pytest.raises(SALRError, match="decode buffer"):
-        cpu.decode_rows16(
+        cpu.decode_rows(
             bw.bitmask, bw.values, bw.row_offsets, 20, 64, 0, 20, torch.empty(20, 60, dtype=torch.bfloat16)
         )
 

@@ -184,42 +184,29 @@ def decode_rows(
     r1: int,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Write rows [r0, r1) of W as fp32 into out [>= r1 - r0, >= 8 * ceil(cols/8)] (contiguous rows); returns out.
-    Columns past `cols` come out as zeros."""
+    """Write rows [r0, r1) of W into out [>= r1 - r0, >= 8 * ceil(cols/8)] (contiguous rows); returns out. Columns
+    past `cols` come out as zeros. fp32 `out`: W in fp32; `out` of the values' own 16-bit dtype (bf16 or fp16): the
+    values bit for bit (the bf16 tiles of the many-token path)."""
     lib = load()
     kp = 8 * -(-cols // 8)
-    if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape[1] < kp or out.shape[0] < r1 - r0:
-        raise SALRError(f"decode buffer must be fp32 [>= {r1 - r0}, >= {kp}] with unit column stride")
-    bad = lib.salr_bitmap_decode(
-        _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(),
-        row_offsets.data_ptr(), values.numel(), rows, cols, r0, r1, out.data_ptr(), out.stride(0),
-        _threads((r1 - r0) * kp),
-    )  # fmt: skip
-    _check_bad_row(bad)
-    return out
-
-
-def decode_rows16(
-    bitmask: torch.Tensor,
-    values: torch.Tensor,
-    row_offsets: torch.Tensor,
-    rows: int,
-    cols: int,
-    r0: int,
-    r1: int,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """As decode_rows for 16-bit values, into `out` of the values' dtype: rows [r0, r1) of W bit for bit."""
-    lib = load()
-    kp = 8 * -(-cols // 8)
-    if values.element_size() != 2 or out.dtype != values.dtype:
-        raise SALRError(f"decode_rows16 needs 16-bit values and an output of their dtype: {values.dtype}, {out.dtype}")
-    if out.stride(1) != 1 or out.shape[1] < kp or out.shape[0] < r1 - r0:
-        raise SALRError(f"decode buffer must be [>= {r1 - r0}, >= {kp}] with unit column stride")
-    bad = lib.salr_bitmap_decode16(
-        _ISA_CODES[isa()], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(), values.numel(), rows, cols,
-        r0, r1, out.data_ptr(), out.stride(0), _threads((r1 - r0) * kp),
-    )  # fmt: skip
+    as16 = out.dtype == values.dtype and values.element_size() == 2
+    fits = out.stride(1) == 1 and out.shape[1] >= kp and out.shape[0] >= r1 - r0
+    if not (out.dtype == torch.float32 or as16) or not fits:
+        raise SALRError(
+            f"decode buffer must be fp32 or {values.dtype} [>= {r1 - r0}, >= {kp}] with unit column stride, got "
+            f"{out.dtype} {list(out.shape)}"
+        )
+    if as16:
+        bad = lib.salr_bitmap_decode16(
+            _ISA_CODES[isa()], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(), values.numel(), rows,
+            cols, r0, r1, out.data_ptr(), out.stride(0), _threads((r1 - r0) * kp),
+        )  # fmt: skip
+    else:
+        bad = lib.salr_bitmap_decode(
+            _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(),
+            row_offsets.data_ptr(), values.numel(), rows, cols, r0, r1, out.data_ptr(), out.stride(0),
+            _threads((r1 - r0) * kp),
+        )  # fmt: skip
     _check_bad_row(bad)
     return out
 
@@ -296,11 +283,8 @@ def bitmap_linear_cpu(
     kp = 8 * -(-cols // 8)
     if m == 0 or rows == 0 or cols == 0:
         return x.new_zeros(*lead, rows)
-    if m > GEMV_MAX_TOKENS and bf16_tiles(x.dtype, values.dtype):  # bf16 tiles and torch's bf16 matmul
-        decode = functools.partial(decode_rows16, bitmask, values, row_offsets, rows, cols)
-        return _tiled_linear(_padded_x(x2, kp, torch.bfloat16), rows, kp, x.dtype, decode).reshape(*lead, rows)
-    xp = _padded_x(x2, kp)
     if m <= GEMV_MAX_TOKENS:
+        xp = _padded_x(x2, kp)
         y = torch.empty(m, rows, dtype=torch.float32)
         bad = lib.salr_bitmap_gemv(
             _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(),
@@ -309,9 +293,10 @@ def bitmap_linear_cpu(
         )  # fmt: skip
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
-    # Many tokens, fp32 tiles: decode row tiles of W to fp32 and let sgemm do the work.
+    # Many tokens: decode row tiles of W (bf16 where bf16_tiles allows, else fp32) and let the matmul do the work.
+    tiles = torch.bfloat16 if bf16_tiles(x.dtype, values.dtype) else torch.float32
     decode = functools.partial(decode_rows, bitmask, values, row_offsets, rows, cols)
-    return _tiled_linear(xp, rows, kp, x.dtype, decode).reshape(*lead, rows)
+    return _tiled_linear(_padded_x(x2, kp, tiles), rows, kp, x.dtype, decode).reshape(*lead, rows)
 
 
 def bitmap_grad_input_cpu(
@@ -501,19 +486,17 @@ def qbitmap_linear_cpu(
     kp = 8 * -(-cols // 8)
     if m == 0 or rows == 0 or cols == 0:
         return x.new_zeros(*lead, rows)
-    if m > GEMV_MAX_TOKENS and bf16_tiles(x.dtype):
-        decode = functools.partial(qdecode_rows, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
-        return _tiled_linear(_padded_x(x2, kp, torch.bfloat16), rows, kp, x.dtype, decode).reshape(*lead, rows)
-    xp = _padded_x(x2, kp)
     if m <= GEMV_MAX_TOKENS:
+        xp = _padded_x(x2, kp)
         y = torch.empty(m, rows, dtype=torch.float32)
         bad = lib.salr_qbitmap_gemv(
             _ISA_CODES[isa()], *args, rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows, _threads(rows * kp)
         )
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
+    tiles = torch.bfloat16 if bf16_tiles(x.dtype) else torch.float32
     decode = functools.partial(qdecode_rows, bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
-    return _tiled_linear(xp, rows, kp, x.dtype, decode).reshape(*lead, rows)
+    return _tiled_linear(_padded_x(x2, kp, tiles), rows, kp, x.dtype, decode).reshape(*lead, rows)
 
 
 def qbitmap_grad_input_cpu(
