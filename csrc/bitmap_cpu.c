@@ -428,6 +428,17 @@ AVX512_INLINE __m512i expand32(uint32_t k, const uint16_t *v, int n) {
     return _mm512_maskz_expand_epi16(k, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, (unsigned)n), v));
 }
 
+/* y[t * ldy] = the sum of token t's NB accumulator banks, for the AVX-512 gemvs. */
+AVX512_INLINE void store_sums512(int NT, int NB, __m512 acc[4][MAX_NT], float *y, int64_t ldy) {
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++) {
+        __m512 s = acc[0][t];
+#pragma GCC unroll 4
+        for (int u = 1; u < NB; u++) s = _mm512_add_ps(s, acc[u][t]);
+        y[t * ldy] = _mm512_reduce_add_ps(s);
+    }
+}
+
 /* NT tokens against one bf16 row, as gemv_row_block_avx2 (validation included) with x in the permuted layout.
  * The expanding loads touch only the values the mask selects, all within the row once the running count is
  * checked, so no read goes past the row's values. */
@@ -478,13 +489,7 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uin
         }
         cnt += kc;
     }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; t++) {
-        __m512 s = acc[0][t];
-#pragma GCC unroll 4
-        for (int u = 1; u < NB; u++) s = _mm512_add_ps(s, acc[u][t]);
-        y[t * ldy] = _mm512_reduce_add_ps(s);
-    }
+    store_sums512(NT, NB, acc, y, ldy);
     return cnt;
 }
 
@@ -1095,13 +1100,7 @@ AVX512_INLINE int64_t qgemv_row_block_avx512(int NT, const uint8_t *bm, const fl
             acc[0][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(0xff, x + t * ldx + 8 * j), acc[0][t]);
         cnt += POPCNT8[b];
     }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; t++) {
-        __m512 s = acc[0][t];
-#pragma GCC unroll 4
-        for (int u = 1; u < NB; u++) s = _mm512_add_ps(s, acc[u][t]);
-        y[t * ldy] = _mm512_reduce_add_ps(s);
-    }
+    store_sums512(NT, NB, acc, y, ldy);
     return cnt;
 }
 
