@@ -4,14 +4,19 @@ written as one JSON report and one markdown table.
     python benchmarks/gpu_suite.py --out results/gpu            # -> results/gpu/gpu_suite.json, gpu_suite.md
     python benchmarks/gpu_suite.py --out results/gpu --only kernels --only tests
 
-Stages (each timed, each failure recorded in the report instead of stopping the suite):
+Stages, in this order, each in its own process under --stage-timeout (a stage that fails, crashes or runs out of
+time is recorded in the report with the end of its output, and the next one runs on a clean GPU). The report is
+rewritten after every stage, so a suite stopped from outside keeps what it measured.
   kernels   the Triton bitmap kernel and PyTorch 2:4 vs cuBLAS dense bf16, 50 % sparsity, at 4096x4096,
             14336x4096, 4096x14336 and M = 1, 16, 128, 2048 (`salr.bench.kernel.bench_gpu_kernel`);
   decode    greedy decoding on a random Llama-3-8B-shaped model: dense bf16, SALR (bitmap), SALR 2:4
             (`salr.bench.generation.cuda_generation_compare`);
   train     fine-tuning peak memory and step time, SALR vs LoRA of the same trainable rank, 8B-shaped model
             (`salr.bench.training.train_memory`, torch.cuda.max_memory_allocated);
-  tests     the CUDA-only tests (pytest on the Triton and 2:4 test files).
+  tests     the CUDA-only tests (pytest on the Triton and 2:4 test files, spread over 8 workers when
+            pytest-xdist is installed: most of their time is compiling kernel variants);
+  qkernels  the Triton QSALR (NF4 bitmap) kernel vs cuBLAS dense bf16 and the bf16 bitmap kernel on the same grid
+            (`salr.bench.kernel.bench_gpu_qkernel`).
 Without CUDA the suite stops at once with exit code 2 and one line on stderr. The targets in the table are the
 issue's; the JSON holds only the measurements.
 """
@@ -19,18 +24,26 @@ issue's; the JSON holds only the measurements.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STAGES = ("kernels", "decode", "train", "tests")
+STAGES = ("kernels", "decode", "train", "tests", "qkernels")
 KERNEL_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 KERNEL_TOKENS = [1, 16, 128, 2048]
-CUDA_TEST_FILES = ["tests/test_kernels_triton.py", "tests/test_semi_structured.py"]
+CUDA_TEST_FILES = [
+    "tests/test_kernels_triton.py",
+    "tests/test_kernels_triton_qbitmap.py",
+    "tests/test_semi_structured.py",
+]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,9 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="train: sequences per step")
     p.add_argument("--seq", type=int, default=256, help="train: tokens per sequence")
     p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (first is warm-up)")
+    p.add_argument("--stage-timeout", type=int, default=300, help="seconds each stage may run before it is stopped")
+    p.add_argument("--child", metavar="JSON", type=Path, help=argparse.SUPPRESS)  # internal: run one stage, write JSON
     args = p.parse_args(argv)
-    if min(args.new_tokens, args.rounds, args.batch, args.seq, args.steps) <= 0:
-        raise SuiteError("--new-tokens, --rounds, --batch, --seq and --steps must be positive")
+    if min(args.new_tokens, args.rounds, args.batch, args.seq, args.steps, args.stage_timeout) <= 0:
+        raise SuiteError("--new-tokens, --rounds, --batch, --seq, --steps and --stage-timeout must be positive")
     args.stages = [s for s in STAGES if s in (args.only or STAGES)]
     return args
 
@@ -96,9 +111,16 @@ def pytest_summary(output: str) -> dict[str, int]:
     return {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", lines[-1])}
 
 
+def stage_qkernels(args: argparse.Namespace) -> dict[str, Any]:
+    from salr.bench.kernel import bench_gpu_qkernel
+
+    return {"cases": [bench_gpu_qkernel(shape, m, 0.5, "nf4") for shape in KERNEL_SHAPES for m in KERNEL_TOKENS]}
+
+
 def stage_tests(args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    workers = ["-n", "8"] if importlib.util.find_spec("xdist") else []
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *CUDA_TEST_FILES]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(args.stage_timeout - 20, 10))
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "counts": pytest_summary(proc.stdout),
             "tail": proc.stdout[-3000:]}  # fmt: skip
 
@@ -108,20 +130,51 @@ STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "decode": stage_decode,
     "train": stage_train,
     "tests": stage_tests,
+    "qkernels": stage_qkernels,
 }
 
 
-def run_stages(args: argparse.Namespace, functions: dict[str, Callable] = STAGE_FUNCTIONS) -> dict[str, Any]:
-    """Each chosen stage in order, with its seconds; a stage that raises is recorded (`error`) and the next runs."""
+def run_stage(name: str, args: argparse.Namespace, functions: dict[str, Callable] = STAGE_FUNCTIONS) -> dict[str, Any]:
+    """One stage in this process: its result, or `error` and the end of the traceback if it raised."""
+    try:
+        return functions[name](args)
+    except Exception as exc:  # noqa: BLE001 - a suite reports every stage; the error is kept, not hidden
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+
+
+def run_child(name: str, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """One stage in a child process of this script under args.stage_timeout: its result, or `error` with the end
+    of its output when it timed out or died without writing one (a crash, a CUDA fault)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / f"{name}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--only", name, "--child", str(result_file)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.stage_timeout)
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"")[-3000:]
+            tail = out.decode(errors="replace") if isinstance(out, bytes) else out
+            return {"error": f"timed out after {args.stage_timeout} s (--stage-timeout)", "output_tail": tail}
+        if result_file.is_file():
+            return json.loads(result_file.read_text())
+        return {"error": f"the stage's process exited with code {proc.returncode} without a result",
+                "output_tail": (proc.stdout + proc.stderr)[-3000:]}  # fmt: skip
+
+
+def run_stages(
+    args: argparse.Namespace,
+    runner: Callable[[str], dict[str, Any]],
+    after_each: Callable[[dict[str, Any]], None] = lambda stages: None,
+) -> dict[str, Any]:
+    """Each chosen stage in order through `runner`, with its seconds; a failed stage is recorded and the next runs.
+    `after_each` sees the stages so far after every stage (the suite rewrites its report there)."""
     stages: dict[str, Any] = {}
     for name in args.stages:
         started = time.perf_counter()
-        try:
-            result = functions[name](args)
-        except Exception as exc:  # noqa: BLE001 - a suite reports every stage; the error is kept, not hidden
-            result = {"error": f"{type(exc).__name__}: {exc}"}
+        result = runner(name)
         stages[name] = {**result, "seconds": time.perf_counter() - started}
-        print(f"{name}: {stages[name]['seconds']:.0f} s" + (f" ({result['error']})" if "error" in result else ""))
+        after_each(stages)
+        print(f"{name}: {stages[name]['seconds']:.0f} s" + (f" ({result['error']})" if "error" in result else ""),
+              flush=True)  # fmt: skip
     return stages
 
 
@@ -166,10 +219,22 @@ def _train_rows(train: dict[str, Any]) -> list[str]:
     ]
 
 
+def _qkernel_rows(qkernels: dict[str, Any]) -> list[str]:
+    rows = ["| shape | M | cuBLAS bf16 ms | bf16 bitmap ms | NF4 bitmap ms | NF4 vs cuBLAS | NF4 SNR dB |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in qkernels.get("cases", []):
+        rows.append(
+            f"| {c['shape'][0]}x{c['shape'][1]} | {c['tokens']} | {c['dense_ms']:.4f} "
+            f"| {c['bitmap_bf16_triton_ms']:.4f} | {c['qbitmap_triton_ms']:.4f} "
+            f"| {_x(c['qbitmap_speedup_vs_dense'])} | {c['qbitmap_snr_db']:.1f} |"
+        )
+    return rows
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown section for docs/benchmarks.md."""
     lines = [f"### GPU suite: {report['gpu']} ({report['date']}, {report['seconds']:.0f} s)", ""]
-    renderers = {"kernels": _kernel_rows, "decode": _decode_rows, "train": _train_rows}
+    renderers = {"kernels": _kernel_rows, "decode": _decode_rows, "train": _train_rows, "qkernels": _qkernel_rows}
     for name, stage in report["stages"].items():
         lines.append(f"**{name}** ({stage['seconds']:.0f} s)")
         lines.append("")
@@ -183,7 +248,21 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _stage_argv(argv: list[str]) -> list[str]:
+    """The command line without its --only choices, for a child that runs one stage."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--only":
+            skip = True
+        elif not item.startswith("--only="):
+            kept.append(item)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
         gpu = require_cuda()
@@ -193,13 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     from salr.bench.timing import environment
     from salr.io import atomic_write_bytes, atomic_write_json
 
+    if args.child:  # a child of the suite: one stage, its result as JSON
+        atomic_write_json(args.child, run_stage(args.stages[0], args))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    stages = run_stages(args)
-    report = {"benchmark": "gpu_suite", "gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "seconds": time.perf_counter() - started, "stages": stages, "environment": environment()}  # fmt: skip
-    atomic_write_json(args.out / "gpu_suite.json", report)
-    atomic_write_bytes(args.out / "gpu_suite.md", markdown(report).encode())
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+    def write(stages: dict[str, Any]) -> None:
+        report = {"benchmark": "gpu_suite", "gpu": gpu, "date": date, "seconds": time.perf_counter() - started,
+                  "stages": stages, "environment": environment()}  # fmt: skip
+        atomic_write_json(args.out / "gpu_suite.json", report)
+        atomic_write_bytes(args.out / "gpu_suite.md", markdown(report).encode())
+
+    stages = run_stages(args, lambda name: run_child(name, args, _stage_argv(argv)), write)
     print(f"wrote {args.out / 'gpu_suite.json'} and {args.out / 'gpu_suite.md'}")
     return 1 if any("error" in s for s in stages.values()) else 0
 

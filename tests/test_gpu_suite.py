@@ -38,9 +38,11 @@ def test_without_cuda_fails_fast_with_one_line(tmp_path):
 def test_bad_arguments_are_refused(suite):
     with pytest.raises(suite.SuiteError, match="must be positive"):
         suite.parse_args(["--out", "x", "--steps", "0"])
+    with pytest.raises(suite.SuiteError, match="must be positive"):
+        suite.parse_args(["--out", "x", "--stage-timeout", "0"])
     with pytest.raises(SystemExit):
         suite.parse_args(["--out", "x", "--only", "nonsense"])
-    assert suite.parse_args(["--out", "x", "--only", "tests", "--only", "kernels"]).stages == ["kernels", "tests"]
+    assert suite.parse_args(["--out", "x", "--only", "kernels", "--only", "tests"]).stages == ["kernels", "tests"]
     assert suite.parse_args(["--out", "x"]).stages == list(suite.STAGES)
 
 
@@ -62,11 +64,44 @@ def test_run_stages_records_failures_and_keeps_going(suite, capsys):
         calls.append("tests")
         return {"command": "pytest", "returncode": 0, "counts": {"passed": 3}}
 
-    stages = suite.run_stages(args, {"kernels": broken, "tests": fine})
+    functions = {"kernels": broken, "tests": fine}
+    seen = []
+    stages = suite.run_stages(
+        args, lambda name: suite.run_stage(name, args, functions), lambda s: seen.append(list(s))
+    )
     assert calls == ["kernels", "tests"]
+    assert seen == [["kernels"], ["kernels", "tests"]]  # the report is rewritten after each stage
     assert stages["kernels"]["error"] == "RuntimeError: CUDA out of memory"
+    assert "in broken" in stages["kernels"]["traceback"]  # where it failed, for the report
     assert stages["tests"]["counts"] == {"passed": 3} and stages["tests"]["seconds"] >= 0
     assert "kernels" in capsys.readouterr().out
+
+
+def test_child_stage_that_hangs_or_dies_is_recorded(suite, monkeypatch):
+    """run_child: a stage's process that outlives --stage-timeout or exits without its JSON becomes an `error`."""
+    args = suite.parse_args(["--out", "x", "--stage-timeout", "5"])
+
+    def hang(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output="compiling kernel 17 of 40")
+
+    monkeypatch.setattr(suite.subprocess, "run", hang)
+    result = suite.run_child("decode", args, ["--out", "x"])
+    assert result["error"] == "timed out after 5 s (--stage-timeout)"
+    assert result["output_tail"] == "compiling kernel 17 of 40"
+
+    def crash(cmd, **kw):
+        assert cmd[-4:-2] == ["--only", "train"] and cmd[-2] == "--child"
+        return subprocess.CompletedProcess(cmd, -11, stdout="", stderr="Segmentation fault")
+
+    monkeypatch.setattr(suite.subprocess, "run", crash)
+    result = suite.run_child("train", args, ["--out", "x"])
+    assert result == {"error": "the stage's process exited with code -11 without a result",
+                      "output_tail": "Segmentation fault"}  # fmt: skip
+
+
+def test_child_command_line_drops_the_stage_choice(suite):
+    argv = ["--out", "o", "--only", "kernels", "--only=tests", "--rounds", "2"]
+    assert suite._stage_argv(argv) == ["--out", "o", "--rounds", "2"]
 
 
 @pytest.mark.parametrize(
@@ -123,6 +158,20 @@ def test_markdown_renders_every_stage(suite):
                 },
             },  # fmt: skip
             "tests": {"seconds": 50.0, "command": "pytest -q", "returncode": 0, "counts": {"passed": 40}},
+            "qkernels": {
+                "seconds": 30.0,
+                "cases": [
+                    {
+                        "shape": [4096, 4096],
+                        "tokens": 1,
+                        "dense_ms": 0.02,
+                        "bitmap_bf16_triton_ms": 0.0125,
+                        "qbitmap_triton_ms": 0.01,
+                        "qbitmap_speedup_vs_dense": 2.0,
+                        "qbitmap_snr_db": 41.23,
+                    }
+                ],
+            },  # fmt: skip
         },
     }
     md = suite.markdown(report)
@@ -132,6 +181,25 @@ def test_markdown_renders_every_stage(suite):
     assert "| llama3-8b | 40.0 | 60.0 | 50.0 | 1.50x | 1.25x |" in md
     assert "| lora | 30000 | 900 |" in md and "**0.70**" in md
     assert "exit 0, {'passed': 40}" in md
+    assert "| 4096x4096 | 1 | 0.0200 | 0.0125 | 0.0100 | 2.00x | 41.2 |" in md
     failed = {**report, "stages": {"train": {"seconds": 1.0, "error": "RuntimeError: boom"}}}
     assert "failed: `RuntimeError: boom`" in suite.markdown(failed)
     json.dumps(report)  # the report the suite writes is plain JSON
+
+
+def test_main_child_and_parent_write_their_json(suite, monkeypatch, tmp_path):
+    """The suite's two roles, with the GPU check and the stage bodies replaced: a child writes its one stage's
+    result, the parent rewrites gpu_suite.json and .md after every stage."""
+    monkeypatch.setattr(suite, "require_cuda", lambda: "Fake GPU")
+    monkeypatch.setitem(suite.STAGE_FUNCTIONS, "tests", lambda a: {"command": "pytest", "returncode": 0, "counts": {}})
+    child_json = tmp_path / "child.json"
+    assert suite.main(["--out", str(tmp_path / "o"), "--only", "tests", "--child", str(child_json)]) == 0
+    assert json.loads(child_json.read_text()) == {"command": "pytest", "returncode": 0, "counts": {}}
+
+    monkeypatch.setattr(suite, "run_child", lambda name, args, argv: suite.run_stage(name, args))
+    monkeypatch.setitem(suite.STAGE_FUNCTIONS, "kernels", lambda a: 1 / 0)
+    assert suite.main(["--out", str(tmp_path / "o"), "--only", "kernels", "--only", "tests"]) == 1  # one failed
+    report = json.loads((tmp_path / "o" / "gpu_suite.json").read_text())
+    assert report["gpu"] == "Fake GPU" and list(report["stages"]) == ["kernels", "tests"]
+    assert report["stages"]["kernels"]["error"] == "ZeroDivisionError: division by zero"
+    assert "failed: `ZeroDivisionError" in (tmp_path / "o" / "gpu_suite.md").read_text()
