@@ -13,7 +13,7 @@ rewritten after every stage, so a suite stopped from outside keeps what it measu
             (`salr.bench.generation.cuda_generation_compare`);
   train     fine-tuning peak memory and step time, SALR vs LoRA of the same trainable rank, 8B-shaped model
             (`salr.bench.training.train_memory`, torch.cuda.max_memory_allocated);
-  tests     the CUDA-only tests (pytest on the Triton and 2:4 test files, spread over 8 workers when
+  tests     the CUDA-only tests (pytest on the Triton and 2:4 test files, spread over up to 16 workers when
             pytest-xdist is installed: most of their time is compiling kernel variants);
   qkernels  the Triton QSALR (NF4 bitmap) kernel vs cuBLAS dense bf16 and the bf16 bitmap kernel on the same grid
             (`salr.bench.kernel.bench_gpu_qkernel`).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -118,9 +119,14 @@ def stage_qkernels(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_tests(args: argparse.Namespace) -> dict[str, Any]:
-    workers = ["-n", "8"] if importlib.util.find_spec("xdist") else []
+    workers = ["-n", str(min(16, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *CUDA_TEST_FILES]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(args.stage_timeout - 20, 10))
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(args.stage_timeout - 20, 10))
+    except subprocess.TimeoutExpired as exc:  # keep what pytest printed: which tests passed or failed before
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return {"error": f"pytest did not finish in {exc.timeout:.0f} s", "command": " ".join(cmd[1:]),
+                "tail": out[-3000:]}  # fmt: skip
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "counts": pytest_summary(proc.stdout),
             "tail": proc.stdout[-3000:]}  # fmt: skip
 

@@ -157,6 +157,38 @@ def test_values_dtype_differs_from_x():
     assert snr_db(y, ref) >= MIN_SNR[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k", [(9, 203), (33, 37), (40, 300), (1, 1)])
+def test_dense_decode_is_exact(n, k, dtype):
+    """triton_bitmap_decode rebuilds W bit for bit: adversarial rows (9 x 203), odd shapes, a 1 x 1 weight."""
+    w = (adversarial_weight(n, k) if (n, k) == (9, 203) else random_weight(n, k, 0.5, torch.float32, seed=k)).to(dtype)
+    w = w.to(DEVICE)
+    assert torch.equal(tb.triton_bitmap_decode(*encode(w), n, k), w)
+    zero = torch.zeros(n, k, dtype=dtype, device=DEVICE)  # no kept value at all: an empty values tensor
+    assert torch.equal(tb.triton_bitmap_decode(*encode(zero), n, k), zero)
+
+
+@pytest.mark.parametrize("dense_decode", [False, True], ids=["fused", "decode+cublas"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_both_large_m_paths_match_reference(dense_decode, dtype, monkeypatch):
+    """From DENSE_DECODE_MIN_M rows up, W is decoded once and multiplied densely; both paths (forced here at
+    M = 33) give the reference forward with adapters, and the reference input gradient."""
+    monkeypatch.setattr(tb, "DENSE_DECODE_MIN_M", 1 if dense_decode else 10**9)
+    n, k, r = 65, 260, 5
+    g = torch.Generator().manual_seed(7)
+    w = random_weight(n, k, 0.5, dtype, seed=3).to(DEVICE)
+    x = torch.randn(3, 11, k, generator=g).to(dtype).to(DEVICE)  # 33 rows in a 3-D batch
+    adapter = {
+        "a_cat": torch.randn(r, k, generator=g).to(dtype).to(DEVICE),
+        "b_cat": torch.randn(n, r, generator=g).to(dtype).to(DEVICE),
+        "scale": torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5], device=DEVICE),
+    }
+    check(x, w, **adapter)
+    check(torch.randn(33, 203, generator=g).to(dtype).to(DEVICE), adversarial_weight(9, 203).to(dtype))
+    check_grad_input(torch.randn(33, n, generator=g).to(dtype).to(DEVICE), w)
+    check_grad_input(torch.randn(n, 33, generator=g).to(dtype).to(DEVICE).T, w)  # transposed grad
+
+
 @pytest.mark.parametrize("m", [2, 20])
 def test_adapter_epilogue(m):
     n, k, r = 30, 150, 6

@@ -123,3 +123,14 @@ def test_salr_layer_is_deepcopyable():
     assert isinstance(clone, SALRLinear)
     x = torch.randn(2, 40)
     assert torch.equal(clone(x), layer(x))
+
+
+def test_rank_scale_is_created_on_the_adapters_device():
+    """A layer built from adapters on another device (here meta; on a GPU, cuda) keeps its rank scales there too:
+    conversion on a GPU once left them on the CPU and the first forward failed on mixed devices."""
+    from salr.layer import FusedAdapters
+
+    layer = FusedAdapters(torch.zeros(6, 8, device="meta"), torch.zeros(5, 6, device="meta"), 4, 0.5)
+    assert layer.rank_scale.device.type == "meta" and layer.rank_scale.shape == (6,)
+    cpu = FusedAdapters(torch.zeros(6, 8, dtype=torch.bfloat16), torch.zeros(5, 6, dtype=torch.bfloat16), 4, 0.5)
+    assert cpu.rank_scale.tolist() == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5] and cpu.rank_scale.dtype == torch.bfloat16

@@ -35,7 +35,7 @@ class FusedAdapters(nn.Module):
         self.A_cat = nn.Parameter(A_cat)
         self.B_cat = nn.Parameter(B_cat)
         scale = torch.cat([torch.ones(residual_rank), torch.full((self.lora_rank,), float(lora_scale))])
-        self.register_buffer("rank_scale", scale.to(A_cat.dtype), persistent=False)
+        self.register_buffer("rank_scale", scale.to(A_cat.device, A_cat.dtype), persistent=False)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._freeze_hooks: list = []
         self.train_residual = train_residual

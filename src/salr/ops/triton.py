@@ -50,6 +50,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 PREFIX_BLOCK = 128  # columns per block_prefix entry; every BLOCK_K is a multiple of it (0.25 bit/weight of metadata)
 DECODE_MAX_M = 16  # M up to this uses the split-K decode configs
+# From this many rows of x up (and for input gradients of as many rows), the fused kernel would decode every W tile
+# once per BLOCK_M rows of x: decode W once into a dense scratch matrix (`triton_bitmap_decode`) and let cuBLAS
+# multiply. On an H200 the fused kernel was 6-7x slower than cuBLAS at M = 2048 (docs/benchmarks.md, GPU suite).
+DENSE_DECODE_MIN_M = 64
+DECODE_BLOCK = dict(BLOCK_N=32, BLOCK_K=128)  # the dense decode kernel's tile (BLOCK_K a multiple of PREFIX_BLOCK)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -250,6 +255,35 @@ if HAS_TRITON:
             tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
     @triton.jit
+    def _bitmap_decode_kernel(
+        bitmask_ptr,
+        values_ptr,
+        row_offsets_ptr,
+        prefix_ptr,
+        out_ptr,  # dense W [N, K]
+        N,
+        K,
+        stride_on,
+        NBYTES,
+        NPREFIX,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREFIX_BLOCK: tl.constexpr,
+    ):
+        # one [BLOCK_N, BLOCK_K] tile of W per program, decoded exactly as the GEMM kernels do, stored dense
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        n_ok = rn < N
+        row_start = tl.load(row_offsets_ptr + rn, mask=n_ok, other=0).to(tl.int64)
+        w = _decode_tile(
+            bitmask_ptr, values_ptr, prefix_ptr, rn, n_ok, row_start, k0, NBYTES, NPREFIX,
+            BLOCK_N, BLOCK_K, PREFIX_BLOCK,
+        )  # fmt: skip
+        rk = k0 + tl.arange(0, BLOCK_K)
+        out_ptrs = out_ptr + rn[:, None].to(tl.int64) * stride_on + rk[None, :]
+        tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (rk < K)[None, :])
+
+    @triton.jit
     def _bitmap_grad_input_kernel(
         g_ptr,  # grad_y [M, N]
         bitmask_ptr,
@@ -383,6 +417,32 @@ def _kernel_operands(
     return bitmask.contiguous(), values, block_prefix.contiguous()
 
 
+def triton_bitmap_decode(
+    bitmask: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    block_prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense W [rows, cols] (values' dtype) of a bitmap weight, decoded by one Triton kernel on its device."""
+    if not HAS_TRITON:
+        raise SALRError("the Triton bitmap kernel needs the `triton` package: pip install triton")
+    check_operands(bitmask, values, row_offsets, rows, cols)
+    if values.device.type != "cuda" and not interpreting():
+        raise SALRError(f"the Triton bitmap kernel runs on CUDA tensors (got {values.device}); or TRITON_INTERPRET=1")
+    out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
+    if rows == 0 or cols == 0:
+        return out
+    bitmask, values, block_prefix = _kernel_operands(bitmask, values, cols, block_prefix)
+    grid = (triton.cdiv(rows, DECODE_BLOCK["BLOCK_N"]), triton.cdiv(cols, DECODE_BLOCK["BLOCK_K"]))
+    _bitmap_decode_kernel[grid](
+        bitmask, values, row_offsets, block_prefix, out, rows, cols, out.stride(0), bitmask.shape[1],
+        block_prefix.shape[1], PREFIX_BLOCK=PREFIX_BLOCK, num_warps=4, **DECODE_BLOCK,
+    )  # fmt: skip
+    return out
+
+
 def triton_bitmap_linear(
     x: torch.Tensor,
     bitmask: torch.Tensor,
@@ -431,6 +491,12 @@ def triton_bitmap_linear(
         r, block_r = 0, 16
         t = b_cat = x2  # placeholders, never read
 
+    if m >= DENSE_DECODE_MIN_M:
+        w = triton_bitmap_decode(bitmask, values, row_offsets, rows, cols, block_prefix).to(x.dtype)
+        y = torch.nn.functional.linear(x2, w)
+        if has_lora:
+            y = y.addmm_(t, b_cat.T)
+        return y.reshape(*lead, rows)
     decode = m <= DECODE_MAX_M
     out_dtype = torch.float32 if decode else x.dtype  # split-K accumulates with fp32 atomics
     out = torch.zeros(m, rows, dtype=out_dtype, device=x.device)
@@ -480,6 +546,9 @@ def triton_bitmap_grad_input(
     m = g2.shape[0]
     if m == 0 or rows == 0 or cols == 0:
         return grad.new_zeros(*lead, cols)
+    if m >= DENSE_DECODE_MIN_M:
+        w = triton_bitmap_decode(bitmask, values, row_offsets, rows, cols, block_prefix).to(grad.dtype)
+        return (g2 @ w).reshape(*lead, cols)
     bitmask, values, block_prefix = _kernel_operands(bitmask, values, cols, block_prefix)
     out = torch.empty(m, cols, dtype=grad.dtype, device=grad.device)
     args = (g2, bitmask, values, row_offsets, block_prefix, out, m, rows, cols, triton.next_power_of_2(m))
