@@ -322,3 +322,18 @@ def test_peak_above_runtime_ratio():
                "salr": {"peak_rss_mib": 1200.0, "rss_runtime_mib": 400.0}}  # fmt: skip
     assert _over_runtime(results, "peak_rss_mib") == {"salr_over_lora_peak_above_runtime": pytest.approx(0.8)}
     assert _over_runtime({"lora": {"peak_memory_mib": 1.0}}, "peak_memory_mib") == {}
+
+
+def test_model_bytes_counts_wrapper_subclass_tensors_by_their_inner_tensors():
+    """A buffer that is a wrapper tensor subclass (as torch's 2:4 semi-structured weights are) has no storage of its
+    own: model_bytes counts the tensors inside it (the GPU suite's decode stage once failed on this)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from salr.bench.timing import model_bytes
+
+    module = torch.nn.Module()
+    a, b = torch.zeros(4, 8), torch.zeros(4, 8)
+    module.register_buffer("pair", TwoTensor(a, b))
+    module.register_buffer("plain", torch.zeros(3, dtype=torch.bfloat16))
+    module.register_buffer("alias", module.plain)  # shared: counted once
+    assert model_bytes(module) == 2 * 4 * 8 * 4 + 3 * 2

@@ -35,7 +35,10 @@ class FusedAdapters(nn.Module):
         self.A_cat = nn.Parameter(A_cat)
         self.B_cat = nn.Parameter(B_cat)
         scale = torch.cat([torch.ones(residual_rank), torch.full((self.lora_rank,), float(lora_scale))])
-        self.register_buffer("rank_scale", scale.to(A_cat.device, A_cat.dtype), persistent=False)
+        # Derived from two numbers and never saved: made on the adapters' device (a conversion on a GPU needs it
+        # there), but real even when they are on the meta device, as a checkpoint being loaded builds them.
+        device = "cpu" if A_cat.is_meta else A_cat.device
+        self.register_buffer("rank_scale", scale.to(device, A_cat.dtype), persistent=False)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._freeze_hooks: list = []
         self.train_residual = train_residual

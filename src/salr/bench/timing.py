@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -83,10 +83,22 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _stored_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors that hold `t`'s data: itself, or the inner tensors of a wrapper subclass (torch's 2:4
+    semi-structured tensors: packed values + metadata), which has no storage of its own."""
+    if hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            inner = getattr(t, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _stored_tensors(inner)
+    else:
+        yield t
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (shared tensors once): what the weights occupy in memory."""
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in (s for p in [*model.parameters(), *model.buffers()] for s in _stored_tensors(p)):
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)
