@@ -14,7 +14,7 @@ rewritten after every stage, so a suite stopped from outside keeps what it measu
   train     fine-tuning peak memory and step time, SALR vs LoRA of the same trainable rank, 8B-shaped model
             (`salr.bench.training.train_memory`, torch.cuda.max_memory_allocated);
   tests     the CUDA-only tests (pytest on the Triton and 2:4 test files, spread over up to 16 workers when
-            pytest-xdist is installed: most of their time is compiling kernel variants);
+            pytest-xdist is installed, one fixed config per kernel: SALR_TRITON_AUTOTUNE=0);
   qkernels  the Triton QSALR (NF4 bitmap) kernel vs cuBLAS dense bf16 and the bf16 bitmap kernel on the same grid
             (`salr.bench.kernel.bench_gpu_qkernel`).
 Without CUDA the suite stops at once with exit code 2 and one line on stderr. The targets in the table are the
@@ -46,6 +46,9 @@ CUDA_TEST_FILES = [
     "tests/test_semi_structured.py",
 ]
 REPO = Path(__file__).resolve().parent.parent
+# The tests run each Triton kernel with one fixed config (salr.ops.triton.AUTOTUNE): autotuning every config for
+# every dtype and shape class they touch took over 3 minutes of compiling on an H200 machine (2026-12-04).
+TEST_ENV = {**os.environ, "SALR_TRITON_AUTOTUNE": "0"}
 
 
 class SuiteError(Exception):
@@ -122,7 +125,8 @@ def stage_tests(args: argparse.Namespace) -> dict[str, Any]:
     workers = ["-n", str(min(16, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *CUDA_TEST_FILES]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(args.stage_timeout - 20, 10))
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=TEST_ENV,
+                              timeout=max(args.stage_timeout - 20, 10))  # fmt: skip
     except subprocess.TimeoutExpired as exc:  # keep what pytest printed: which tests passed or failed before
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         return {"error": f"pytest did not finish in {exc.timeout:.0f} s", "command": " ".join(cmd[1:]),

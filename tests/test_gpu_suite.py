@@ -203,3 +203,16 @@ def test_main_child_and_parent_write_their_json(suite, monkeypatch, tmp_path):
     assert report["gpu"] == "Fake GPU" and list(report["stages"]) == ["kernels", "tests"]
     assert report["stages"]["kernels"]["error"] == "ZeroDivisionError: division by zero"
     assert "failed: `ZeroDivisionError" in (tmp_path / "o" / "gpu_suite.md").read_text()
+
+
+def test_tests_stage_runs_pytest_with_one_config_per_kernel(suite, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen.update(cmd=cmd, env=kw["env"])
+        return subprocess.CompletedProcess(cmd, 0, stdout="3 passed in 1.0s\n", stderr="")
+
+    monkeypatch.setattr(suite.subprocess, "run", fake_run)
+    result = suite.stage_tests(suite.parse_args(["--out", "x"]))
+    assert seen["env"]["SALR_TRITON_AUTOTUNE"] == "0" and result["counts"] == {"passed": 3}
+    assert all(f in seen["cmd"] for f in suite.CUDA_TEST_FILES)

@@ -380,3 +380,22 @@ def test_bench_gpu_kernel_reports_timings():
     assert report["dense_ms"] > 0 and report["bitmap_triton_ms"] > 0
     assert report["bitmap_snr_db"] >= MIN_SNR[torch.bfloat16]
     assert report["bitmap_bytes"] < report["dense_bytes"]
+
+
+def test_autotune_switch_keeps_one_config_per_kernel():
+    """SALR_TRITON_AUTOTUNE=0 at import: one config per kernel (the GPU suite's test stage), split-K for decode."""
+    code = (
+        "import salr.ops.triton as t, salr.ops.triton_qbitmap as q\n"
+        "print(t.AUTOTUNE, len(t._DECODE_CONFIGS), len(t._PREFILL_CONFIGS), len(t._GRAD_CONFIGS),"
+        " len(q._DECODE_CONFIGS), len(q._PREFILL_CONFIGS), len(q._GRAD_CONFIGS),"
+        " t._DECODE_CONFIGS[0].kwargs['SPLIT_K'])"
+    )
+    for value, expected in (("0", "False 1 1 1 1 1 1 4"), ("1", None)):
+        env = {**os.environ, "SALR_TRITON_AUTOTUNE": value, "TRITON_INTERPRET": "1"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        if expected:
+            assert out.stdout.split() == expected.split()
+        else:
+            fields = out.stdout.split()
+            assert fields[0] == "True" and all(int(n) > 1 for n in fields[1:7])

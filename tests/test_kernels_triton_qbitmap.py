@@ -82,3 +82,65 @@ def test_refuses_mismatched_operands():
         tq.triton_qbitmap_linear(torch.randn(2, 41).to(DEVICE), bitmask, codes, absmax, offsets, n, k, bs)
     with pytest.raises(SALRError, match="code bytes"):
         tq.triton_qbitmap_linear(torch.randn(2, 40).to(DEVICE), bitmask, codes[:-1], absmax, offsets, n, k, bs)
+
+
+@pytest.mark.parametrize("kind,double_quant,blocksize", [("nf4", False, 64), ("nf4", True, 32), ("int8", False, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_decode_is_the_reference_dequantization(kind, double_quant, blocksize, dtype):
+    """triton_qbitmap_decode gives the fp32 dequantization of the format module bit for bit (rounded once to bf16
+    for a bf16 W, to nearest even on a GPU): adversarial rows, and a weight with nothing kept."""
+    g = torch.Generator().manual_seed(blocksize)
+    w = torch.randn(9, 203, generator=g)
+    mask = torch.rand(9, 203, generator=g) >= 0.5
+    mask[0], mask[1], mask[2] = False, True, False
+    mask[2, 202] = True
+    qw = fm.encode_quantized(w * mask, mask, kind, blocksize, double_quant)
+    args = [t.to(DEVICE) for t in (qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets)]
+    dense = tq.triton_qbitmap_decode(*args, 9, 203, blocksize, dtype)
+    ref = fm.decode_quantized(qw, torch.float32).to(DEVICE)
+    if dtype == torch.float32 or CUDA:
+        assert torch.equal(dense, ref.to(dtype))
+    else:  # Triton's interpreter rounds fp32 -> bf16 toward zero (a GPU to nearest even): one bf16 step at most
+        assert torch.equal(dense == 0, ref == 0)
+        assert ((dense.float() - ref).abs() <= ref.abs() * 2**-7).all()
+    _, (bitmask, codes, absmax, offsets, n, k, bs) = quantized(7, 50, sparsity=1.0)
+    assert torch.count_nonzero(tq.triton_qbitmap_decode(bitmask, codes, absmax, offsets, n, k, bs)) == 0
+
+
+@pytest.mark.parametrize("dense_decode", [False, True], ids=["fused", "decode+cublas"])
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_both_large_m_paths_match_reference(dense_decode, kind, monkeypatch):
+    """From DENSE_DECODE_MIN_M rows up W is decoded once and multiplied densely; both paths (forced at M = 33) give
+    the reference forward and input gradient, also when nothing is kept."""
+    monkeypatch.setattr(tb, "DENSE_DECODE_MIN_M", 1 if dense_decode else 10**9)
+    w, args = quantized(40, 129, kind, seed=5, adversarial=True)
+    x = torch.randn(3, 11, 129, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y = tq.triton_qbitmap_linear(x, *args)
+    assert y.shape == (3, 11, 40) and snr_db(y, x.double() @ w.double().T) >= MIN_SNR[torch.float32]
+    g = torch.randn(40, 33, generator=torch.Generator().manual_seed(2)).to(DEVICE).T  # transposed
+    gx = tq.triton_qbitmap_grad_input(g, *args)
+    assert gx.shape == (33, 129) and snr_db(gx, g.double() @ w.double()) >= MIN_SNR[torch.float32]
+    _, empty = quantized(7, 50, kind, sparsity=1.0)
+    assert torch.count_nonzero(tq.triton_qbitmap_linear(torch.randn(33, 50).to(DEVICE), *empty)) == 0
+
+
+def test_operand_count_check_runs_once_per_weight(monkeypatch):
+    """The count of kept values reads the GPU (a sync), so it is checked on a weight's first call only, and again
+    after any of its tensors changes in place; a different weight is checked on its own first call."""
+    calls = []
+    real = tq.check_quantized_operands
+    monkeypatch.setattr(tq, "check_quantized_operands", lambda *a: calls.append(1) or real(*a))
+    _, args = quantized(8, 40, seed=11)
+    x = torch.randn(2, 40).to(DEVICE)
+    for _ in range(3):
+        tq.triton_qbitmap_linear(x, *args)
+    assert len(calls) == 1
+    args[2].mul_(1.0)  # absmax modified in place: its version moves
+    tq.triton_qbitmap_linear(x, *args)
+    assert len(calls) == 2
+    _, other = quantized(8, 40, seed=12)
+    tq.triton_qbitmap_linear(x, *other)
+    assert len(calls) == 3
+    bitmask, codes, absmax, offsets, n, k, bs = args
+    with pytest.raises(SALRError, match="code bytes"):  # the same codes with a bad count: checked, refused
+        tq.triton_qbitmap_linear(x, bitmask, codes, absmax[:-1], offsets, n, k, bs)

@@ -26,6 +26,7 @@ bitmap, not the values, says which weights are pruned.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -104,9 +105,14 @@ def decode_dense(bitmask: torch.Tensor, values: torch.Tensor, rows: int, cols: i
     return dense
 
 
+@functools.cache
+def _popcount_table(device: torch.device) -> torch.Tensor:
+    return _POPCOUNT.to(device)  # one copy per device, not one host-to-device copy per call
+
+
 def byte_popcounts(bitmask: torch.Tensor) -> torch.Tensor:
     """int64, the bitmask's shape: number of set bits of each byte."""
-    return _POPCOUNT.to(bitmask.device)[bitmask.long()]
+    return _popcount_table(bitmask.device)[bitmask.long()]
 
 
 def row_counts(bitmask: torch.Tensor) -> torch.Tensor:

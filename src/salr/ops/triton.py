@@ -55,6 +55,10 @@ DECODE_MAX_M = 16  # M up to this uses the split-K decode configs
 # multiply. On an H200 the fused kernel was 6-7x slower than cuBLAS at M = 2048 (docs/benchmarks.md, GPU suite).
 DENSE_DECODE_MIN_M = 64
 DECODE_BLOCK = dict(BLOCK_N=32, BLOCK_K=128)  # the dense decode kernel's tile (BLOCK_K a multiple of PREFIX_BLOCK)
+# SALR_TRITON_AUTOTUNE=0 (read at import): one fixed config per kernel instead of an autotuned list. The GPU suite's
+# test stage sets it: autotuning compiles every config for every dtype and shape class the tests touch, which took
+# over 3 minutes on an H200 machine. Timings (salr bench, the suite's kernel stages) keep autotuning.
+AUTOTUNE = os.environ.get("SALR_TRITON_AUTOTUNE", "1") != "0"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -352,13 +356,15 @@ if HAS_TRITON:
         _cfg(64, 64, 128, 1, 4, 4),
         _cfg(32, 64, 128, 1, 4, 4),
     ]
+    if not AUTOTUNE:  # split-K decode (the atomic path), a plain prefill tile
+        _DECODE_CONFIGS, _PREFILL_CONFIGS = [_cfg(16, 64, 128, 4, 4, 3)], [_cfg(64, 64, 128, 1, 4, 4)]
     _KEY = ["M_BUCKET", "N", "K", "HAS_LORA"]
     _decode_tuned = triton.autotune(_DECODE_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(_bitmap_linear_kernel)
     _prefill_tuned = triton.autotune(_PREFILL_CONFIGS, key=_KEY)(_bitmap_linear_kernel)
     _GRAD_CONFIGS = [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, NUM_STAGES=3), num_warps=4, num_stages=3)
         for bm, bn in ((16, 64), (32, 64), (64, 64), (128, 64), (64, 32))
-    ]
+    ][: None if AUTOTUNE else 1]
     _grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["M_BUCKET", "N", "K"])(_bitmap_grad_input_kernel)
 
 # fixed small configs for the interpreter; the decode one uses split-K so the atomic path is exercised too

@@ -13,12 +13,22 @@ in fp32, the same arithmetic as the reference. Under TRITON_INTERPRET=1 the kern
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
 from salr.bitmap_format import NF4_CODE, check_quantized_operands
 from salr.errors import SALRError
-from salr.ops.triton import DECODE_MAX_M, HAS_TRITON, PREFIX_BLOCK, cached_block_prefix, interpreting
+from salr.ops import triton as _bitmap_triton
+from salr.ops.triton import (
+    AUTOTUNE,
+    DECODE_BLOCK,
+    DECODE_MAX_M,
+    HAS_TRITON,
+    PREFIX_BLOCK,
+    cached_block_prefix,
+    interpreting,
+)
 
 if HAS_TRITON:
     import triton
@@ -39,11 +49,11 @@ if HAS_TRITON:
         k0,
         NBYTES,
         NPREFIX,
-        QBLOCK,  # values per scale block
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PREFIX_BLOCK: tl.constexpr,
         IS_NF4: tl.constexpr,
+        QBLOCK: tl.constexpr,  # values per scale block: a compile-time power of two, so idx // QBLOCK is a shift
     ):
         """The dense fp32 [BLOCK_N, BLOCK_K] tile W[rn, k0:k0+BLOCK_K] (zeros where the bit is clear)."""
         rbyte = tl.arange(0, BLOCK_K // 8)
@@ -93,7 +103,6 @@ if HAS_TRITON:
         stride_on,
         NBYTES,
         NPREFIX,
-        QBLOCK,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -101,6 +110,7 @@ if HAS_TRITON:
         NUM_STAGES: tl.constexpr,
         PREFIX_BLOCK: tl.constexpr,
         IS_NF4: tl.constexpr,
+        QBLOCK: tl.constexpr,
         DOT_FP32: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
@@ -121,7 +131,7 @@ if HAS_TRITON:
             k0 = kb * BLOCK_K
             w = _qdecode_tile(
                 bitmask_ptr, codes_ptr, absmax_ptr, lut_ptr, prefix_ptr, rn, n_ok, row_start, k0, NBYTES, NPREFIX,
-                QBLOCK, BLOCK_N, BLOCK_K, PREFIX_BLOCK, IS_NF4,
+                BLOCK_N, BLOCK_K, PREFIX_BLOCK, IS_NF4, QBLOCK,
             )  # fmt: skip
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(
@@ -160,13 +170,13 @@ if HAS_TRITON:
         stride_ok,
         NBYTES,
         NPREFIX,
-        QBLOCK,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         NUM_STAGES: tl.constexpr,
         PREFIX_BLOCK: tl.constexpr,
         IS_NF4: tl.constexpr,
+        QBLOCK: tl.constexpr,
         DOT_FP32: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
@@ -184,7 +194,7 @@ if HAS_TRITON:
             row_start = tl.load(row_offsets_ptr + rn, mask=n_ok, other=0).to(tl.int64)
             w = _qdecode_tile(
                 bitmask_ptr, codes_ptr, absmax_ptr, lut_ptr, prefix_ptr, rn, n_ok, row_start, k0, NBYTES, NPREFIX,
-                QBLOCK, BLOCK_N, BLOCK_K, PREFIX_BLOCK, IS_NF4,
+                BLOCK_N, BLOCK_K, PREFIX_BLOCK, IS_NF4, QBLOCK,
             )  # fmt: skip
             g = tl.load(
                 g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :] * stride_gn,
@@ -198,20 +208,57 @@ if HAS_TRITON:
         out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rk[None, :] * stride_ok
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (rk < K)[None, :])
 
+    @triton.jit
+    def _qbitmap_decode_kernel(
+        bitmask_ptr,
+        codes_ptr,
+        absmax_ptr,
+        lut_ptr,
+        row_offsets_ptr,
+        prefix_ptr,
+        out_ptr,  # dense W [N, K]
+        N,
+        K,
+        stride_on,
+        NBYTES,
+        NPREFIX,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREFIX_BLOCK: tl.constexpr,
+        IS_NF4: tl.constexpr,
+        QBLOCK: tl.constexpr,
+    ):
+        # one [BLOCK_N, BLOCK_K] tile of W per program, dequantized exactly as the GEMM kernels do, stored dense
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        n_ok = rn < N
+        row_start = tl.load(row_offsets_ptr + rn, mask=n_ok, other=0).to(tl.int64)
+        w = _qdecode_tile(
+            bitmask_ptr, codes_ptr, absmax_ptr, lut_ptr, prefix_ptr, rn, n_ok, row_start, k0, NBYTES, NPREFIX,
+            BLOCK_N, BLOCK_K, PREFIX_BLOCK, IS_NF4, QBLOCK,
+        )  # fmt: skip
+        rk = k0 + tl.arange(0, BLOCK_K)
+        out_ptrs = out_ptr + rn[:, None].to(tl.int64) * stride_on + rk[None, :]
+        tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (rk < K)[None, :])
+
     def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
         kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, NUM_STAGES=stages)
         return triton.Config(kw, num_warps=warps, num_stages=stages)
 
     _DECODE_CONFIGS = [_cfg(16, bn, 128, sk, 4, 3) for bn in (32, 64, 128) for sk in (1, 4, 8)]
     _PREFILL_CONFIGS = [_cfg(128, 128, 128, 1, 8, 3), _cfg(128, 64, 128, 1, 4, 3), _cfg(64, 64, 128, 1, 4, 4)]
-    _KEY = ["M_BUCKET", "N", "K", "IS_NF4"]
+    if not AUTOTUNE:  # SALR_TRITON_AUTOTUNE=0, as in salr.ops.triton
+        _DECODE_CONFIGS, _PREFILL_CONFIGS = [_cfg(16, 64, 128, 4, 4, 3)], [_cfg(64, 64, 128, 1, 4, 4)]
+    _KEY = ["M_BUCKET", "N", "K", "IS_NF4", "QBLOCK"]
     _decode_tuned = triton.autotune(_DECODE_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(_qbitmap_linear_kernel)
     _prefill_tuned = triton.autotune(_PREFILL_CONFIGS, key=_KEY)(_qbitmap_linear_kernel)
     _GRAD_CONFIGS = [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, NUM_STAGES=3), num_warps=4, num_stages=3)
         for bm in (16, 64, 128)
-    ]
-    _grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["M_BUCKET", "N", "K", "IS_NF4"])(_qbitmap_grad_input_kernel)
+    ][: None if AUTOTUNE else 1]
+    _grad_tuned = triton.autotune(_GRAD_CONFIGS, key=["M_BUCKET", "N", "K", "IS_NF4", "QBLOCK"])(
+        _qbitmap_grad_input_kernel
+    )
 
 _INTERPRET_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, NUM_STAGES=2)
 _INTERPRET_PREFILL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, NUM_STAGES=2)
@@ -224,12 +271,29 @@ def _nf4_lut(device: torch.device) -> torch.Tensor:
     return NF4_CODE.to(device)
 
 
+# id(codes) -> (weakref to codes, the state that was checked): see _check_once
+_CHECKED: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _check_once(bitmask, codes, absmax, row_offsets, rows, cols, blocksize) -> None:
+    """check_quantized_operands once per weight: its count of kept values reads a value back from the GPU (a sync
+    that stalls every call). Checked again when any of the four tensors is another object or modified in place."""
+    state = (id(bitmask), id(absmax), id(row_offsets), rows, cols, blocksize)
+    state += tuple(t._version for t in (bitmask, codes, absmax, row_offsets))
+    key = id(codes)
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0]() is codes and hit[1] == state:
+        return
+    check_quantized_operands(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    _CHECKED[key] = (weakref.ref(codes, lambda _r, key=key: _CHECKED.pop(key, None)), state)
+
+
 def _operands(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize, features):
     if not HAS_TRITON:
         raise SALRError("the Triton kernels need the `triton` package: pip install triton")
     if x.device.type != "cuda" and not interpreting():
         raise SALRError(f"the Triton kernels run on CUDA tensors (got {x.device}); or set TRITON_INTERPRET=1")
-    check_quantized_operands(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
+    _check_once(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
     if codes.device != x.device:
         raise SALRError(f"the bitmap weight is on {codes.device} but the input on {x.device}: move them to one device")
     if x.dtype not in _DTYPES:
@@ -240,6 +304,37 @@ def _operands(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize, fea
         codes, absmax = codes.new_zeros(1), absmax.new_zeros(1)
     prefix = cached_block_prefix(bitmask, cols)
     return bitmask.contiguous(), codes.contiguous(), absmax.contiguous(), prefix, _nf4_lut(x.device)
+
+
+def triton_qbitmap_decode(
+    bitmask: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    row_offsets: torch.Tensor,
+    rows: int,
+    cols: int,
+    blocksize: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dense W [rows, cols] of a quantized bitmap weight in `dtype`: the fp32 dequantization (as the reference
+    computes it) rounded once to `dtype`, by one Triton kernel on the weight's device."""
+    probe = torch.empty(0, cols, dtype=dtype, device=codes.device)  # _operands checks a [.., cols] input
+    operands = _operands(probe, bitmask, codes, absmax, row_offsets, rows, cols, blocksize, cols)
+    return _decode(*operands, row_offsets, rows, cols, blocksize, dtype)
+
+
+def _decode(bitmask, codes, absmax, prefix, lut, row_offsets, rows, cols, blocksize, dtype) -> torch.Tensor:
+    """triton_qbitmap_decode on operands `_operands` has checked and prepared."""
+    out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
+    if rows == 0 or cols == 0:
+        return out
+    grid = (triton.cdiv(rows, DECODE_BLOCK["BLOCK_N"]), triton.cdiv(cols, DECODE_BLOCK["BLOCK_K"]))
+    _qbitmap_decode_kernel[grid](
+        bitmask, codes, absmax, lut, row_offsets, prefix, out, rows, cols, out.stride(0), bitmask.shape[1],
+        prefix.shape[1], PREFIX_BLOCK=PREFIX_BLOCK, IS_NF4=codes.dtype == torch.uint8, QBLOCK=blocksize,
+        num_warps=4, **DECODE_BLOCK,
+    )  # fmt: skip
+    return out
 
 
 def triton_qbitmap_linear(
@@ -261,13 +356,17 @@ def triton_qbitmap_linear(
     m = x2.shape[0]
     if m == 0 or rows == 0:
         return x.new_zeros(*lead, rows)
+    if m >= _bitmap_triton.DENSE_DECODE_MIN_M:  # decode W once, then cuBLAS (as salr.ops.triton does)
+        w = _decode(bitmask, codes, absmax, prefix, lut, row_offsets, rows, cols, blocksize, x.dtype)
+        return torch.nn.functional.linear(x2, w).reshape(*lead, rows)
     decode = m <= DECODE_MAX_M
     out = torch.zeros(m, rows, dtype=torch.float32 if decode else x.dtype, device=x.device)
     args = (x2, bitmask, codes, absmax, lut, row_offsets, prefix, out, m, rows, cols, triton.next_power_of_2(m))
-    args += (x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), bitmask.shape[1], prefix.shape[1], blocksize)
+    args += (x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), bitmask.shape[1], prefix.shape[1])
     common = dict(
         PREFIX_BLOCK=PREFIX_BLOCK,
         IS_NF4=codes.dtype == torch.uint8,
+        QBLOCK=blocksize,
         DOT_FP32=interpreting(),
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
     )
@@ -304,12 +403,16 @@ def triton_qbitmap_grad_input(
     m = g2.shape[0]
     if m == 0 or rows == 0 or cols == 0:
         return grad.new_zeros(*lead, cols)
+    if m >= _bitmap_triton.DENSE_DECODE_MIN_M:
+        w = _decode(bitmask, codes, absmax, prefix, lut, row_offsets, rows, cols, blocksize, grad.dtype)
+        return (g2 @ w).reshape(*lead, cols)
     out = torch.empty(m, cols, dtype=grad.dtype, device=grad.device)
     args = (g2, bitmask, codes, absmax, lut, row_offsets, prefix, out, m, rows, cols, triton.next_power_of_2(m))
-    args += (g2.stride(0), g2.stride(1), out.stride(0), out.stride(1), bitmask.shape[1], prefix.shape[1], blocksize)
+    args += (g2.stride(0), g2.stride(1), out.stride(0), out.stride(1), bitmask.shape[1], prefix.shape[1])
     common = dict(
         PREFIX_BLOCK=PREFIX_BLOCK,
         IS_NF4=codes.dtype == torch.uint8,
+        QBLOCK=blocksize,
         DOT_FP32=interpreting(),
         INPUT_PRECISION="ieee" if grad.dtype == torch.float32 else None,
     )
