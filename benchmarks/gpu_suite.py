@@ -13,6 +13,7 @@ rewritten after every stage, so a suite stopped from outside keeps what it measu
             (`salr.bench.generation.cuda_generation_compare`);
   train     fine-tuning peak memory and step time, SALR vs LoRA of the same trainable rank, 8B-shaped model
             (`salr.bench.training.train_memory`, torch.cuda.max_memory_allocated);
+  train_ckpt the same with gradient checkpointing for both methods (activations recomputed in the backward);
   tests     the CUDA-only tests (pytest on the Triton and 2:4 test files, spread over up to 16 workers when
             pytest-xdist is installed, one fixed config per kernel: SALR_TRITON_AUTOTUNE=0);
   qkernels  the Triton QSALR (NF4 bitmap) kernel vs cuBLAS dense bf16 and the bf16 bitmap kernel on the same grid
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STAGES = ("kernels", "decode", "train", "tests", "qkernels")
+STAGES = ("kernels", "decode", "train", "train_ckpt", "tests", "qkernels")
 KERNEL_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 KERNEL_TOKENS = [1, 16, 128, 2048]
 CUDA_TEST_FILES = [
@@ -101,10 +102,10 @@ def stage_decode(args: argparse.Namespace) -> dict[str, Any]:
     return cuda_generation_compare(["llama3-8b"], args.new_tokens, 128, args.rounds)
 
 
-def stage_train(args: argparse.Namespace) -> dict[str, Any]:
+def stage_train(args: argparse.Namespace, checkpointing: bool = False) -> dict[str, Any]:
     from salr.bench.training import train_memory
 
-    return train_memory("llama3-8b", "cuda", args.batch, args.seq, args.steps)
+    return train_memory("llama3-8b", "cuda", args.batch, args.seq, args.steps, checkpointing=checkpointing)
 
 
 def pytest_summary(output: str) -> dict[str, int]:
@@ -139,6 +140,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "kernels": stage_kernels,
     "decode": stage_decode,
     "train": stage_train,
+    "train_ckpt": lambda args: stage_train(args, checkpointing=True),
     "tests": stage_tests,
     "qkernels": stage_qkernels,
 }
@@ -225,7 +227,8 @@ def _train_rows(train: dict[str, Any]) -> list[str]:
         "|---|---|---|",
         *(f"| {m} | {r[m]['peak_memory_mib']:.0f} | {r[m]['step_ms']:.0f} |" for m in ("lora", "salr")),
         f"\nSALR / LoRA peak memory: **{train['salr_over_lora_peak']:.2f}** (target ≤ 0.75), "
-        f"batch {train['batch']} x {train['seq']}.",
+        f"batch {train['batch']} x {train['seq']}"
+        + (", gradient checkpointing." if train.get("gradient_checkpointing") else "."),
     ]
 
 
@@ -244,7 +247,8 @@ def _qkernel_rows(qkernels: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown section for docs/benchmarks.md."""
     lines = [f"### GPU suite: {report['gpu']} ({report['date']}, {report['seconds']:.0f} s)", ""]
-    renderers = {"kernels": _kernel_rows, "decode": _decode_rows, "train": _train_rows, "qkernels": _qkernel_rows}
+    renderers = {"kernels": _kernel_rows, "decode": _decode_rows, "train": _train_rows, "train_ckpt": _train_rows,
+                 "qkernels": _qkernel_rows}  # fmt: skip
     for name, stage in report["stages"].items():
         lines.append(f"**{name}** ({stage['seconds']:.0f} s)")
         lines.append("")

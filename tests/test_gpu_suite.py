@@ -42,7 +42,7 @@ def test_bad_arguments_are_refused(suite):
         suite.parse_args(["--out", "x", "--stage-timeout", "0"])
     with pytest.raises(SystemExit):
         suite.parse_args(["--out", "x", "--only", "nonsense"])
-    assert suite.parse_args(["--out", "x", "--only", "kernels", "--only", "tests"]).stages == ["kernels", "tests"]
+    assert suite.parse_args(["--out", "x", "--only", "tests", "--only", "kernels"]).stages == ["kernels", "tests"]
     assert suite.parse_args(["--out", "x"]).stages == list(suite.STAGES)
 
 
@@ -216,3 +216,26 @@ def test_tests_stage_runs_pytest_with_one_config_per_kernel(suite, monkeypatch):
     result = suite.stage_tests(suite.parse_args(["--out", "x"]))
     assert seen["env"]["SALR_TRITON_AUTOTUNE"] == "0" and result["counts"] == {"passed": 3}
     assert all(f in seen["cmd"] for f in suite.CUDA_TEST_FILES)
+
+
+def test_train_stages_measure_without_and_with_checkpointing(suite, monkeypatch):
+    import salr.bench.training as training
+
+    calls = []
+
+    def fake(spec, device, batch, seq, steps, checkpointing=False):
+        calls.append((spec, device, batch, seq, steps, checkpointing))
+        results = {
+            "lora": {"peak_memory_mib": 100.0, "step_ms": 1.0},
+            "salr": {"peak_memory_mib": 70.0, "step_ms": 2.0},
+        }
+        return {"batch": batch, "seq": seq, "gradient_checkpointing": checkpointing, "salr_over_lora_peak": 0.7,
+                "results": results}  # fmt: skip
+
+    monkeypatch.setattr(training, "train_memory", fake)
+    args = suite.parse_args(["--out", "x"])
+    plain, ckpt = suite.STAGE_FUNCTIONS["train"](args), suite.STAGE_FUNCTIONS["train_ckpt"](args)
+    assert calls == [("llama3-8b", "cuda", 4, 256, 3, False), ("llama3-8b", "cuda", 4, 256, 3, True)]
+    stages = {"train": {**plain, "seconds": 1.0}, "train_ckpt": {**ckpt, "seconds": 1.0}}
+    md = suite.markdown({"gpu": "G", "date": "d", "seconds": 1.0, "stages": stages})
+    assert "batch 4 x 256." in md and "batch 4 x 256, gradient checkpointing." in md
