@@ -251,7 +251,7 @@ def test_block_prefix_counts_nonzeros_before_each_block():
     w = random_weight(5, 300, 0.7, torch.float32, seed=3)
     bitmask, _, _ = encode(w)
     prefix = tb.bitmap_block_prefix(bitmask, 300)
-    assert prefix.dtype == torch.int16 and prefix.shape == (5, 3)  # counts below 32768: half the metadata
+    assert prefix.dtype == torch.int32 and prefix.shape == (5, 3)
     nz = (w != 0).int()
     for b in range(3):
         assert torch.equal(prefix[:, b], nz[:, : b * tb.PREFIX_BLOCK].sum(1).int())
@@ -266,22 +266,6 @@ def test_block_prefix_cache_reuses_and_invalidates():
     bitmask[:, :] = 0xFF  # in-place change bumps the version counter
     again = tb.cached_block_prefix(bitmask, 260)
     assert again is not first and again[:, 1].tolist() == [128] * 4
-
-
-def test_block_prefix_dtype_and_both_widths_decode_alike():
-    """int16 while a row's count fits in it, int32 beyond; the kernels take either (an int32 prefix passed by a
-    caller still works)."""
-    assert tb.prefix_dtype(32767) == torch.int16 and tb.prefix_dtype(32768) == torch.int32
-    ones = torch.full((1, 32768 // 8), 0xFF, dtype=torch.uint8)  # a fully dense 32768-wide row
-    wide = tb.bitmap_block_prefix(ones, 32768)
-    assert wide.dtype == torch.int32 and wide[0, -1] == 32768 - tb.PREFIX_BLOCK
-    w = random_weight(9, 203, 0.5, torch.float32, seed=8)
-    bitmask, values, row_offsets = (t.to(DEVICE) for t in encode(w))
-    narrow = tb.bitmap_block_prefix(bitmask, 203)
-    assert narrow.dtype == torch.int16
-    dense16 = tb.triton_bitmap_decode(bitmask, values, row_offsets, 9, 203, narrow)
-    dense32 = tb.triton_bitmap_decode(bitmask, values, row_offsets, 9, 203, narrow.int())
-    assert torch.equal(dense16, w.to(DEVICE)) and torch.equal(dense32, w.to(DEVICE))
 
 
 def test_grad_input_decodes_w_in_row_blocks(monkeypatch):
@@ -319,7 +303,7 @@ def test_bad_inputs_raise_salr_error():
         tb.triton_bitmap_linear(x, bitmask[:5], values, row_offsets, 6, 24)
     with pytest.raises(SALRError, match="row_offsets must be int64"):
         tb.triton_bitmap_linear(x, bitmask, values, row_offsets.int(), 6, 24)
-    with pytest.raises(SALRError, match="block_prefix must be torch.int16 or int32"):
+    with pytest.raises(SALRError, match="block_prefix must be int32"):
         tb.triton_bitmap_linear(x, bitmask, values, row_offsets, 6, 24, block_prefix=torch.zeros(6, 1))
     with pytest.raises(SALRError, match="bf16, fp16 or fp32"):
         tb.triton_bitmap_linear(x.double(), bitmask, values, row_offsets, 6, 24)

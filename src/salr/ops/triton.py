@@ -6,8 +6,7 @@ Layout (shared with the CPU kernel, the compressed-tensors "sparse-bitmask" form
   values      1-D bf16/fp16/fp32, the nonzeros in row-major order
   row_offsets int64 [N], start of each row in `values`
 plus metadata computed once per weight and cached (see `bitmap_block_prefix`):
-  block_prefix int16 (int32 from K = 32768 up) [N, ceil(K/PREFIX_BLOCK)], nonzeros of the row before each
-               PREFIX_BLOCK-column block.
+  block_prefix int32 [N, ceil(K/PREFIX_BLOCK)], nonzeros of the row before each PREFIX_BLOCK-column block.
 
 Each program owns a BLOCK_M x BLOCK_N output tile and walks K in BLOCK_K steps. Per step it loads the
 [BLOCK_N, BLOCK_K/8] bitmap bytes, popcounts them, takes an exclusive prefix sum over the bytes and a popcount of
@@ -49,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
     _INTERPRETED = False
 
-PREFIX_BLOCK = 128  # columns per block_prefix entry; every BLOCK_K is a multiple of it (0.125 bit/weight at int16)
+PREFIX_BLOCK = 128  # columns per block_prefix entry; every BLOCK_K is a multiple of it (0.25 bit/weight of metadata)
 DECODE_MAX_M = 16  # M up to this uses the split-K decode configs
 # From this many rows of x up (and for input gradients of as many rows), the fused kernel would decode every W tile
 # once per BLOCK_M rows of x: decode W once into a dense scratch matrix (`triton_bitmap_decode`) and let cuBLAS
@@ -73,8 +72,7 @@ def interpreting() -> bool:
 
 
 def bitmap_block_prefix(bitmask: torch.Tensor, cols: int, block: int = PREFIX_BLOCK) -> torch.Tensor:
-    """[rows, ceil(cols/block)]: number of nonzeros of each row before each `block`-column block, int16 when every
-    count fits (cols <= 32767: 0.125 bit per weight at the default block), else int32.
+    """int32 [rows, ceil(cols/block)]: number of nonzeros of each row before each `block`-column block.
 
     `bitmask` is uint8 [rows, ceil(cols/8)]; `block` must be a multiple of 8. Runs on the bitmask's device.
     """
@@ -88,13 +86,9 @@ def bitmap_block_prefix(bitmask: torch.Tensor, cols: int, block: int = PREFIX_BL
     if pad > 0:
         counts = torch.nn.functional.pad(counts, (0, pad))
     block_counts = counts[:, : nblocks * per_block].reshape(rows, nblocks, per_block).sum(-1)
-    return (torch.cumsum(block_counts, dim=1) - block_counts).to(prefix_dtype(cols)).contiguous()
-
-
-def prefix_dtype(cols: int) -> torch.dtype:
-    """The block prefix's dtype for a weight of `cols` columns: int16 while a row's count fits (it is held for every
-    weight of a model on the GPU: 8 MiB of a Llama-3-8B layer's 16 at int32), else int32."""
-    return torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+    # int32, not int16: an int16 prefix would halve this metadata, but it more than doubled the shared memory Triton
+    # 3.9 gives the fused kernels for sm_90 (the NF4 prefill config no longer fitted), so it was left as is.
+    return (torch.cumsum(block_counts, dim=1) - block_counts).to(torch.int32).contiguous()
 
 
 # id(bitmask) -> (weakref to it, its version counter, prefix); entries leave when the bitmask is freed.
@@ -413,9 +407,9 @@ def _check(
         raise SALRError(f"x has {x.shape[-1]} input features but the bitmap weight has {cols} columns")
     if block_prefix is not None:
         want = (rows, -(-cols // PREFIX_BLOCK))
-        if block_prefix.dtype not in (torch.int32, prefix_dtype(cols)) or tuple(block_prefix.shape) != want:
+        if block_prefix.dtype != torch.int32 or tuple(block_prefix.shape) != want:
             raise SALRError(
-                f"block_prefix must be {prefix_dtype(cols)} or int32 {list(want)} (see bitmap_block_prefix), "
+                f"block_prefix must be int32 {list(want)} (see bitmap_block_prefix), "
                 f"got {block_prefix.dtype} {list(block_prefix.shape)}"
             )
 
