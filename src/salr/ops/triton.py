@@ -62,6 +62,18 @@ AUTOTUNE = os.environ.get("SALR_TRITON_AUTOTUNE", "1") != "0"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def require_kernel_device(t: torch.Tensor) -> None:
+    """Refuse a tensor the compiled kernels cannot take: they run on CUDA, or on the CPU under the interpreter.
+    (The ahead-of-time compile check, benchmarks/triton_compile_check.py, lifts this to compile from CPU tensors.)"""
+    if not HAS_TRITON:
+        raise SALRError("the Triton kernels need the `triton` package: pip install triton")
+    if t.device.type != "cuda" and not interpreting():
+        raise SALRError(
+            f"the Triton kernels run on CUDA tensors (got {t.device}); "
+            "set TRITON_INTERPRET=1 before importing triton to run them on the CPU interpreter"
+        )
+
+
 def interpreting() -> bool:
     """True when this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return _INTERPRETED
@@ -389,13 +401,7 @@ def _check(
     block_prefix: torch.Tensor | None,
     grad: bool = False,
 ) -> None:
-    if not HAS_TRITON:
-        raise SALRError("the Triton bitmap kernel needs the `triton` package: pip install triton")
-    if x.device.type != "cuda" and not interpreting():
-        raise SALRError(
-            f"the Triton bitmap kernel runs on CUDA tensors (got {x.device}); "
-            "set TRITON_INTERPRET=1 before importing triton to run it on the CPU interpreter"
-        )
+    require_kernel_device(x)
     check_operands(bitmask, values, row_offsets, rows, cols)
     if values.device != x.device:
         raise SALRError(f"the bitmap weight is on {values.device} but x is on {x.device}: move them to one device")
@@ -434,11 +440,8 @@ def triton_bitmap_decode(
     block_prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The dense W [rows, cols] (values' dtype) of a bitmap weight, decoded by one Triton kernel on its device."""
-    if not HAS_TRITON:
-        raise SALRError("the Triton bitmap kernel needs the `triton` package: pip install triton")
+    require_kernel_device(values)
     check_operands(bitmask, values, row_offsets, rows, cols)
-    if values.device.type != "cuda" and not interpreting():
-        raise SALRError(f"the Triton bitmap kernel runs on CUDA tensors (got {values.device}); or TRITON_INTERPRET=1")
     out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     if rows == 0 or cols == 0:
         return out

@@ -289,10 +289,7 @@ def _check_once(bitmask, codes, absmax, row_offsets, rows, cols, blocksize) -> N
 
 
 def _operands(x, bitmask, codes, absmax, row_offsets, rows, cols, blocksize, features):
-    if not HAS_TRITON:
-        raise SALRError("the Triton kernels need the `triton` package: pip install triton")
-    if x.device.type != "cuda" and not interpreting():
-        raise SALRError(f"the Triton kernels run on CUDA tensors (got {x.device}); or set TRITON_INTERPRET=1")
+    _bitmap_triton.require_kernel_device(x)
     _check_once(bitmask, codes, absmax, row_offsets, rows, cols, blocksize)
     if codes.device != x.device:
         raise SALRError(f"the bitmap weight is on {codes.device} but the input on {x.device}: move them to one device")
