@@ -122,18 +122,25 @@ def stage_qkernels(args: argparse.Namespace) -> dict[str, Any]:
     return {"cases": [bench_gpu_qkernel(shape, m, 0.5, "nf4") for shape in KERNEL_SHAPES for m in KERNEL_TOKENS]}
 
 
+def failed_tests(output: str) -> list[str]:
+    """The tests pytest -v reported as failed or errored so far (also from output cut short by a timeout)."""
+    found = re.findall(r"(?:FAILED|ERROR) (tests/\S+::\S+)|(tests/\S+::\S+) (?:FAILED|ERROR)", output)
+    return sorted({a or b for a, b in found})
+
+
 def stage_tests(args: argparse.Namespace) -> dict[str, Any]:
     workers = ["-n", str(min(16, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *CUDA_TEST_FILES]
+    # -v prints each test's outcome as it happens, so a failure is named even if the run is cut short
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *workers, *CUDA_TEST_FILES]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=TEST_ENV,
                               timeout=max(args.stage_timeout - 20, 10))  # fmt: skip
     except subprocess.TimeoutExpired as exc:  # keep what pytest printed: which tests passed or failed before
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         return {"error": f"pytest did not finish in {exc.timeout:.0f} s", "command": " ".join(cmd[1:]),
-                "tail": out[-3000:]}  # fmt: skip
+                "failed": failed_tests(out), "passed_so_far": out.count(" PASSED"), "tail": out[-3000:]}  # fmt: skip
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "counts": pytest_summary(proc.stdout),
-            "tail": proc.stdout[-3000:]}  # fmt: skip
+            "failed": failed_tests(proc.stdout), "tail": proc.stdout[-3000:]}  # fmt: skip
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -256,6 +263,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"failed: `{stage['error']}`")
         elif name == "tests":
             lines.append(f"`{stage['command']}`: exit {stage['returncode']}, {stage['counts']}")
+            lines.extend(f"- failed: `{name}`" for name in stage.get("failed", []))
         else:
             lines.extend(renderers[name](stage))
         lines.append("")

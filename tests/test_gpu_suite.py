@@ -239,3 +239,14 @@ def test_train_stages_measure_without_and_with_checkpointing(suite, monkeypatch)
     stages = {"train": {**plain, "seconds": 1.0}, "train_ckpt": {**ckpt, "seconds": 1.0}}
     md = suite.markdown({"gpu": "G", "date": "d", "seconds": 1.0, "stages": stages})
     assert "batch 4 x 256." in md and "batch 4 x 256, gradient checkpointing." in md
+
+
+def test_failed_tests_are_named_from_verbose_output(suite):
+    out = (
+        "[gw3] [ 45%] PASSED tests/test_kernels_triton.py::test_a[1-33-37-dtype0]\n"
+        "[gw1] [ 46%] FAILED tests/test_semi_structured.py::test_gpu_path\n"
+        "tests/test_kernels_triton_qbitmap.py::test_b[nf4] ERROR\n"
+        "FAILED tests/test_semi_structured.py::test_gpu_path - AssertionError: boom\n"
+    )
+    assert suite.failed_tests(out) == ["tests/test_kernels_triton_qbitmap.py::test_b[nf4]",
+                                       "tests/test_semi_structured.py::test_gpu_path"]  # fmt: skip
