@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (14336, 4096)]
-TOKENS = [1, 16, 128, 2048]
+TOKENS = [1, 16, 32, 64, 128, 2048]  # 32 and 64 bracket the fused vs decode + cuBLAS crossover (DENSE_DECODE_MIN_M)
 
 
 def _ms(fn: Callable[[], object]) -> float:
