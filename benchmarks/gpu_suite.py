@@ -11,6 +11,8 @@ rewritten after every stage, so a suite stopped from outside keeps what it measu
             14336x4096, 4096x14336 and M = 1, 16, 128, 2048 (`salr.bench.kernel.bench_gpu_kernel`);
   decode    greedy decoding on a random Llama-3-8B-shaped model: dense bf16, SALR (bitmap), SALR 2:4
             (`salr.bench.generation.cuda_generation_compare`);
+  decode_graph the same decoding with a static KV cache and each step replayed from a CUDA graph, for all three
+            models (no host overhead in the timed loop; `salr.bench.generation.graph_generation_bench`);
   train     fine-tuning peak memory and step time, SALR vs LoRA of the same trainable rank, 8B-shaped model
             (`salr.bench.training.train_memory`, torch.cuda.max_memory_allocated);
   train_ckpt the same with gradient checkpointing for both methods (activations recomputed in the backward);
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STAGES = ("kernels", "decode", "train", "train_ckpt", "tests", "qkernels")
+STAGES = ("kernels", "decode", "decode_graph", "train", "train_ckpt", "tests", "qkernels")
 KERNEL_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 KERNEL_TOKENS = [1, 16, 128, 2048]
 CUDA_TEST_FILES = [
@@ -96,10 +98,10 @@ def stage_kernels(args: argparse.Namespace) -> dict[str, Any]:
     return {"cases": [bench_gpu_kernel(shape, m, 0.5) for shape in KERNEL_SHAPES for m in KERNEL_TOKENS]}
 
 
-def stage_decode(args: argparse.Namespace) -> dict[str, Any]:
+def stage_decode(args: argparse.Namespace, cuda_graph: bool = False) -> dict[str, Any]:
     from salr.bench.generation import cuda_generation_compare
 
-    return cuda_generation_compare(["llama3-8b"], args.new_tokens, 128, args.rounds)
+    return cuda_generation_compare(["llama3-8b"], args.new_tokens, 128, args.rounds, cuda_graph=cuda_graph)
 
 
 def stage_train(args: argparse.Namespace, checkpointing: bool = False) -> dict[str, Any]:
@@ -146,6 +148,7 @@ def stage_tests(args: argparse.Namespace) -> dict[str, Any]:
 STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "kernels": stage_kernels,
     "decode": stage_decode,
+    "decode_graph": lambda args: stage_decode(args, cuda_graph=True),
     "train": stage_train,
     "train_ckpt": lambda args: stage_train(args, checkpointing=True),
     "tests": stage_tests,
@@ -254,8 +257,8 @@ def _qkernel_rows(qkernels: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown section for docs/benchmarks.md."""
     lines = [f"### GPU suite: {report['gpu']} ({report['date']}, {report['seconds']:.0f} s)", ""]
-    renderers = {"kernels": _kernel_rows, "decode": _decode_rows, "train": _train_rows, "train_ckpt": _train_rows,
-                 "qkernels": _qkernel_rows}  # fmt: skip
+    renderers = {"kernels": _kernel_rows, "decode": _decode_rows, "decode_graph": _decode_rows, "train": _train_rows,
+                 "train_ckpt": _train_rows, "qkernels": _qkernel_rows}  # fmt: skip
     for name, stage in report["stages"].items():
         lines.append(f"**{name}** ({stage['seconds']:.0f} s)")
         lines.append("")

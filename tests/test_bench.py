@@ -337,3 +337,33 @@ def test_model_bytes_counts_wrapper_subclass_tensors_by_their_inner_tensors():
     module.register_buffer("plain", torch.zeros(3, dtype=torch.bfloat16))
     module.register_buffer("alias", module.plain)  # shared: counted once
     assert model_bytes(module) == 2 * 4 * 8 * 4 + 3 * 2
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_static_cache_generation_gives_the_dynamic_cache_tokens():
+    """graph_generation_bench (static KV cache, warm-up steps, cache rewound; the CUDA graph itself needs a GPU) gives
+    the token ids of the plain greedy loop, for a dense model and its SALR copy, with 1 and 10 new tokens (the
+    warm-up steps write past a 1-token budget: the cache is sized for them)."""
+    from salr.bench.generation import generation_bench, generation_compare, graph_generation_bench
+    from salr.bench.models import salr_copy
+
+    dense = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    salr_model, _ = salr_copy(dense, SALRConfig(sparsity=0.5, residual_rank=8, r=4))
+    for model in (dense, salr_model):
+        for n in (1, 10):
+            plain, static = generation_bench(model, ids, n), graph_generation_bench(model, ids, n)
+            assert static["token_ids"] == plain["token_ids"] and len(static["token_ids"]) == n + 1
+            assert static["cuda_graph"] is False and static["decode_tokens_per_s"] > 0
+    report = generation_compare({"dense": dense}, ids, 4, 2, graph_generation_bench)
+    assert report["dense"]["token_ids"] == generation_bench(dense, ids, 4)["token_ids"]
+    with pytest.raises(SALRError, match="CUDA graph needs the model on a CUDA device"):
+        graph_generation_bench(dense, ids, 2, capture=True)

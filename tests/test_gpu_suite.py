@@ -250,3 +250,15 @@ def test_failed_tests_are_named_from_verbose_output(suite):
     )
     assert suite.failed_tests(out) == ["tests/test_kernels_triton_qbitmap.py::test_b[nf4]",
                                        "tests/test_semi_structured.py::test_gpu_path"]  # fmt: skip
+
+
+def test_decode_stages_without_and_with_cuda_graphs(suite, monkeypatch):
+    import salr.bench.generation as generation
+
+    calls = []
+    monkeypatch.setattr(generation, "cuda_generation_compare", lambda *a, **kw: calls.append((a, kw)) or {"cases": []})
+    args = suite.parse_args(["--out", "x"])
+    suite.STAGE_FUNCTIONS["decode"](args)
+    suite.STAGE_FUNCTIONS["decode_graph"](args)
+    assert [kw["cuda_graph"] for _, kw in calls] == [False, True]
+    assert all(a == (["llama3-8b"], 32, 128, 3) for a, _ in calls)

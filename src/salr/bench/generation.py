@@ -7,12 +7,13 @@ SALR with 2:4 bases on sparse tensor cores and reports torch.cuda.max_memory_all
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from salr import ops
 from salr.bench.models import bench_model, cuda_model, salr_copy
-from salr.bench.timing import environment, in_child, model_bytes, sync_model
+from salr.bench.timing import environment, in_child, model_bytes, sync, sync_model
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.memory import peak_rss_mib, rss_mib
@@ -61,17 +62,105 @@ def generation_bench(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: 
     }
 
 
+GRAPH_WARMUP_STEPS = 3  # eager decode steps before a CUDA graph is captured (they also autotune Triton kernels)
+
+
+def _rewind(cache: Any, length: int) -> None:
+    """Set a StaticCache back to `length` cached tokens. transformers 5.x keeps each layer's write position in a
+    device tensor (`cumulative_length`, advanced in place so a CUDA graph can replay the update); the slots after it
+    are overwritten in order and masked until then."""
+    for layer in cache.layers:
+        filled = getattr(layer, "cumulative_length", None)
+        if isinstance(filled, torch.Tensor):
+            filled.fill_(length)
+
+
+def graph_generation_bench(
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, capture: bool | None = None
+) -> dict[str, Any]:
+    """`generation_bench` with a static KV cache (transformers' StaticCache) and, on CUDA, each decode step replayed
+    from one captured CUDA graph (what gpt-fast does): the host's per-layer Python and launch cost leaves the timed
+    loop, for dense and SALR models alike. `capture` defaults to whether the model is on CUDA; without it the same
+    static-cache steps run eagerly (how the CPU tests check the token ids)."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    capture = device.type == "cuda" if capture is None else capture
+    if capture and device.type != "cuda":
+        raise SALRError(f"a CUDA graph needs the model on a CUDA device, it is on {device}: pass capture=False")
+    prompt = input_ids.shape[-1]
+    model.eval()
+    with torch.inference_mode():
+        cache = StaticCache(config=model.config, max_cache_len=prompt + max(max_new_tokens, GRAPH_WARMUP_STEPS) + 1)
+        sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device))
+        first = out.logits[:, -1:].argmax(-1)
+        sync(device)
+        prefill_s = time.perf_counter() - t0
+        token, position = first.clone(), torch.tensor([prompt], device=device)  # the step's static inputs
+
+        def step() -> torch.Tensor:
+            logits = model(input_ids=token, past_key_values=cache, cache_position=position).logits
+            return logits[:, -1:].argmax(-1)
+
+        # Eager warm-up steps (first-call work, Triton autotuning); on CUDA on a side stream, as torch.cuda.graphs
+        # asks before a capture. They advance the cache, which is rewound to the prompt afterwards.
+        side = torch.cuda.Stream(device) if capture else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for _ in range(GRAPH_WARMUP_STEPS):
+                step()
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
+        _rewind(cache, prompt)
+        replay = step
+        if capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                next_token = step()  # recorded, not run: the cache does not advance
+
+            def replay() -> torch.Tensor:
+                graph.replay()
+                return next_token
+
+        tokens = [first]
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            nxt = replay()
+            tokens.append(nxt.clone())
+            token.copy_(nxt)
+            position += 1
+        sync(device)
+        decode_s = time.perf_counter() - t0
+    return {
+        "prompt_tokens": prompt,
+        "new_tokens": max_new_tokens,
+        "prefill_ms": 1e3 * prefill_s,
+        "decode_tokens_per_s": max_new_tokens / decode_s if decode_s > 0 else float("inf"),
+        "token_ids": torch.cat(tokens, -1)[0].tolist(),
+        "cuda_graph": capture,
+    }
+
+
 def generation_compare(
-    models: dict[str, nn.Module], input_ids: torch.Tensor, max_new_tokens: int = 32, rounds: int = 3
+    models: dict[str, nn.Module],
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    rounds: int = 3,
+    bench: Callable[..., dict[str, Any]] = generation_bench,
 ) -> dict[str, dict[str, Any]]:
     """Greedy generation of the same prompt by each model, in interleaved rounds (order alternating); per model the
-    median prefill ms and decode tokens/s over the rounds, every round's tokens/s, its bytes and the token ids."""
+    median prefill ms and decode tokens/s over the rounds, every round's tokens/s, its bytes and the token ids.
+    `bench` runs one generation (`generation_bench`, or `graph_generation_bench`)."""
     samples: dict[str, list[dict]] = {name: [] for name in models}
     for model in models.values():  # warm-up: first-call allocations, lazy init
-        generation_bench(model, input_ids, 2)
+        bench(model, input_ids, 2)
     for i in range(rounds):
         for name in list(models) if i % 2 == 0 else list(reversed(models)):
-            samples[name].append(generation_bench(models[name], input_ids, max_new_tokens))
+            samples[name].append(bench(models[name], input_ids, max_new_tokens))
     return {
         name: {
             "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
@@ -274,9 +363,16 @@ def _cuda_peak_memory(model: nn.Module, input_ids: torch.Tensor, max_new_tokens:
 
 
 def _cuda_case(
-    spec: str, config: SALRConfig, max_new_tokens: int, prompt_tokens: int, rounds: int, llama_overrides: dict
+    spec: str,
+    config: SALRConfig,
+    max_new_tokens: int,
+    prompt_tokens: int,
+    rounds: int,
+    llama_overrides: dict,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
-    """One model spec of `cuda_generation_compare`."""
+    """One model spec of `cuda_generation_compare` (each decode step replayed from a CUDA graph with `cuda_graph`;
+    the peak memory is then left out, as a graph holds its own memory pool)."""
     from salr.bases.semi_structured import SemiStructuredBase
 
     dense = cuda_model(spec, **llama_overrides)
@@ -285,12 +381,15 @@ def _cuda_case(
     salr_24, _ = salr_copy(dense, SALRConfig.from_dict({**config.to_dict(), "pattern": "2:4"}), bitmap=False)
     ids = torch.randint(0, dense.config.vocab_size, (1, prompt_tokens), device="cuda")
     models = {"dense_bf16": dense, "salr": salr_model, "salr_2to4": salr_24}
-    results = generation_compare(models, ids, max_new_tokens, rounds)
+    bench = graph_generation_bench if cuda_graph else generation_bench
+    results = generation_compare(models, ids, max_new_tokens, rounds, bench)
     for name, model in models.items():
-        results[name].update(_cuda_peak_memory(model, ids, max_new_tokens))
+        if not cuda_graph:
+            results[name].update(_cuda_peak_memory(model, ids, max_new_tokens))
     dense_tps = results["dense_bf16"]["decode_tokens_per_s"]
     return {
         "model": spec,
+        "cuda_graph": cuda_graph,
         "salr_config": config.to_dict(),
         "results": results,
         "salr_speedup_vs_dense_bf16": results["salr"]["decode_tokens_per_s"] / dense_tps,
@@ -308,6 +407,7 @@ def cuda_generation_compare(
     residual_rank: int = 64,
     lora_rank: int = 16,
     llama_overrides: dict | None = None,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """`salr bench --device cuda --generate`: per model spec ("llama3-8b" = random weights with Llama-3-8B shapes,
     built on the GPU), dense bf16 vs SALR (bitmap bases, Triton kernel as the op's CUDA backend, bf16 adapters
@@ -320,7 +420,9 @@ def cuda_generation_compare(
     config = SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank)
     cases = []
     for spec in specs:
-        cases.append(_cuda_case(spec, config, max_new_tokens, prompt_tokens, rounds, llama_overrides or {}))
+        cases.append(
+            _cuda_case(spec, config, max_new_tokens, prompt_tokens, rounds, llama_overrides or {}, cuda_graph)
+        )
         torch.cuda.empty_cache()  # the case's models are gone
     env = {**environment(), "gpu": torch.cuda.get_device_name()}
     return {"benchmark": "generate", "device": "cuda", "prompt_tokens": prompt_tokens, "new_tokens": max_new_tokens,
