@@ -273,6 +273,16 @@ def test_generate_report_on_stories(stories_path):
     assert b["linears_ms"]["salr"] == pytest.approx(b["ms_per_token"]["salr"] - b["outside_linears_ms"])
 
 
+def test_generate_report_with_a_static_cache_gives_the_same_tokens(stories_path):
+    """--static-cache: every model decodes with transformers' StaticCache; the tokens are the dynamic cache's."""
+    kwargs = dict(max_new_tokens=6, rounds=1, residual_rank=4, lora_rank=4, memory=False)
+    static = generation_report(str(stories_path), static_cache=True, **kwargs)
+    plain = generation_report(str(stories_path), **kwargs)
+    assert static["static_cache"] is True and plain["static_cache"] is False
+    for name in ("dense_bf16", "dense_fp32", "salr"):
+        assert static["results"][name]["token_ids"] == plain["results"][name]["token_ids"]
+
+
 def test_without_decoder_linears_stubs_exactly_the_converted_layers(tiny_llama):
     salr_model, _ = salr_copy(tiny_llama, SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=2, r=2))
     stub = without_decoder_linears(tiny_llama, salr_model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import statistics
 import tempfile
@@ -294,6 +295,7 @@ def generation_report(
     memory: bool = True,
     quant: str = "none",
     quant_double: bool = False,
+    static_cache: bool = False,
 ) -> dict[str, Any]:
     """`salr bench --generate` on the CPU: dense bf16, dense fp32 and SALR (bitmap base, bf16 adapters unmerged)
     decode the same prompt in one process, next to the dense model with its converted linears stubbed out
@@ -314,7 +316,9 @@ def generation_report(
         qconfig = SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank, quant=quant,
                              quant_double=quant_double)  # fmt: skip
         models["qsalr"], configs["qsalr"] = salr_copy(dense_bf16, qconfig)
-    results = generation_compare(models, input_ids, max_new_tokens, rounds)
+    # static_cache: every model decodes with transformers' StaticCache (no per-step cache growth), eagerly
+    bench = functools.partial(graph_generation_bench, capture=False) if static_cache else generation_bench
+    results = generation_compare(models, input_ids, max_new_tokens, rounds, bench)
     if memory:
         for name, rss in _generation_memory(models, configs, input_ids, max_new_tokens).items():
             results[name].update(rss)
@@ -324,6 +328,7 @@ def generation_report(
         "benchmark": "generate",
         "model": spec,
         "device": "cpu",
+        "static_cache": static_cache,
         "salr_config": config.to_dict(),
         "convert_seconds": convert_s,
         "prompt_tokens": int(input_ids.shape[1]),

@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", type=int, help="--generate: prompt length (default: the built-in prompt)")
     p.add_argument("--rounds", type=int, default=3, help="--generate: interleaved rounds (median reported)")
     p.add_argument("--no-memory", action="store_true", help="--generate on CPU: skip the child-process RSS runs")
+    p.add_argument("--static-cache", action="store_true",
+                   help="--generate: every model decodes with a static KV cache (transformers' StaticCache); on "
+                        "CUDA each decode step is also replayed from a CUDA graph")  # fmt: skip
     p.add_argument("--batch", type=int, default=4, help="--train-memory: sequences per step")
     p.add_argument("--seq", type=int, default=256, help="--train-memory: tokens per sequence")
     p.add_argument("--steps", type=int, default=2, help="--train-memory: optimizer steps (first is warm-up)")
@@ -146,7 +149,12 @@ def _generate(args: argparse.Namespace) -> dict:
         specs = [args.model] if args.model else ["llama3-8b", "default"]
         _quant(args, supported=False)
         report = bench.cuda_generation_compare(
-            specs, args.new_tokens, args.prompt_tokens or 128, args.rounds, **_ranks(args)
+            specs,
+            args.new_tokens,
+            args.prompt_tokens or 128,
+            args.rounds,
+            **_ranks(args),
+            cuda_graph=args.static_cache,
         )
         for case in report["cases"]:
             print(
@@ -157,7 +165,7 @@ def _generate(args: argparse.Namespace) -> dict:
         return report
     report = bench.generation_report(
         args.model or "default", args.new_tokens, args.rounds, prompt_tokens=args.prompt_tokens,
-        memory=not args.no_memory, **_ranks(args), **_quant(args),
+        memory=not args.no_memory, **_ranks(args), **_quant(args), static_cache=args.static_cache,
     )  # fmt: skip
     for name, r in report["results"].items():
         mem = f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""
