@@ -206,15 +206,16 @@ def _x(value: float | None) -> str:
 
 
 def _kernel_rows(kernels: dict[str, Any]) -> list[str]:
-    rows = ["| shape | M | cuBLAS bf16 ms | bitmap ms | bitmap vs cuBLAS | target | 2:4 ms | 2:4 vs cuBLAS | target |",
-            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    columns = ["shape", "M", "cuBLAS bf16 ms", "bitmap ms", "path", "bitmap vs cuBLAS", "target", "2:4 ms",
+               "2:4 vs cuBLAS", "target"]  # fmt: skip
+    rows = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for c in kernels.get("cases", []):
         target = "≥ 1.50x" if c["tokens"] <= 16 else "≥ 0.90x" if c["tokens"] >= 2048 else "-"
         ss = c.get("semi_structured_ms")
         rows.append(
             f"| {c['shape'][0]}x{c['shape'][1]} | {c['tokens']} | {c['dense_ms']:.4f} | {c['bitmap_triton_ms']:.4f} "
-            f"| {_x(c['bitmap_speedup_vs_dense'])} | {target} | {'n/a' if ss is None else f'{ss:.4f}'} "
-            f"| {_x(c.get('semi_structured_speedup_vs_dense'))} | ≥ 1.20x |"
+            f"| {c.get('bitmap_path', '-')} | {_x(c['bitmap_speedup_vs_dense'])} | {target} "
+            f"| {'n/a' if ss is None else f'{ss:.4f}'} | {_x(c.get('semi_structured_speedup_vs_dense'))} | ≥ 1.20x |"
         )
     return rows
 
