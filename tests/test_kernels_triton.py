@@ -274,8 +274,8 @@ def test_grad_input_decodes_w_in_row_blocks(monkeypatch):
     monkeypatch.setattr(tb, "DENSE_DECODE_MIN_M", 1)
     monkeypatch.setattr(tb, "GRAD_DECODE_BYTES", 8 * 260 * 4)  # 8 fp32 rows of 260 columns
     decoded = []
-    real = tb.triton_bitmap_decode
-    monkeypatch.setattr(tb, "triton_bitmap_decode", lambda *a: decoded.append(a[3]) or real(*a))
+    real = tb._decode_dense
+    monkeypatch.setattr(tb, "_decode_dense", lambda *a: decoded.append(a[4]) or real(*a))
     w = random_weight(65, 260, 0.5, torch.float32, seed=2).to(DEVICE)
     check_grad_input(torch.randn(40, 65).to(DEVICE), w)
     assert decoded == [8] * 8 + [1]

@@ -144,3 +144,19 @@ def test_operand_count_check_runs_once_per_weight(monkeypatch):
     bitmask, codes, absmax, offsets, n, k, bs = args
     with pytest.raises(SALRError, match="code bytes"):  # the same codes with a bad count: checked, refused
         tq.triton_qbitmap_linear(x, bitmask, codes, absmax[:-1], offsets, n, k, bs)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_grad_input_decodes_w_in_row_blocks(kind, monkeypatch):
+    """The large-M input gradient decodes W a block of rows at a time, as the bitmap op's does (the shared
+    grad_input_by_row_blocks): with a tiny budget, 40 rows in blocks of 8, and the sum is still grad @ W."""
+    monkeypatch.setattr(tb, "DENSE_DECODE_MIN_M", 1)
+    monkeypatch.setattr(tb, "GRAD_DECODE_BYTES", 8 * 129 * 4)  # 8 fp32 rows of 129 columns
+    decoded = []
+    real = tq._decode
+    monkeypatch.setattr(tq, "_decode", lambda *a: decoded.append(a[6]) or real(*a))
+    w, args = quantized(40, 129, kind, seed=5, adversarial=True)
+    g = torch.randn(33, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    gx = tq.triton_qbitmap_grad_input(g, *args)
+    assert decoded == [8] * 5
+    assert gx.shape == (33, 129) and snr_db(gx, g.double() @ w.double()) >= MIN_SNR[torch.float32]

@@ -345,7 +345,7 @@ def bench_gpu_kernel(
         "bitmap_snr_db": bitmap_snr,
         "bitmap_triton_ms": bitmap_ms,
         # which path triton_bitmap_linear took at this M: the fused decode + GEMM kernel, or W decoded once + cuBLAS
-        "bitmap_path": "fused" if tokens < tb.DENSE_DECODE_MIN_M else "decode+cublas",
+        "bitmap_path": "decode+cublas" if tb.uses_dense_decode(tokens) else "fused",
         "bitmap_bytes": bw.nbytes + prefix.numel() * prefix.element_size(),
         "bitmap_speedup_vs_dense": dense_ms / bitmap_ms,
         **_bench_semi_structured(w_dense, x, dense_ms, warmup_ms, rep_ms),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -72,6 +73,11 @@ def require_kernel_device(t: torch.Tensor) -> None:
             f"the Triton kernels run on CUDA tensors (got {t.device}); "
             "set TRITON_INTERPRET=1 before importing triton to run them on the CPU interpreter"
         )
+
+
+def uses_dense_decode(m: int) -> bool:
+    """Whether the ops decode W once and multiply with cuBLAS for `m` rows of x (else the fused kernel runs)."""
+    return m >= DENSE_DECODE_MIN_M
 
 
 def interpreting() -> bool:
@@ -442,10 +448,14 @@ def triton_bitmap_decode(
     """The dense W [rows, cols] (values' dtype) of a bitmap weight, decoded by one Triton kernel on its device."""
     require_kernel_device(values)
     check_operands(bitmask, values, row_offsets, rows, cols)
+    return _decode_dense(*_kernel_operands(bitmask, values, cols, block_prefix), row_offsets, rows, cols)
+
+
+def _decode_dense(bitmask, values, block_prefix, row_offsets, rows: int, cols: int) -> torch.Tensor:
+    """triton_bitmap_decode on operands already checked and prepared (`_kernel_operands`)."""
     out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     if rows == 0 or cols == 0:
         return out
-    bitmask, values, block_prefix = _kernel_operands(bitmask, values, cols, block_prefix)
     grid = (triton.cdiv(rows, DECODE_BLOCK["BLOCK_N"]), triton.cdiv(cols, DECODE_BLOCK["BLOCK_K"]))
     _bitmap_decode_kernel[grid](
         bitmask, values, row_offsets, block_prefix, out, rows, cols, out.stride(0), bitmask.shape[1],
@@ -502,8 +512,8 @@ def triton_bitmap_linear(
         r, block_r = 0, 16
         t = b_cat = x2  # placeholders, never read
 
-    if m >= DENSE_DECODE_MIN_M:
-        w = triton_bitmap_decode(bitmask, values, row_offsets, rows, cols, block_prefix).to(x.dtype)
+    if uses_dense_decode(m):
+        w = _decode_dense(bitmask, values, block_prefix, row_offsets, rows, cols).to(x.dtype)
         y = torch.nn.functional.linear(x2, w)
         if has_lora:
             y = y.addmm_(t, b_cat.T)
@@ -540,16 +550,17 @@ def triton_bitmap_linear(
 GRAD_DECODE_BYTES = 32 * 2**20  # the most dense W the input gradient decodes at a time
 
 
-def _grad_input_by_row_chunks(g2, bitmask, values, row_offsets, rows, cols, block_prefix) -> torch.Tensor:
-    """grad_y @ W as a sum over blocks of W's rows, each decoded densely (at most GRAD_DECODE_BYTES) and multiplied
-    by cuBLAS: the backward runs while the step's activations are all alive, so its transient stays small."""
-    bitmask, values, block_prefix = _kernel_operands(bitmask, values, cols, block_prefix)
+def grad_input_by_row_blocks(
+    g2: torch.Tensor, rows: int, cols: int, decode_rows: Callable[[int, int], torch.Tensor]
+) -> torch.Tensor:
+    """grad_y @ W for g2 [m, rows] as a sum over blocks of W's rows, each decoded densely by `decode_rows(r0, r1)`
+    (at most GRAD_DECODE_BYTES of W) and multiplied by cuBLAS: the backward runs while the step's activations are all
+    alive, so its transient stays small. Serves the bitmap and the quantized bitmap ops alike."""
     step = max(1, GRAD_DECODE_BYTES // (cols * g2.element_size()))
     out = None
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        w = triton_bitmap_decode(bitmask[r0:r1], values, row_offsets[r0:r1], r1 - r0, cols, block_prefix[r0:r1])
-        w = w.to(g2.dtype)
+        w = decode_rows(r0, r1).to(g2.dtype)
         out = g2[:, r0:r1] @ w if out is None else out.addmm_(g2[:, r0:r1], w)
     return out
 
@@ -574,11 +585,13 @@ def triton_bitmap_grad_input(
     m = g2.shape[0]
     if m == 0 or rows == 0 or cols == 0:
         return grad.new_zeros(*lead, cols)
-    if m >= DENSE_DECODE_MIN_M:
-        return _grad_input_by_row_chunks(g2, bitmask, values, row_offsets, rows, cols, block_prefix).reshape(
-            *lead, cols
-        )
     bitmask, values, block_prefix = _kernel_operands(bitmask, values, cols, block_prefix)
+    if uses_dense_decode(m):
+
+        def decode_rows(r0: int, r1: int) -> torch.Tensor:
+            return _decode_dense(bitmask[r0:r1], values, block_prefix[r0:r1], row_offsets[r0:r1], r1 - r0, cols)
+
+        return grad_input_by_row_blocks(g2, rows, cols, decode_rows).reshape(*lead, cols)
     out = torch.empty(m, cols, dtype=grad.dtype, device=grad.device)
     args = (g2, bitmask, values, row_offsets, block_prefix, out, m, rows, cols, triton.next_power_of_2(m))
     args += (g2.stride(0), g2.stride(1), out.stride(0), out.stride(1), bitmask.shape[1], block_prefix.shape[1])

@@ -353,7 +353,7 @@ def triton_qbitmap_linear(
     m = x2.shape[0]
     if m == 0 or rows == 0:
         return x.new_zeros(*lead, rows)
-    if m >= _bitmap_triton.DENSE_DECODE_MIN_M:  # decode W once, then cuBLAS (as salr.ops.triton does)
+    if _bitmap_triton.uses_dense_decode(m):  # decode W once, then cuBLAS (as salr.ops.triton does)
         w = _decode(bitmask, codes, absmax, prefix, lut, row_offsets, rows, cols, blocksize, x.dtype)
         return torch.nn.functional.linear(x2, w).reshape(*lead, rows)
     decode = m <= DECODE_MAX_M
@@ -400,9 +400,13 @@ def triton_qbitmap_grad_input(
     m = g2.shape[0]
     if m == 0 or rows == 0 or cols == 0:
         return grad.new_zeros(*lead, cols)
-    if m >= _bitmap_triton.DENSE_DECODE_MIN_M:
-        w = _decode(bitmask, codes, absmax, prefix, lut, row_offsets, rows, cols, blocksize, grad.dtype)
-        return (g2 @ w).reshape(*lead, cols)
+    if _bitmap_triton.uses_dense_decode(m):  # W a block of rows at a time, as the bitmap op's gradient
+
+        def decode_rows(r0: int, r1: int) -> torch.Tensor:
+            sliced = (bitmask[r0:r1], codes, absmax, prefix[r0:r1], lut, row_offsets[r0:r1])
+            return _decode(*sliced, r1 - r0, cols, blocksize, grad.dtype)
+
+        return _bitmap_triton.grad_input_by_row_blocks(g2, rows, cols, decode_rows).reshape(*lead, cols)
     out = torch.empty(m, cols, dtype=grad.dtype, device=grad.device)
     args = (g2, bitmask, codes, absmax, lut, row_offsets, prefix, out, m, rows, cols, triton.next_power_of_2(m))
     args += (g2.stride(0), g2.stride(1), out.stride(0), out.stride(1), bitmask.shape[1], prefix.shape[1])
