@@ -65,6 +65,8 @@ CALIBRATION_ARGS = (
     "calibration_length",
     "alternating_rounds",
     "alternating_momentum",
+    "block_tuning_steps",
+    "block_tuning_lr",
 )
 
 
@@ -250,6 +252,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="salr+'s extrapolation of the low-rank part between rounds (0 = plain alternation; default: "
         f"SALRConfig's, {SALRConfig().alternating_momentum})",
+    )
+    p.add_argument(
+        "--block-tuning-steps",
+        type=int,
+        help="salr+'s block-wise reconstruction steps per block (default: SALRConfig's, "
+        f"{SALRConfig().block_tuning_steps})",
+    )
+    p.add_argument(
+        "--block-tuning-lr",
+        type=float,
+        help=f"its learning rate (default: SALRConfig's, {SALRConfig().block_tuning_lr})",
     )
     p.add_argument("--wikitext-length", type=int, default=512, help="tokens per WikiText-2 window")
     p.add_argument("--losa-rounds", type=int, default=5, help="LoSA's prune / fine-tune rounds")

@@ -247,10 +247,10 @@ class BlockwiseCalibration:
             handle.remove()
 
     @torch.no_grad()
-    def run_block(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's outputs for every mini-batch (the next block's inputs)."""
+    def run_block(self, block: nn.Module, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The block's outputs for every mini-batch of `inputs` (default: the current ones, `hidden`)."""
         outputs = []
-        for hidden, kwargs in zip(self.hidden, self.kwargs, strict=True):
+        for hidden, kwargs in zip(self.hidden if inputs is None else inputs, self.kwargs, strict=True):
             out = block(hidden, **kwargs)
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return outputs

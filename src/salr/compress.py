@@ -39,6 +39,14 @@ def format_report(report: dict, max_rows: int | None = None) -> str:
         f"energy {t['pruned_energy']:.4g} -> {t['residual_energy_after_svd']:.4g} after SVD, "
         f"{report.get('seconds', 0):.1f} s"
     )
+    tuned = report.get("block_tuning")
+    if tuned:  # the per-layer output errors above are those before block tuning
+        before = sum(r["block_error_before"] for r in tuned) / len(tuned)
+        after = sum(r["block_error_after"] for r in tuned) / len(tuned)
+        lines.append(
+            f"block tuning: {len(tuned)} blocks, mean relative block output error {before:.4g} -> {after:.4g} "
+            "(the layer errors above are before it)"
+        )
     if t.get("quant", "none") != "none":
         lines.append(
             f"quantization: {t['quant']} in blocks of {t.get('quant_blocksize', 64)}"

@@ -135,6 +135,18 @@ class SALRConfig:
             "help": "calibrate each block on the outputs of the already compressed blocks (else the dense ones)"
         },
     )
+    block_tuning_steps: int = field(
+        default=0,
+        metadata={
+            "help": "after each block is compressed, Adam steps (one calibration batch each) fitting its residual "
+            "factors to the dense block's output (block-wise reconstruction; needs sequential calibration); 0 = off"
+        },
+    )
+    block_tuning_lr: float = field(default=1e-4, metadata={"help": "learning rate of block tuning's residual factors"})
+    block_tuning_base_lr: float = field(
+        default=0.0,
+        metadata={"help": "block tuning: learning rate of the dense base's kept values (0 = the base stays fixed)"},
+    )
     damping: float = field(default=0.01, metadata={"help": "Gram damping, relative to its mean diagonal"})
     residual_rank: int = field(default=64, metadata={"help": "rank of the SVD residual adapter (0 = naive pruning)"})
     residual_rank_pattern: dict[str, int] | None = field(
@@ -276,6 +288,22 @@ class SALRConfig:
         momentum = self.alternating_momentum
         if isinstance(momentum, bool) or not (isinstance(momentum, int | float) and 0 <= momentum < 1):
             raise SALRError(f"alternating_momentum must be a number in [0, 1), got {momentum!r}")
+        self._check_block_tuning()
+
+    def _check_block_tuning(self) -> None:
+        steps = self.block_tuning_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise SALRError(f"block_tuning_steps must be a non-negative integer, got {steps!r}")
+        for name, low in (("block_tuning_lr", 0.0), ("block_tuning_base_lr", -1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > low or value < 0:
+                raise SALRError(f"{name} must be a {'positive' if low == 0 else 'non-negative'} number, got {value!r}")
+        if steps and not (self.needs_calibration and self.sequential):
+            raise SALRError(
+                "block tuning fits each compressed block on calibration data, block after block: it needs an "
+                "activation-aware recipe (criterion wanda / sparsegpt or residual_init whitened / alternating) "
+                "with sequential calibration"
+            )
         if not (isinstance(self.damping, int | float) and 0 < self.damping < 1e3):
             raise SALRError(f"damping must be a positive number, got {self.damping!r}")
 

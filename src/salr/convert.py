@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from salr import bases
 from salr.bases import DenseBase
+from salr.block_tuning import tune_block
 from salr.calibration import BlockwiseCalibration, LayerStats, calibration_ids, iterate_blocks
 from salr.config import DTYPES, SALRConfig
 from salr.decompose import Decomposition, decompose, decompose_group
@@ -173,6 +174,8 @@ def convert(
     if not init:
         return {"config": config.to_dict(), "layers": [], "totals": {"target_layers": len(targets)}}
     report = build_report(model, converter.rows, config)
+    if converter.block_rows:
+        report["block_tuning"] = converter.block_rows
     report["seconds"] = time.perf_counter() - started
     return report
 
@@ -188,12 +191,17 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
             f"{[t.name for t in outside][:3]} are outside the transformer blocks, where calibration cannot reach: "
             "exclude them (exclude_modules) or use the paper's method (--preset paper)"
         )
+    config = converter.config
+    dense_hidden = calib.hidden  # the dense model's inputs of the current block: block tuning's reference
     for name, block in tqdm(blocks, desc="salr convert", disable=not progress, unit="block"):
         mine = [t for t in targets if t.module_name.startswith(name + ".")]
-        if not mine:
+        if config.block_tuning_steps:  # the dense block's outputs on the dense model's inputs, before it changes
+            dense_hidden = calib.run_block(block, dense_hidden)
+        if not mine:  # nothing to convert here; the next block still needs this one's outputs as its inputs
+            calib.hidden = calib.run_block(block)
             continue
         prefix = len(name) + 1
-        sequential = converter.config.sequential
+        sequential = config.sequential
         stats, dense_outputs = calib.statistics(block, [t.name[prefix:] for t in mine], outputs=not sequential)
         modules = dict(converter.model.named_modules())
         converter.decompose_shared_inputs(mine, modules, stats, prefix)
@@ -202,6 +210,13 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
             converter.convert(target, modules[target.module_name], local, prefix=target.name[:prefix])
         converter.install_experts()
         del stats
+        if config.block_tuning_steps:  # fit the compressed block to the dense block's outputs
+            errors = tune_block(
+                block, calib.hidden, calib.kwargs, dense_hidden, config.block_tuning_steps, config.block_tuning_lr,
+                config.block_tuning_base_lr,
+            )  # fmt: skip
+            if errors:
+                converter.block_rows.append({"block": name, **errors})
         # sequential: the next block sees what the compressed block outputs; else the dense block's outputs
         if sequential:
             with _merged_for_calibration(block):
@@ -233,6 +248,7 @@ class _Converter:
     ) -> None:
         self.model, self.config, self.generator, self.threshold, self.init = model, config, generator, threshold, init
         self.rows: list[dict[str, Any]] = []
+        self.block_rows: list[dict[str, Any]] = []  # block tuning's output errors, one row per block
         self.experts: dict[str, dict[str, SALRExpertsProjection]] = {}
         self.ready: dict[str, Decomposition] = {}  # decomposed ahead by decompose_shared_inputs, by target name
 

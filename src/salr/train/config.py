@@ -129,7 +129,10 @@ def method_config(method: str, config: SALRConfig) -> SALRConfig:
         "r": rank, "residual_rank": 0, "residual_rank_pattern": None,
         "lora_alpha": config.lora_scale * rank if config.r else None,
     }  # fmt: skip
-    dense = {"sparsity": 0.0, "sparsity_pattern": None, "pattern": "unstructured", "granularity": "layer"}
+    dense = {  # nothing pruned: no calibration, nothing for block tuning to repair
+        "sparsity": 0.0, "sparsity_pattern": None, "pattern": "unstructured", "granularity": "layer",
+        "block_tuning_steps": 0,
+    }  # fmt: skip
     quant = {"quant": config.quant if config.quant != "none" else "nf4"}
     changes: dict[str, Any] | None = {
         "salr": {"train_residual": True},

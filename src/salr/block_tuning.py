@@ -1,0 +1,142 @@
+"""Block-wise reconstruction: after a transformer block is compressed, fit its residual factors (and, with a dense
+base, the base's kept values) to the block's *output* on the calibration inputs, with a few Adam steps.
+
+The per-layer fits of salr.decompose are exact for each linear alone, but a block is more than its linears: the
+attention softmax and the gated MLP mix the layers' errors non-linearly, and in sequential calibration the inputs
+already carry the earlier blocks' errors. Minimizing ‖block_compressed(X̃) − Y‖² over the block's own trainable
+factors (EBFT / BESA-style block-wise tuning) accounts for both. The target Y is the dense model's output of the
+block on the dense model's inputs, so each block also repairs what the blocks before it left.
+
+Only the residual block (the first `residual_rank` rows of A_cat / columns of B_cat) moves: the LoRA block keeps its
+zero-B init, so fine-tuning starts as before. Kept base values move only where the mask keeps them (pruned entries
+stay exactly zero). Quantized bases stay as stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from salr.bases.dense import DenseBase
+from salr.layer import SALRLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tunable:
+    """One SALRLinear's trainable copy during block tuning: fp32 residual factors and kept-value offsets."""
+
+    layer: SALRLinear
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    base: torch.Tensor  # [out, in] the frozen base, fp32
+    mask: torch.Tensor | None  # kept entries of a dense base when its values are tuned
+    delta: torch.Tensor | None  # trainable offsets of the kept values (0 elsewhere through `mask`)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base if self.delta is None else self.base + self.delta * self.mask
+        y = F.linear(x.float(), weight) + F.linear(F.linear(x.float(), self.A), self.B)
+        if self.layer.bias is not None:
+            y = y + self.layer.bias.float()
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        r = self.layer.residual_rank
+        self.layer.A_cat[:r] = self.A.to(self.layer.A_cat.dtype)
+        self.layer.B_cat[:, :r] = self.B.to(self.layer.B_cat.dtype)
+        if self.delta is not None:
+            base = self.layer.base
+            base.weight.copy_((self.base + self.delta * self.mask).to(base.weight.dtype))
+
+
+def _tunables(block: nn.Module, tune_base: bool) -> list[_Tunable]:
+    tunables = []
+    for layer in block.modules():
+        if not isinstance(layer, SALRLinear) or layer.residual_rank == 0:
+            continue
+        r = layer.residual_rank
+        base = layer.base.to_dense().detach().float()
+        dense = tune_base and isinstance(layer.base, DenseBase)
+        tunables.append(
+            _Tunable(
+                layer,
+                layer.A_cat.detach()[:r].float().clone().requires_grad_(),
+                layer.B_cat.detach()[:, :r].float().clone().requires_grad_(),
+                base,
+                (base != 0).float() if dense else None,
+                torch.zeros_like(base, requires_grad=True) if dense else None,
+            )
+        )
+    return tunables
+
+
+def _block_error(
+    block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor]
+) -> float:
+    """‖block(X) − Y‖² / ‖Y‖² over all calibration batches."""
+    num = den = 0.0
+    with torch.no_grad():
+        for x, kw, y in zip(inputs, kwargs, targets, strict=True):
+            out = block(x, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            num += float((out.float() - y.float()).pow(2).sum())
+            den += float(y.float().pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def tune_block(
+    block: nn.Module,
+    inputs: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    targets: list[torch.Tensor],
+    steps: int,
+    lr: float,
+    base_lr: float = 0.0,
+) -> dict[str, float]:
+    """Adam on the block's residual factors (and kept base values) for `steps` mini-batches, cycling through the
+    calibration batches; returns the relative block output error before and after. The block is updated in place."""
+    tune_base = base_lr > 0
+    tunables = _tunables(block, tune_base)
+    if not tunables or steps <= 0:
+        return {}
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:  # norms and the layers' own A_cat / B_cat need no gradient here
+        p.requires_grad_(False)
+    for t in tunables:
+        t.layer.forward = t.forward  # an instance attribute: shadows SALRLinear.forward during tuning
+    try:
+        before = _block_error(block, inputs, kwargs, targets)
+        groups = [{"params": [p for t in tunables for p in (t.A, t.B)], "lr": lr}]
+        if tune_base:
+            groups.append({"params": [t.delta for t in tunables if t.delta is not None], "lr": base_lr})
+        optimizer = torch.optim.Adam(groups)
+        scales = [float(y.float().pow(2).mean()) for y in targets]
+        for step in range(steps):
+            i = step % len(inputs)
+            out = block(inputs[i], **kwargs[i])
+            out = out[0] if isinstance(out, tuple) else out
+            loss = (out.float() - targets[i].float()).pow(2).mean() / max(scales[i], 1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        after = _block_error(block, inputs, kwargs, targets)
+        if after < before:
+            for t in tunables:
+                t.write_back()
+        else:
+            logger.info(
+                "block tuning did not lower the block's output error (%.4g -> %.4g): kept the fit", before, after
+            )
+    finally:
+        for t in tunables:
+            del t.layer.forward
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"block_error_before": before, "block_error_after": min(after, before)}

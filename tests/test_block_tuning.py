@@ -1,0 +1,172 @@
+"""Block-wise reconstruction (salr.block_tuning): each compressed block fitted to the dense block's output."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from salr.bases import DenseBase
+from salr.block_tuning import tune_block
+from salr.calibration import BlockwiseCalibration, decoder_blocks
+from salr.config import SALRConfig
+from salr.convert import convert
+from salr.errors import SALRError
+from salr.layer import SALRLinear
+from salr.train.config import method_config
+
+CONFIG = dict(sparsity=0.5, residual_rank=4, r=2, alternating_rounds=2, calibration_samples=8, calibration_length=16)
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _block0_setup(tiny_llama):
+    """(dense model, converted model, block-0 inputs, kwargs, dense block-0 outputs on those inputs)."""
+    dense = tiny_llama
+    model = copy.deepcopy(dense)
+    ids = _ids(dense.config.vocab_size)
+    convert(model, SALRConfig(**CONFIG), progress=False, calibration=ids)
+    calib = BlockwiseCalibration(dense, ids, batch_size=4)
+    calib.capture_inputs()  # block 0 sees the same inputs in both models (the embeddings are not converted)
+    targets = calib.run_block(decoder_blocks(dense)[1][0])
+    return model, calib.hidden, calib.kwargs, targets
+
+
+def _layers(block):
+    return [m for m in block.modules() if isinstance(m, SALRLinear)]
+
+
+def _out(block, x, kwargs) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_error(block, inputs, kwargs, targets) -> float:
+    with torch.no_grad():
+        num = sum(
+            float((_out(block, x, kw) - y).pow(2).sum()) for x, kw, y in zip(inputs, kwargs, targets, strict=True)
+        )
+    return num / sum(float(y.pow(2).sum()) for y in targets)
+
+
+@pytest.mark.parametrize("base_lr", [0.0, 1e-3])
+def test_tuning_lowers_the_block_output_error_and_keeps_mask_lora_block_and_other_weights(tiny_llama, base_lr):
+    model, inputs, kwargs, targets = _block0_setup(tiny_llama)
+    block = decoder_blocks(model)[1][0]
+    before_state = {k: v.clone() for k, v in block.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in block.named_parameters()}
+    layers = _layers(block)
+    zeros = [layer.base.to_dense() == 0 for layer in layers]
+    result = tune_block(block, inputs, kwargs, targets, steps=40, lr=1e-2, base_lr=base_lr)
+    assert result["block_error_after"] < 0.9 * result["block_error_before"]
+    # what the block computes now, through SALRLinear's own forward, is the error the tuning reported
+    assert _block_error(block, inputs, kwargs, targets) == pytest.approx(result["block_error_after"], rel=1e-4)
+    assert _block_error(block, inputs, kwargs, targets) < _block_error_before(
+        before_state, block, inputs, kwargs, targets
+    )
+    for layer, was_zero in zip(layers, zeros, strict=True):
+        r = layer.residual_rank
+        name = next(n for n, m in block.named_modules() if m is layer)
+        assert torch.equal(layer.base.to_dense()[was_zero], torch.zeros(int(was_zero.sum())))  # pruned stay pruned
+        assert torch.equal(layer.B_cat[:, r:], torch.zeros_like(layer.B_cat[:, r:]))  # LoRA block: still B = 0
+        assert torch.equal(layer.A_cat[r:], before_state[f"{name}.A_cat"][r:])
+        assert not torch.equal(layer.A_cat[:r], before_state[f"{name}.A_cat"][:r])  # the residual block moved
+        base_moved = not torch.equal(layer.base.to_dense(), before_state[f"{name}.base.weight"])
+        assert base_moved == (base_lr > 0)
+    for key, value in block.state_dict().items():  # norms and everything but adapters and bases are untouched
+        if not key.endswith(("A_cat", "B_cat", "base.weight")):
+            assert torch.equal(value, before_state[key]), key
+    assert {n: p.requires_grad for n, p in block.named_parameters()} == flags  # restored afterwards
+    assert any(flags.values())
+
+
+def _block_error_before(state, block, inputs, kwargs, targets) -> float:
+    current = {k: v.clone() for k, v in block.state_dict().items()}
+    block.load_state_dict(state)
+    try:
+        return _block_error(block, inputs, kwargs, targets)
+    finally:
+        block.load_state_dict(current)
+
+
+def test_a_fit_that_makes_the_block_worse_is_not_written_back(tiny_llama):
+    model, inputs, kwargs, targets = _block0_setup(tiny_llama)
+    block = decoder_blocks(model)[1][0]
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    result = tune_block(block, inputs, kwargs, targets, steps=3, lr=10.0)  # a rate that can only diverge
+    assert result["block_error_after"] == result["block_error_before"]
+    for key, value in block.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(type(layer).forward is SALRLinear.forward and "forward" not in vars(layer) for layer in _layers(block))
+
+
+def test_zero_steps_change_nothing(tiny_llama):
+    model, inputs, kwargs, targets = _block0_setup(tiny_llama)
+    block = decoder_blocks(model)[1][0]
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    assert tune_block(block, inputs, kwargs, targets, steps=0, lr=1e-3) == {}
+    assert all(torch.equal(v, state[k]) for k, v in block.state_dict().items())
+
+
+def test_convert_with_block_tuning_reports_every_block_and_keeps_the_sparsity(tiny_llama):
+    ids = _ids(tiny_llama.config.vocab_size)
+    plain, tuned = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    convert(plain, SALRConfig(**CONFIG), progress=False, calibration=ids)
+    report = convert(
+        tuned, SALRConfig(**CONFIG, block_tuning_steps=20, block_tuning_lr=1e-2), progress=False, calibration=ids
+    )
+    rows = report["block_tuning"]
+    assert [r["block"] for r in rows] == ["model.layers.0", "model.layers.1"]
+    assert all(r["block_error_after"] <= r["block_error_before"] for r in rows)
+    assert rows[0]["block_error_after"] < rows[0]["block_error_before"]
+    assert report["totals"]["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    for layer in _layers(tuned):
+        assert isinstance(layer.base, DenseBase)
+        assert torch.equal(
+            layer.B_cat[:, layer.residual_rank :], torch.zeros_like(layer.B_cat[:, layer.residual_rank :])
+        )
+    # the tuned model is closer to the dense one on the calibration windows than the untuned one
+    with torch.no_grad():
+        reference = tiny_llama(ids).logits
+        gap = [float((m(ids).logits - reference).pow(2).mean()) for m in (plain, tuned)]
+    assert gap[1] < gap[0]
+
+
+def test_block_tuning_is_refused_where_it_cannot_run_and_dropped_for_dense_methods():
+    with pytest.raises(SALRError, match="non-negative integer"):
+        SALRConfig(block_tuning_steps=-1)
+    with pytest.raises(SALRError, match="block_tuning_lr must be a positive"):
+        SALRConfig(block_tuning_lr=0.0)
+    with pytest.raises(SALRError, match="block_tuning_base_lr must be a non-negative"):
+        SALRConfig(block_tuning_base_lr=-1e-3)
+    with pytest.raises(SALRError, match="sequential calibration"):
+        SALRConfig(block_tuning_steps=4, sequential=False)
+    with pytest.raises(SALRError, match="activation-aware"):
+        SALRConfig.from_preset("paper", block_tuning_steps=4)
+    config = SALRConfig(block_tuning_steps=4)
+    assert method_config("lora", config).block_tuning_steps == 0  # a dense base: nothing to repair
+    assert method_config("salr", config).block_tuning_steps == 4
+
+
+@pytest.mark.parametrize("steps", [0, 4])
+def test_a_block_without_targets_still_passes_its_outputs_to_the_next_one(tiny_llama, monkeypatch, steps):
+    ids = _ids(tiny_llama.config.vocab_size)
+    with torch.no_grad():
+        entering = tiny_llama(ids, output_hidden_states=True).hidden_states[1]  # block 1's input in the dense model
+    seen = []
+    statistics = BlockwiseCalibration.statistics
+
+    def spy(self, block, names, outputs=True):
+        seen.append(torch.cat(self.hidden))
+        return statistics(self, block, names, outputs)
+
+    monkeypatch.setattr(BlockwiseCalibration, "statistics", spy)
+    model = copy.deepcopy(tiny_llama)
+    config = SALRConfig(**CONFIG, exclude_modules=r".*layers\.0\..*", block_tuning_steps=steps)
+    report = convert(model, config, progress=False, calibration=ids)
+    assert len(seen) == 1 and torch.allclose(seen[0], entering, atol=1e-5)  # block 0 is dense: its true outputs
+    assert not any(isinstance(m, SALRLinear) for m in decoder_blocks(model)[1][0].modules())
+    assert [r["block"] for r in report.get("block_tuning", [])] == (["model.layers.1"] if steps else [])
