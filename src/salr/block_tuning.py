@@ -1,5 +1,5 @@
-"""Block-wise reconstruction: after a transformer block is compressed, fit its residual factors (and, with a dense
-base, the base's kept values) to the block's *output* on the calibration inputs, with a few Adam steps.
+"""Block-wise reconstruction: after a transformer block is compressed, fit its residual factors to the block's *output*
+on the calibration inputs, with a few Adam steps.
 
 The per-layer fits of salr.decompose are exact for each linear alone, but a block is more than its linears: the
 attention softmax and the gated MLP mix the layers' errors non-linearly, and in sequential calibration the inputs
@@ -8,8 +8,9 @@ factors (EBFT / BESA-style block-wise tuning) accounts for both. The target Y is
 block on the dense model's inputs, so each block also repairs what the blocks before it left.
 
 Only the residual block (the first `residual_rank` rows of A_cat / columns of B_cat) moves: the LoRA block keeps its
-zero-B init, so fine-tuning starts as before. Kept base values move only where the mask keeps them (pruned entries
-stay exactly zero). Quantized bases stay as stored.
+zero-B init, so fine-tuning starts as before; the base (bf16 bitmap or QSALR) is never touched. Tuning the base too
+(a dense base's kept values; a QSALR base's block scales, OmniQuant-style) was tried on the default model and gained
+nothing at init (docs/quality.md, "Block tuning"), so it was left out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salr.bases.dense import DenseBase
+from salr.bases.qbitmap import QBitmapBase
 from salr.layer import SALRLinear
 
 logger = logging.getLogger(__name__)
@@ -30,50 +31,37 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Tunable:
-    """One SALRLinear's trainable copy during block tuning: fp32 residual factors and kept-value offsets."""
+    """One SALRLinear's trainable copy during block tuning: fp32 residual factors A [r, in], B [out, r] beside its
+    frozen base, dense in fp32 (what the base computes: the dequantized values of a quantized base)."""
 
     layer: SALRLinear
-    A: torch.Tensor  # [r, in]
-    B: torch.Tensor  # [out, r]
-    base: torch.Tensor  # [out, in] the frozen base, fp32
-    mask: torch.Tensor | None  # kept entries of a dense base when its values are tuned
-    delta: torch.Tensor | None  # trainable offsets of the kept values (0 elsewhere through `mask`)
+    A: torch.Tensor
+    B: torch.Tensor
+    base: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base if self.delta is None else self.base + self.delta * self.mask
-        y = F.linear(x.float(), weight) + F.linear(F.linear(x.float(), self.A), self.B)
+        y = F.linear(x.float(), self.base) + F.linear(F.linear(x.float(), self.A), self.B)
         if self.layer.bias is not None:
             y = y + self.layer.bias.float()
         return y.to(x.dtype)
 
     @torch.no_grad()
     def write_back(self) -> None:
-        r = self.layer.residual_rank
-        self.layer.A_cat[:r] = self.A.to(self.layer.A_cat.dtype)
-        self.layer.B_cat[:, :r] = self.B.to(self.layer.B_cat.dtype)
-        if self.delta is not None:
-            base = self.layer.base
-            base.weight.copy_((self.base + self.delta * self.mask).to(base.weight.dtype))
+        r, layer = self.layer.residual_rank, self.layer
+        layer.A_cat[:r] = self.A.to(layer.A_cat.dtype)
+        layer.B_cat[:, :r] = self.B.to(layer.B_cat.dtype)
 
 
-def _tunables(block: nn.Module, tune_base: bool) -> list[_Tunable]:
+def _tunables(block: nn.Module) -> list[_Tunable]:
     tunables = []
     for layer in block.modules():
         if not isinstance(layer, SALRLinear) or layer.residual_rank == 0:
             continue
         r = layer.residual_rank
-        base = layer.base.to_dense().detach().float()
-        dense = tune_base and isinstance(layer.base, DenseBase)
-        tunables.append(
-            _Tunable(
-                layer,
-                layer.A_cat.detach()[:r].float().clone().requires_grad_(),
-                layer.B_cat.detach()[:, :r].float().clone().requires_grad_(),
-                base,
-                (base != 0).float() if dense else None,
-                torch.zeros_like(base, requires_grad=True) if dense else None,
-            )
-        )
+        base = layer.base.dequantize() if isinstance(layer.base, QBitmapBase) else layer.base.to_dense().float()
+        A = layer.A_cat.detach()[:r].float().clone().requires_grad_()
+        B = layer.B_cat.detach()[:, :r].float().clone().requires_grad_()
+        tunables.append(_Tunable(layer, A, B, base.detach()))
     return tunables
 
 
@@ -98,12 +86,10 @@ def tune_block(
     targets: list[torch.Tensor],
     steps: int,
     lr: float,
-    base_lr: float = 0.0,
 ) -> dict[str, float]:
-    """Adam on the block's residual factors (and kept base values) for `steps` mini-batches, cycling through the
+    """Adam on the block's residual factors for `steps` mini-batches, cycling through the
     calibration batches; returns the relative block output error before and after. The block is updated in place."""
-    tune_base = base_lr > 0
-    tunables = _tunables(block, tune_base)
+    tunables = _tunables(block)
     if not tunables or steps <= 0:
         return {}
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -113,10 +99,7 @@ def tune_block(
         t.layer.forward = t.forward  # an instance attribute: shadows SALRLinear.forward during tuning
     try:
         before = _block_error(block, inputs, kwargs, targets)
-        groups = [{"params": [p for t in tunables for p in (t.A, t.B)], "lr": lr}]
-        if tune_base:
-            groups.append({"params": [t.delta for t in tunables if t.delta is not None], "lr": base_lr})
-        optimizer = torch.optim.Adam(groups)
+        optimizer = torch.optim.Adam([p for t in tunables for p in (t.A, t.B)], lr=lr)
         scales = [float(y.float().pow(2).mean()) for y in targets]
         for step in range(steps):
             i = step % len(inputs)

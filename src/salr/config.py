@@ -142,11 +142,7 @@ class SALRConfig:
             "factors to the dense block's output (block-wise reconstruction; needs sequential calibration); 0 = off"
         },
     )
-    block_tuning_lr: float = field(default=1e-4, metadata={"help": "learning rate of block tuning's residual factors"})
-    block_tuning_base_lr: float = field(
-        default=0.0,
-        metadata={"help": "block tuning: learning rate of the dense base's kept values (0 = the base stays fixed)"},
-    )
+    block_tuning_lr: float = field(default=3e-4, metadata={"help": "learning rate of block tuning's residual factors"})
     damping: float = field(default=0.01, metadata={"help": "Gram damping, relative to its mean diagonal"})
     residual_rank: int = field(default=64, metadata={"help": "rank of the SVD residual adapter (0 = naive pruning)"})
     residual_rank_pattern: dict[str, int] | None = field(
@@ -294,10 +290,9 @@ class SALRConfig:
         steps = self.block_tuning_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise SALRError(f"block_tuning_steps must be a non-negative integer, got {steps!r}")
-        for name, low in (("block_tuning_lr", 0.0), ("block_tuning_base_lr", -1.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > low or value < 0:
-                raise SALRError(f"{name} must be a {'positive' if low == 0 else 'non-negative'} number, got {value!r}")
+        lr = self.block_tuning_lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+            raise SALRError(f"block_tuning_lr must be a positive number, got {lr!r}")
         if steps and not (self.needs_calibration and self.sequential):
             raise SALRError(
                 "block tuning fits each compressed block on calibration data, block after block: it needs an "

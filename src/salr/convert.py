@@ -212,9 +212,8 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
         del stats
         if config.block_tuning_steps:  # fit the compressed block to the dense block's outputs
             errors = tune_block(
-                block, calib.hidden, calib.kwargs, dense_hidden, config.block_tuning_steps, config.block_tuning_lr,
-                config.block_tuning_base_lr,
-            )  # fmt: skip
+                block, calib.hidden, calib.kwargs, dense_hidden, config.block_tuning_steps, config.block_tuning_lr
+            )
             if errors:
                 converter.block_rows.append({"block": name, **errors})
         # sequential: the next block sees what the compressed block outputs; else the dense block's outputs
