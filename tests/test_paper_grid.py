@@ -254,6 +254,19 @@ def test_alternating_rounds_reach_salr_plus_but_not_the_paper_preset(experiment,
     assert experiment.run_config(runs["salr+@50%"], default).alternating_momentum == SALRConfig().alternating_momentum
 
 
+def test_block_tuning_reaches_salr_plus_only(experiment, tmp_path):
+    args = experiment.parse_args(
+        ["--output", str(tmp_path), "--block-tuning-steps", "32", "--block-tuning-lr", "3e-4"]
+    )
+    runs = {r.name: r for r in experiment.grid(quick=False)}
+    salr_plus = experiment.run_config(runs["salr+@50%"], args)
+    assert (salr_plus.block_tuning_steps, salr_plus.block_tuning_lr) == (32, 3e-4)
+    assert experiment.run_config(runs["lora@50%"], args).block_tuning_steps == 0  # a dense base: nothing to repair
+    assert experiment.run_config(runs["salr@50%"], args).block_tuning_steps == 0  # the paper preset has no data
+    default = experiment.parse_args(["--output", str(tmp_path)])
+    assert experiment.run_config(runs["salr+@50%"], default).block_tuning_steps == SALRConfig().block_tuning_steps
+
+
 def test_residual_lr_reaches_the_training_config(experiment, tmp_path):
     default = experiment.train_config(experiment.parse_args(["--output", str(tmp_path), "--lr", "1e-3"]))
     assert default.lr == 1e-3 and default.residual_lr is None  # the residual block follows --lr
