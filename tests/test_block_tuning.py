@@ -9,7 +9,7 @@ import torch
 
 from salr.bases import DenseBase
 from salr.block_tuning import tune_block
-from salr.calibration import BlockwiseCalibration, decoder_blocks
+from salr.calibration import BlockwiseCalibration, block_output, decoder_blocks
 from salr.config import SALRConfig
 from salr.convert import convert
 from salr.errors import SALRError
@@ -39,15 +39,11 @@ def _layers(block):
     return [m for m in block.modules() if isinstance(m, SALRLinear)]
 
 
-def _out(block, x, kwargs) -> torch.Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _block_error(block, inputs, kwargs, targets) -> float:
     with torch.no_grad():
         num = sum(
-            float((_out(block, x, kw) - y).pow(2).sum()) for x, kw, y in zip(inputs, kwargs, targets, strict=True)
+            float((block_output(block, x, kw) - y).pow(2).sum())
+            for x, kw, y in zip(inputs, kwargs, targets, strict=True)
         )
     return num / sum(float(y.pow(2).sum()) for y in targets)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salr.bases.qbitmap import QBitmapBase
+from salr.calibration import block_output
 from salr.layer import SALRLinear
 
 logger = logging.getLogger(__name__)
@@ -72,9 +73,7 @@ def _block_error(
     num = den = 0.0
     with torch.no_grad():
         for x, kw, y in zip(inputs, kwargs, targets, strict=True):
-            out = block(x, **kw)
-            out = out[0] if isinstance(out, tuple) else out
-            num += float((out.float() - y.float()).pow(2).sum())
+            num += float((block_output(block, x, kw).float() - y.float()).pow(2).sum())
             den += float(y.float().pow(2).sum())
     return num / max(den, 1e-30)
 
@@ -103,8 +102,7 @@ def tune_block(
         scales = [float(y.float().pow(2).mean()) for y in targets]
         for step in range(steps):
             i = step % len(inputs)
-            out = block(inputs[i], **kwargs[i])
-            out = out[0] if isinstance(out, tuple) else out
+            out = block_output(block, inputs[i], kwargs[i])
             loss = (out.float() - targets[i].float()).pow(2).mean() / max(scales[i], 1e-30)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -115,7 +113,9 @@ def tune_block(
                 t.write_back()
         else:
             logger.info(
-                "block tuning did not lower the block's output error (%.4g -> %.4g): kept the fit", before, after
+                "block tuning did not lower the block's output error (%.4g -> %.4g): block left as it was",
+                before,
+                after,
             )
     finally:
         for t in tunables:

@@ -175,6 +175,12 @@ def calibration_ids(
 # ----------------------------------------------------------------------------- block by block
 
 
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a decoder block returns (some transformers versions wrap them in a tuple)."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 class _StopForward(Exception):
     """Raised by the hook on the first block once its inputs are caught: nothing after it needs to run."""
 
@@ -251,8 +257,7 @@ class BlockwiseCalibration:
         """The block's outputs for every mini-batch of `inputs` (default: the current ones, `hidden`)."""
         outputs = []
         for hidden, kwargs in zip(self.hidden if inputs is None else inputs, self.kwargs, strict=True):
-            out = block(hidden, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs.append(block_output(block, hidden, kwargs))
         return outputs
 
     @torch.no_grad()
@@ -311,11 +316,11 @@ class BlockwiseCalibration:
                 seen.clear()
                 fired.clear()
                 try:
-                    out = block(hidden, **kwargs)
+                    out = block_output(block, hidden, kwargs)
                 except _StopForward:
                     continue
                 if outputs:
-                    results.append(out[0] if isinstance(out, tuple) else out)
+                    results.append(out)
         finally:
             seen.clear()
             for handle in handles:
