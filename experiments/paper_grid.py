@@ -256,8 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--block-tuning-steps",
         type=int,
-        help="salr+'s block-wise reconstruction steps per block (default: SALRConfig's, "
-        f"{SALRConfig().block_tuning_steps})",
+        help="salr+'s block-wise reconstruction steps per block (default: SALRConfig's: "
+        f"{SALRConfig(quant='nf4').tuning_steps} with a quantized base or an N:M pattern, else 0)",
     )
     p.add_argument(
         "--block-tuning-lr",

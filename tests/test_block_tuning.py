@@ -10,7 +10,7 @@ import torch
 from salr.bases import DenseBase
 from salr.block_tuning import tune_block
 from salr.calibration import BlockwiseCalibration, block_output, decoder_blocks
-from salr.config import SALRConfig
+from salr.config import BLOCK_TUNING_STEPS, SALRConfig
 from salr.convert import convert
 from salr.errors import SALRError
 from salr.layer import SALRLinear
@@ -138,8 +138,29 @@ def test_block_tuning_is_refused_where_it_cannot_run_and_dropped_for_dense_metho
     with pytest.raises(SALRError, match="activation-aware"):
         SALRConfig.from_preset("paper", block_tuning_steps=4)
     config = SALRConfig(block_tuning_steps=4)
-    assert method_config("lora", config).block_tuning_steps == 0  # a dense base: nothing to repair
-    assert method_config("salr", config).block_tuning_steps == 4
+    assert method_config("lora", config).tuning_steps == 0  # a dense base: nothing to repair
+    assert method_config("salr", config).tuning_steps == 4
+    assert method_config("qlora", SALRConfig(quant="nf4")).tuning_steps == 0
+
+
+def test_block_tuning_is_on_by_default_for_quantized_bases_and_nm_patterns():
+    assert SALRConfig().block_tuning_steps is None
+    assert SALRConfig().tuning_steps == 0  # unstructured, unquantized: measured no gain at init
+    assert SALRConfig(quant="nf4").tuning_steps == BLOCK_TUNING_STEPS > 0
+    assert SALRConfig(quant="int8").tuning_steps == BLOCK_TUNING_STEPS
+    assert SALRConfig(pattern="2:4", sparsity=None).tuning_steps == BLOCK_TUNING_STEPS
+    assert SALRConfig(quant="nf4", block_tuning_steps=0).tuning_steps == 0
+    assert SALRConfig(block_tuning_steps=8).tuning_steps == 8
+    # where it cannot run, the default steps aside instead of refusing the config
+    assert SALRConfig(quant="nf4", sequential=False).tuning_steps == 0
+    assert SALRConfig.from_preset("paper", quant="nf4").tuning_steps == 0  # no data
+    assert SALRConfig(quant="nf4", residual_rank=0).tuning_steps == 0  # no residual factors
+    assert method_config("prune-lora", SALRConfig(quant="nf4")).tuning_steps == 0
+    # a config saved before block tuning existed did not run it; one saved since keeps its choice
+    saved = SALRConfig(quant="nf4").to_dict()
+    del saved["block_tuning_steps"]
+    assert SALRConfig.from_dict(saved).tuning_steps == 0
+    assert SALRConfig.from_dict(SALRConfig(quant="nf4").to_dict()).tuning_steps == BLOCK_TUNING_STEPS
 
 
 @pytest.mark.parametrize("steps", [0, 4])
@@ -187,3 +208,15 @@ def test_a_quantized_base_is_never_touched_and_its_residual_absorbs_more(tiny_ll
             assert not torch.equal(value, state[key]), key
     for layer in _layers(block):
         layer.base.validate()
+
+
+@pytest.mark.parametrize(("extra", "tuned"), [({}, False), ({"quant": "int8"}, True), ({"pattern": "2:4"}, True)])
+def test_convert_tunes_blocks_by_default_where_the_default_says(tiny_llama, extra, tuned):
+    fields = {**CONFIG, **extra}
+    if "pattern" in extra:
+        fields["sparsity"] = None
+    ids = _ids(tiny_llama.config.vocab_size)
+    report = convert(copy.deepcopy(tiny_llama), SALRConfig(**fields), progress=False, calibration=ids)
+    assert ("block_tuning" in report) is tuned
+    if tuned:
+        assert len(report["block_tuning"]) == 2  # one row per block of the tiny model

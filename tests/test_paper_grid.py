@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from salr import data
-from salr.config import PRESETS, SALRConfig
+from salr.config import BLOCK_TUNING_STEPS, PRESETS, SALRConfig
 from salr.convert import convert
 from salr.layer import SALRLinear
 from salr.train import TrainConfig, load_examples, train
@@ -261,10 +261,11 @@ def test_block_tuning_reaches_salr_plus_only(experiment, tmp_path):
     runs = {r.name: r for r in experiment.grid(quick=False)}
     salr_plus = experiment.run_config(runs["salr+@50%"], args)
     assert (salr_plus.block_tuning_steps, salr_plus.block_tuning_lr) == (32, 3e-4)
-    assert experiment.run_config(runs["lora@50%"], args).block_tuning_steps == 0  # a dense base: nothing to repair
-    assert experiment.run_config(runs["salr@50%"], args).block_tuning_steps == 0  # the paper preset has no data
+    assert experiment.run_config(runs["lora@50%"], args).tuning_steps == 0  # a dense base: nothing to repair
+    assert experiment.run_config(runs["salr@50%"], args).tuning_steps == 0  # the paper preset has no data
     default = experiment.parse_args(["--output", str(tmp_path)])
-    assert experiment.run_config(runs["salr+@50%"], default).block_tuning_steps == SALRConfig().block_tuning_steps
+    assert experiment.run_config(runs["salr+@50%"], default).tuning_steps == SALRConfig().tuning_steps == 0
+    assert experiment.run_config(runs["salr+@2:4"], default).tuning_steps == BLOCK_TUNING_STEPS
 
 
 def test_residual_lr_reaches_the_training_config(experiment, tmp_path):

@@ -195,7 +195,7 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
     dense_hidden = calib.hidden  # the dense model's inputs of the current block: block tuning's reference
     for name, block in tqdm(blocks, desc="salr convert", disable=not progress, unit="block"):
         mine = [t for t in targets if t.module_name.startswith(name + ".")]
-        if config.block_tuning_steps:  # the dense block's outputs on the dense model's inputs, before it changes
+        if config.tuning_steps:  # the dense block's outputs on the dense model's inputs, before it changes
             dense_hidden = calib.run_block(block, dense_hidden)
         if not mine:  # nothing to convert here; the next block still needs this one's outputs as its inputs
             calib.hidden = calib.run_block(block)
@@ -210,9 +210,9 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
             converter.convert(target, modules[target.module_name], local, prefix=target.name[:prefix])
         converter.install_experts()
         del stats
-        if config.block_tuning_steps:  # fit the compressed block to the dense block's outputs
+        if config.tuning_steps:  # fit the compressed block to the dense block's outputs
             errors = tune_block(
-                block, calib.hidden, calib.kwargs, dense_hidden, config.block_tuning_steps, config.block_tuning_lr
+                block, calib.hidden, calib.kwargs, dense_hidden, config.tuning_steps, config.block_tuning_lr
             )
             if errors:
                 converter.block_rows.append({"block": name, **errors})
