@@ -12,6 +12,7 @@ import torch
 import salr
 from salr.bases import QBitmapBase
 from salr.cli import main
+from salr.config import BLOCK_TUNING_STEPS
 from salr.layer import SALRLinear
 from salr.train import method_config, train
 
@@ -202,7 +203,11 @@ def test_eval_prunes_and_quantizes_on_the_fly(stories_path, wikitext_path, tmp_p
     assert main([*argv, "--limit", "2", "--quant", "nf4", "--residual-rank", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["pruning"]["quant"] == "nf4" and report["pruning"]["totals"]["quantization_energy"] > 0
+    assert report["pruning"]["block_tuning_steps"] == BLOCK_TUNING_STEPS  # a quantized base is tuned by default
     assert report["metrics"]["perplexity"] > 1
+    argv += ["--limit", "2", "--quant", "nf4", "--residual-rank", "4", "--block-tuning-steps", "0"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["pruning"]["block_tuning_steps"] == 0
 
 
 def test_moe_experts_get_quantized_bases_and_reload_exactly(tiny_mixtral, tmp_path):

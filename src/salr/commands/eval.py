@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 PRUNING_FIELDS = (
     "sparsity", "pattern", "granularity", "residual_rank", "criterion", "residual_init", "alternating_rounds",
     "alternating_momentum", "calibration", "calibration_samples", "calibration_length", "sequential", "damping",
-    "quant", "quant_double", "quant_blocksize", "quant_rounding", "quant_scales",
+    "block_tuning_steps", "block_tuning_lr", "quant", "quant_double", "quant_blocksize", "quant_rounding",
+    "quant_scales",
 )  # fmt: skip
 
 
@@ -113,7 +114,9 @@ def prune(model: Any, config: SALRConfig, tokenizer: Any) -> dict[str, Any]:
     from salr.convert import convert  # heavy imports only when pruning
 
     report = convert(model, config, tokenizer=tokenizer)
-    return {**{name: getattr(config, name) for name in PRUNING_FIELDS}, "totals": report.get("totals")}
+    settings = {name: getattr(config, name) for name in PRUNING_FIELDS}
+    settings["block_tuning_steps"] = config.tuning_steps  # what ran, where the default left it unset
+    return {**settings, "totals": report.get("totals")}
 
 
 def summary(task: str, m: dict[str, Any]) -> str:
