@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from salr import data, evaluate
-from salr.config import SALRConfig
+from salr.config import BLOCK_TUNING_STEPS, SALRConfig
 from salr.convert import convert
 from salr.footprint import deployed_bytes
 from salr.io import atomic_write_bytes, atomic_write_json
@@ -257,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--block-tuning-steps",
         type=int,
         help="salr+'s block-wise reconstruction steps per block (default: SALRConfig's: "
-        f"{SALRConfig(quant='nf4').tuning_steps} with a quantized base or an N:M pattern, else 0)",
+        f"{BLOCK_TUNING_STEPS} with a quantized base or an N:M pattern, else 0)",
     )
     p.add_argument(
         "--block-tuning-lr",

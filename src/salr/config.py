@@ -382,9 +382,8 @@ class SALRConfig:
         on an unstructured unquantized base it gained nothing measurable), else 0."""
         if self.block_tuning_steps is not None:
             return self.block_tuning_steps
-        residual = max([self.residual_rank, *(self.residual_rank_pattern or {}).values()]) > 0
         pays = self.quant != "none" or self.nm is not None
-        return BLOCK_TUNING_STEPS if pays and residual and self.needs_calibration and self.sequential else 0
+        return BLOCK_TUNING_STEPS if pays and self.has_residual and self.needs_calibration and self.sequential else 0
 
     @property
     def scale_rule(self) -> str | None:
@@ -399,8 +398,12 @@ class SALRConfig:
         """True when converting reads activations: an activation-aware mask or residual on a pruned base."""
         if self.sparsity == 0 and not any((self.sparsity_pattern or {}).values()):
             return False
-        ranks = [self.residual_rank, *(self.residual_rank_pattern or {}).values()]
-        return self.criterion != "magnitude" or (self.residual_init != "svd" and max(ranks) > 0)
+        return self.criterion != "magnitude" or (self.residual_init != "svd" and self.has_residual)
+
+    @property
+    def has_residual(self) -> bool:
+        """True when some target gets a residual adapter (residual_rank or a residual_rank_pattern rank > 0)."""
+        return max([self.residual_rank, *(self.residual_rank_pattern or {}).values()]) > 0
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> SALRConfig:

@@ -193,9 +193,10 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
         )
     config = converter.config
     dense_hidden = calib.hidden  # the dense model's inputs of the current block: block tuning's reference
+    tuning_steps = config.tuning_steps
     for name, block in tqdm(blocks, desc="salr convert", disable=not progress, unit="block"):
         mine = [t for t in targets if t.module_name.startswith(name + ".")]
-        if config.tuning_steps:  # the dense block's outputs on the dense model's inputs, before it changes
+        if tuning_steps:  # the dense block's outputs on the dense model's inputs, before it changes
             dense_hidden = calib.run_block(block, dense_hidden)
         if not mine:  # nothing to convert here; the next block still needs this one's outputs as its inputs
             calib.hidden = calib.run_block(block)
@@ -210,10 +211,8 @@ def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.
             converter.convert(target, modules[target.module_name], local, prefix=target.name[:prefix])
         converter.install_experts()
         del stats
-        if config.tuning_steps:  # fit the compressed block to the dense block's outputs
-            errors = tune_block(
-                block, calib.hidden, calib.kwargs, dense_hidden, config.tuning_steps, config.block_tuning_lr
-            )
+        if tuning_steps:  # fit the compressed block to the dense block's outputs
+            errors = tune_block(block, calib.hidden, calib.kwargs, dense_hidden, tuning_steps, config.block_tuning_lr)
             if errors:
                 converter.block_rows.append({"block": name, **errors})
         # sequential: the next block sees what the compressed block outputs; else the dense block's outputs
