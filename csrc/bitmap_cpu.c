@@ -122,7 +122,7 @@ int salr_cpu_has_avx2(void) {
 #endif
 }
 
-/* AVX-512 with VBMI2 (vpexpandw: Intel Ice Lake and later, AMD Zen 4 and later). */
+/* AVX-512 with VBMI (vpmultishiftqb) and VBMI2 (vpexpandw): Intel Ice Lake and later, AMD Zen 4 and later. */
 int salr_cpu_has_avx512(void) {
 #if !SALR_X86
     return 0;
@@ -130,7 +130,8 @@ int salr_cpu_has_avx512(void) {
     __builtin_cpu_init();
     return salr_cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
+           __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+           __builtin_cpu_supports("bmi2");
 #endif
 }
 
@@ -440,9 +441,12 @@ AVX512_INLINE void store_sums512(int NT, int NB, __m512 acc[4][MAX_NT], float *y
 }
 
 /* NT tokens against one bf16 row, as gemv_row_block_avx2 (validation included) with x in the permuted layout.
- * The expanding loads touch only the values the mask selects, all within the row once the running count is
- * checked, so no read goes past the row's values. */
-AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uint16_t *v0, int64_t nbytes,
+ * Without `slack` the expanding loads touch only the values the mask selects, all within the row once the running
+ * count is checked, so no read goes past the row's values. With it (>= 32 readable words past the row) a chunk's
+ * values are a plain load folded into the expand and its mask comes straight from the bitmap word: no bzhi / kmov
+ * pair for a load mask (`salr bench --kernel`, 2 threads, Intel Xeon: 4096x4096 0.72 -> 0.66-0.68 ms, 14336x4096
+ * and 1 thread unchanged: docs/benchmarks.md, section 13). */
+AVX512_INLINE int64_t gemv_row_block_avx512(int NT, int slack, const uint8_t *bm, const uint16_t *v0, int64_t nbytes,
                                             int64_t n_row, const float *xq, int64_t kq, float *y, int64_t ldy) {
     const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
     const __m512i odd = _mm512_set1_epi32((int)0xffff0000u); /* a dword's high word: the chunk's odd column */
@@ -462,7 +466,15 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uin
         PREFETCH(bm + j + PREFETCH_BITMAP);
         const uint32_t k0 = (uint32_t)word, k1 = (uint32_t)(word >> 32);
         const int c0 = __builtin_popcount(k0);
-        const __m512i w0 = expand32(k0, v0 + cnt, c0), w1 = expand32(k1, v0 + cnt + c0, (int)wc - c0);
+        __m512i w0, w1;
+        if (slack) {
+            const __mmask64 k = _cvtu64_mask64(word);
+            w0 = _mm512_maskz_expand_epi16((__mmask32)k, _mm512_loadu_si512(v0 + cnt));
+            w1 = _mm512_maskz_expand_epi16((__mmask32)_kshiftri_mask64(k, 32), _mm512_loadu_si512(v0 + cnt + c0));
+        } else {
+            w0 = expand32(k0, v0 + cnt, c0);
+            w1 = expand32(k1, v0 + cnt + c0, (int)wc - c0);
+        }
         const __m512 f[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)),
                              _mm512_castsi512_ps(_mm512_and_si512(w0, odd)),
                              _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)),
@@ -493,25 +505,27 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, const uint8_t *bm, const uin
     return cnt;
 }
 
-/* As gemv_row_avx2 for bf16 values, x permuted (permute_x_avx512, row stride kq). */
-AVX512_FN static int64_t gemv_row_avx512(const uint8_t *bm, const uint16_t *v, int64_t nbytes, int64_t n_row,
-                                         const float *xq, int64_t m, int64_t kq, float *y, int64_t ldy) {
-    int64_t t = 0, got = n_row;
-    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
-        got = gemv_row_block_avx512(8, bm, v, nbytes, n_row, xq + t * kq, kq, y + t * ldy, ldy);
+/* As gemv_row_avx2 for bf16 values, x permuted (permute_x_avx512, row stride kq); `slack` as
+ * gemv_row_block_avx512. */
+AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uint16_t *v, int64_t nbytes,
+                                         int64_t n_row, const float *xq, int64_t m, int64_t kq, float *y, int64_t ldy) {
+#define ROW_BLOCK(NT) \
+    (slack ? gemv_row_block_avx512(NT, 1, bm, v, nbytes, n_row, xq, kq, y, ldy) \
+           : gemv_row_block_avx512(NT, 0, bm, v, nbytes, n_row, xq, kq, y, ldy))
+    int64_t got = n_row;
+    for (; m >= MAX_NT && got == n_row; m -= MAX_NT, xq += MAX_NT * kq, y += MAX_NT * ldy) got = ROW_BLOCK(8);
     if (got != n_row) return got;
-    xq += t * kq;
-    y += t * ldy;
-    switch (m - t) {
-    case 1: return gemv_row_block_avx512(1, bm, v, nbytes, n_row, xq, kq, y, ldy);
-    case 2: return gemv_row_block_avx512(2, bm, v, nbytes, n_row, xq, kq, y, ldy);
-    case 3: return gemv_row_block_avx512(3, bm, v, nbytes, n_row, xq, kq, y, ldy);
-    case 4: return gemv_row_block_avx512(4, bm, v, nbytes, n_row, xq, kq, y, ldy);
-    case 5: return gemv_row_block_avx512(5, bm, v, nbytes, n_row, xq, kq, y, ldy);
-    case 6: return gemv_row_block_avx512(6, bm, v, nbytes, n_row, xq, kq, y, ldy);
-    case 7: return gemv_row_block_avx512(7, bm, v, nbytes, n_row, xq, kq, y, ldy);
+    switch (m) {
+    case 1: return ROW_BLOCK(1);
+    case 2: return ROW_BLOCK(2);
+    case 3: return ROW_BLOCK(3);
+    case 4: return ROW_BLOCK(4);
+    case 5: return ROW_BLOCK(5);
+    case 6: return ROW_BLOCK(6);
+    case 7: return ROW_BLOCK(7);
     default: return got;
     }
+#undef ROW_BLOCK
 }
 
 /* One bf16 row as dense fp32 into out[0, nbytes * 8), as decode_row_avx2 (natural column order). */
@@ -597,8 +611,8 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
         int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
 #if SALR_X86
         if (ok && wide) {
-            ok = gemv_row_avx512(bm, (const uint16_t *)vals + start, nbytes, end - start, xq, m, kq, y + r, ldy) ==
-                 end - start;
+            ok = gemv_row_avx512(end + CHUNK <= nnz, bm, (const uint16_t *)vals + start, nbytes, end - start, xq, m,
+                                 kq, y + r, ldy) == end - start;
         } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
             ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, x, m, ldx, y + r, ldy) == end - start;
         } else
@@ -1418,8 +1432,8 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
             } else
 #if SALR_X86
             if (ok && wide) {
-                ok = gemv_row_avx512(bm, (const uint16_t *)vals + start, nbytes, end - start, xq, m, kq, acc, 1) ==
-                     end - start;
+                ok = gemv_row_avx512(end + CHUNK <= nnz, bm, (const uint16_t *)vals + start, nbytes, end - start, xq,
+                                     m, kq, acc, 1) == end - start;
             } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
                 ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, xf, m, kp, acc, 1) == end - start;
             } else

@@ -49,6 +49,30 @@ def test_cpu_kernel_matches_reference(cpu_isa, dtype, m, shape):
 
 
 @native
+@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("cols", [64, 200, 1037])
+def test_rows_at_the_end_of_the_values(cpu_isa, m, cols):
+    """The AVX-512 GEMV reads whole 32-value chunks past a row's values when at least 32 more follow it (`slack`)
+    and exactly the row's values in the last rows: a dense row ends the stream here, after near-empty ones, so both
+    paths meet rows of every kind (a wrong chunk offset fails this test; an over-read would need a sanitizer)."""
+    g = torch.Generator().manual_seed(cols)
+    w = torch.randn(6, cols, generator=g)
+    w[0, ::3] = 0  # a long row first
+    w[3] = 0  # empty rows among the last ones
+    w[4, :-1] = 0  # one value at the very end of a row; the last row stays fully dense: its values end the tensor
+    w = w.to(torch.bfloat16)
+    bw = fm.encode(w)
+    assert bw.values.numel() == int((w != 0).sum())
+    x = torch.randn(m, cols, generator=g)
+    y = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, 6, cols)
+    ref = exact(x, w)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    for r in range(6):  # row by row: a wrong short row would hide under the dense rows' larger outputs
+        assert rel_err(y[:, r], ref[:, r]) < 1e-4 or float(ref[:, r].abs().max()) == 0.0
+        assert float(ref[:, r].abs().max()) > 0.0 or torch.equal(y[:, r], torch.zeros(m))
+
+
+@native
 @pytest.mark.parametrize("xdtype", DTYPES)
 def test_3d_noncontiguous_input_keeps_dtype(xdtype):
     w, bw = make(96, 77, dtype=torch.bfloat16)
