@@ -528,6 +528,9 @@ AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uin
 #undef ROW_BLOCK
 }
 
+/* Whether gemv_row_avx512 may read a whole chunk past a row ending at value `row_end` (its `slack`), as avx2_safe. */
+static inline int avx512_slack(int64_t row_end, int64_t nnz) { return row_end + CHUNK <= nnz; }
+
 /* One bf16 row as dense fp32 into out[0, nbytes * 8), as decode_row_avx2 (natural column order). */
 AVX512_FN static int64_t decode_row_avx512(const uint8_t *bm, const uint16_t *v0, int64_t nbytes, int64_t n_row,
                                            float *out) {
@@ -611,8 +614,8 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
         int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
 #if SALR_X86
         if (ok && wide) {
-            ok = gemv_row_avx512(end + CHUNK <= nnz, bm, (const uint16_t *)vals + start, nbytes, end - start, xq, m,
-                                 kq, y + r, ldy) == end - start;
+            ok = gemv_row_avx512(avx512_slack(end, nnz), bm, (const uint16_t *)vals + start, nbytes, end - start, xq,
+                                 m, kq, y + r, ldy) == end - start;
         } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
             ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, x, m, ldx, y + r, ldy) == end - start;
         } else
@@ -1432,8 +1435,8 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
             } else
 #if SALR_X86
             if (ok && wide) {
-                ok = gemv_row_avx512(end + CHUNK <= nnz, bm, (const uint16_t *)vals + start, nbytes, end - start, xq,
-                                     m, kq, acc, 1) == end - start;
+                ok = gemv_row_avx512(avx512_slack(end, nnz), bm, (const uint16_t *)vals + start, nbytes,
+                                     end - start, xq, m, kq, acc, 1) == end - start;
             } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
                 ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, xf, m, kp, acc, 1) == end - start;
             } else

@@ -68,8 +68,7 @@ def test_rows_at_the_end_of_the_values(cpu_isa, m, cols):
     ref = exact(x, w)
     assert rel_err(y, ref) < TOL[torch.float32]
     for r in range(6):  # row by row: a wrong short row would hide under the dense rows' larger outputs
-        assert rel_err(y[:, r], ref[:, r]) < 1e-4 or float(ref[:, r].abs().max()) == 0.0
-        assert float(ref[:, r].abs().max()) > 0.0 or torch.equal(y[:, r], torch.zeros(m))
+        assert rel_err(y[:, r], ref[:, r]) < 1e-4  # an empty row's reference is 0: rel_err then needs y == 0 too
 
 
 @native
