@@ -400,6 +400,7 @@ def recover(model: Any, dense: Any, tokenizer: Any, examples: list, config: SALR
         max_length=args.max_length,
         warmup_steps=2,
         seed=args.seed + 1,  # a different data order from the task fine-tuning's
+        residual_lr=None,  # one rate for both blocks, as when the grid's recovery rows were measured
         distill=True,
         progress=False,
     )

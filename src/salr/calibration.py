@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from salr import data
+from salr.config import TRAINING_DATA
 from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, is_fused_experts
 
@@ -130,24 +131,32 @@ def self_generated_ids(
     return torch.cat(rows)
 
 
+def records_text(records: Sequence[dict[str, str]]) -> str:
+    """GSM8K / Alpaca records as the text calibration reads: "prompt\\nresponse" paragraphs."""
+    return "\n\n".join("\n".join(data.record_prompt_response(r)) for r in records)
+
+
 def _file_text(path: Path) -> str:
     if path.suffix.lower() in TEXT_SUFFIXES:
         return data.load_text(path)
-    records = data.load_sft_records(path)
-    return "\n\n".join("\n".join(data.record_prompt_response(r)) for r in records)
+    return records_text(data.load_sft_records(path))
 
 
 def file_ids(tokenizer: Any, path: str | Path, samples: int, length: int, seed: int = 0) -> torch.Tensor:
     """[samples, length] windows of a file's tokens at random offsets (seeded), each starting with BOS.
 
     Plain text files are read as they are; GSM8K / Alpaca JSON(L) records become "prompt\\nresponse" paragraphs."""
-    path = Path(path)
+    return text_ids(tokenizer, _file_text(Path(path)), samples, length, seed, what=str(path))
+
+
+def text_ids(tokenizer: Any, text: str, samples: int, length: int, seed: int = 0, what: str = "text") -> torch.Tensor:
+    """[samples, length] windows of `text`'s tokens at random offsets (seeded), each starting with BOS."""
     if tokenizer is None:
         raise SALRError("calibration from a file needs the model's tokenizer: pass tokenizer=")
-    ids = list(tokenizer.encode(_file_text(path), add_special_tokens=False))
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
     width = length - 1
     if len(ids) < width:
-        raise SALRError(f"{path}: {len(ids)} tokens, fewer than one calibration window of {length}: use more text")
+        raise SALRError(f"{what}: {len(ids)} tokens, fewer than one calibration window of {length}: use more text")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rng = random.Random(seed)
     offsets = [rng.randrange(0, len(ids) - width + 1) for _ in range(samples)]
@@ -167,6 +176,11 @@ def calibration_ids(
         length = limit
     if source == SELF:
         return self_generated_ids(model, samples, length, seed)
+    if source == TRAINING_DATA:
+        raise SALRError(
+            "calibration 'data' means salr train's training records, which only salr train has: pass 'self' or a "
+            "text / GSM8K / Alpaca file"
+        )
     if not Path(source).is_file():
         raise SALRError(f"calibration {source!r}: no such file; pass 'self' or a text / GSM8K / Alpaca file")
     return file_ids(tokenizer, source, samples, length, seed)

@@ -17,6 +17,7 @@ SVD_METHODS = ("auto", "exact", "randomized")
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 RESIDUAL_INITS = ("svd", "whitened", "alternating")
 NO_CALIBRATION = "none"
+TRAINING_DATA = "data"  # salr train's own training records (salr.train.run_training passes their windows)
 DEFAULT_SPARSITY = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTS = ("none", "nf4", "int8")
@@ -128,7 +129,8 @@ class SALRConfig:
         default="self",
         metadata={
             "help": "calibration text: 'self' (sampled from the model itself, no file needed), a text / GSM8K / "
-            "Alpaca file, or 'none' (magnitude + svd only)"
+            "Alpaca file, 'data' (salr train: its training records; its default there) or 'none' (magnitude + svd "
+            "only)"
         },
     )
     calibration_samples: int = field(default=64, metadata={"help": "calibration windows"})

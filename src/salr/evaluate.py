@@ -545,7 +545,7 @@ def mmlu(
 
 # ----------------------------------------------------------------------------- one entry point
 
-TASKS = ("wikitext2", "gsm8k", "mmlu")
+TASKS = ("wikitext2", "gsm8k", "mmlu", "answer-nll")
 
 
 def run_task(
@@ -562,7 +562,7 @@ def run_task(
     max_new_tokens: int = 256,
 ) -> dict[str, Any]:
     """Load the data for `task` and evaluate: what `salr eval` runs. `limit` counts windows for wikitext2
-    (any plain-text file), questions for gsm8k and mmlu."""
+    (any plain-text file), questions for gsm8k and mmlu, records (GSM8K or Alpaca) for answer-nll."""
     if task == "wikitext2":
         text = data.load_text(data_path)
         return perplexity(model, tokenizer, text, max_length, stride, limit, batch_size)
@@ -571,4 +571,7 @@ def run_task(
         return gsm8k(model, tokenizer, records, batch_size, max_new_tokens)
     if task == "mmlu":
         return mmlu(model, tokenizer, dev, data_path, k, limit, batch_size)
+    if task == "answer-nll":  # teacher-forced, no generation: the metric salr train --eval-data logs
+        records = data.load_sft_records(data_path, limit)
+        return {**answer_nll(model, tokenizer, records, batch_size), "n": len(records)}
     raise SALRError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")

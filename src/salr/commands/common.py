@@ -66,7 +66,9 @@ def _parser_for(annotation: Any) -> tuple[Any, bool]:
         return _modules, False
     if any(typing.get_origin(a) is dict for a in args):
         return _json_object, False
-    for kind in (int, float, str):
+    if str in args:  # a number or a keyword ('lr*0.1', 'theorem4'): the dataclass parses the string
+        return str, False
+    for kind in (int, float):
         if kind in args:
             return (float if float in args and kind is int else kind), False
     return str, False
@@ -117,8 +119,11 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the model weights")
 
 
-def add_salr_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Every SALRConfig field as a flag (--sparsity, --pattern, --residual-rank, --lora-rank, ...) and --preset."""
+def add_salr_args(
+    parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> None:
+    """Every SALRConfig field as a flag (--sparsity, --pattern, --residual-rank, --lora-rank, ...) and --preset;
+    `defaults` shows a command's own defaults in --help where they differ from SALRConfig's."""
     group = parser.add_argument_group("SALR")
     group.add_argument(
         "--preset",
@@ -126,7 +131,7 @@ def add_salr_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         help="start from a named recipe: 'paper' = the SALR paper exactly (magnitude mask, plain SVD, no data); "
         "'salr+' = the default (the best measured, docs/quality.md); flags given beside it still apply",
     )
-    add_dataclass_args(group, SALRConfig, skip=skip)
+    add_dataclass_args(group, SALRConfig, skip=skip, defaults=defaults)
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> SALRConfig:

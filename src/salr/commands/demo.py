@@ -164,8 +164,9 @@ def recovery_stage(demo: Demo, model: torch.nn.Module) -> None:
         "text =="
     )
     examples = every_position_examples(demo.calibration.tolist())
-    cfg = TrainConfig(lr=args.recovery_lr, max_steps=args.recovery_steps, batch_size=min(8, len(examples)),
-                      warmup_steps=2, seed=demo.config.seed, distill=True, progress=True)  # fmt: skip
+    cfg = TrainConfig(lr=args.recovery_lr, residual_lr="lr", max_steps=args.recovery_steps,
+                      batch_size=min(8, len(examples)), warmup_steps=2, seed=demo.config.seed, distill=True,
+                      progress=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="salr-recovery-") as run_dir:  # only the model in memory is kept
         report = train(model, demo.tokenizer, examples, demo.config, cfg, run_dir, args.model, teacher=demo.dense)
     demo.summary["recovery"] = {"steps": report["steps"], "kl_first": report["history"][0]["loss"],
@@ -198,8 +199,9 @@ def finetune_stage(demo: Demo, model: torch.nn.Module, records: tuple[list[dict]
     scores["SALR+ (before fine-tuning)"] = score(model, demo.tokenizer, held_out, n_acc)
     if args.train_steps > 0:
         examples = load_examples(None, demo.tokenizer, args.max_length, records=train_records)
-        cfg = TrainConfig(lr=args.lr, max_steps=args.train_steps, batch_size=min(args.batch_size, len(examples)),
-                          max_length=args.max_length, seed=demo.config.seed)  # fmt: skip
+        cfg = TrainConfig(lr=args.lr, residual_lr="lr", prompt_distill=0.0, max_steps=args.train_steps,
+                          batch_size=min(args.batch_size, len(examples)), max_length=args.max_length,
+                          seed=demo.config.seed)  # fmt: skip
         report = train(model, demo.tokenizer, examples, demo.config, cfg, args.output, args.model,
                        extra_report={"demo": True})  # fmt: skip
         scores["SALR+ (fine-tuned)"] = score(model, demo.tokenizer, held_out, n_acc)

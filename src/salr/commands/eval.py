@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--data",
-        help="wikitext2: a text file; gsm8k: a jsonl; mmlu: a csv or a directory (--harness with one task: "
-        "default the task YAML's file under ../shared/data)",
+        help="wikitext2: a text file; gsm8k: a jsonl; answer-nll: a GSM8K or Alpaca JSON/JSONL; mmlu: a csv or a "
+        "directory (--harness with one task: default the task YAML's file under ../shared/data)",
     )
     p.add_argument("--dev", help="mmlu: the dev split (few-shot examples); default: a 'dev' directory beside --data")
     p.add_argument("--shots", type=at_least(0), default=5, help="mmlu: number of few-shot examples (default 5)")
@@ -127,6 +127,8 @@ def summary(task: str, m: dict[str, Any]) -> str:
         )
     if task == "gsm8k":
         return f"accuracy {m['accuracy']:.4f} ({m['correct']}/{m['n']}), answer nll {m['answer_nll']:.4f}"
+    if task == "answer-nll":
+        return f"answer nll {m['answer_nll']:.4f} over {m['answer_tokens']} answer tokens of {m['n']} records"
     return (
         f"accuracy {m['accuracy']:.4f} ({m['correct']}/{m['n']}), macro {m['macro_accuracy']:.4f} "
         f"over {len(m['subjects'])} subjects, {m['k']}-shot"

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from salr.commands.common import (
     add_dataclass_args,
@@ -19,10 +20,11 @@ from salr.commands.common import (
     config_from_args,
     dataclass_from_args,
 )
+from salr.config import TRAINING_DATA
 from salr.errors import SALRError
 from salr.io import check_writable_dir
 from salr.losa.config import LoSAConfig
-from salr.train.config import METHODS, TrainConfig
+from salr.train.config import METHODS, TRAINING_CONVERSION, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="GSM8K (question, answer) or Alpaca JSON/JSONL file (optional with --distill)")
     p.add_argument("--limit", type=at_least(1), help="use only the first N records of --data")
     p.add_argument("--output", required=True, help="run directory: final SALR checkpoint, metrics.jsonl, checkpoints/")
-    add_salr_args(p)  # its --seed also seeds the data order and dropout
+    # its --seed also seeds the data order and dropout; a dense model is converted with TRAINING_CONVERSION
+    add_salr_args(p, defaults={**TRAINING_CONVERSION, "calibration": f"{TRAINING_DATA} (with --data, else self)"})
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, skip=("seed", "progress"))
     add_dataclass_args(p.add_argument_group("LoSA (--method losa; docs/losa.md)"), LoSAConfig)
     g = p.add_argument_group("run")
@@ -47,10 +50,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+LOSA_LR = 2e-4  # LoSA's own rate (docs/losa.md): TrainConfig's task default was measured for SALR and LoRA only
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     seed = getattr(args, "seed", None)
     extra = {"progress": not args.no_progress, **({"seed": seed} if seed is not None else {})}
+    if getattr(args, "method", None) == "losa" and not hasattr(args, "lr"):
+        extra["lr"] = LOSA_LR
     return dataclass_from_args(args, TrainConfig, **extra)
+
+
+def training_conversion(args: argparse.Namespace) -> dict[str, Any]:
+    """TRAINING_CONVERSION's settings the user left unset, where they apply: not under the paper's preset (no
+    calibration), not for LoSA (its own rounds), and calibration on the training data only when there is some."""
+    if getattr(args, "preset", None) == "paper" or args.method == "losa":
+        return {}
+    unset = {k: v for k, v in TRAINING_CONVERSION.items() if not hasattr(args, k)}
+    if args.data is None:
+        unset.pop("calibration", None)
+    return unset
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and not Path(args.data).is_file():
         raise SALRError(f"--data {args.data}: no such file; pass a GSM8K or Alpaca JSON/JSONL file")
     check_writable_dir(args.output, "--output")
-    config = config_from_args(args)
+    config = config_from_args(args, **training_conversion(args))
     eval_fn, eval_info = None, None
     if args.eval_data and cfg.eval_every:
         from salr.evaluate import answer_nll

@@ -35,9 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salr import data
-from salr.calibration import self_generated_ids
+from salr.calibration import records_text, self_generated_ids, text_ids
 from salr.checkpoint import CONFIG_NAME, read_salr_config
-from salr.config import SALRConfig
+from salr.config import TRAINING_DATA, SALRConfig
 from salr.convert import convert, mark_trainable
 from salr.errors import SALRError
 from salr.integrity import sha256_file
@@ -73,12 +73,17 @@ def effective_config(model_spec: str, method: str, config: SALRConfig) -> SALRCo
 
 
 def prepare_model(
-    model_spec: str, method: str, config: SALRConfig, dtype: str | None = None
+    model_spec: str,
+    method: str,
+    config: SALRConfig,
+    dtype: str | None = None,
+    records: Sequence[dict[str, str]] | None = None,
 ) -> tuple[nn.Module, Any, SALRConfig, dict[str, Any] | None]:
     """(model, tokenizer, effective config, conversion report or None).
 
     A SALR checkpoint directory is trained as saved (its own config; `salr-frozen-residual` freezes the
-    residual block of every layer); any other model is loaded and converted for `method`.
+    residual block of every layer); any other model is loaded and converted for `method`, calibrated on the
+    training `records` where its calibration is 'data' (TRAINING_DATA).
     """
     path = Path(model_spec)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
@@ -91,7 +96,16 @@ def prepare_model(
         return model, tokenizer, saved, None
     config = method_config(method, config)
     model, tokenizer = load_model(model_spec, dtype=dtype)
-    report = convert(model, config, tokenizer=tokenizer)
+    calibration = None
+    if config.needs_calibration and config.calibration == TRAINING_DATA:
+        if not records:
+            raise SALRError(
+                "calibration 'data' calibrates on the training records: pass --data, or --calibration self"
+            )
+        text = records_text(records)
+        calibration = text_ids(tokenizer, text, config.calibration_samples, config.calibration_length, config.seed,
+                               what="the training data")  # fmt: skip
+    report = convert(model, config, tokenizer=tokenizer, calibration=calibration)
     return model, tokenizer, config, report
 
 
@@ -105,6 +119,18 @@ def load_teacher(model_spec: str, dtype: str | None = None) -> nn.Module:
         model_spec = base
     teacher, _ = load_model(model_spec, dtype=dtype)
     return teacher.eval().requires_grad_(False)
+
+
+def default_teacher(model_spec: str, dtype: str | None, cfg: TrainConfig) -> nn.Module | None:
+    """The teacher a run needs; where only the default prompt distillation asks for it and the dense model cannot
+    be found (a checkpoint that does not record it), the run goes on without it, with a warning."""
+    try:
+        return load_teacher(model_spec, dtype)
+    except SALRError as err:
+        if cfg.distill or cfg.prompt_distill is not None:
+            raise
+        logger.warning("training without prompt distillation (its default needs the dense teacher): %s", err)
+        return None
 
 
 def every_position_examples(rows: list[list[int]]) -> list[dict[str, list[int]]]:
@@ -288,12 +314,13 @@ class Trainer:
             values = sorted(s * cfg.lr for s in self.scales.values())
             logger.info("theorem4 residual lr: min %.3g, median %.3g, max %.3g",
                         values[0], values[len(values) // 2], values[-1])  # fmt: skip
-        if (cfg.distill or cfg.prompt_distill) and teacher is None:
+        self.prompt_weight = cfg.prompt_weight(has_teacher=teacher is not None)
+        if (cfg.distill or self.prompt_weight) and teacher is None:
             raise SALRError("distill and prompt_distill need the dense teacher model: pass teacher=")
         self.loss_module: nn.Module = (
             DistillLoss(model, teacher.to(self.env.device))
             if cfg.distill
-            else AnswerLoss(model, None if teacher is None else teacher.to(self.env.device), cfg.prompt_distill)
+            else AnswerLoss(model, None if teacher is None else teacher.to(self.env.device), self.prompt_weight)
         )
         if self.env.world > 1:
             # Only A_cat / B_cat need gradients; frozen bases are buffers, identical on every rank (no broadcast).
@@ -437,7 +464,7 @@ def train(
         "tokens": t.tokens_before + tokens_seen,
         "seconds": t.seconds_before + time.perf_counter() - started,
         "peak_memory_mib": peak_memory_mib(env.device),
-        "residual_lr": cfg.residual_lr,
+        **{"residual_lr": cfg.residual_lr, "prompt_distill": t.prompt_weight},
         "residual_lr_per_layer": {n: s * cfg.lr for n, s in t.scales.items()} if t.scales else None,
         "history": history,
         **(extra_report or {}),
@@ -537,11 +564,11 @@ def run_training(
             )
     elif int(os.environ.get("RANK", "0")) == 0:
         run_state.check_fresh_output(output)
-    teacher = load_teacher(model_spec, dtype) if cfg.distill or cfg.prompt_distill else None
+    teacher = default_teacher(model_spec, dtype, cfg) if cfg.wants_teacher() else None
     if checkpoint is not None:
         model, tokenizer, config, conversion = prepare_model(str(checkpoint), method, config, dtype)
     else:
-        model, tokenizer, config, conversion = prepare_model(model_spec, method, config, dtype)
+        model, tokenizer, config, conversion = prepare_model(model_spec, method, config, dtype, records)
     if records is None:
         examples, source = distill_examples(teacher, cfg), "sampled from the dense teacher"
     else:
@@ -550,7 +577,6 @@ def run_training(
         "method": method,
         "data": source if data_path is not None or records is None else "records",
         "distill": cfg.distill,
-        "prompt_distill": cfg.prompt_distill,
         "prepare_seconds": time.perf_counter() - started,
         "conversion_totals": conversion["totals"] if conversion else None,
     }

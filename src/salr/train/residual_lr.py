@@ -97,13 +97,13 @@ def residual_lr_scales(model: nn.Module, cfg: TrainConfig, examples: Sequence) -
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedAdapters) and m.residual_rank > 0]
     frozen = {n: 0.0 for n, m in modules if not m.train_residual} if cfg.weight_decay > 0 else {}
     modules = [(n, m) for n, m in modules if m.train_residual]
-    if cfg.residual_lr is None or not modules:
+    factor, ratio = cfg.theorem4_factor(), cfg.residual_lr_ratio()
+    if not modules or (factor is None and ratio is None):
         return frozen
-    factor = cfg.theorem4_factor()
     if factor is not None:
         rates = theorem4_rates(model, examples[: cfg.calib_examples], cfg.power_iters, cfg.seed)
         return {**frozen, **{n: factor * rates[n] / cfg.lr for n, _ in modules if n in rates}}
-    return {**frozen, **{n: float(cfg.residual_lr) / cfg.lr for n, _ in modules}}
+    return {**frozen, **{n: ratio for n, _ in modules}}
 
 
 def residual_blocks(module: FusedAdapters) -> tuple[torch.Tensor, torch.Tensor]:
