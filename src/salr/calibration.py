@@ -165,9 +165,16 @@ def text_ids(tokenizer: Any, text: str, samples: int, length: int, seed: int = 0
 
 
 def calibration_ids(
-    model: nn.Module, tokenizer: Any, source: str, samples: int, length: int, seed: int = 0
+    model: nn.Module,
+    tokenizer: Any,
+    source: str,
+    samples: int,
+    length: int,
+    seed: int = 0,
+    records: Sequence[dict[str, str]] | None = None,
 ) -> torch.Tensor:
-    """[samples, length] calibration token ids: `source` is "self" (sampled from the model) or a file path."""
+    """[samples, length] calibration token ids: `source` is "self" (sampled from the model), a file path, or
+    "data" (TRAINING_DATA): windows of the training `records` salr train passes."""
     if samples < 1 or length < 2:
         raise SALRError(f"calibration needs samples >= 1 and length >= 2, got {samples} x {length}")
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -177,10 +184,12 @@ def calibration_ids(
     if source == SELF:
         return self_generated_ids(model, samples, length, seed)
     if source == TRAINING_DATA:
-        raise SALRError(
-            "calibration 'data' means salr train's training records, which only salr train has: pass 'self' or a "
-            "text / GSM8K / Alpaca file"
-        )
+        if records is None:
+            raise SALRError(
+                "calibration 'data' means salr train's training records, which only salr train has: pass 'self' or "
+                "a text / GSM8K / Alpaca file"
+            )
+        return text_ids(tokenizer, records_text(records), samples, length, seed, what="the training data")
     if not Path(source).is_file():
         raise SALRError(f"calibration {source!r}: no such file; pass 'self' or a text / GSM8K / Alpaca file")
     return file_ids(tokenizer, source, samples, length, seed)

@@ -64,7 +64,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def training_conversion(args: argparse.Namespace) -> dict[str, Any]:
     """TRAINING_CONVERSION's settings the user left unset, where they apply: not under the paper's preset (no
     calibration), not for LoSA (its own rounds), and calibration on the training data only when there is some."""
-    if getattr(args, "preset", None) == "paper" or args.method == "losa":
+    if args.preset == "paper" or args.method == "losa":
         return {}
     unset = {k: v for k, v in TRAINING_CONVERSION.items() if not hasattr(args, k)}
     if args.data is None:

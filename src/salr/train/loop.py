@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salr import data
-from salr.calibration import records_text, self_generated_ids, text_ids
+from salr.calibration import calibration_ids, self_generated_ids
 from salr.checkpoint import CONFIG_NAME, read_salr_config
 from salr.config import TRAINING_DATA, SALRConfig
 from salr.convert import convert, mark_trainable
@@ -102,9 +102,8 @@ def prepare_model(
             raise SALRError(
                 "calibration 'data' calibrates on the training records: pass --data, or --calibration self"
             )
-        text = records_text(records)
-        calibration = text_ids(tokenizer, text, config.calibration_samples, config.calibration_length, config.seed,
-                               what="the training data")  # fmt: skip
+        calibration = calibration_ids(model, tokenizer, TRAINING_DATA, config.calibration_samples,
+                                      config.calibration_length, config.seed, records=records)  # fmt: skip
     report = convert(model, config, tokenizer=tokenizer, calibration=calibration)
     return model, tokenizer, config, report
 
@@ -363,6 +362,12 @@ class Trainer:
             loss_sum, step_tokens = totals[0], int(totals[1])
         return float(loss_sum) / max(n_tokens, 1), grad_norm, n_tokens, step_tokens
 
+    def resolved_rates(self) -> dict[str, Any]:
+        """The report's view of what the run's residual lr and prompt-distillation weight resolved to."""
+        per_layer = {n: s * self.cfg.lr for n, s in self.scales.items()} if self.scales else None
+        return {"residual_lr": self.cfg.residual_lr, "residual_lr_per_layer": per_layer,
+                "prompt_distill": self.prompt_weight}  # fmt: skip
+
     def train_state(self, step: int, tokens: int, seconds: float) -> dict[str, Any]:
         return {
             "step": step,
@@ -464,8 +469,7 @@ def train(
         "tokens": t.tokens_before + tokens_seen,
         "seconds": t.seconds_before + time.perf_counter() - started,
         "peak_memory_mib": peak_memory_mib(env.device),
-        **{"residual_lr": cfg.residual_lr, "prompt_distill": t.prompt_weight},
-        "residual_lr_per_layer": {n: s * cfg.lr for n, s in t.scales.items()} if t.scales else None,
+        **t.resolved_rates(),
         "history": history,
         **(extra_report or {}),
     }
