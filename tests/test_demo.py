@@ -52,6 +52,20 @@ def test_demo_end_to_end(stories_path, tmp_path, capsys, quant):
     assert (out / "train_report.json").is_file() and (out / "metrics.jsonl").is_file()
 
 
+def test_demo_without_fine_tuning_saves_the_recovered_model(stories_path, tmp_path):
+    """--train-steps 0 with recovery on: the recovered model is what --output holds (it once saved nothing there)."""
+    out, summary_path = tmp_path / "demo", tmp_path / "demo.json"
+    argv = ["demo", "--model", str(stories_path), "--residual-rank", "8", "--lora-rank", "4", "--recovery-steps", "2"]
+    argv += ["--calibration-samples", "4", "--calibration-length", "64", "--sample-length", "32", "--train-steps", "0"]
+    argv += ["--eval-examples", "4", "--accuracy-examples", "0", "--max-new-tokens", "4"]
+    argv += ["--output", str(out), "--json", str(summary_path)]
+    assert main(argv) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["recovery"]["steps"] == 2 and "training" not in summary
+    assert summary["reload_max_abs_logit_diff"] == 0.0
+    assert (out / "salr_config.json").is_file()
+
+
 def test_demo_bad_data_fails_before_loading(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"prompt": "x"}]')

@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         recovery_stage(demo, model)
     with timed(stages, "fine-tune"):
         finetune_stage(demo, model, records)
-    if args.train_steps <= 0 and args.recovery_steps <= 0:
+    if args.train_steps <= 0:  # fine-tuning saves its run directory; otherwise the model in memory is saved here
         from salr.checkpoint import save
 
         save(model, args.output, config, tokenizer=tokenizer, base_model=args.model)
