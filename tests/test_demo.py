@@ -43,6 +43,8 @@ def test_demo_end_to_end(stories_path, tmp_path, capsys, quant):
     assert summary["loss_curve"][-1] < summary["loss_curve"][0]
     assert summary["reload_max_abs_logit_diff"] == 0.0
     assert summary["training"]["steps"] == 12
+    # salr train's defaults: residual block at a tenth of --lr, prompt distillation towards the dense model
+    assert summary["training"]["residual_lr"] == "lr*0.1" and summary["training"]["prompt_distill"] == 1.0
     assert set(summary["completions"]) >= {"dense", "SALR+ (init)", "SALR+ (recovered)", "SALR+ (fine-tuned)"}
     text = capsys.readouterr().out
     assert "SALR+ (fine-tuned)" in text and "answer NLL" in text and "held-out text perplexity" in text
