@@ -66,12 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--train-examples", type=int, default=256, help="training records")
     g.add_argument("--eval-examples", type=int, default=40, help="held-out records evaluated before and after")
     g.add_argument("--accuracy-examples", type=int, default=16, help="of those, how many are answered by generation")
-    g.add_argument("--train-steps", type=int, default=40, help="optimizer steps (0 skips fine-tuning)")
+    g.add_argument("--train-steps", type=int, default=40, help="optimizer steps (0 skips fine-tuning; --output then "
+                   "holds the recovered model)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--lr", type=float, default=LR_TASK, help="fine-tuning learning rate of the LoRA block (the "
-                   "residual block moves at a tenth of it, with prompt distillation towards the dense model: salr "
-                   "train's defaults; on the default model they gave held-out perplexity 20.91 and answer NLL 0.0771 "
-                   "where lr 1e-4 for both blocks without prompt distillation gave 22.60 and 0.0876)")  # fmt: skip
+    g.add_argument("--lr", type=float, default=LR_TASK, help="fine-tuning learning rate of the LoRA block, "
+                   "%(default)g (the residual block moves at a tenth of it, with prompt distillation towards the "
+                   "dense model: salr train's defaults; on the default model they gave held-out perplexity 20.91 and "
+                   "answer NLL 0.0771 where lr 1e-4 for both blocks without prompt distillation gave 22.60 and "
+                   "0.0876)")  # fmt: skip
     g.add_argument("--max-length", type=int, default=256)
     p.set_defaults(func=run)
 
