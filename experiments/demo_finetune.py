@@ -24,9 +24,9 @@ import torch
 
 from salr.calibration import self_generated_ids
 from salr.checkpoint import read_salr_config
-from salr.commands.demo import DEFAULT_PROMPTS, HELD_OUT_SEED, demo_records, score
+from salr.commands.demo import DEFAULT_PROMPTS, HELD_OUT_SEED, demo_records, held_out_perplexity, score
 from salr.config import SALRConfig
-from salr.evaluate import complete, score_tokens
+from salr.evaluate import complete
 from salr.io import atomic_write_json
 from salr.loaders import load_model
 from salr.train import TrainConfig, load_examples, train
@@ -37,16 +37,6 @@ SETTINGS = {  # name -> TrainConfig fields; the first is the demo's setting befo
     "lr 1e-4, residual at lr*0.1, prompt distillation 1": dict(lr=1e-4, residual_lr="lr*0.1", prompt_distill=1.0),
     "lr 3e-4, residual at lr*0.1, prompt distillation 1": dict(lr=3e-4, residual_lr="lr*0.1", prompt_distill=1.0),
 }
-
-
-def held_out_perplexity(model: torch.nn.Module, held_out: torch.Tensor) -> float:
-    """The demo's held-out text perplexity (every next token of each sampled row)."""
-    requests = [(row, [[(t - 1, row[t]) for t in range(1, len(row))]]) for row in held_out.tolist()]
-    model.eval()
-    with torch.inference_mode():
-        scores = score_tokens(model, requests, 4, 0, desc="held-out text")
-    tokens = sum(len(r[1][0]) for r in requests)
-    return float(torch.tensor(-sum(s[0] for s in scores) / tokens).exp())
 
 
 def main() -> None:

@@ -91,6 +91,16 @@ def demo_records(path: str | None, n_train: int, n_eval: int, seed: int) -> tupl
     return records[:-n_eval][:n_train], records[-n_eval:], source
 
 
+def held_out_perplexity(model: torch.nn.Module, held_out: torch.Tensor) -> float:
+    """Perplexity of every next token of each row of `held_out` (text the dense model sampled)."""
+    requests = [(row, [[(t - 1, row[t]) for t in range(1, len(row))]]) for row in held_out.tolist()]
+    model.eval()
+    with torch.inference_mode():
+        scores = score_tokens(model, requests, 4, 0, desc="held-out text")
+    tokens = sum(len(r[1][0]) for r in requests)
+    return float(torch.tensor(-sum(s[0] for s in scores) / tokens).exp())
+
+
 class Demo:
     """The models compared, the prompts, and everything measured (the JSON summary)."""
 
@@ -114,12 +124,7 @@ class Demo:
         """Completions of the prompts and the perplexities of `model`, printed and recorded under `name`."""
         answers = self.generate(model, self.tokenizer, self.prompts, self.args.max_new_tokens)
         self.summary["completions"][name] = dict(zip(self.prompts, answers, strict=True))
-        requests = [(row, [[(t - 1, row[t]) for t in range(1, len(row))]]) for row in self.held_out.tolist()]
-        model.eval()
-        with torch.inference_mode():
-            scores = score_tokens(model, requests, 4, 0, desc="held-out text")
-        tokens = sum(len(r[1][0]) for r in requests)
-        ppl = float(torch.tensor(-sum(s[0] for s in scores) / tokens).exp())
+        ppl = held_out_perplexity(model, self.held_out)
         self.summary["held_out_text_perplexity"][name] = ppl
         line = f"  {name:<28} held-out text perplexity {ppl:8.2f}"
         if self.text is not None:
@@ -170,9 +175,8 @@ def recovery_stage(demo: Demo, model: torch.nn.Module) -> None:
         "text =="
     )
     examples = every_position_examples(demo.calibration.tolist())
-    cfg = TrainConfig(lr=args.recovery_lr, residual_lr="lr", max_steps=args.recovery_steps,
-                      batch_size=min(8, len(examples)), warmup_steps=2, seed=demo.config.seed, distill=True,
-                      progress=True)  # fmt: skip
+    cfg = TrainConfig(lr=args.recovery_lr, max_steps=args.recovery_steps, batch_size=min(8, len(examples)),
+                      warmup_steps=2, seed=demo.config.seed, distill=True, progress=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="salr-recovery-") as run_dir:  # only the model in memory is kept
         report = train(model, demo.tokenizer, examples, demo.config, cfg, run_dir, args.model, teacher=demo.dense)
     demo.summary["recovery"] = {"steps": report["steps"], "kl_first": report["history"][0]["loss"],

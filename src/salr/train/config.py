@@ -86,12 +86,25 @@ class TrainConfig:
 
     def residual_lr_ratio(self) -> float | None:
         """Residual block lr / lr for a fixed residual lr ('lr*F', a float); None for 'lr', None and theorem4."""
-        value = self.residual_lr
-        if value is None or value == "lr" or self.theorem4_factor() is not None:
+        if self.residual_lr is None or self.residual_lr == "lr" or self.theorem4_factor() is not None:
             return None
-        if isinstance(value, str):  # 'lr*F', checked in __post_init__
-            return float(value[len("lr*") :])
-        return float(value) / self.lr
+        factor = self.lr_factor()
+        return factor if factor is not None else float(self.residual_lr) / self.lr
+
+    def lr_factor(self) -> float | None:
+        """'lr' -> 1.0, 'lr*0.1' -> 0.1, anything else -> None."""
+        value = self.residual_lr
+        if not isinstance(value, str) or not value.startswith("lr"):
+            return None
+        if value == "lr":
+            return 1.0
+        try:
+            factor = float(value[len("lr*") :]) if value.startswith("lr*") else math.nan
+        except ValueError:
+            factor = math.nan
+        if not (math.isfinite(factor) and factor >= 0):
+            raise SALRError(f"residual_lr {value!r}: write 'lr' or 'lr*F' with F a number >= 0, e.g. 'lr*0.1'")
+        return factor
 
     def theorem4_factor(self) -> float | None:
         """'theorem4' -> 1.0, 'theorem4*0.01' -> 0.01, anything else -> None."""
@@ -133,17 +146,8 @@ class TrainConfig:
             raise SALRError(f"distill_length must be >= 2 tokens, got {self.distill_length}")
         if self.max_length < 2:
             raise SALRError(f"max_length must be >= 2 tokens, got {self.max_length}")
-        if isinstance(self.residual_lr, str) and self.residual_lr.startswith("theorem4"):
-            self.theorem4_factor()
-        elif isinstance(self.residual_lr, str) and self.residual_lr.startswith("lr"):
-            factor = self.residual_lr[len("lr*") :] if self.residual_lr.startswith("lr*") else None
-            try:
-                if self.residual_lr != "lr" and not (factor and math.isfinite(float(factor)) and float(factor) >= 0):
-                    raise ValueError(self.residual_lr)
-            except ValueError as err:
-                msg = f"residual_lr {self.residual_lr!r}: write 'lr' or 'lr*F' with F a number >= 0, e.g. 'lr*0.1'"
-                raise SALRError(msg) from err
-        elif isinstance(self.residual_lr, str):
+        keyword = self.theorem4_factor() is not None or self.lr_factor() is not None  # both check their forms
+        if isinstance(self.residual_lr, str) and not keyword:
             try:
                 self.residual_lr = float(self.residual_lr)
             except ValueError as err:
