@@ -423,6 +423,20 @@ static inline uint32_t chunk_mask(const uint8_t *bm, int64_t j, int64_t nbytes) 
     return k;
 }
 
+/* A zero-masked ({z}) vexpandps waits for the previous value of its destination register on AMD Zen 4: the NF4 row
+ * kernel's four expands per 64 columns, all given one register by the compiler, ran as a chain. Merging into a zero
+ * that the compiler cannot see through (so cannot turn back into {z}) gives each expand a fresh destination, a
+ * register copy that renaming eliminates. `salr bench --kernel --quant nf4`, Zen 4: 4096x4096 2.71-2.81 -> 1.92-1.93
+ * ms on 1 thread, 1.54-1.55 -> 1.00-1.01 ms on 2 (docs/benchmarks.md, section 15). The bf16 gemv's two expands per 64
+ * columns go to two registers; the same change there measured within noise, so it keeps {z}. */
+AVX512_INLINE __m512 opaque_zero512(void) {
+    __m512 z;
+    __asm__("vpxord %0, %0, %0" : "=v"(z));
+    return z;
+}
+
+AVX512_INLINE __m512 expand_ps(__mmask16 k, __m512 v) { return _mm512_mask_expand_ps(opaque_zero512(), k, v); }
+
 /* The chunk's 32 words: its n kept values (mask k) at their columns, zeros elsewhere. A masked load (which never
  * faults past the row) then the register form of vpexpandw: the memory form is slower on Zen 4 (measured). */
 AVX512_INLINE __m512i expand32(uint32_t k, const uint16_t *v, int n) {
@@ -1013,7 +1027,8 @@ AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int
  * 16 columns take one vexpandps of the buffer's next values, which puts the kept values at their columns against x
  * in its natural order: no packing of x, and the decode is shared by the tokens. `salr bench --kernel --quant nf4`,
  * 1 thread, on an Intel Xeon: 1.76x less time than the AVX2 NF4 path on 4096x4096 (1.87 vs 3.29 ms;
- * docs/benchmarks.md, section 9). A similar path measured within noise of the AVX2 one on an AMD Zen 4 (section 7). */
+ * docs/benchmarks.md, section 9). On an AMD Zen 4 it ran no faster than the AVX2 path until its expands stopped
+ * chaining through one register (`expand_ps`; section 15). */
 
 /* vpmultishiftqb's selectors: the low byte of dword lane i = 8 bits of a 64-bit code word from bit
  * 8 * (i / 2) + 4 * (1 - i % 2), so its low 4 bits are value i's code (high nibble first); vpermps reads only those. */
@@ -1101,7 +1116,7 @@ AVX512_INLINE int64_t qgemv_row_block_avx512(int NT, const uint8_t *bm, const fl
         for (int u = 0; u < 4; u++) {
             const int64_t off = u ? __builtin_popcountll(word << (64 - 16 * u)) : 0;
             const __mmask16 k = _load_mask16((__mmask16 *)(bm + j + 2 * u)); /* kmovw from memory: no shuffle port */
-            const __m512 w = _mm512_maskz_expand_ps(k, _mm512_loadu_ps(v + cnt + off));
+            const __m512 w = expand_ps(k, _mm512_loadu_ps(v + cnt + off));
 #pragma GCC unroll 8
             for (int t = 0; t < NT; t++)
                 acc[u % NB][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + 8 * j + 16 * u), acc[u % NB][t]);
