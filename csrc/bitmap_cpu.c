@@ -49,6 +49,9 @@
 #define ISA_SCALAR 0
 #define ISA_AVX2 1
 #define ISA_AVX512 2 /* the AVX2 paths plus the AVX-512 (VBMI2) bf16 gemv and decode */
+/* A flag on the isa argument of salr_bitmap_gemv and salr_linear_decode: bf16 values meet an x that is exactly bf16 in
+ * vdpbf16ps (AVX512-BF16; see gemv_row_block_dot512). The entry points clear it before reading the level. */
+#define ISA_BF16_DOT 16
 
 #define MAX_NT 8 /* tokens per register block in the gemv path */
 /* Rows per work item: threads take chunks as they come (dynamic schedule), so a thread that the OS delays (a busy
@@ -77,6 +80,9 @@ static inline int gemv_chunk(int64_t rows, int nthreads) {
 #define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx2,fma,f16c,popcnt,bmi2"
 #define AVX512_FN __attribute__((target(AVX512_TARGET)))
 #define AVX512_INLINE static inline __attribute__((always_inline, target(AVX512_TARGET)))
+#define DOT512_TARGET AVX512_TARGET ",avx512bf16"
+#define DOT512_FN __attribute__((target(DOT512_TARGET)))
+#define DOT512_INLINE static inline __attribute__((always_inline, target(DOT512_TARGET)))
 
 /* ---------------------------------------------------------------------------------------------- tables */
 
@@ -132,6 +138,18 @@ int salr_cpu_has_avx512(void) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
            __builtin_cpu_supports("bmi2");
+#endif
+}
+
+/* AVX-512 (as above) with AVX512-BF16 (vdpbf16ps): AMD Zen 4 and later, Intel Cooper Lake / Sapphire Rapids and
+ * later. 2: an AMD CPU, where the dot-product gemv measured faster (the default there); 1: another vendor's. */
+int salr_cpu_has_avx512_bf16_dot(void) {
+#if !SALR_X86
+    return 0;
+#else
+    __builtin_cpu_init();
+    if (!salr_cpu_has_avx512() || !__builtin_cpu_supports("avx512bf16")) return 0;
+    return __builtin_cpu_is("amd") ? 2 : 1;
 #endif
 }
 
@@ -454,6 +472,20 @@ AVX512_INLINE void store_sums512(int NT, int NB, __m512 acc[4][MAX_NT], float *y
     }
 }
 
+/* The 64 columns of bitmap word `word` (value count wc, first chunk's count c0) as two chunks of expanded bf16
+ * words, from the row's values at v; `slack` as gemv_row_block_avx512. */
+AVX512_INLINE void expand_word(int slack, uint64_t word, int64_t wc, int c0, const uint16_t *v, __m512i *w0,
+                               __m512i *w1) {
+    if (slack) {
+        const __mmask64 k = _cvtu64_mask64(word);
+        *w0 = _mm512_maskz_expand_epi16((__mmask32)k, _mm512_loadu_si512(v));
+        *w1 = _mm512_maskz_expand_epi16((__mmask32)_kshiftri_mask64(k, 32), _mm512_loadu_si512(v + c0));
+    } else {
+        *w0 = expand32((uint32_t)word, v, c0);
+        *w1 = expand32((uint32_t)(word >> 32), v + c0, (int)wc - c0);
+    }
+}
+
 /* NT tokens against one bf16 row, as gemv_row_block_avx2 (validation included) with x in the permuted layout.
  * Without `slack` the expanding loads touch only the values the mask selects, all within the row once the running
  * count is checked, so no read goes past the row's values. With it (>= 32 readable words past the row) a chunk's
@@ -478,17 +510,8 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, int slack, const uint8_t *bm
         PREFETCH(v0 + cnt + PREFETCH_VALUES / 2);
         PREFETCH(v0 + cnt + PREFETCH_VALUES / 2 + 32);
         PREFETCH(bm + j + PREFETCH_BITMAP);
-        const uint32_t k0 = (uint32_t)word, k1 = (uint32_t)(word >> 32);
-        const int c0 = __builtin_popcount(k0);
         __m512i w0, w1;
-        if (slack) {
-            const __mmask64 k = _cvtu64_mask64(word);
-            w0 = _mm512_maskz_expand_epi16((__mmask32)k, _mm512_loadu_si512(v0 + cnt));
-            w1 = _mm512_maskz_expand_epi16((__mmask32)_kshiftri_mask64(k, 32), _mm512_loadu_si512(v0 + cnt + c0));
-        } else {
-            w0 = expand32(k0, v0 + cnt, c0);
-            w1 = expand32(k1, v0 + cnt + c0, (int)wc - c0);
-        }
+        expand_word(slack, word, wc, __builtin_popcount((uint32_t)word), v0 + cnt, &w0, &w1);
         const __m512 f[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)),
                              _mm512_castsi512_ps(_mm512_and_si512(w0, odd)),
                              _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)),
@@ -540,6 +563,100 @@ AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uin
     default: return got;
     }
 #undef ROW_BLOCK
+}
+
+/* As gemv_row_block_avx512 with x as bf16 words in natural column order (row stride kq, zero-padded to whole
+ * chunks): each chunk's expanded words meet x in one vdpbf16ps per token, two exact products per fp32 lane summed
+ * into the accumulator, instead of two conversions and two FMAs. Used when x is exactly bf16 (bf16 activations) on
+ * CPUs with AVX512-BF16; denormal inputs count as zero there (the instruction's rule). AMD Zen 4, `salr bench
+ * --kernel --shape 4096x4096 --tokens 1`, 1 thread: see docs/benchmarks.md, section 15. */
+DOT512_INLINE int64_t gemv_row_block_dot512(int NT, int slack, const uint8_t *bm, const uint16_t *v0, int64_t nbytes,
+                                            int64_t n_row, const uint16_t *xb, int64_t kq, float *y, int64_t ldy) {
+    const int NB = NT == 1 ? 2 : 1; /* one accumulator per chunk for a single token */
+    __m512 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    int64_t j = 0, cnt = 0;
+    for (; j + 8 <= nbytes; j += 8) {
+        uint64_t word;
+        memcpy(&word, bm + j, 8);
+        const int64_t wc = __builtin_popcountll(word);
+        if (cnt + wc > n_row) return -1;
+        PREFETCH(v0 + cnt + PREFETCH_VALUES / 2);
+        PREFETCH(v0 + cnt + PREFETCH_VALUES / 2 + 32);
+        PREFETCH(bm + j + PREFETCH_BITMAP);
+        __m512i w[2];
+        expand_word(slack, word, wc, __builtin_popcount((uint32_t)word), v0 + cnt, &w[0], &w[1]);
+        const uint16_t *xc = xb + 8 * j;
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++)
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm512_dpbf16_ps(acc[u % NB][t], (__m512bh)w[u],
+                                                  (__m512bh)_mm512_loadu_si512(xc + t * kq + 32 * u));
+        cnt += wc;
+    }
+    for (; j < nbytes; j += 4) { /* the last 1-7 bytes, a chunk at a time */
+        const uint32_t k = chunk_mask(bm, j, nbytes);
+        const int kc = __builtin_popcount(k);
+        if (cnt + kc > n_row) return -1;
+        const __m512i w = expand32(k, v0 + cnt, kc);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++)
+            acc[0][t] = _mm512_dpbf16_ps(acc[0][t], (__m512bh)w, (__m512bh)_mm512_loadu_si512(xb + t * kq + 8 * j));
+        cnt += kc;
+    }
+    store_sums512(NT, NB, acc, y, ldy);
+    return cnt;
+}
+
+/* As gemv_row_avx512 with x as bf16 words (gemv_row_block_dot512). */
+DOT512_FN static int64_t gemv_row_dot512(int slack, const uint8_t *bm, const uint16_t *v, int64_t nbytes,
+                                         int64_t n_row, const uint16_t *xb, int64_t m, int64_t kq, float *y,
+                                         int64_t ldy) {
+#define ROW_BLOCK(NT) \
+    (slack ? gemv_row_block_dot512(NT, 1, bm, v, nbytes, n_row, xb, kq, y, ldy) \
+           : gemv_row_block_dot512(NT, 0, bm, v, nbytes, n_row, xb, kq, y, ldy))
+    int64_t got = n_row;
+    for (; m >= MAX_NT && got == n_row; m -= MAX_NT, xb += MAX_NT * kq, y += MAX_NT * ldy) got = ROW_BLOCK(8);
+    if (got != n_row) return got;
+    switch (m) {
+    case 1: return ROW_BLOCK(1);
+    case 2: return ROW_BLOCK(2);
+    case 3: return ROW_BLOCK(3);
+    case 4: return ROW_BLOCK(4);
+    case 5: return ROW_BLOCK(5);
+    case 6: return ROW_BLOCK(6);
+    case 7: return ROW_BLOCK(7);
+    default: return got;
+    }
+#undef ROW_BLOCK
+}
+
+/* x for the AVX-512 bf16 gemv, once per call: as bf16 words in natural order (into xb, when `dot` and every value of
+ * x is exactly a bf16, which bf16 activations are) or in the unpacks' lane order (into xq). Returns whether xb was
+ * filled. Rows are kq long, zero-padded. */
+static int wide_x(int dot, const float *x, int64_t m, int64_t ldx, int64_t ncols, int64_t kq, float *xq,
+                  uint16_t *xb) {
+    for (int64_t t = 0; dot && t < m; t++)
+        for (int64_t c = 0; c < ncols; c++) {
+            uint32_t bits;
+            memcpy(&bits, x + t * ldx + c, 4);
+            if (bits & 0xffffu) dot = 0;
+        }
+    if (!dot) {
+        permute_x_avx512(x, m, ldx, ncols, xq, kq);
+        return 0;
+    }
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t c = 0; c < kq; c++) {
+            uint32_t bits = 0;
+            if (c < ncols) memcpy(&bits, x + t * ldx + c, 4);
+            xb[t * kq + c] = (uint16_t)(bits >> 16);
+        }
+    return 1;
 }
 
 /* Whether gemv_row_avx512 may read a whole chunk past a row ending at value `row_end` (its `slack`), as avx2_safe. */
@@ -610,15 +727,17 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
     const int64_t nbytes = (cols + 7) / 8;
     const uint8_t *vals = (const uint8_t *)values;
     const int esz = elem_size(dt);
+    const int bf16_dot = (isa & ISA_BF16_DOT) != 0;
+    isa &= ~ISA_BF16_DOT;
     int64_t bad = -1;
     if (nthreads < 1) nthreads = 1;
 #if SALR_X86
-    /* AVX-512: x once in the unpacks' lane order (see the AVX-512 path) */
+    /* AVX-512: x once, as bf16 words or in the unpacks' lane order (wide_x; xq holds either) */
     const int wide = isa == ISA_AVX512 && dt == DT_BF16;
     const int64_t kq = chunk_cols(nbytes);
     float *xq = wide ? (float *)malloc(sizeof(float) * (size_t)(m * kq)) : NULL;
     if (wide && !xq) return -2;
-    if (wide) permute_x_avx512(x, m, ldx, nbytes * 8, xq, kq);
+    const int dot = wide && wide_x(bf16_dot, x, m, ldx, nbytes * 8, kq, xq, (uint16_t *)xq);
 #endif
     const int chunk = gemv_chunk(rows, nthreads);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
@@ -628,8 +747,10 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
         int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
 #if SALR_X86
         if (ok && wide) {
-            ok = gemv_row_avx512(avx512_slack(end, nnz), bm, (const uint16_t *)vals + start, nbytes, end - start, xq,
-                                 m, kq, y + r, ldy) == end - start;
+            const int slack = avx512_slack(end, nnz);
+            const uint16_t *v = (const uint16_t *)vals + start;
+            ok = (dot ? gemv_row_dot512(slack, bm, v, nbytes, end - start, (const uint16_t *)xq, m, kq, y + r, ldy)
+                      : gemv_row_avx512(slack, bm, v, nbytes, end - start, xq, m, kq, y + r, ldy)) == end - start;
         } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
             ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, x, m, ldx, y + r, ldy) == end - start;
         } else
@@ -1398,6 +1519,8 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
                              const void *x, int64_t m, int64_t ldx, int adt, int64_t rank, int64_t residual_rank,
                              float lora_scale, const void *A, const void *B, const void *bias, void *y, int64_t ldy,
                              int nthreads) {
+    const int bf16_dot = (isa & ISA_BF16_DOT) != 0;
+    isa &= ~ISA_BF16_DOT;
     if (m < 1 || m > MAX_NT || (xdt != DT_F32 && xdt != DT_BF16)) return -2;
     const int64_t nbytes = (cols + 7) / 8, kp = nbytes * 8;
     const uint8_t *vals = (const uint8_t *)values;
@@ -1421,7 +1544,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
         free(xf);
         return -2;
     }
-    if (wide) permute_x_avx512(xf, m, kp, kp, xq, kq);
+    const int dot = wide && wide_x(bf16_dot, xf, m, kp, kp, kq, xq, (uint16_t *)xq);
 #endif
     const int chunk = gemv_chunk(rows, nthreads);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -1450,8 +1573,10 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
             } else
 #if SALR_X86
             if (ok && wide) {
-                ok = gemv_row_avx512(avx512_slack(end, nnz), bm, (const uint16_t *)vals + start, nbytes,
-                                     end - start, xq, m, kq, acc, 1) == end - start;
+                const int slack = avx512_slack(end, nnz);
+                const uint16_t *v = (const uint16_t *)vals + start;
+                ok = (dot ? gemv_row_dot512(slack, bm, v, nbytes, end - start, (const uint16_t *)xq, m, kq, acc, 1)
+                          : gemv_row_avx512(slack, bm, v, nbytes, end - start, xq, m, kq, acc, 1)) == end - start;
             } else if (ok && isa >= ISA_AVX2 && avx2_safe(dt, end, nnz)) {
                 ok = gemv_row_avx2(dt, bm, vals + esz * start, nbytes, end - start, xf, m, kp, acc, 1) == end - start;
             } else

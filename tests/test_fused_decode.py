@@ -61,6 +61,21 @@ def test_fused_layer_matches_exact(cpu_isa, dtype, m, shape, ranks):
 
 
 @native
+@pytest.mark.parametrize("mode", ["off", "on"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_fused_layer_with_and_without_vdpbf16ps(monkeypatch, mode, m):
+    """bf16 activations on bf16 values: vdpbf16ps where the CPU has AVX512-BF16 and SALR_CPU_BF16_DOT allows it."""
+    if mode == "on" and not cpu.bf16_dot_supported():
+        pytest.skip("this CPU has no AVX512-BF16 (vdpbf16ps)")
+    monkeypatch.setenv("SALR_CPU_BF16_DOT", mode)
+    layer = make_layer(130, 1031, 7, 4, torch.bfloat16)
+    x = torch.randn(1, m, 1031).to(torch.bfloat16)
+    with torch.no_grad():
+        fused = layer._fused_decode(x)
+    assert fused is not None and rel_err(fused, exact(layer, x)) < TOL[torch.bfloat16]
+
+
+@native
 def test_fused_equals_unfused_ops_on_the_same_layer():
     layer = make_layer(300, 200, 16, 8, torch.float32, seed=3)
     x = torch.randn(3, 200)

@@ -400,3 +400,43 @@ def test_isa_override_errors(monkeypatch):
         monkeypatch.setenv("SALR_CPU_ISA", "avx512")
         with pytest.raises(SALRError, match="supports only"):
             cpu.isa()
+
+
+@native
+@pytest.mark.parametrize("mode", ["off", "on"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("cols", [29, 64, 200, 1037])
+def test_bf16_input_gemv_with_and_without_vdpbf16ps(monkeypatch, mode, m, cols):
+    """An x that is exactly bf16 takes vdpbf16ps on CPUs with AVX512-BF16 (SALR_CPU_BF16_DOT=on; the default on AMD):
+    odd column counts (chunk tails), an empty row, dense rows, and a dense last row whose values end the tensor (the
+    exact-load path), row by row against float64."""
+    if mode == "on" and not cpu.bf16_dot_supported():
+        pytest.skip("this CPU has no AVX512-BF16 (vdpbf16ps)")
+    monkeypatch.setenv("SALR_CPU_BF16_DOT", mode)
+    assert cpu.bf16_dot() == (mode == "on")
+    g = torch.Generator().manual_seed(cols + m)
+    w = torch.randn(40, cols, generator=g)
+    w[torch.rand(40, cols, generator=g) < 0.5] = 0
+    w[1] = 0
+    w[2] = torch.randn(cols, generator=g)
+    w[-1] = torch.randn(cols, generator=g)
+    w = w.to(torch.bfloat16)
+    bw = fm.encode(w)
+    x = torch.randn(m, cols, generator=g).to(torch.bfloat16).float()  # fp32 holding bf16 values: still exact
+    y = cpu.bitmap_linear_cpu(x, bw.bitmask, bw.values, bw.row_offsets, 40, cols)
+    ref = exact(x, w)
+    for r in range(40):
+        assert rel_err(y[:, r], ref[:, r]) < 1e-4, r
+    xs = torch.randn(cols, m, generator=g).to(torch.bfloat16).T  # non-contiguous bf16 input, bf16 output
+    ys = ops.bitmap_linear(xs, bw.bitmask, bw.values, bw.row_offsets, 40, cols)
+    assert ys.dtype == torch.bfloat16 and rel_err(ys, exact(xs, w)) < TOL[torch.bfloat16]
+
+
+def test_bf16_dot_setting_errors(monkeypatch):
+    monkeypatch.setenv("SALR_CPU_BF16_DOT", "maybe")
+    with pytest.raises(SALRError, match="SALR_CPU_BF16_DOT='maybe' is not one of auto, on, off"):
+        cpu.bf16_dot()
+    monkeypatch.setenv("SALR_CPU_BF16_DOT", "on")
+    monkeypatch.setattr(cpu, "_bf16_dot_support", lambda: 0)
+    with pytest.raises(SALRError, match="needs AVX512-BF16"):
+        cpu.bf16_dot()

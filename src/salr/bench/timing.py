@@ -77,6 +77,7 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": cpu_kernel.isa() if cpu_kernel.available() else "none (native kernel not built)",
+        "cpu_bf16_dot": cpu_kernel.available() and cpu_kernel.bf16_dot(),  # vdpbf16ps in the few-token bf16 gemv
         "loadavg_1m": load[0],
         # glibc's allocator policy changes peak RSS (docs/benchmarks.md, training memory); children inherit it
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},

@@ -11,7 +11,9 @@ it builds in pip's isolated environment). Two paths:
     an AMX CPU (docs/benchmarks.md, section 9). Quantized (NF4/int8) bases with a bf16 input then take bf16 tiles
     too: the fp32 dequantization rounded to bf16, the one rounding step outside fp32 in these kernels.
 Accumulation is fp32 everywhere; the result is cast to x.dtype. SALR_CPU_ISA=scalar forces the portable path;
-SALR_CPU_TILES=fp32 keeps fp32 tiles where bf16 ones would be used (to compare the two).
+SALR_CPU_TILES=fp32 keeps fp32 tiles where bf16 ones would be used (to compare the two). With AVX512-BF16 the
+few-token path of bf16 values may multiply a bf16 input with vdpbf16ps (the same exact products, summed in fp32):
+by default on AMD CPUs, where it measured faster; SALR_CPU_BF16_DOT=on|off chooses.
 
 `salr_linear_decode` runs a whole SALR layer (bitmap base + both adapter GEMVs + bias) for a few tokens in one
 call: in eager decoding the per-op dispatch of six small torch ops costs more than the arithmetic.
@@ -49,6 +51,7 @@ PARALLEL_MIN_WEIGHTS = 1 << 20  # below: one thread (1536x576 takes ~90 us on on
 TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}  # avx512: bf16 values take vpexpandw (csrc)
+_BF16_DOT_FLAG = 16  # csrc ISA_BF16_DOT: on the isa code of salr_bitmap_gemv / salr_linear_decode
 _X_CODES = {torch.float32: 0, torch.bfloat16: 2}  # activation dtypes of the fused decode path
 
 _P = ctypes.c_void_p
@@ -72,6 +75,7 @@ def load() -> ctypes.CDLL | None:
     lib.salr_cpu_has_avx512.restype = _INT
     lib.salr_cpu_max_threads.restype = _INT
     lib.salr_cpu_has_bf16_matmul.restype = _INT
+    lib.salr_cpu_has_avx512_bf16_dot.restype = _INT
     common = [_INT, _INT, _P, _P, _P, _I64, _I64, _I64]
     lib.salr_bitmap_gemv.argtypes = common + [_P, _I64, _I64, _P, _I64, _INT]
     lib.salr_bitmap_gemv.restype = _I64
@@ -125,6 +129,35 @@ def isa() -> str:
     if forced not in supported_isas():
         raise SALRError(f"SALR_CPU_ISA={forced} but this CPU supports only {', '.join(supported_isas())}")
     return forced
+
+
+@functools.cache
+def _bf16_dot_support() -> int:
+    lib = load()
+    return 0 if lib is None else int(lib.salr_cpu_has_avx512_bf16_dot())
+
+
+def bf16_dot_supported() -> bool:
+    """Whether this CPU and the chosen instruction set (SALR_CPU_ISA) have the vdpbf16ps GEMV (AVX512-BF16)."""
+    return isa() == "avx512" and _bf16_dot_support() > 0
+
+
+def bf16_dot() -> bool:
+    """Whether the few-token GEMV of bf16 values multiplies an exactly-bf16 input with vdpbf16ps (AVX512-BF16 on the
+    AVX-512 path): SALR_CPU_BF16_DOT=on|off, or by default where it measured faster (AMD Zen 4: docs/benchmarks.md,
+    section 15; on an Intel Xeon it measured no faster, section 13)."""
+    forced = os.environ.get("SALR_CPU_BF16_DOT", "auto").lower()
+    if forced not in ("auto", "on", "off"):
+        raise SALRError(f"SALR_CPU_BF16_DOT={forced!r} is not one of auto, on, off")
+    support = _bf16_dot_support() if bf16_dot_supported() else 0
+    if forced == "on" and not support:
+        raise SALRError("SALR_CPU_BF16_DOT=on needs AVX512-BF16 and the avx512 kernels (SALR_CPU_ISA); this CPU or "
+                        "setting has no vdpbf16ps path: unset the variable")  # fmt: skip
+    return support > 0 and (forced == "on" or (forced == "auto" and support == 2))
+
+
+def _gemv_isa_code() -> int:
+    return _ISA_CODES[isa()] | (_BF16_DOT_FLAG if bf16_dot() else 0)
 
 
 @functools.cache
@@ -287,7 +320,7 @@ def bitmap_linear_cpu(
         xp = _padded_x(x2, kp)
         y = torch.empty(m, rows, dtype=torch.float32)
         bad = lib.salr_bitmap_gemv(
-            _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(),
+            _gemv_isa_code(), _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(),
             row_offsets.data_ptr(), values.numel(), rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows,
             _threads(rows * kp),
         )  # fmt: skip
@@ -369,7 +402,7 @@ def salr_linear_decode(
         return None
     lib, x_args, y = call
     bad = lib.salr_linear_decode(
-        _ISA_CODES[isa()], _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(),
+        _gemv_isa_code(), _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(),
         values.numel(), rows, cols, *x_args, residual_rank, lora_scale, A.data_ptr(), B.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
     )  # fmt: skip
