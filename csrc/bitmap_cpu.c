@@ -568,8 +568,8 @@ AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uin
 /* As gemv_row_block_avx512 with x as bf16 words in natural column order (row stride kq, zero-padded to whole
  * chunks): each chunk's expanded words meet x in one vdpbf16ps per token, two exact products per fp32 lane summed
  * into the accumulator, instead of two conversions and two FMAs. Used when x is exactly bf16 (bf16 activations) on
- * CPUs with AVX512-BF16; denormal inputs count as zero there (the instruction's rule). AMD Zen 4, `salr bench
- * --kernel --shape 4096x4096 --tokens 1`, 1 thread: see docs/benchmarks.md, section 15. */
+ * CPUs with AVX512-BF16; denormal inputs count as zero there (the instruction's rule). On AMD Zen 4 4 and 8 tokens
+ * took 1.4-2.5x less time than with the FMAs, 1 token about the same (docs/benchmarks.md, section 15). */
 DOT512_INLINE int64_t gemv_row_block_dot512(int NT, int slack, const uint8_t *bm, const uint16_t *v0, int64_t nbytes,
                                             int64_t n_row, const uint16_t *xb, int64_t kq, float *y, int64_t ldy) {
     const int NB = NT == 1 ? 2 : 1; /* one accumulator per chunk for a single token */
