@@ -542,6 +542,24 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, int slack, const uint8_t *bm
     return cnt;
 }
 
+/* The body of an AVX-512 row function over m tokens: blocks of MAX_NT, then the 1-7 left, each through the
+ * function's ROW_BLOCK(NT) with NT a constant (so the block kernel is unrolled for it); the x pointer XP (row stride
+ * kq) and y advance block by block. Returns the values consumed (n_row) or the failing block's result. */
+#define ROWS_IN_TOKEN_BLOCKS(XP) \
+    int64_t got = n_row; \
+    for (; m >= MAX_NT && got == n_row; m -= MAX_NT, XP += MAX_NT * kq, y += MAX_NT * ldy) got = ROW_BLOCK(8); \
+    if (got != n_row) return got; \
+    switch (m) { \
+    case 1: return ROW_BLOCK(1); \
+    case 2: return ROW_BLOCK(2); \
+    case 3: return ROW_BLOCK(3); \
+    case 4: return ROW_BLOCK(4); \
+    case 5: return ROW_BLOCK(5); \
+    case 6: return ROW_BLOCK(6); \
+    case 7: return ROW_BLOCK(7); \
+    default: return got; \
+    }
+
 /* As gemv_row_avx2 for bf16 values, x permuted (permute_x_avx512, row stride kq); `slack` as
  * gemv_row_block_avx512. */
 AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uint16_t *v, int64_t nbytes,
@@ -549,19 +567,7 @@ AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uin
 #define ROW_BLOCK(NT) \
     (slack ? gemv_row_block_avx512(NT, 1, bm, v, nbytes, n_row, xq, kq, y, ldy) \
            : gemv_row_block_avx512(NT, 0, bm, v, nbytes, n_row, xq, kq, y, ldy))
-    int64_t got = n_row;
-    for (; m >= MAX_NT && got == n_row; m -= MAX_NT, xq += MAX_NT * kq, y += MAX_NT * ldy) got = ROW_BLOCK(8);
-    if (got != n_row) return got;
-    switch (m) {
-    case 1: return ROW_BLOCK(1);
-    case 2: return ROW_BLOCK(2);
-    case 3: return ROW_BLOCK(3);
-    case 4: return ROW_BLOCK(4);
-    case 5: return ROW_BLOCK(5);
-    case 6: return ROW_BLOCK(6);
-    case 7: return ROW_BLOCK(7);
-    default: return got;
-    }
+    ROWS_IN_TOKEN_BLOCKS(xq);
 #undef ROW_BLOCK
 }
 
@@ -619,19 +625,7 @@ DOT512_FN static int64_t gemv_row_dot512(int slack, const uint8_t *bm, const uin
 #define ROW_BLOCK(NT) \
     (slack ? gemv_row_block_dot512(NT, 1, bm, v, nbytes, n_row, xb, kq, y, ldy) \
            : gemv_row_block_dot512(NT, 0, bm, v, nbytes, n_row, xb, kq, y, ldy))
-    int64_t got = n_row;
-    for (; m >= MAX_NT && got == n_row; m -= MAX_NT, xb += MAX_NT * kq, y += MAX_NT * ldy) got = ROW_BLOCK(8);
-    if (got != n_row) return got;
-    switch (m) {
-    case 1: return ROW_BLOCK(1);
-    case 2: return ROW_BLOCK(2);
-    case 3: return ROW_BLOCK(3);
-    case 4: return ROW_BLOCK(4);
-    case 5: return ROW_BLOCK(5);
-    case 6: return ROW_BLOCK(6);
-    case 7: return ROW_BLOCK(7);
-    default: return got;
-    }
+    ROWS_IN_TOKEN_BLOCKS(xb);
 #undef ROW_BLOCK
 }
 

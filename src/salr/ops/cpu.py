@@ -146,10 +146,15 @@ def bf16_dot() -> bool:
     """Whether the few-token GEMV of bf16 values multiplies an exactly-bf16 input with vdpbf16ps (AVX512-BF16 on the
     AVX-512 path): SALR_CPU_BF16_DOT=on|off, or by default where it measured faster (AMD Zen 4: docs/benchmarks.md,
     section 15; on an Intel Xeon it measured no faster, section 13)."""
+    return _bf16_dot(isa())
+
+
+def _bf16_dot(level: str) -> bool:
+    """bf16_dot() for the instruction set `level` (the caller's isa(), read once per kernel call)."""
     forced = os.environ.get("SALR_CPU_BF16_DOT", "auto").lower()
     if forced not in ("auto", "on", "off"):
         raise SALRError(f"SALR_CPU_BF16_DOT={forced!r} is not one of auto, on, off")
-    support = _bf16_dot_support() if bf16_dot_supported() else 0
+    support = _bf16_dot_support() if level == "avx512" else 0
     if forced == "on" and not support:
         raise SALRError("SALR_CPU_BF16_DOT=on needs AVX512-BF16 and the avx512 kernels (SALR_CPU_ISA); this CPU or "
                         "setting has no vdpbf16ps path: unset the variable")  # fmt: skip
@@ -157,7 +162,8 @@ def bf16_dot() -> bool:
 
 
 def _gemv_isa_code() -> int:
-    return _ISA_CODES[isa()] | (_BF16_DOT_FLAG if bf16_dot() else 0)
+    level = isa()
+    return _ISA_CODES[level] | (_BF16_DOT_FLAG if _bf16_dot(level) else 0)
 
 
 @functools.cache
