@@ -21,9 +21,9 @@
  *
  * On CPUs with AVX-512 VBMI2 (Intel Ice Lake and later, AMD Zen 4 and later) bf16 rows take a third path: one
  * vpexpandw places the kept values of 32 columns (4 bitmap bytes) at once, so the per-byte table shuffles go away.
- * NF4 values have their own AVX-512 gemv (a row decoded 16 values per vpermps, then one expanding load per 16
- * columns). fp16 and fp32 values, int8 codes, the large-M decode of quantized rows, and CPUs without VBMI2 keep the
- * AVX2 path.
+ * NF4 values have their own AVX-512 gemv (a word's codes expanded as bytes with one vpexpandb, then looked up in the
+ * scaled codebook 16 columns per vpermt2ps, or 32 per vpermw and vdpbf16ps for a bf16 input). fp16 and fp32 values,
+ * int8 codes, the large-M decode of quantized rows, and CPUs without VBMI2 keep the AVX2 path.
  *
  * x must be fp32 with at least nbytes * 8 columns per row (columns >= cols zero-padded): the AVX2 path loads
  * 8 columns per bitmap byte. The AVX2 and AVX-512 code uses target attributes so the file builds with plain -O3,
@@ -629,18 +629,23 @@ DOT512_FN static int64_t gemv_row_dot512(int slack, const uint8_t *bm, const uin
 #undef ROW_BLOCK
 }
 
+/* Whether every value of x [m, ncols] (row stride ldx) is exactly a bf16 (its low 16 bits are 0). */
+static int exactly_bf16(const float *x, int64_t m, int64_t ldx, int64_t ncols) {
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t c = 0; c < ncols; c++) {
+            uint32_t bits;
+            memcpy(&bits, x + t * ldx + c, 4);
+            if (bits & 0xffffu) return 0;
+        }
+    return 1;
+}
+
 /* x for the AVX-512 bf16 gemv, once per call: as bf16 words in natural order (into xb, when `dot` and every value of
  * x is exactly a bf16, which bf16 activations are) or in the unpacks' lane order (into xq). Returns whether xb was
  * filled. Rows are kq long, zero-padded. */
 static int wide_x(int dot, const float *x, int64_t m, int64_t ldx, int64_t ncols, int64_t kq, float *xq,
                   uint16_t *xb) {
-    for (int64_t t = 0; dot && t < m; t++)
-        for (int64_t c = 0; c < ncols; c++) {
-            uint32_t bits;
-            memcpy(&bits, x + t * ldx + c, 4);
-            if (bits & 0xffffu) dot = 0;
-        }
-    if (!dot) {
+    if (!dot || !exactly_bf16(x, m, ldx, ncols)) {
         permute_x_avx512(x, m, ldx, ncols, xq, kq);
         return 0;
     }
@@ -1136,7 +1141,8 @@ AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int
 }
 
 
-/* NF4 on AVX-512 (the few-token GEMV; int8, blocksizes below 16 and the large-M decode keep the AVX2 code). The
+/* NF4 on AVX-512 with blocks of 16 or 32 values (the few-token GEMV; blocks of >= 64 values, QLoRA's and the default,
+ * take the buffer-free kernels below; int8, blocksizes below 16 and the large-M decode keep the AVX2 code). The
  * whole 16-entry codebook, scaled by the block's absmax, fits one register, so a row is first decoded into fp32 in a
  * per-thread buffer, 16 values per vpermps in stream order (a group of 16 never crosses a scale block). Then each
  * 16 columns take one vexpandps of the buffer's next values, which puts the kept values at their columns against x
@@ -1275,6 +1281,219 @@ AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, i
     }
 }
 
+/* NF4 with scale blocks of >= 64 values: rows without a decode buffer. Each 64 columns (one bitmap word) take their
+ * kept codes as bytes (a vpermb and a vpmultishiftqb unpack the nibbles, whatever the parity of the word's first
+ * value), and one vpexpandb puts them at their columns, with code 7 (NF4's exact 0.0) at the pruned ones. A word
+ * needs two codebooks scaled by their blocks' absmax, its first value's block and the next one: blocks hold >= 64
+ * values, so a word crosses at most one boundary, and its codes past it carry bit 4, which picks the second book.
+ *   fp32 (nf4_gemv_row_block512): each 16 columns look their values up with one vpermt2ps in the two books, which
+ *     reads the low 5 bits of each dword, so lookup u takes byte u of every dword (column 4i + u of lane i) with no
+ *     zero-extension, and x comes permuted to match (nf4_permute_x). Same fp32 weights as the format's dequantization.
+ *   bf16 (nf4_gemv_row_block_dot512, an exactly-bf16 x on CPUs with AVX512-BF16): the books rounded to bf16 fill one
+ *     register of 32 words, one vpermw looks up the word's even columns and one its odd ones, and a vdpbf16ps per
+ *     token multiplies each against x (nf4_permute_x_bf16). Each weight is then its fp32 dequantization rounded to
+ *     bf16, as bitsandbytes dequantizes for a bf16 compute dtype and as this module's bf16 tiles hold it.
+ * The buffered kernel above decoded each row's values into memory and read them back with one vexpandps per 16
+ * columns: ~24 cycles per 64 columns on Zen 4, against ~14 (fp32) and ~11 (bf16) here, measured in a C harness on
+ * L2-resident rows (docs/benchmarks.md, section 16). */
+
+/* Columns per row of the permuted x: whole 64-column groups. */
+static inline int64_t nf4_x_cols(int64_t nbytes) { return (nbytes + 7) / 8 * 64; }
+
+/* xn[t * kn + 64 g + 16 u + i] = x[t, 64 g + 4 i + u] (columns >= ncols are 0): the lanes of the fp32 lookups. */
+static void nf4_permute_x(const float *x, int64_t m, int64_t ldx, int64_t ncols, float *xn, int64_t kn) {
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t c0 = 0; c0 < kn; c0 += 64)
+            for (int i = 0; i < 64; i++) {
+                const int64_t c = c0 + 4 * (i % 16) + i / 16;
+                xn[t * kn + c0 + i] = c < ncols ? x[t * ldx + c] : 0.0f;
+            }
+}
+
+/* xb[t * kn + 64 g + i] = x[t, 64 g + 2 i] and xb[t * kn + 64 g + 32 + i] = x[t, 64 g + 2 i + 1], as bf16 words (x
+ * exactly bf16; columns >= ncols are 0): the lanes of the two bf16 lookups. */
+static void nf4_permute_x_bf16(const float *x, int64_t m, int64_t ldx, int64_t ncols, uint16_t *xb, int64_t kn) {
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t c0 = 0; c0 < kn; c0 += 64)
+            for (int i = 0; i < 64; i++) {
+                const int64_t c = c0 + 2 * (i % 32) + i / 32;
+                uint32_t bits = 0;
+                if (c < ncols) memcpy(&bits, x + t * ldx + c, 4);
+                xb[t * kn + c0 + i] = (uint16_t)(bits >> 16);
+            }
+}
+
+/* One NF4 row's walk, shared by the two kernels: where it starts and what each word needs. */
+typedef struct {
+    const uint8_t *codes;
+    const float *absmax;
+    int bshift;
+    int64_t code_bytes, last_blk, end, g; /* g: the global index of the next word's first value */
+} nf4_walk;
+
+AVX512_INLINE nf4_walk nf4_walk_start(const qstream *q, int64_t start, int64_t n_row) {
+    const nf4_walk w = {q->codes, q->absmax, q->bshift, (q->nnz + 1) >> 1, (q->nnz - 1) >> q->bshift,
+                        start + n_row, start};
+    return w;
+}
+
+/* Whether full 64-byte code loads from any of the row's words, and the block after any word's, stay inside their
+ * arrays (all rows but the stream's last few): the walk then needs no masked loads and no clamps. */
+static inline int nf4_slack(const qstream *q, int64_t start, int64_t n_row) {
+    const int64_t end = start + n_row;
+    return (end >> 1) + 64 <= ((q->nnz + 1) >> 1) && (end >> q->bshift) + 1 <= (q->nnz - 1) >> q->bshift;
+}
+
+/* The bitmap word at byte j (fewer bytes at the row's end; the missing ones are 0). */
+AVX512_INLINE uint64_t nf4_bitmap_word(const uint8_t *bm, int64_t j, int64_t nbytes) {
+    uint64_t word = 0;
+    if (__builtin_expect(j + 8 <= nbytes, 1)) memcpy(&word, bm + j, 8);
+    else
+        for (int64_t i = 0; j + i < nbytes; i++) word |= (uint64_t)bm[j + i] << (8 * i);
+    return word;
+}
+
+/* The scale blocks of the word at w->g: its own (*blk) and the next (*blk_next; both clamped to the stream's last
+ * block unless `slack`). */
+AVX512_INLINE void nf4_word_blocks(int slack, const nf4_walk *w, int64_t *blk, int64_t *blk_next) {
+    *blk = w->g >> w->bshift;
+    *blk_next = *blk + 1;
+    if (!slack) {
+        *blk = *blk < w->last_blk ? *blk : w->last_blk;
+        *blk_next = *blk_next < w->last_blk ? *blk_next : w->last_blk;
+    }
+}
+
+/* The codes of the word at w->g (its first value in block blk) at their columns: byte c = the code of column c (bits
+ * 0-3), plus 16 when that value lies in the next block; 7 at pruned columns. */
+AVX512_INLINE __m512i nf4_word_codes(int slack, const nf4_walk *w, uint64_t word, int64_t blk) {
+    static const int64_t SELECTORS[2] = {0x181c1014080c0004ll, 0x24181c1014080c00ll}; /* first value even, odd */
+    const int64_t g = w->g;
+    const int64_t r = ((blk + 1) << w->bshift) - g; /* the word's values from index r on are in the next block */
+    const uint8_t *p = w->codes + (g >> 1);
+    const int64_t avail = w->code_bytes - (g >> 1);
+    __m512i c = slack ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, avail < 64 ? avail : 64), p);
+    /* qword q <- code bytes 4q .. 4q + 7; then byte k <- nibble k + odd of it: value 2j is the high nibble of byte j,
+     * so value n sits at bit 8 * (n / 2) + 4 when n is even and at 8 * (n / 2) when odd */
+    const __m512i spread = _mm512_set_epi64(0x232221201f1e1d1cll, 0x1f1e1d1c1b1a1918ll,
+                                            0x1b1a191817161514ll, 0x1716151413121110ll, 0x131211100f0e0d0cll,
+                                            0x0f0e0d0c0b0a0908ll, 0x0b0a090807060504ll, 0x0706050403020100ll);
+    c = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(SELECTORS[g & 1]), _mm512_permutexvar_epi8(spread, c));
+    c = _mm512_and_si512(c, _mm512_set1_epi8(15));
+    c = _mm512_mask_add_epi8(c, r < 64 ? ~0ull << r : 0, c, _mm512_set1_epi8(16));
+    return _mm512_mask_expand_epi8(_mm512_set1_epi8(7), word, c);
+}
+
+/* NT tokens against one row (values [start, start + n_row) of the stream), x permuted (xn, row stride kq); `slack`
+ * from nf4_slack. Returns the values consumed (== n_row for a consistent row) or -1. */
+AVX512_INLINE int64_t nf4_gemv_row_block512(int NT, int slack, const qstream *q, const uint8_t *bm, int64_t start,
+                                            int64_t nbytes, int64_t n_row, const float *xn, int64_t kq, float *y,
+                                            int64_t ldy) {
+    const int NB = NT == 1 ? 4 : (NT <= 4 ? 2 : 1); /* accumulator banks: the 4 lookups of a word feed them */
+    __m512 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    const __m512 table = _mm512_loadu_ps(NF4_TABLE);
+    nf4_walk w = nf4_walk_start(q, start, n_row);
+    for (int64_t j = 0; j < nbytes; j += 8) {
+        const uint64_t word = nf4_bitmap_word(bm, j, nbytes);
+        const int64_t wc = __builtin_popcountll(word);
+        if (w.g + wc > w.end) return -1;
+        PREFETCH(w.codes + (w.g >> 1) + PREFETCH_VALUES / 2);
+        PREFETCH(bm + j + PREFETCH_BITMAP);
+        int64_t blk, blk_next;
+        nf4_word_blocks(slack, &w, &blk, &blk_next);
+        /* the books from the scales each word: fewer instructions than carrying them, and faster than loading books
+         * scaled once per row (measured) */
+        const __m512 book = _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk]));
+        const __m512 book_next = _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk_next]));
+        const __m512i e = nf4_word_codes(slack, &w, word, blk);
+        const float *xw = xn + 8 * j;
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            const __m512 v = _mm512_permutex2var_ps(book, u ? _mm512_srli_epi32(e, 8 * u) : e, book_next);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm512_fmadd_ps(v, _mm512_load_ps(xw + t * kq + 16 * u), acc[u % NB][t]);
+        }
+        w.g += wc;
+    }
+    store_sums512(NT, NB, acc, y, ldy);
+    return w.g - start;
+}
+
+/* As nf4_gemv_row_block512 for an exactly-bf16 x as words (xb, nf4_permute_x_bf16), with vdpbf16ps. */
+DOT512_INLINE int64_t nf4_gemv_row_block_dot512(int NT, int slack, const qstream *q, const uint8_t *bm,
+                                                int64_t start, int64_t nbytes, int64_t n_row, const uint16_t *xb,
+                                                int64_t kq, float *y, int64_t ldy) {
+    const int NB = NT == 1 ? 2 : 1;
+    __m512 acc[4][MAX_NT];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    const __m512 table = _mm512_loadu_ps(NF4_TABLE);
+    nf4_walk w = nf4_walk_start(q, start, n_row);
+    for (int64_t j = 0; j < nbytes; j += 8) {
+        const uint64_t word = nf4_bitmap_word(bm, j, nbytes);
+        const int64_t wc = __builtin_popcountll(word);
+        if (w.g + wc > w.end) return -1;
+        PREFETCH(w.codes + (w.g >> 1) + PREFETCH_VALUES / 2);
+        PREFETCH(bm + j + PREFETCH_BITMAP);
+        int64_t blk, blk_next;
+        nf4_word_blocks(slack, &w, &blk, &blk_next);
+        const __m512i books = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk_next])),
+                                                           _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk])));
+        const __m512i e = nf4_word_codes(slack, &w, word, blk);
+        const uint16_t *xw = xb + 8 * j;
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++) { /* vpermw reads the low 5 bits of each word: its even column, then its odd */
+            const __m512i v = _mm512_permutexvar_epi16(u ? _mm512_srli_epi16(e, 8) : e, books);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm512_dpbf16_ps(acc[u % NB][t], (__m512bh)v,
+                                                  (__m512bh)_mm512_load_si512(xw + t * kq + 32 * u));
+        }
+        w.g += wc;
+    }
+    store_sums512(NT, NB, acc, y, ldy);
+    return w.g - start;
+}
+
+/* A row that has no values has no scale to read: it must be empty. */
+static inline int64_t nf4_empty_row(const uint8_t *bm, int64_t nbytes, int64_t m, float *y, int64_t ldy) {
+    for (int64_t t = 0; t < m; t++) y[t * ldy] = 0.0f;
+    return row_popcount(bm, nbytes);
+}
+
+/* As qgemv_row_avx512 for NF4 with blocks of >= 64 values, x permuted by nf4_permute_x (row stride kq). */
+AVX512_FN static int64_t nf4_gemv_row512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                         int64_t n_row, const float *xn, int64_t m, int64_t kq, float *y,
+                                         int64_t ldy) {
+    if (n_row == 0) return nf4_empty_row(bm, nbytes, m, y, ldy);
+    const int slack = nf4_slack(q, start, n_row);
+#define ROW_BLOCK(NT) \
+    (slack ? nf4_gemv_row_block512(NT, 1, q, bm, start, nbytes, n_row, xn, kq, y, ldy) \
+           : nf4_gemv_row_block512(NT, 0, q, bm, start, nbytes, n_row, xn, kq, y, ldy))
+    ROWS_IN_TOKEN_BLOCKS(xn);
+#undef ROW_BLOCK
+}
+
+/* As nf4_gemv_row512 with x as bf16 words (nf4_permute_x_bf16; nf4_gemv_row_block_dot512). */
+DOT512_FN static int64_t nf4_gemv_row_dot512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                             int64_t n_row, const uint16_t *xb, int64_t m, int64_t kq, float *y,
+                                             int64_t ldy) {
+    if (n_row == 0) return nf4_empty_row(bm, nbytes, m, y, ldy);
+    const int slack = nf4_slack(q, start, n_row);
+#define ROW_BLOCK(NT) \
+    (slack ? nf4_gemv_row_block_dot512(NT, 1, q, bm, start, nbytes, n_row, xb, kq, y, ldy) \
+           : nf4_gemv_row_block_dot512(NT, 0, q, bm, start, nbytes, n_row, xb, kq, y, ldy))
+    ROWS_IN_TOKEN_BLOCKS(xb);
+#undef ROW_BLOCK
+}
+
 /* One NF4 row as bf16 words into out[0, nbytes * 8) for the many-token path's bf16 tiles: the row's values decoded
  * in fp32 (nf4_decode_row_avx512), rounded to bf16 (nearest even) in stream order into hbuf, then placed at their
  * columns 32 at a time by decode16_row_avx512. vbuf holds >= nbytes * 8 + 32 floats, hbuf >= nbytes * 8 + 16 words.
@@ -1294,12 +1513,44 @@ AVX512_FN static int64_t qdecode16_row_avx512(const qstream *q, const uint8_t *b
 
 #endif /* SALR_X86 */
 
-/* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0). */
+/* x for the buffer-free NF4 row kernels, once per call (m rows of nf4_x_cols(nbytes)): as bf16 words
+ * (nf4_permute_x_bf16; *bf16_words set) when `dot` and every value of x is exactly a bf16, else in fp32
+ * (nf4_permute_x). NULL when those kernels do not apply (they want AVX-512 and NF4 with blocks of >= 64 values) or,
+ * with *oom set, when the allocation fails. */
+static float *nf4_x(int isa, int dot, const qstream *q, const float *x, int64_t m, int64_t ldx, int64_t nbytes,
+                    int *bf16_words, int *oom) {
+    *bf16_words = 0;
+#if SALR_X86
+    if (isa == ISA_AVX512 && q->kind == Q_NF4 && q->bshift >= 6 && m > 0) {
+        const int64_t kn = nf4_x_cols(nbytes);
+        float *xn = (float *)aligned_alloc(64, sizeof(float) * (size_t)(m * kn));
+        if (!xn) {
+            *oom = 1;
+        } else if (dot && exactly_bf16(x, m, ldx, nbytes * 8)) {
+            nf4_permute_x_bf16(x, m, ldx, nbytes * 8, (uint16_t *)xn, kn);
+            *bf16_words = 1;
+        } else {
+            nf4_permute_x(x, m, ldx, nbytes * 8, xn, kn);
+        }
+        return xn;
+    }
+#endif
+    (void)isa, (void)dot, (void)q, (void)x, (void)m, (void)ldx, (void)nbytes, (void)oom;
+    return NULL;
+}
+
+/* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0).
+ * xn: x for the buffer-free NF4 kernels (nf4_x; bf16 words when xn_bf16), or NULL. */
 static int qgemv_row(int isa, const qstream *q, const uint8_t *bm, int64_t start, int64_t end, int64_t nbytes,
-                     const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, float *buf, float *vbuf) {
+                     const float *x, const float *xn, int xn_bf16, int64_t m, int64_t ldx, float *y, int64_t ldy,
+                     float *buf, float *vbuf) {
     int ok;
 #if SALR_X86
-    if (isa == ISA_AVX512 && q->kind == Q_NF4 && q->bshift >= 4) {
+    if (xn) {
+        const int64_t kn = nf4_x_cols(nbytes);
+        ok = (xn_bf16 ? nf4_gemv_row_dot512(q, bm, start, nbytes, end - start, (const uint16_t *)xn, m, kn, y, ldy)
+                      : nf4_gemv_row512(q, bm, start, nbytes, end - start, xn, m, kn, y, ldy)) == end - start;
+    } else if (isa == ISA_AVX512 && q->kind == Q_NF4 && q->bshift >= 4) {
         ok = qgemv_row_avx512(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, vbuf) == end - start;
     } else if (isa >= ISA_AVX2) {
         ok = qgemv_row_avx2(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, buf) == end - start;
@@ -1309,6 +1560,8 @@ static int qgemv_row(int isa, const qstream *q, const uint8_t *bm, int64_t start
         qgemv_row_scalar(q, bm, start, nbytes, x, m, ldx, y, ldy);
     (void)buf;
     (void)vbuf;
+    (void)xn;
+    (void)xn_bf16;
     if (!ok)
         for (int64_t t = 0; t < m; t++) y[t * ldy] = 0.0f;
     return ok;
@@ -1327,20 +1580,25 @@ static int qstream_init(qstream *q, int kind, const void *codes, const float *ab
 }
 
 /* The few-token GEMV over a quantized bitmap weight, as salr_bitmap_gemv (returns -1, a bad row, or -2 for
- * unsupported arguments). */
+ * unsupported arguments; ISA_BF16_DOT in isa lets an exactly-bf16 x take nf4_gemv_row_dot512). */
 int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void *codes, const float *absmax,
                           int64_t blocksize, const int64_t *row_offsets, int64_t nnz, int64_t rows, int64_t cols,
                           const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    const int bf16_dot = (isa & ISA_BF16_DOT) != 0;
+    isa &= ~ISA_BF16_DOT;
     qstream q;
     if (!qstream_init(&q, kind, codes, absmax, nnz, blocksize)) return -2;
     const int64_t nbytes = (cols + 7) / 8;
     int64_t bad = -1, oom = 0;
+    int xn_bf16, xn_oom = 0;
+    float *xn = nf4_x(isa, bf16_dot, &q, x, m, ldx, nbytes, &xn_bf16, &xn_oom);
+    if (xn_oom) return -2;
     if (nthreads < 1) nthreads = 1;
     const int chunk = gemv_chunk(rows, nthreads);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         const int64_t tokens = m < MAX_NT ? m : MAX_NT;
-        /* packed x for the AVX2 path, then a decoded row for the AVX-512 one (QBUF is a multiple of 8 floats) */
+        /* packed x for the AVX2 path, then a decoded row for the buffered AVX-512 one (QBUF: a multiple of 8 floats) */
         float *buf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(tokens * QBUF + nbytes * 8 + 32));
         if (!buf) {
 #pragma omp atomic write
@@ -1351,7 +1609,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
             int64_t start, end;
             if (!buf) continue;
             if (!(row_range(row_offsets, r, rows, nnz, &start, &end) &&
-                  qgemv_row(isa, &q, bitmask + r * nbytes, start, end, nbytes, x, m, ldx, y + r, ldy, buf,
+                  qgemv_row(isa, &q, bitmask + r * nbytes, start, end, nbytes, x, xn, xn_bf16, m, ldx, y + r, ldy, buf,
                             buf + tokens * QBUF))) {
                 for (int64_t t = 0; t < m; t++) y[t * ldy + r] = 0.0f;
 #pragma omp atomic write
@@ -1360,6 +1618,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
         }
         free(buf);
     }
+    free(xn);
     return oom ? -2 : bad;
 }
 
@@ -1540,6 +1799,15 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
     }
     const int dot = wide && wide_x(bf16_dot, xf, m, kp, kp, kq, xq, (uint16_t *)xq);
 #endif
+    int xn_bf16 = 0, xn_oom = 0;
+    float *xn = q ? nf4_x(isa, bf16_dot, q, xf, m, kp, nbytes, &xn_bf16, &xn_oom) : NULL;
+    if (xn_oom) {
+#if SALR_X86
+        free(xq);
+#endif
+        free(xf);
+        return -2;
+    }
     const int chunk = gemv_chunk(rows, nthreads);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -1563,7 +1831,8 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
             int64_t start, end;
             int ok = row_range(row_offsets, r, rows, nnz, &start, &end);
             if (q) {
-                ok = ok && qbuf && qgemv_row(isa, q, bm, start, end, nbytes, xf, m, kp, acc, 1, qbuf, qbuf + m * QBUF);
+                ok = ok && qbuf && qgemv_row(isa, q, bm, start, end, nbytes, xf, xn, xn_bf16, m, kp, acc, 1, qbuf,
+                                              qbuf + m * QBUF);
             } else
 #if SALR_X86
             if (ok && wide) {
@@ -1594,6 +1863,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
 #if SALR_X86
     free(xq);
 #endif
+    free(xn);
     free(xf);
     return oom ? -2 : bad;
 }

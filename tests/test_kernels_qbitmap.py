@@ -74,6 +74,37 @@ def test_densities_and_blocksizes(cpu_isa, sparsity, blocksize):
 
 
 @native
+@pytest.mark.parametrize("mode", ["off", "on"])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("blocksize", [64, 128, 4096])
+@pytest.mark.parametrize(
+    "shape,pattern", [((40, 29), "rows"), ((64, 200), "ends"), ((37, 1037), "rows"), ((3, 5), None)]
+)
+def test_nf4_gemv_of_a_bf16_input_with_and_without_vdpbf16ps(monkeypatch, mode, m, blocksize, shape, pattern):
+    """NF4 with blocks of >= 64 values takes the buffer-free AVX-512 row kernel (codes expanded as bytes, two scaled
+    codebooks per word). An exactly-bf16 x of up to GEMV_MAX_TOKENS rows with SALR_CPU_BF16_DOT=on (the default on
+    AMD) multiplies each weight's dequantization rounded to bf16 with vdpbf16ps; off, or an fp32 x, the fp32
+    dequantization itself. Row by row
+    against float64 of the weights each path uses: odd first values, rows crossing scale blocks, empty and dense rows,
+    rows whose codes end the stream."""
+    if mode == "on" and not cpu.bf16_dot_supported():
+        pytest.skip("this CPU has no AVX512-BF16 (vdpbf16ps)")
+    monkeypatch.setenv("SALR_CPU_BF16_DOT", mode)
+    rows, cols = shape
+    w, qw, scales = make(rows, cols, "nf4", seed=m + blocksize, blocksize=blocksize, pattern=pattern)
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).float()
+    y = cpu.qbitmap_linear_cpu(x, *args(qw, scales))
+    dot = mode == "on" and m <= cpu.GEMV_MAX_TOKENS  # more tokens take fp32 tiles and sgemm
+    ref = exact(x, w.to(torch.bfloat16).float() if dot else w)
+    for r in range(rows):
+        assert rel_err(y[:, r], ref[:, r]) < 1e-4, r
+    if dot and cols >= 200:  # the bf16 weights were used, not the fp32 ones: rounding shows at 1e-3
+        assert rel_err(y, exact(x, w)) > 1e-4
+    x32 = torch.randn(m, cols, generator=torch.Generator().manual_seed(m + 1))  # not bf16: the fp32 weights
+    assert rel_err(cpu.qbitmap_linear_cpu(x32, *args(qw, scales)), exact(x32, w)) < TOL[torch.float32]
+
+
+@native
 def test_all_pruned_weight_gives_zeros(cpu_isa):
     w, qw, scales = make(8, 40, sparsity=1.0)
     assert qw.nnz == 0 and qw.q.codes.numel() == 0

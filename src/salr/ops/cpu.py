@@ -143,9 +143,10 @@ def bf16_dot_supported() -> bool:
 
 
 def bf16_dot() -> bool:
-    """Whether the few-token GEMV of bf16 values multiplies an exactly-bf16 input with vdpbf16ps (AVX512-BF16 on the
-    AVX-512 path): SALR_CPU_BF16_DOT=on|off, or by default where it measured faster (AMD Zen 4: docs/benchmarks.md,
-    section 15; on an Intel Xeon it measured no faster, section 13)."""
+    """Whether the few-token GEMV of bf16 values, and of NF4 codes with blocks of >= 64 values, multiplies an
+    exactly-bf16 input with vdpbf16ps (AVX512-BF16 on the AVX-512 path; NF4 weights then enter as their fp32
+    dequantization rounded to bf16): SALR_CPU_BF16_DOT=on|off, or by default where it measured faster (AMD Zen 4:
+    docs/benchmarks.md, sections 15 and 16; on an Intel Xeon it measured no faster for bf16 values, section 13)."""
     return _bf16_dot(isa())
 
 
@@ -510,7 +511,9 @@ def qbitmap_linear_cpu(
     blocksize: int,
 ) -> torch.Tensor:
     """y = x @ W.T for a quantized bitmap W with the native kernel: x [..., cols] (any float dtype and strides) ->
-    [..., rows] in x.dtype. M <= GEMV_MAX_TOKENS: the decode-in-registers GEMV; more: fp32 row tiles + sgemm, or
+    [..., rows] in x.dtype. M <= GEMV_MAX_TOKENS: the decode-in-registers GEMV (with vdpbf16ps where bf16_dot()
+    allows it and x is bf16: NF4 weights rounded to bf16, as bitsandbytes gives them to a bf16 compute dtype); more:
+    fp32 row tiles + sgemm, or
     for a bf16 input where bf16_tiles allows it, the dequantized values rounded to bf16 tiles + torch's bf16 matmul
     (the rounding is the output's own: relative 2^-9 per weight, far below NF4's quantization step)."""
     lib = load()
@@ -529,7 +532,7 @@ def qbitmap_linear_cpu(
         xp = _padded_x(x2, kp)
         y = torch.empty(m, rows, dtype=torch.float32)
         bad = lib.salr_qbitmap_gemv(
-            _ISA_CODES[isa()], *args, rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows, _threads(rows * kp)
+            _gemv_isa_code(), *args, rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows, _threads(rows * kp)
         )
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
@@ -583,7 +586,7 @@ def qsalr_linear_decode(
         return None
     lib, x_args, y = call
     bad = lib.salr_qlinear_decode(
-        _ISA_CODES[isa()], _KIND_CODES[codes.dtype], bitmask.data_ptr(), codes.data_ptr(), absmax.data_ptr(),
+        _gemv_isa_code(), _KIND_CODES[codes.dtype], bitmask.data_ptr(), codes.data_ptr(), absmax.data_ptr(),
         blocksize, row_offsets.data_ptr(), n, rows, cols, *x_args, residual_rank, lora_scale, A.data_ptr(),
         B.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
     )  # fmt: skip
