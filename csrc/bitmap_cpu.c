@@ -1293,9 +1293,10 @@ AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, i
  *     register of 32 words, one vpermw looks up the word's even columns and one its odd ones, and a vdpbf16ps per
  *     token multiplies each against x (nf4_permute_x_bf16). Each weight is then its fp32 dequantization rounded to
  *     bf16, as bitsandbytes dequantizes for a bf16 compute dtype and as this module's bf16 tiles hold it.
- * The buffered kernel above decoded each row's values into memory and read them back with one vexpandps per 16
- * columns: ~24 cycles per 64 columns on Zen 4, against ~14 (fp32) and ~11 (bf16) here, measured in a C harness on
- * L2-resident rows (docs/benchmarks.md, section 16). */
+ * The buffered kernel above decodes each row's values into memory and reads them back with one vexpandps per 16
+ * columns: 18 cycles per 64 columns on Zen 4, against 15 (fp32) and 11.4 (bf16) here, timed on cache-resident rows;
+ * `salr bench --kernel --quant nf4` at M = 1 then reads 1.95-2.47x (fp32) and 2.44-3.81x (bf16) dense bf16, from
+ * 1.62-2.05x (docs/benchmarks.md, section 16). */
 
 /* Columns per row of the permuted x: whole 64-column groups. */
 static inline int64_t nf4_x_cols(int64_t nbytes) { return (nbytes + 7) / 8 * 64; }
