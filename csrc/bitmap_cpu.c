@@ -339,25 +339,30 @@ AVX2_INLINE int64_t gemv_row_block_avx2(int dt, int NT, const uint8_t *bm, const
     return cnt;
 }
 
+/* The body of a gemv row function over m tokens: blocks of MAX_NT, then the 1-7 left, each through the function's
+ * ROW_BLOCK(NT) with NT a constant (so the block kernel is unrolled for it); the x pointer XP (row stride LDX) and y
+ * advance block by block. Returns the values consumed (n_row) or the failing block's result. */
+#define ROWS_IN_TOKEN_BLOCKS(XP, LDX) \
+    int64_t got = n_row; \
+    for (; m >= MAX_NT && got == n_row; m -= MAX_NT, XP += MAX_NT * (LDX), y += MAX_NT * ldy) got = ROW_BLOCK(8); \
+    if (got != n_row) return got; \
+    switch (m) { \
+    case 1: return ROW_BLOCK(1); \
+    case 2: return ROW_BLOCK(2); \
+    case 3: return ROW_BLOCK(3); \
+    case 4: return ROW_BLOCK(4); \
+    case 5: return ROW_BLOCK(5); \
+    case 6: return ROW_BLOCK(6); \
+    case 7: return ROW_BLOCK(7); \
+    default: return got; \
+    }
+
 /* Returns the values consumed by the row, or -1 (see gemv_row_block_avx2); m > 8 runs blocks of 8 tokens. */
 AVX2_INLINE int64_t gemv_row_avx2_dt(int dt, const uint8_t *bm, const uint8_t *v, int64_t nbytes, int64_t n_row,
                                      const float *x, int64_t m, int64_t ldx, float *y, int64_t ldy) {
-    int64_t t = 0, got = n_row;
-    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
-        got = gemv_row_block_avx2(dt, 8, bm, v, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy);
-    if (got != n_row) return got;
-    x += t * ldx;
-    y += t * ldy;
-    switch (m - t) {
-    case 1: return gemv_row_block_avx2(dt, 1, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 2: return gemv_row_block_avx2(dt, 2, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 3: return gemv_row_block_avx2(dt, 3, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 4: return gemv_row_block_avx2(dt, 4, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 5: return gemv_row_block_avx2(dt, 5, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 6: return gemv_row_block_avx2(dt, 6, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 7: return gemv_row_block_avx2(dt, 7, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    default: return got;
-    }
+#define ROW_BLOCK(NT) gemv_row_block_avx2(dt, NT, bm, v, nbytes, n_row, x, ldx, y, ldy)
+    ROWS_IN_TOKEN_BLOCKS(x, ldx);
+#undef ROW_BLOCK
 }
 
 /* One entry per dtype so each is compiled with its dtype branches folded away. */
@@ -542,24 +547,6 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, int slack, const uint8_t *bm
     return cnt;
 }
 
-/* The body of an AVX-512 row function over m tokens: blocks of MAX_NT, then the 1-7 left, each through the
- * function's ROW_BLOCK(NT) with NT a constant (so the block kernel is unrolled for it); the x pointer XP (row stride
- * kq) and y advance block by block. Returns the values consumed (n_row) or the failing block's result. */
-#define ROWS_IN_TOKEN_BLOCKS(XP) \
-    int64_t got = n_row; \
-    for (; m >= MAX_NT && got == n_row; m -= MAX_NT, XP += MAX_NT * kq, y += MAX_NT * ldy) got = ROW_BLOCK(8); \
-    if (got != n_row) return got; \
-    switch (m) { \
-    case 1: return ROW_BLOCK(1); \
-    case 2: return ROW_BLOCK(2); \
-    case 3: return ROW_BLOCK(3); \
-    case 4: return ROW_BLOCK(4); \
-    case 5: return ROW_BLOCK(5); \
-    case 6: return ROW_BLOCK(6); \
-    case 7: return ROW_BLOCK(7); \
-    default: return got; \
-    }
-
 /* As gemv_row_avx2 for bf16 values, x permuted (permute_x_avx512, row stride kq); `slack` as
  * gemv_row_block_avx512. */
 AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uint16_t *v, int64_t nbytes,
@@ -567,7 +554,7 @@ AVX512_FN static int64_t gemv_row_avx512(int slack, const uint8_t *bm, const uin
 #define ROW_BLOCK(NT) \
     (slack ? gemv_row_block_avx512(NT, 1, bm, v, nbytes, n_row, xq, kq, y, ldy) \
            : gemv_row_block_avx512(NT, 0, bm, v, nbytes, n_row, xq, kq, y, ldy))
-    ROWS_IN_TOKEN_BLOCKS(xq);
+    ROWS_IN_TOKEN_BLOCKS(xq, kq);
 #undef ROW_BLOCK
 }
 
@@ -625,7 +612,7 @@ DOT512_FN static int64_t gemv_row_dot512(int slack, const uint8_t *bm, const uin
 #define ROW_BLOCK(NT) \
     (slack ? gemv_row_block_dot512(NT, 1, bm, v, nbytes, n_row, xb, kq, y, ldy) \
            : gemv_row_block_dot512(NT, 0, bm, v, nbytes, n_row, xb, kq, y, ldy))
-    ROWS_IN_TOKEN_BLOCKS(xb);
+    ROWS_IN_TOKEN_BLOCKS(xb, kq);
 #undef ROW_BLOCK
 }
 
@@ -1072,22 +1059,9 @@ AVX2_INLINE int64_t qgemv_row_block_avx2(int kind, int NT, const qstream *q, con
 AVX2_INLINE int64_t qgemv_row_avx2_kind(int kind, const qstream *q, const uint8_t *bm, int64_t start,
                                         int64_t nbytes, int64_t n_row, const float *x, int64_t m, int64_t ldx,
                                         float *y, int64_t ldy, float *buf) {
-    int64_t t = 0, got = n_row;
-    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
-        got = qgemv_row_block_avx2(kind, 8, q, bm, start, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy, buf);
-    if (got != n_row) return got;
-    x += t * ldx;
-    y += t * ldy;
-    switch (m - t) {
-    case 1: return qgemv_row_block_avx2(kind, 1, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
-    case 2: return qgemv_row_block_avx2(kind, 2, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
-    case 3: return qgemv_row_block_avx2(kind, 3, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
-    case 4: return qgemv_row_block_avx2(kind, 4, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
-    case 5: return qgemv_row_block_avx2(kind, 5, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
-    case 6: return qgemv_row_block_avx2(kind, 6, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
-    case 7: return qgemv_row_block_avx2(kind, 7, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf);
-    default: return got;
-    }
+#define ROW_BLOCK(NT) qgemv_row_block_avx2(kind, NT, q, bm, start, nbytes, n_row, x, ldx, y, ldy, buf)
+    ROWS_IN_TOKEN_BLOCKS(x, ldx);
+#undef ROW_BLOCK
 }
 
 AVX2_FN static int64_t qgemv_row_avx2(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
@@ -1263,22 +1237,9 @@ AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, i
                                           float *vbuf) {
     nf4_decode_row_avx512(q, start, n_row, vbuf);
     const float *v = vbuf + (start & 15);
-    int64_t t = 0, got = n_row;
-    for (; t + MAX_NT <= m && got == n_row; t += MAX_NT)
-        got = qgemv_row_block_avx512(8, bm, v, nbytes, n_row, x + t * ldx, ldx, y + t * ldy, ldy);
-    if (got != n_row) return got;
-    x += t * ldx;
-    y += t * ldy;
-    switch (m - t) {
-    case 1: return qgemv_row_block_avx512(1, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 2: return qgemv_row_block_avx512(2, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 3: return qgemv_row_block_avx512(3, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 4: return qgemv_row_block_avx512(4, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 5: return qgemv_row_block_avx512(5, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 6: return qgemv_row_block_avx512(6, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    case 7: return qgemv_row_block_avx512(7, bm, v, nbytes, n_row, x, ldx, y, ldy);
-    default: return got;
-    }
+#define ROW_BLOCK(NT) qgemv_row_block_avx512(NT, bm, v, nbytes, n_row, x, ldx, y, ldy)
+    ROWS_IN_TOKEN_BLOCKS(x, ldx);
+#undef ROW_BLOCK
 }
 
 /* NF4 with scale blocks of >= 64 values: rows without a decode buffer. Each 64 columns (one bitmap word) take their
@@ -1478,7 +1439,7 @@ AVX512_FN static int64_t nf4_gemv_row512(const qstream *q, const uint8_t *bm, in
 #define ROW_BLOCK(NT) \
     (slack ? nf4_gemv_row_block512(NT, 1, q, bm, start, nbytes, n_row, xn, kq, y, ldy) \
            : nf4_gemv_row_block512(NT, 0, q, bm, start, nbytes, n_row, xn, kq, y, ldy))
-    ROWS_IN_TOKEN_BLOCKS(xn);
+    ROWS_IN_TOKEN_BLOCKS(xn, kq);
 #undef ROW_BLOCK
 }
 
@@ -1491,7 +1452,7 @@ DOT512_FN static int64_t nf4_gemv_row_dot512(const qstream *q, const uint8_t *bm
 #define ROW_BLOCK(NT) \
     (slack ? nf4_gemv_row_block_dot512(NT, 1, q, bm, start, nbytes, n_row, xb, kq, y, ldy) \
            : nf4_gemv_row_block_dot512(NT, 0, q, bm, start, nbytes, n_row, xb, kq, y, ldy))
-    ROWS_IN_TOKEN_BLOCKS(xb);
+    ROWS_IN_TOKEN_BLOCKS(xb, kq);
 #undef ROW_BLOCK
 }
 
