@@ -466,6 +466,14 @@ AVX512_INLINE __m512i expand32(uint32_t k, const uint16_t *v, int n) {
     return _mm512_maskz_expand_epi16(k, _mm512_maskz_loadu_epi16(_bzhi_u32(0xffffffffu, (unsigned)n), v));
 }
 
+/* The AVX-512 gemvs' accumulators (4 banks of MAX_NT tokens), zeroed. */
+AVX512_INLINE void zero_acc512(__m512 acc[4][MAX_NT]) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++)
+#pragma GCC unroll 8
+        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+}
+
 /* y[t * ldy] = the sum of token t's NB accumulator banks, for the AVX-512 gemvs. */
 AVX512_INLINE void store_sums512(int NT, int NB, __m512 acc[4][MAX_NT], float *y, int64_t ldy) {
 #pragma GCC unroll 8
@@ -502,10 +510,7 @@ AVX512_INLINE int64_t gemv_row_block_avx512(int NT, int slack, const uint8_t *bm
     const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
     const __m512i odd = _mm512_set1_epi32((int)0xffff0000u); /* a dword's high word: the chunk's odd column */
     __m512 acc[4][MAX_NT];
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; u++)
-#pragma GCC unroll 8
-        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    zero_acc512(acc);
     int64_t j = 0, cnt = 0;
     for (; j + 8 <= nbytes; j += 8) { /* two chunks per 64-bit word */
         uint64_t word;
@@ -567,10 +572,7 @@ DOT512_INLINE int64_t gemv_row_block_dot512(int NT, int slack, const uint8_t *bm
                                             int64_t n_row, const uint16_t *xb, int64_t kq, float *y, int64_t ldy) {
     const int NB = NT == 1 ? 2 : 1; /* one accumulator per chunk for a single token */
     __m512 acc[4][MAX_NT];
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; u++)
-#pragma GCC unroll 8
-        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    zero_acc512(acc);
     int64_t j = 0, cnt = 0;
     for (; j + 8 <= nbytes; j += 8) {
         uint64_t word;
@@ -1196,10 +1198,7 @@ AVX512_INLINE int64_t qgemv_row_block_avx512(int NT, const uint8_t *bm, const fl
                                              const float *x, int64_t ldx, float *y, int64_t ldy) {
     const int NB = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
     __m512 acc[4][MAX_NT];
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; u++)
-#pragma GCC unroll 8
-        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    zero_acc512(acc);
     int64_t j = 0, cnt = 0;
     for (; j + 8 <= nbytes; j += 8) { /* 64 columns: four expanding loads of 16 */
         uint64_t word;
@@ -1255,7 +1254,7 @@ AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, i
  *     token multiplies each against x (nf4_permute_x_bf16). Each weight is then its fp32 dequantization rounded to
  *     bf16, as bitsandbytes dequantizes for a bf16 compute dtype and as this module's bf16 tiles hold it.
  * The buffered kernel above decodes each row's values into memory and reads them back with one vexpandps per 16
- * columns: 18 cycles per 64 columns on Zen 4, against 15 (fp32) and 11.4 (bf16) here, timed on cache-resident rows;
+ * columns: 18 cycles per 64 columns on Zen 4, against 14-15 (fp32) and 11.4 (bf16) here, timed on cache-resident rows;
  * `salr bench --kernel --quant nf4` at M = 1 then reads 1.95-2.47x (fp32) and 2.44-3.81x (bf16) dense bf16, from
  * 1.62-2.05x (docs/benchmarks.md, section 16). */
 
@@ -1326,6 +1325,19 @@ AVX512_INLINE void nf4_word_blocks(int slack, const nf4_walk *w, int64_t *blk, i
     }
 }
 
+/* The row's next bitmap word (byte j) and its scale blocks (nf4_word_blocks), its streams prefetched; *wc = its kept
+ * values. Returns 0 when they would run past the row's values (a corrupt row). */
+AVX512_INLINE int nf4_next_word(int slack, const nf4_walk *w, const uint8_t *bm, int64_t j, int64_t nbytes,
+                                uint64_t *word, int64_t *wc, int64_t *blk, int64_t *blk_next) {
+    *word = nf4_bitmap_word(bm, j, nbytes);
+    *wc = __builtin_popcountll(*word);
+    if (w->g + *wc > w->end) return 0;
+    PREFETCH(w->codes + (w->g >> 1) + PREFETCH_VALUES / 2);
+    PREFETCH(bm + j + PREFETCH_BITMAP);
+    nf4_word_blocks(slack, w, blk, blk_next);
+    return 1;
+}
+
 /* The codes of the word at w->g (its first value in block blk) at their columns: byte c = the code of column c (bits
  * 0-3), plus 16 when that value lies in the next block; 7 at pruned columns. */
 AVX512_INLINE __m512i nf4_word_codes(int slack, const nf4_walk *w, uint64_t word, int64_t blk) {
@@ -1353,20 +1365,13 @@ AVX512_INLINE int64_t nf4_gemv_row_block512(int NT, int slack, const qstream *q,
                                             int64_t ldy) {
     const int NB = NT == 1 ? 4 : (NT <= 4 ? 2 : 1); /* accumulator banks: the 4 lookups of a word feed them */
     __m512 acc[4][MAX_NT];
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; u++)
-#pragma GCC unroll 8
-        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    zero_acc512(acc);
     const __m512 table = _mm512_loadu_ps(NF4_TABLE);
     nf4_walk w = nf4_walk_start(q, start, n_row);
     for (int64_t j = 0; j < nbytes; j += 8) {
-        const uint64_t word = nf4_bitmap_word(bm, j, nbytes);
-        const int64_t wc = __builtin_popcountll(word);
-        if (w.g + wc > w.end) return -1;
-        PREFETCH(w.codes + (w.g >> 1) + PREFETCH_VALUES / 2);
-        PREFETCH(bm + j + PREFETCH_BITMAP);
-        int64_t blk, blk_next;
-        nf4_word_blocks(slack, &w, &blk, &blk_next);
+        uint64_t word;
+        int64_t wc, blk, blk_next;
+        if (!nf4_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
         /* the books from the scales each word: fewer instructions than carrying them, and faster than loading books
          * scaled once per row (measured) */
         const __m512 book = _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk]));
@@ -1392,20 +1397,13 @@ DOT512_INLINE int64_t nf4_gemv_row_block_dot512(int NT, int slack, const qstream
                                                 int64_t kq, float *y, int64_t ldy) {
     const int NB = NT == 1 ? 2 : 1;
     __m512 acc[4][MAX_NT];
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; u++)
-#pragma GCC unroll 8
-        for (int t = 0; t < MAX_NT; t++) acc[u][t] = _mm512_setzero_ps();
+    zero_acc512(acc);
     const __m512 table = _mm512_loadu_ps(NF4_TABLE);
     nf4_walk w = nf4_walk_start(q, start, n_row);
     for (int64_t j = 0; j < nbytes; j += 8) {
-        const uint64_t word = nf4_bitmap_word(bm, j, nbytes);
-        const int64_t wc = __builtin_popcountll(word);
-        if (w.g + wc > w.end) return -1;
-        PREFETCH(w.codes + (w.g >> 1) + PREFETCH_VALUES / 2);
-        PREFETCH(bm + j + PREFETCH_BITMAP);
-        int64_t blk, blk_next;
-        nf4_word_blocks(slack, &w, &blk, &blk_next);
+        uint64_t word;
+        int64_t wc, blk, blk_next;
+        if (!nf4_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
         const __m512i books = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk_next])),
                                                            _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk])));
         const __m512i e = nf4_word_codes(slack, &w, word, blk);
