@@ -105,6 +105,27 @@ def test_nf4_gemv_of_a_bf16_input_with_and_without_vdpbf16ps(monkeypatch, mode, 
 
 
 @native
+@pytest.mark.parametrize("mode", ["off", "on"])
+@pytest.mark.parametrize("m", [9, 12, 16, 17])
+def test_bf16_tokens_past_eight_take_the_nf4_gemv_on_the_vdpbf16ps_path(monkeypatch, mode, m):
+    """Up to QGEMV_BF16_MAX_TOKENS bf16 tokens stay on the NF4 GEMV where it multiplies with vdpbf16ps (it beats the
+    tiles there, docs/benchmarks.md section 16); otherwise more than GEMV_MAX_TOKENS go to the tiles. Both give the
+    bf16-rounded weights' product."""
+    if mode == "on" and not cpu.bf16_dot_supported():
+        pytest.skip("this CPU has no AVX512-BF16 (vdpbf16ps)")
+    monkeypatch.setenv("SALR_CPU_BF16_DOT", mode)
+    w, qw, scales = make(70, 333, "nf4", seed=m, pattern="rows")
+    gemv = mode == "on" and m <= 16  # cpu.QGEMV_BF16_MAX_TOKENS, the measured crossover
+    tiled = cpu._tiled_linear
+    calls = []
+    monkeypatch.setattr(cpu, "_tiled_linear", lambda *a: calls.append(1) or tiled(*a))
+    x = torch.randn(m, 333, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    y = cpu.qbitmap_linear_cpu(x, *args(qw, scales))
+    assert y.dtype == torch.bfloat16 and (not calls) == gemv
+    assert rel_err(y, exact(x, w.to(torch.bfloat16).float())) < TOL[torch.bfloat16]
+
+
+@native
 def test_all_pruned_weight_gives_zeros(cpu_isa):
     w, qw, scales = make(8, 40, sparsity=1.0)
     assert qw.nnz == 0 and qw.q.codes.numel() == 0

@@ -66,14 +66,17 @@ def weight_bytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype = torch.bf
     }
 
 
-def _backend_label(backend: str, device: torch.device, tokens: int, bf16_tiles: bool = False) -> str:
-    """The backend that ran, with the native kernel's ISA and path on the CPU: GEMV, or decode + SGEMM (fp32 tiles)
-    or decode + bf16 matmul (bf16 tiles, cpu.bf16_tiles)."""
+def _backend_label(
+    backend: str, device: torch.device, tokens: int, bf16_tiles: bool = False, gemv_max_tokens: int | None = None
+) -> str:
+    """The backend that ran, with the native kernel's ISA and path on the CPU: GEMV (up to `gemv_max_tokens`, by
+    default cpu.GEMV_MAX_TOKENS), or decode + SGEMM (fp32 tiles) or decode + bf16 matmul (bf16 tiles,
+    cpu.bf16_tiles)."""
     name = ops.backend_name(device) if backend == "auto" else backend
     if name == "cpu":
         name = f"cpu-{cpu_kernel.isa()}"
     if name.startswith("cpu-"):
-        if tokens <= cpu_kernel.GEMV_MAX_TOKENS:
+        if tokens <= (cpu_kernel.GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens):
             name += "-gemv"
         else:
             name += "-decode+bf16mm" if bf16_tiles else "-decode+sgemm"
@@ -112,11 +115,14 @@ def kernel_case(
 
     fns = {"dense_bf16": lambda: F.linear(x16, w16), "dense_fp32": lambda: F.linear(x32, w32), "bitmap": bitmap_bf16}
     w_ref, nbytes = w16.float(), weight_bytes(shape, bw.nnz, torch.bfloat16)
+    gemv_max_tokens = cpu_kernel.GEMV_MAX_TOKENS
     if quant != "none":
         qw = bitmap_format.encode_quantized(w16, w16 != 0, quant, double_quant=quant_double)
         qargs = (qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets, rows, cols, qw.q.blocksize)
         fns = {**fns, "bitmap_bf16": bitmap_bf16, "bitmap": lambda: ops.qbitmap_linear_with(backend, x16, *qargs)}
         w_ref = bitmap_format.decode_quantized(qw, torch.float32)
+        if cpu_kernel.available():
+            gemv_max_tokens = cpu_kernel.qgemv_max_tokens(qw.q.codes, qw.q.blocksize, x16.dtype)
         nbytes = quantized_weight_bytes(shape, qw.nnz, quant, quant_double)
     with torch.inference_mode():
         y = fns["bitmap"]().double()
@@ -135,6 +141,7 @@ def kernel_case(
             dev,
             tokens,
             cpu_kernel.available() and cpu_kernel.bf16_tiles(x16.dtype, w16.dtype),
+            gemv_max_tokens,
         ),
         "dense_bf16_ms": ms["dense_bf16"],
         "dense_fp32_ms": ms["dense_fp32"],

@@ -47,6 +47,9 @@ from salr.ops.schema import (
 logger = logging.getLogger(__name__)
 
 GEMV_MAX_TOKENS = 8  # at or below: the fused GEMV kernel; above: decode tiles + matmul (measured crossover)
+# NF4 (blocks >= 64) with a bf16 input on the vdpbf16ps path (bf16_dot()): its GEMV beats the tiles further
+# (docs/benchmarks.md, section 16)
+QGEMV_BF16_MAX_TOKENS = 16
 PARALLEL_MIN_WEIGHTS = 1 << 20  # below: one thread (1536x576 takes ~90 us on one; a thread hand-off costs 10+ us)
 TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -500,6 +503,13 @@ def qdecode_rows(
     return out
 
 
+def qgemv_max_tokens(codes: torch.Tensor, blocksize: int, x_dtype: torch.dtype) -> int:
+    """The most tokens the quantized GEMV takes before decode tiles + matmul do: QGEMV_BF16_MAX_TOKENS where the NF4
+    kernel multiplies a bf16 input with vdpbf16ps, GEMV_MAX_TOKENS elsewhere."""
+    dot = codes.dtype == torch.uint8 and blocksize >= 64 and x_dtype == torch.bfloat16 and bf16_dot()
+    return QGEMV_BF16_MAX_TOKENS if dot else GEMV_MAX_TOKENS
+
+
 def qbitmap_linear_cpu(
     x: torch.Tensor,
     bitmask: torch.Tensor,
@@ -511,9 +521,9 @@ def qbitmap_linear_cpu(
     blocksize: int,
 ) -> torch.Tensor:
     """y = x @ W.T for a quantized bitmap W with the native kernel: x [..., cols] (any float dtype and strides) ->
-    [..., rows] in x.dtype. M <= GEMV_MAX_TOKENS: the decode-in-registers GEMV (with vdpbf16ps where bf16_dot()
-    allows it and x is bf16: NF4 weights rounded to bf16, as bitsandbytes gives them to a bf16 compute dtype); more:
-    fp32 row tiles + sgemm, or
+    [..., rows] in x.dtype. M <= GEMV_MAX_TOKENS (QGEMV_BF16_MAX_TOKENS on the vdpbf16ps path): the
+    decode-in-registers GEMV (with vdpbf16ps where bf16_dot() allows it and x is bf16: NF4 weights rounded to bf16, as
+    bitsandbytes gives them to a bf16 compute dtype); more: fp32 row tiles + sgemm, or
     for a bf16 input where bf16_tiles allows it, the dequantized values rounded to bf16 tiles + torch's bf16 matmul
     (the rounding is the output's own: relative 2^-9 per weight, far below NF4's quantization step)."""
     lib = load()
@@ -528,7 +538,7 @@ def qbitmap_linear_cpu(
     kp = 8 * -(-cols // 8)
     if m == 0 or rows == 0 or cols == 0:
         return x.new_zeros(*lead, rows)
-    if m <= GEMV_MAX_TOKENS:
+    if m <= qgemv_max_tokens(codes, blocksize, x.dtype):
         xp = _padded_x(x2, kp)
         y = torch.empty(m, rows, dtype=torch.float32)
         bad = lib.salr_qbitmap_gemv(
