@@ -21,9 +21,10 @@
  *
  * On CPUs with AVX-512 VBMI2 (Intel Ice Lake and later, AMD Zen 4 and later) bf16 rows take a third path: one
  * vpexpandw places the kept values of 32 columns (4 bitmap bytes) at once, so the per-byte table shuffles go away.
- * NF4 values have their own AVX-512 gemv (a word's codes expanded as bytes with one vpexpandb, then looked up in the
- * scaled codebook 16 columns per vpermt2ps, or 32 per vpermw and vdpbf16ps for a bf16 input). fp16 and fp32 values,
- * int8 codes, the large-M decode of quantized rows, and CPUs without VBMI2 keep the AVX2 path.
+ * NF4 and INT8 codes (blocks of >= 64 values) have their own AVX-512 gemvs (a word's codes expanded as bytes with one
+ * vpexpandb; NF4 then looked up in the scaled codebook 16 columns per vpermt2ps, or 32 per vpermw and vdpbf16ps for a
+ * bf16 input; INT8 widened and scaled). fp16 and fp32 values, smaller blocks of codes, the large-M decode of quantized
+ * rows, and CPUs without VBMI2 keep the AVX2 path.
  *
  * x must be fp32 with at least nbytes * 8 columns per row (columns >= cols zero-padded): the AVX2 path loads
  * 8 columns per bitmap byte. The AVX2 and AVX-512 code uses target attributes so the file builds with plain -O3,
@@ -1259,7 +1260,7 @@ AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, i
  * 1.62-2.05x (docs/benchmarks.md, section 16). */
 
 /* Columns per row of the permuted x: whole 64-column groups. */
-static inline int64_t nf4_x_cols(int64_t nbytes) { return (nbytes + 7) / 8 * 64; }
+static inline int64_t qx_cols(int64_t nbytes) { return (nbytes + 7) / 8 * 64; }
 
 /* xn[t * kn + 64 g + 16 u + i] = x[t, 64 g + 4 i + u] (columns >= ncols are 0): the lanes of the fp32 lookups. */
 static void nf4_permute_x(const float *x, int64_t m, int64_t ldx, int64_t ncols, float *xn, int64_t kn) {
@@ -1284,29 +1285,33 @@ static void nf4_permute_x_bf16(const float *x, int64_t m, int64_t ldx, int64_t n
             }
 }
 
-/* One NF4 row's walk, shared by the two kernels: where it starts and what each word needs. */
+/* One quantized row's walk, shared by the buffer-free kernels: where it starts and what each word needs. Value g's
+ * code is byte g >> vshift (NF4: two codes per byte, vshift 1; INT8: 0). */
 typedef struct {
     const uint8_t *codes;
     const float *absmax;
-    int bshift;
+    int bshift, vshift;
     int64_t code_bytes, last_blk, end, g; /* g: the global index of the next word's first value */
-} nf4_walk;
+} qwalk;
 
-AVX512_INLINE nf4_walk nf4_walk_start(const qstream *q, int64_t start, int64_t n_row) {
-    const nf4_walk w = {q->codes, q->absmax, q->bshift, (q->nnz + 1) >> 1, (q->nnz - 1) >> q->bshift,
-                        start + n_row, start};
+AVX512_INLINE qwalk qwalk_start(const qstream *q, int64_t start, int64_t n_row) {
+    const int vshift = q->kind == Q_NF4;
+    const qwalk w = {q->codes,       q->absmax, q->bshift, vshift, (q->nnz + vshift) >> vshift,
+                     (q->nnz - 1) >> q->bshift, start + n_row, start};
     return w;
 }
 
 /* Whether full 64-byte code loads from any of the row's words, and the block after any word's, stay inside their
  * arrays (all rows but the stream's last few): the walk then needs no masked loads and no clamps. */
-static inline int nf4_slack(const qstream *q, int64_t start, int64_t n_row) {
+static inline int qwalk_slack(const qstream *q, int64_t start, int64_t n_row) {
     const int64_t end = start + n_row;
-    return (end >> 1) + 64 <= ((q->nnz + 1) >> 1) && (end >> q->bshift) + 1 <= (q->nnz - 1) >> q->bshift;
+    const int vshift = q->kind == Q_NF4;
+    return (end >> vshift) + 64 <= ((q->nnz + vshift) >> vshift) &&
+           (end >> q->bshift) + 1 <= (q->nnz - 1) >> q->bshift;
 }
 
 /* The bitmap word at byte j (fewer bytes at the row's end; the missing ones are 0). */
-AVX512_INLINE uint64_t nf4_bitmap_word(const uint8_t *bm, int64_t j, int64_t nbytes) {
+AVX512_INLINE uint64_t bitmap_word64(const uint8_t *bm, int64_t j, int64_t nbytes) {
     uint64_t word = 0;
     if (__builtin_expect(j + 8 <= nbytes, 1)) memcpy(&word, bm + j, 8);
     else
@@ -1316,7 +1321,7 @@ AVX512_INLINE uint64_t nf4_bitmap_word(const uint8_t *bm, int64_t j, int64_t nby
 
 /* The scale blocks of the word at w->g: its own (*blk) and the next (*blk_next; both clamped to the stream's last
  * block unless `slack`). */
-AVX512_INLINE void nf4_word_blocks(int slack, const nf4_walk *w, int64_t *blk, int64_t *blk_next) {
+AVX512_INLINE void qwalk_blocks(int slack, const qwalk *w, int64_t *blk, int64_t *blk_next) {
     *blk = w->g >> w->bshift;
     *blk_next = *blk + 1;
     if (!slack) {
@@ -1325,22 +1330,22 @@ AVX512_INLINE void nf4_word_blocks(int slack, const nf4_walk *w, int64_t *blk, i
     }
 }
 
-/* The row's next bitmap word (byte j) and its scale blocks (nf4_word_blocks), its streams prefetched; *wc = its kept
+/* The row's next bitmap word (byte j) and its scale blocks (qwalk_blocks), its streams prefetched; *wc = its kept
  * values. Returns 0 when they would run past the row's values (a corrupt row). */
-AVX512_INLINE int nf4_next_word(int slack, const nf4_walk *w, const uint8_t *bm, int64_t j, int64_t nbytes,
+AVX512_INLINE int qwalk_next_word(int slack, const qwalk *w, const uint8_t *bm, int64_t j, int64_t nbytes,
                                 uint64_t *word, int64_t *wc, int64_t *blk, int64_t *blk_next) {
-    *word = nf4_bitmap_word(bm, j, nbytes);
+    *word = bitmap_word64(bm, j, nbytes);
     *wc = __builtin_popcountll(*word);
     if (w->g + *wc > w->end) return 0;
-    PREFETCH(w->codes + (w->g >> 1) + PREFETCH_VALUES / 2);
+    PREFETCH(w->codes + (w->g >> w->vshift) + PREFETCH_VALUES / 2);
     PREFETCH(bm + j + PREFETCH_BITMAP);
-    nf4_word_blocks(slack, w, blk, blk_next);
+    qwalk_blocks(slack, w, blk, blk_next);
     return 1;
 }
 
 /* The codes of the word at w->g (its first value in block blk) at their columns: byte c = the code of column c (bits
  * 0-3), plus 16 when that value lies in the next block; 7 at pruned columns. */
-AVX512_INLINE __m512i nf4_word_codes(int slack, const nf4_walk *w, uint64_t word, int64_t blk) {
+AVX512_INLINE __m512i nf4_word_codes(int slack, const qwalk *w, uint64_t word, int64_t blk) {
     static const int64_t SELECTORS[2] = {0x181c1014080c0004ll, 0x24181c1014080c00ll}; /* first value even, odd */
     const int64_t g = w->g;
     const int64_t r = ((blk + 1) << w->bshift) - g; /* the word's values from index r on are in the next block */
@@ -1359,7 +1364,7 @@ AVX512_INLINE __m512i nf4_word_codes(int slack, const nf4_walk *w, uint64_t word
 }
 
 /* NT tokens against one row (values [start, start + n_row) of the stream), x permuted (xn, row stride kq); `slack`
- * from nf4_slack. Returns the values consumed (== n_row for a consistent row) or -1. */
+ * from qwalk_slack. Returns the values consumed (== n_row for a consistent row) or -1. */
 AVX512_INLINE int64_t nf4_gemv_row_block512(int NT, int slack, const qstream *q, const uint8_t *bm, int64_t start,
                                             int64_t nbytes, int64_t n_row, const float *xn, int64_t kq, float *y,
                                             int64_t ldy) {
@@ -1367,11 +1372,11 @@ AVX512_INLINE int64_t nf4_gemv_row_block512(int NT, int slack, const qstream *q,
     __m512 acc[4][MAX_NT];
     zero_acc512(acc);
     const __m512 table = _mm512_loadu_ps(NF4_TABLE);
-    nf4_walk w = nf4_walk_start(q, start, n_row);
+    qwalk w = qwalk_start(q, start, n_row);
     for (int64_t j = 0; j < nbytes; j += 8) {
         uint64_t word;
         int64_t wc, blk, blk_next;
-        if (!nf4_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
+        if (!qwalk_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
         /* the books from the scales each word: fewer instructions than carrying them, and faster than loading books
          * scaled once per row (measured) */
         const __m512 book = _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk]));
@@ -1399,11 +1404,11 @@ DOT512_INLINE int64_t nf4_gemv_row_block_dot512(int NT, int slack, const qstream
     __m512 acc[4][MAX_NT];
     zero_acc512(acc);
     const __m512 table = _mm512_loadu_ps(NF4_TABLE);
-    nf4_walk w = nf4_walk_start(q, start, n_row);
+    qwalk w = qwalk_start(q, start, n_row);
     for (int64_t j = 0; j < nbytes; j += 8) {
         uint64_t word;
         int64_t wc, blk, blk_next;
-        if (!nf4_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
+        if (!qwalk_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
         const __m512i books = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk_next])),
                                                            _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk])));
         const __m512i e = nf4_word_codes(slack, &w, word, blk);
@@ -1423,7 +1428,7 @@ DOT512_INLINE int64_t nf4_gemv_row_block_dot512(int NT, int slack, const qstream
 }
 
 /* A row that has no values has no scale to read: it must be empty. */
-static inline int64_t nf4_empty_row(const uint8_t *bm, int64_t nbytes, int64_t m, float *y, int64_t ldy) {
+static inline int64_t qempty_row(const uint8_t *bm, int64_t nbytes, int64_t m, float *y, int64_t ldy) {
     for (int64_t t = 0; t < m; t++) y[t * ldy] = 0.0f;
     return row_popcount(bm, nbytes);
 }
@@ -1432,8 +1437,8 @@ static inline int64_t nf4_empty_row(const uint8_t *bm, int64_t nbytes, int64_t m
 AVX512_FN static int64_t nf4_gemv_row512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
                                          int64_t n_row, const float *xn, int64_t m, int64_t kq, float *y,
                                          int64_t ldy) {
-    if (n_row == 0) return nf4_empty_row(bm, nbytes, m, y, ldy);
-    const int slack = nf4_slack(q, start, n_row);
+    if (n_row == 0) return qempty_row(bm, nbytes, m, y, ldy);
+    const int slack = qwalk_slack(q, start, n_row);
 #define ROW_BLOCK(NT) \
     (slack ? nf4_gemv_row_block512(NT, 1, q, bm, start, nbytes, n_row, xn, kq, y, ldy) \
            : nf4_gemv_row_block512(NT, 0, q, bm, start, nbytes, n_row, xn, kq, y, ldy))
@@ -1445,12 +1450,68 @@ AVX512_FN static int64_t nf4_gemv_row512(const qstream *q, const uint8_t *bm, in
 DOT512_FN static int64_t nf4_gemv_row_dot512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
                                              int64_t n_row, const uint16_t *xb, int64_t m, int64_t kq, float *y,
                                              int64_t ldy) {
-    if (n_row == 0) return nf4_empty_row(bm, nbytes, m, y, ldy);
-    const int slack = nf4_slack(q, start, n_row);
+    if (n_row == 0) return qempty_row(bm, nbytes, m, y, ldy);
+    const int slack = qwalk_slack(q, start, n_row);
 #define ROW_BLOCK(NT) \
     (slack ? nf4_gemv_row_block_dot512(NT, 1, q, bm, start, nbytes, n_row, xb, kq, y, ldy) \
            : nf4_gemv_row_block_dot512(NT, 0, q, bm, start, nbytes, n_row, xb, kq, y, ldy))
     ROWS_IN_TOKEN_BLOCKS(xb, kq);
+#undef ROW_BLOCK
+}
+
+/* INT8 with blocks of >= 64 values, the same walk: the word's codes are bytes already, so one vpexpandb puts them at
+ * their columns (0 at pruned ones: code 0 is 0.0); each 16 columns are then widened to fp32 and multiplied by their
+ * scale, the word's block's or, past the boundary (its column from a pdep of the word), the next block's, and by
+ * 1/127 in the format's order, so the weights are exactly its fp32 dequantization. x in natural column order,
+ * zero-padded to whole words (q_x). */
+AVX512_INLINE int64_t int8_gemv_row_block512(int NT, int slack, const qstream *q, const uint8_t *bm, int64_t start,
+                                             int64_t nbytes, int64_t n_row, const float *xn, int64_t kq, float *y,
+                                             int64_t ldy) {
+    const int NB = NT == 1 ? 4 : (NT <= 4 ? 2 : 1);
+    __m512 acc[4][MAX_NT];
+    zero_acc512(acc);
+    const __m512 inv127 = _mm512_set1_ps(INV127);
+    qwalk w = qwalk_start(q, start, n_row);
+    for (int64_t j = 0; j < nbytes; j += 8) {
+        uint64_t word;
+        int64_t wc, blk, blk_next;
+        if (!qwalk_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
+        const int64_t r = ((blk + 1) << w.bshift) - w.g; /* the word's values from index r on are in the next block */
+        const uint64_t next_cols = r < wc ? word & ~(_pdep_u64(1ull << r, word) - 1) : 0;
+        const uint8_t *p = w.codes + w.g;
+        const int64_t avail = w.code_bytes - w.g;
+        const __m512i c =
+            slack ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, avail < 64 ? avail : 64), p);
+        const __m512i e = _mm512_mask_expand_epi8(_mm512_castps_si512(opaque_zero512()), word, c);
+        const __m128i lanes[4] = {_mm512_castsi512_si128(e), _mm512_extracti32x4_epi32(e, 1),
+                                  _mm512_extracti32x4_epi32(e, 2), _mm512_extracti32x4_epi32(e, 3)};
+        const __m512 s0 = _mm512_set1_ps(w.absmax[blk]), s1 = _mm512_set1_ps(w.absmax[blk_next]);
+        const float *xw = xn + 8 * j;
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            const __m512 scale = _mm512_mask_blend_ps((__mmask16)(next_cols >> (16 * u)), s0, s1);
+            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lanes[u])), scale),
+                                           inv127);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++)
+                acc[u % NB][t] = _mm512_fmadd_ps(v, _mm512_load_ps(xw + t * kq + 16 * u), acc[u % NB][t]);
+        }
+        w.g += wc;
+    }
+    store_sums512(NT, NB, acc, y, ldy);
+    return w.g - start;
+}
+
+/* As qgemv_row_avx2 for INT8 codes with blocks of >= 64 values, x padded by q_x (row stride kq). */
+AVX512_FN static int64_t int8_gemv_row512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                          int64_t n_row, const float *xn, int64_t m, int64_t kq, float *y,
+                                          int64_t ldy) {
+    if (n_row == 0) return qempty_row(bm, nbytes, m, y, ldy);
+    const int slack = qwalk_slack(q, start, n_row);
+#define ROW_BLOCK(NT) \
+    (slack ? int8_gemv_row_block512(NT, 1, q, bm, start, nbytes, n_row, xn, kq, y, ldy) \
+           : int8_gemv_row_block512(NT, 0, q, bm, start, nbytes, n_row, xn, kq, y, ldy))
+    ROWS_IN_TOKEN_BLOCKS(xn, kq);
 #undef ROW_BLOCK
 }
 
@@ -1473,19 +1534,22 @@ AVX512_FN static int64_t qdecode16_row_avx512(const qstream *q, const uint8_t *b
 
 #endif /* SALR_X86 */
 
-/* x for the buffer-free NF4 row kernels, once per call (m rows of nf4_x_cols(nbytes)): as bf16 words
- * (nf4_permute_x_bf16; *bf16_words set) when `dot` and every value of x is exactly a bf16, else in fp32
- * (nf4_permute_x). NULL when those kernels do not apply (they want AVX-512 and NF4 with blocks of >= 64 values) or,
- * with *oom set, when the allocation fails. */
-static float *nf4_x(int isa, int dot, const qstream *q, const float *x, int64_t m, int64_t ldx, int64_t nbytes,
+/* x for the buffer-free quantized row kernels, once per call (m rows of qx_cols(nbytes)): INT8 in natural order,
+ * zero-padded; NF4 as bf16 words (nf4_permute_x_bf16; *bf16_words set) when `dot` and every value of x is exactly a
+ * bf16, else in fp32 (nf4_permute_x). NULL when those kernels do not apply (they want AVX-512 and blocks of >= 64
+ * values) or, with *oom set, when the allocation fails. */
+static float *q_x(int isa, int dot, const qstream *q, const float *x, int64_t m, int64_t ldx, int64_t nbytes,
                     int *bf16_words, int *oom) {
     *bf16_words = 0;
 #if SALR_X86
-    if (isa == ISA_AVX512 && q->kind == Q_NF4 && q->bshift >= 6 && m > 0) {
-        const int64_t kn = nf4_x_cols(nbytes);
+    if (isa == ISA_AVX512 && q->bshift >= 6 && m > 0) {
+        const int64_t kn = qx_cols(nbytes);
         float *xn = (float *)aligned_alloc(64, sizeof(float) * (size_t)(m * kn));
         if (!xn) {
             *oom = 1;
+        } else if (q->kind == Q_INT8) {
+            for (int64_t t = 0; t < m; t++)
+                for (int64_t c = 0; c < kn; c++) xn[t * kn + c] = c < nbytes * 8 ? x[t * ldx + c] : 0.0f;
         } else if (dot && exactly_bf16(x, m, ldx, nbytes * 8)) {
             nf4_permute_x_bf16(x, m, ldx, nbytes * 8, (uint16_t *)xn, kn);
             *bf16_words = 1;
@@ -1500,16 +1564,18 @@ static float *nf4_x(int isa, int dot, const qstream *q, const float *x, int64_t 
 }
 
 /* One row of the quantized GEMV on the chosen ISA; returns 1 if the row is consistent (else its outputs are 0).
- * xn: x for the buffer-free NF4 kernels (nf4_x; bf16 words when xn_bf16), or NULL. */
+ * xn: x for the buffer-free NF4 / INT8 kernels (q_x; bf16 words when xn_bf16), or NULL. */
 static int qgemv_row(int isa, const qstream *q, const uint8_t *bm, int64_t start, int64_t end, int64_t nbytes,
                      const float *x, const float *xn, int xn_bf16, int64_t m, int64_t ldx, float *y, int64_t ldy,
                      float *buf, float *vbuf) {
     int ok;
 #if SALR_X86
     if (xn) {
-        const int64_t kn = nf4_x_cols(nbytes);
-        ok = (xn_bf16 ? nf4_gemv_row_dot512(q, bm, start, nbytes, end - start, (const uint16_t *)xn, m, kn, y, ldy)
-                      : nf4_gemv_row512(q, bm, start, nbytes, end - start, xn, m, kn, y, ldy)) == end - start;
+        const int64_t kn = qx_cols(nbytes);
+        ok = (q->kind == Q_INT8 ? int8_gemv_row512(q, bm, start, nbytes, end - start, xn, m, kn, y, ldy)
+              : xn_bf16         ? nf4_gemv_row_dot512(q, bm, start, nbytes, end - start, (const uint16_t *)xn, m, kn,
+                                                      y, ldy)
+                                : nf4_gemv_row512(q, bm, start, nbytes, end - start, xn, m, kn, y, ldy)) == end - start;
     } else if (isa == ISA_AVX512 && q->kind == Q_NF4 && q->bshift >= 4) {
         ok = qgemv_row_avx512(q, bm, start, nbytes, end - start, x, m, ldx, y, ldy, vbuf) == end - start;
     } else if (isa >= ISA_AVX2) {
@@ -1551,7 +1617,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
     const int64_t nbytes = (cols + 7) / 8;
     int64_t bad = -1, oom = 0;
     int xn_bf16, xn_oom = 0;
-    float *xn = nf4_x(isa, bf16_dot, &q, x, m, ldx, nbytes, &xn_bf16, &xn_oom);
+    float *xn = q_x(isa, bf16_dot, &q, x, m, ldx, nbytes, &xn_bf16, &xn_oom);
     if (xn_oom) return -2;
     if (nthreads < 1) nthreads = 1;
     const int chunk = gemv_chunk(rows, nthreads);
@@ -1760,7 +1826,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
     const int dot = wide && wide_x(bf16_dot, xf, m, kp, kp, kq, xq, (uint16_t *)xq);
 #endif
     int xn_bf16 = 0, xn_oom = 0;
-    float *xn = q ? nf4_x(isa, bf16_dot, q, xf, m, kp, nbytes, &xn_bf16, &xn_oom) : NULL;
+    float *xn = q ? q_x(isa, bf16_dot, q, xf, m, kp, nbytes, &xn_bf16, &xn_oom) : NULL;
     if (xn_oom) {
 #if SALR_X86
         free(xq);

@@ -64,10 +64,11 @@ def test_cpu_kernel_matches_reference(cpu_isa, kind, double_quant, m, shape, pat
 
 
 @native
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.9, 0.999])
-@pytest.mark.parametrize("blocksize", [32, 64, 4096])
-def test_densities_and_blocksizes(cpu_isa, sparsity, blocksize):
-    w, qw, scales = make(70, 333, sparsity=sparsity, blocksize=blocksize)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+def test_densities_and_blocksizes(cpu_isa, kind, sparsity, blocksize):
+    w, qw, scales = make(70, 333, kind, sparsity=sparsity, blocksize=blocksize)
     for m in (1, 4, 17):
         x = torch.randn(m, 333)
         assert rel_err(cpu.qbitmap_linear_cpu(x, *args(qw, scales)), exact(x, w)) < TOL[torch.float32]
@@ -123,6 +124,22 @@ def test_bf16_tokens_past_eight_take_the_nf4_gemv_on_the_vdpbf16ps_path(monkeypa
     y = cpu.qbitmap_linear_cpu(x, *args(qw, scales))
     assert y.dtype == torch.bfloat16 and (not calls) == gemv
     assert rel_err(y, exact(x, w.to(torch.bfloat16).float())) < TOL[torch.bfloat16]
+
+
+@native
+@pytest.mark.parametrize("kind,double_quant", QUANTS)
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_gemv_weights_are_the_exact_dequantization(cpu_isa, monkeypatch, kind, double_quant, blocksize):
+    """One-hot tokens read single columns of W through the gemv: each output is one product with 1.0 plus exact
+    zeros, so it must equal the format's fp32 dequantization bit for bit (vdpbf16ps, which rounds the weights to
+    bf16, is switched off)."""
+    monkeypatch.setenv("SALR_CPU_BF16_DOT", "off")
+    w, qw, scales = make(70, 333, kind, double_quant, seed=blocksize, blocksize=blocksize, pattern="rows")
+    columns = [0, 1, 63, 64, 65, 200, 331, 332]
+    x = torch.zeros(len(columns), 333)
+    x[range(len(columns)), columns] = 1.0
+    y = cpu.qbitmap_linear_cpu(x, *args(qw, scales))
+    assert torch.equal(y, w[:, columns].T)
 
 
 @native
