@@ -284,8 +284,9 @@ def test_multithreaded_gemv_matches_reference(cpu_isa):
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("blocksize", [32, 64])
-def test_fused_layer_decode_matches_the_unfused_layer(cpu_isa, xdtype, m, blocksize):
-    w, qw, _ = make(48, 72, "nf4", True, pattern="rows", blocksize=blocksize)
+@pytest.mark.parametrize("kind,double_quant", QUANTS)
+def test_fused_layer_decode_matches_the_unfused_layer(cpu_isa, xdtype, m, blocksize, kind, double_quant):
+    w, qw, _ = make(48, 72, kind, double_quant, pattern="rows", blocksize=blocksize)
     base = QBitmapBase(qw)
     A, B = torch.randn(6, 72) * 0.1, torch.randn(48, 6) * 0.1
     layer = SALRLinear(base, torch.randn(48).to(xdtype), A, B, residual_rank=4, lora_scale=2.0).eval()
