@@ -1259,7 +1259,7 @@ AVX512_FN static int64_t qgemv_row_avx512(const qstream *q, const uint8_t *bm, i
  * `salr bench --kernel --quant nf4` at M = 1 then reads 1.95-2.47x (fp32) and 2.44-3.81x (bf16) dense bf16, from
  * 1.62-2.05x (docs/benchmarks.md, section 16). */
 
-/* Columns per row of the permuted x: whole 64-column groups. */
+/* Columns per row of x as the buffer-free kernels take it (q_x): whole 64-column groups. */
 static inline int64_t qx_cols(int64_t nbytes) { return (nbytes + 7) / 8 * 64; }
 
 /* xn[t * kn + 64 g + 16 u + i] = x[t, 64 g + 4 i + u] (columns >= ncols are 0): the lanes of the fp32 lookups. */
