@@ -1515,6 +1515,46 @@ AVX512_FN static int64_t int8_gemv_row512(const qstream *q, const uint8_t *bm, i
 #undef ROW_BLOCK
 }
 
+/* One NF4 row (blocks of >= 64 values) as bf16 words into out[0, nbytes * 8), the many-token path's bf16 tiles, by
+ * the gemv's walk: each word's codes at their columns (nf4_word_codes), widened to 16-bit lanes and looked up 32
+ * columns per vpermw in the word's two books rounded to bf16 by vcvtne2ps2bf16 (nearest even, as
+ * qdecode16_row_avx512 rounds). Returns the values consumed or -1. */
+DOT512_INLINE int64_t nf4_decode16_row_block512(int slack, const qstream *q, const uint8_t *bm, int64_t start,
+                                                int64_t nbytes, int64_t n_row, uint16_t *out) {
+    const __m512 table = _mm512_loadu_ps(NF4_TABLE);
+    qwalk w = qwalk_start(q, start, n_row);
+    for (int64_t j = 0; j < nbytes; j += 8) {
+        uint64_t word;
+        int64_t wc, blk, blk_next;
+        if (!qwalk_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
+        const __m512i books = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk_next])),
+                                                           _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk])));
+        const __m512i e = nf4_word_codes(slack, &w, word, blk);
+        const __m512i lo = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(e)), books);
+        const __m512i hi = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(e, 1)), books);
+        const int64_t left = 8 * (nbytes - j); /* columns of the row from 8j on */
+        if (left >= 64) {
+            _mm512_storeu_si512(out + 8 * j, lo);
+            _mm512_storeu_si512(out + 8 * j + 32, hi);
+        } else {
+            _mm512_mask_storeu_epi16(out + 8 * j, _bzhi_u32(~0u, (unsigned)(left < 32 ? left : 32)), lo);
+            if (left > 32) _mm512_mask_storeu_epi16(out + 8 * j + 32, _bzhi_u32(~0u, (unsigned)(left - 32)), hi);
+        }
+        w.g += wc;
+    }
+    return w.g - start;
+}
+
+DOT512_FN static int64_t nf4_decode16_row512(const qstream *q, const uint8_t *bm, int64_t start, int64_t nbytes,
+                                             int64_t n_row, uint16_t *out) {
+    if (n_row == 0) {
+        memset(out, 0, sizeof(uint16_t) * (size_t)(nbytes * 8));
+        return row_popcount(bm, nbytes);
+    }
+    return qwalk_slack(q, start, n_row) ? nf4_decode16_row_block512(1, q, bm, start, nbytes, n_row, out)
+                                        : nf4_decode16_row_block512(0, q, bm, start, nbytes, n_row, out);
+}
+
 /* One NF4 row as bf16 words into out[0, nbytes * 8) for the many-token path's bf16 tiles: the row's values decoded
  * in fp32 (nf4_decode_row_avx512), rounded to bf16 (nearest even) in stream order into hbuf, then placed at their
  * columns 32 at a time by decode16_row_avx512. vbuf holds >= nbytes * 8 + 32 floats, hbuf >= nbytes * 8 + 16 words.
@@ -1664,6 +1704,8 @@ static int64_t qdecode_rows(int isa, int kind, const uint8_t *bitmask, const voi
     if (!qstream_init(&q, kind, codes, absmax, nnz, blocksize)) return -2;
     const int64_t nbytes = (cols + 7) / 8;
     int64_t bad = -1, oom = 0;
+    const int bf16_cvt = out16 && salr_cpu_has_avx512_bf16_dot() > 0; /* vcvtne2ps2bf16 for nf4_decode16_row512 */
+    (void)bf16_cvt;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -1682,7 +1724,10 @@ static int64_t qdecode_rows(int isa, int kind, const uint8_t *bitmask, const voi
             int64_t start, end;
             int ok = vbuf != NULL && row_range(row_offsets, r, rows, nnz, &start, &end) && end - start <= 8 * nbytes;
 #if SALR_X86
-            if (ok && o16 && isa == ISA_AVX512 && kind == Q_NF4 && q.bshift >= 4) { /* NF4 straight to bf16 */
+            if (ok && o16 && isa == ISA_AVX512 && kind == Q_NF4 && q.bshift >= 6 && bf16_cvt) { /* NF4 to bf16 */
+                ok = nf4_decode16_row512(&q, bm, start, nbytes, end - start, o16) == end - start;
+                o16 = NULL; /* written */
+            } else if (ok && o16 && isa == ISA_AVX512 && kind == Q_NF4 && q.bshift >= 4) { /* NF4 straight to bf16 */
                 ok = qdecode16_row_avx512(&q, bm, start, nbytes, end - start, o16, vbuf,
                                           (uint16_t *)(vbuf + nbytes * 8 + 32)) == end - start;
                 o16 = NULL; /* written */

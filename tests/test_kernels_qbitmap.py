@@ -187,15 +187,20 @@ def test_decode_rows_is_the_exact_dequantization(cpu_isa):
 
 @native
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_bf16_decode_is_the_dequantization_rounded(cpu_isa, kind):
-    """bf16 tiles: the exact fp32 dequantization rounded to nearest even, zeros past the last column."""
-    _, qw, scales = make(41, 77, kind, pattern="rows")
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("cols", [77, 64, 333])
+def test_bf16_decode_is_the_dequantization_rounded(cpu_isa, kind, blocksize, cols):
+    """bf16 tiles: the exact fp32 dequantization rounded to nearest even, bit for bit, and nothing written past the
+    row's whole bitmap bytes (the out buffer is wider here)."""
+    _, qw, scales = make(41, cols, kind, pattern="rows", blocksize=blocksize, seed=cols)
     bitmask, codes, sc, offsets, rows, cols, bs = args(qw, scales)
-    exact32 = torch.empty(41, 80)
+    kp = 8 * -(-cols // 8)
+    exact32 = torch.empty(41, kp)
     cpu.qdecode_rows(bitmask, codes, sc, offsets, rows, cols, bs, 0, 41, exact32)
-    out = torch.full((41, 83), float("nan"), dtype=torch.bfloat16)
+    out = torch.full((41, kp + 40), float("nan"), dtype=torch.bfloat16)  # room to see a 32-word store overrun
     cpu.qdecode_rows(bitmask, codes, sc, offsets, rows, cols, bs, 3, 41, out)
-    assert torch.equal(out[:38, :80], exact32[3:].to(torch.bfloat16))
+    assert torch.equal(out[:38, :kp], exact32[3:].to(torch.bfloat16))
+    assert out[:38, kp:].isnan().all()
     bad = offsets.clone()
     bad[7] += 3
     with pytest.raises(SALRError, match="row 7"):
