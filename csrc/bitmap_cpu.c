@@ -1294,8 +1294,7 @@ typedef struct {
     int64_t code_bytes, last_blk, end, g; /* g: the global index of the next word's first value */
 } qwalk;
 
-AVX512_INLINE qwalk qwalk_start(const qstream *q, int64_t start, int64_t n_row) {
-    const int vshift = q->kind == Q_NF4;
+AVX512_INLINE qwalk qwalk_start(const qstream *q, int vshift, int64_t start, int64_t n_row) {
     const qwalk w = {q->codes,       q->absmax, q->bshift, vshift, (q->nnz + vshift) >> vshift,
                      (q->nnz - 1) >> q->bshift, start + n_row, start};
     return w;
@@ -1372,7 +1371,7 @@ AVX512_INLINE int64_t nf4_gemv_row_block512(int NT, int slack, const qstream *q,
     __m512 acc[4][MAX_NT];
     zero_acc512(acc);
     const __m512 table = _mm512_loadu_ps(NF4_TABLE);
-    qwalk w = qwalk_start(q, start, n_row);
+    qwalk w = qwalk_start(q, 1, start, n_row); /* NF4: two codes per byte */
     for (int64_t j = 0; j < nbytes; j += 8) {
         uint64_t word;
         int64_t wc, blk, blk_next;
@@ -1404,7 +1403,7 @@ DOT512_INLINE int64_t nf4_gemv_row_block_dot512(int NT, int slack, const qstream
     __m512 acc[4][MAX_NT];
     zero_acc512(acc);
     const __m512 table = _mm512_loadu_ps(NF4_TABLE);
-    qwalk w = qwalk_start(q, start, n_row);
+    qwalk w = qwalk_start(q, 1, start, n_row); /* NF4: two codes per byte */
     for (int64_t j = 0; j < nbytes; j += 8) {
         uint64_t word;
         int64_t wc, blk, blk_next;
@@ -1471,7 +1470,7 @@ AVX512_INLINE int64_t int8_gemv_row_block512(int NT, int slack, const qstream *q
     __m512 acc[4][MAX_NT];
     zero_acc512(acc);
     const __m512 inv127 = _mm512_set1_ps(INV127);
-    qwalk w = qwalk_start(q, start, n_row);
+    qwalk w = qwalk_start(q, 0, start, n_row); /* INT8: one code per byte */
     for (int64_t j = 0; j < nbytes; j += 8) {
         uint64_t word;
         int64_t wc, blk, blk_next;
@@ -1522,7 +1521,7 @@ AVX512_FN static int64_t int8_gemv_row512(const qstream *q, const uint8_t *bm, i
 DOT512_INLINE int64_t nf4_decode16_row_block512(int slack, const qstream *q, const uint8_t *bm, int64_t start,
                                                 int64_t nbytes, int64_t n_row, uint16_t *out) {
     const __m512 table = _mm512_loadu_ps(NF4_TABLE);
-    qwalk w = qwalk_start(q, start, n_row);
+    qwalk w = qwalk_start(q, 1, start, n_row); /* NF4: two codes per byte */
     for (int64_t j = 0; j < nbytes; j += 8) {
         uint64_t word;
         int64_t wc, blk, blk_next;
