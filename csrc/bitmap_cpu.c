@@ -50,8 +50,9 @@
 #define ISA_SCALAR 0
 #define ISA_AVX2 1
 #define ISA_AVX512 2 /* the AVX2 paths plus the AVX-512 (VBMI2) bf16 gemv and decode */
-/* A flag on the isa argument of salr_bitmap_gemv and salr_linear_decode: bf16 values meet an x that is exactly bf16 in
- * vdpbf16ps (AVX512-BF16; see gemv_row_block_dot512). The entry points clear it before reading the level. */
+/* A flag on the isa argument of the few-token entry points (salr_bitmap_gemv, salr_linear_decode and their quantized
+ * twins): an x that is exactly bf16 meets bf16 values, or NF4 books rounded to bf16, in vdpbf16ps (AVX512-BF16; see
+ * gemv_row_block_dot512, nf4_gemv_row_block_dot512). The entry points clear it before reading the level. */
 #define ISA_BF16_DOT 16
 
 #define MAX_NT 8 /* tokens per register block in the gemv path */
@@ -1119,7 +1120,8 @@ AVX2_FN static int64_t qdecode_row_avx2(const qstream *q, const uint8_t *bm, int
 
 
 /* NF4 on AVX-512 with blocks of 16 or 32 values (the few-token GEMV; blocks of >= 64 values, QLoRA's and the default,
- * take the buffer-free kernels below; int8, blocksizes below 16 and the large-M decode keep the AVX2 code). The
+ * take the buffer-free kernels below, as does int8; smaller int8 blocks, NF4 blocks below 16 and the large-M fp32
+ * decode keep the AVX2 code). The
  * whole 16-entry codebook, scaled by the block's absmax, fits one register, so a row is first decoded into fp32 in a
  * per-thread buffer, 16 values per vpermps in stream order (a group of 16 never crosses a scale block). Then each
  * 16 columns take one vexpandps of the buffer's next values, which puts the kept values at their columns against x
@@ -1302,9 +1304,8 @@ AVX512_INLINE qwalk qwalk_start(const qstream *q, int vshift, int64_t start, int
 
 /* Whether full 64-byte code loads from any of the row's words, and the block after any word's, stay inside their
  * arrays (all rows but the stream's last few): the walk then needs no masked loads and no clamps. */
-static inline int qwalk_slack(const qstream *q, int64_t start, int64_t n_row) {
+static inline int qwalk_slack(const qstream *q, int vshift, int64_t start, int64_t n_row) {
     const int64_t end = start + n_row;
-    const int vshift = q->kind == Q_NF4;
     return (end >> vshift) + 64 <= ((q->nnz + vshift) >> vshift) &&
            (end >> q->bshift) + 1 <= (q->nnz - 1) >> q->bshift;
 }
@@ -1342,15 +1343,23 @@ AVX512_INLINE int qwalk_next_word(int slack, const qwalk *w, const uint8_t *bm, 
     return 1;
 }
 
+/* Where the word at w->g (its first value in block blk) crosses into the next block: the index of its first value
+ * there (>= the word's count when it does not cross). */
+AVX512_INLINE int64_t qwalk_boundary(const qwalk *w, int64_t blk) { return ((blk + 1) << w->bshift) - w->g; }
+
+/* The 64 code bytes from the one of the word's first value on; a masked load at the stream's end unless `slack`. */
+AVX512_INLINE __m512i qwalk_code_bytes(int slack, const qwalk *w) {
+    const uint8_t *p = w->codes + (w->g >> w->vshift);
+    const int64_t avail = w->code_bytes - (w->g >> w->vshift);
+    return slack ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, avail < 64 ? avail : 64), p);
+}
+
 /* The codes of the word at w->g (its first value in block blk) at their columns: byte c = the code of column c (bits
  * 0-3), plus 16 when that value lies in the next block; 7 at pruned columns. */
 AVX512_INLINE __m512i nf4_word_codes(int slack, const qwalk *w, uint64_t word, int64_t blk) {
     static const int64_t SELECTORS[2] = {0x181c1014080c0004ll, 0x24181c1014080c00ll}; /* first value even, odd */
-    const int64_t g = w->g;
-    const int64_t r = ((blk + 1) << w->bshift) - g; /* the word's values from index r on are in the next block */
-    const uint8_t *p = w->codes + (g >> 1);
-    const int64_t avail = w->code_bytes - (g >> 1);
-    __m512i c = slack ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, avail < 64 ? avail : 64), p);
+    const int64_t g = w->g, r = qwalk_boundary(w, blk);
+    __m512i c = qwalk_code_bytes(slack, w);
     /* qword q <- code bytes 4q .. 4q + 7; then byte k <- nibble k + odd of it: value 2j is the high nibble of byte j,
      * so value n sits at bit 8 * (n / 2) + 4 when n is even and at 8 * (n / 2) when odd */
     const __m512i spread = _mm512_set_epi64(0x232221201f1e1d1cll, 0x1f1e1d1c1b1a1918ll,
@@ -1360,6 +1369,13 @@ AVX512_INLINE __m512i nf4_word_codes(int slack, const qwalk *w, uint64_t word, i
     c = _mm512_and_si512(c, _mm512_set1_epi8(15));
     c = _mm512_mask_add_epi8(c, r < 64 ? ~0ull << r : 0, c, _mm512_set1_epi8(16));
     return _mm512_mask_expand_epi8(_mm512_set1_epi8(7), word, c);
+}
+
+/* The codebook scaled by block blk's absmax (words 0-15) and by block blk_next's (16-31), rounded to bf16 (nearest
+ * even): one register for vpermw, the bit-4 flag of nf4_word_codes picking the half. */
+DOT512_INLINE __m512i nf4_books16(__m512 table, const qwalk *w, int64_t blk, int64_t blk_next) {
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(w->absmax[blk_next])),
+                                        _mm512_mul_ps(table, _mm512_set1_ps(w->absmax[blk])));
 }
 
 /* NT tokens against one row (values [start, start + n_row) of the stream), x permuted (xn, row stride kq); `slack`
@@ -1408,8 +1424,7 @@ DOT512_INLINE int64_t nf4_gemv_row_block_dot512(int NT, int slack, const qstream
         uint64_t word;
         int64_t wc, blk, blk_next;
         if (!qwalk_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
-        const __m512i books = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk_next])),
-                                                           _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk])));
+        const __m512i books = nf4_books16(table, &w, blk, blk_next);
         const __m512i e = nf4_word_codes(slack, &w, word, blk);
         const uint16_t *xw = xb + 8 * j;
 #pragma GCC unroll 2
@@ -1437,7 +1452,7 @@ AVX512_FN static int64_t nf4_gemv_row512(const qstream *q, const uint8_t *bm, in
                                          int64_t n_row, const float *xn, int64_t m, int64_t kq, float *y,
                                          int64_t ldy) {
     if (n_row == 0) return qempty_row(bm, nbytes, m, y, ldy);
-    const int slack = qwalk_slack(q, start, n_row);
+    const int slack = qwalk_slack(q, 1, start, n_row);
 #define ROW_BLOCK(NT) \
     (slack ? nf4_gemv_row_block512(NT, 1, q, bm, start, nbytes, n_row, xn, kq, y, ldy) \
            : nf4_gemv_row_block512(NT, 0, q, bm, start, nbytes, n_row, xn, kq, y, ldy))
@@ -1450,7 +1465,7 @@ DOT512_FN static int64_t nf4_gemv_row_dot512(const qstream *q, const uint8_t *bm
                                              int64_t n_row, const uint16_t *xb, int64_t m, int64_t kq, float *y,
                                              int64_t ldy) {
     if (n_row == 0) return qempty_row(bm, nbytes, m, y, ldy);
-    const int slack = qwalk_slack(q, start, n_row);
+    const int slack = qwalk_slack(q, 1, start, n_row);
 #define ROW_BLOCK(NT) \
     (slack ? nf4_gemv_row_block_dot512(NT, 1, q, bm, start, nbytes, n_row, xb, kq, y, ldy) \
            : nf4_gemv_row_block_dot512(NT, 0, q, bm, start, nbytes, n_row, xb, kq, y, ldy))
@@ -1475,13 +1490,10 @@ AVX512_INLINE int64_t int8_gemv_row_block512(int NT, int slack, const qstream *q
         uint64_t word;
         int64_t wc, blk, blk_next;
         if (!qwalk_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
-        const int64_t r = ((blk + 1) << w.bshift) - w.g; /* the word's values from index r on are in the next block */
+        const int64_t r = qwalk_boundary(&w, blk); /* the columns of the values in the next block: from the r-th on */
         const uint64_t next_cols = r < wc ? word & ~(_pdep_u64(1ull << r, word) - 1) : 0;
-        const uint8_t *p = w.codes + w.g;
-        const int64_t avail = w.code_bytes - w.g;
-        const __m512i c =
-            slack ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, avail < 64 ? avail : 64), p);
-        const __m512i e = _mm512_mask_expand_epi8(_mm512_castps_si512(opaque_zero512()), word, c);
+        const __m512i zero = _mm512_castps_si512(opaque_zero512()); /* a fresh zero: see expand_ps */
+        const __m512i e = _mm512_mask_expand_epi8(zero, word, qwalk_code_bytes(slack, &w));
         const __m128i lanes[4] = {_mm512_castsi512_si128(e), _mm512_extracti32x4_epi32(e, 1),
                                   _mm512_extracti32x4_epi32(e, 2), _mm512_extracti32x4_epi32(e, 3)};
         const __m512 s0 = _mm512_set1_ps(w.absmax[blk]), s1 = _mm512_set1_ps(w.absmax[blk_next]);
@@ -1506,7 +1518,7 @@ AVX512_FN static int64_t int8_gemv_row512(const qstream *q, const uint8_t *bm, i
                                           int64_t n_row, const float *xn, int64_t m, int64_t kq, float *y,
                                           int64_t ldy) {
     if (n_row == 0) return qempty_row(bm, nbytes, m, y, ldy);
-    const int slack = qwalk_slack(q, start, n_row);
+    const int slack = qwalk_slack(q, 0, start, n_row);
 #define ROW_BLOCK(NT) \
     (slack ? int8_gemv_row_block512(NT, 1, q, bm, start, nbytes, n_row, xn, kq, y, ldy) \
            : int8_gemv_row_block512(NT, 0, q, bm, start, nbytes, n_row, xn, kq, y, ldy))
@@ -1526,8 +1538,7 @@ DOT512_INLINE int64_t nf4_decode16_row_block512(int slack, const qstream *q, con
         uint64_t word;
         int64_t wc, blk, blk_next;
         if (!qwalk_next_word(slack, &w, bm, j, nbytes, &word, &wc, &blk, &blk_next)) return -1;
-        const __m512i books = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk_next])),
-                                                           _mm512_mul_ps(table, _mm512_set1_ps(w.absmax[blk])));
+        const __m512i books = nf4_books16(table, &w, blk, blk_next);
         const __m512i e = nf4_word_codes(slack, &w, word, blk);
         const __m512i lo = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(e)), books);
         const __m512i hi = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(e, 1)), books);
@@ -1550,7 +1561,7 @@ DOT512_FN static int64_t nf4_decode16_row512(const qstream *q, const uint8_t *bm
         memset(out, 0, sizeof(uint16_t) * (size_t)(nbytes * 8));
         return row_popcount(bm, nbytes);
     }
-    return qwalk_slack(q, start, n_row) ? nf4_decode16_row_block512(1, q, bm, start, nbytes, n_row, out)
+    return qwalk_slack(q, 1, start, n_row) ? nf4_decode16_row_block512(1, q, bm, start, nbytes, n_row, out)
                                         : nf4_decode16_row_block512(0, q, bm, start, nbytes, n_row, out);
 }
 

@@ -54,7 +54,7 @@ PARALLEL_MIN_WEIGHTS = 1 << 20  # below: one thread (1536x576 takes ~90 us on on
 TILE_BYTES = 16 << 20  # fp32 bytes per decoded tile: few tiles = few thread hand-offs (measured, loaded 2 cores)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}  # avx512: bf16 values take vpexpandw (csrc)
-_BF16_DOT_FLAG = 16  # csrc ISA_BF16_DOT: on the isa code of salr_bitmap_gemv / salr_linear_decode
+_BF16_DOT_FLAG = 16  # csrc ISA_BF16_DOT: on the isa code of the few-token entry points (gemv, layer decode)
 _X_CODES = {torch.float32: 0, torch.bfloat16: 2}  # activation dtypes of the fused decode path
 
 _P = ctypes.c_void_p
@@ -503,10 +503,12 @@ def qdecode_rows(
     return out
 
 
-def qgemv_max_tokens(codes: torch.Tensor, blocksize: int, x_dtype: torch.dtype) -> int:
+def qgemv_max_tokens(codes: torch.Tensor, blocksize: int, x_dtype: torch.dtype, isa_code: int | None = None) -> int:
     """The most tokens the quantized GEMV takes before decode tiles + matmul do: QGEMV_BF16_MAX_TOKENS where the NF4
-    kernel multiplies a bf16 input with vdpbf16ps, GEMV_MAX_TOKENS elsewhere."""
-    dot = codes.dtype == torch.uint8 and blocksize >= 64 and x_dtype == torch.bfloat16 and bf16_dot()
+    kernel multiplies a bf16 input with vdpbf16ps, GEMV_MAX_TOKENS elsewhere. `isa_code`: the caller's
+    _gemv_isa_code(), so one kernel call reads the settings once."""
+    dot_flag = ((_gemv_isa_code() if isa_code is None else isa_code) & _BF16_DOT_FLAG) != 0
+    dot = codes.dtype == torch.uint8 and blocksize >= 64 and x_dtype == torch.bfloat16 and dot_flag
     return QGEMV_BF16_MAX_TOKENS if dot else GEMV_MAX_TOKENS
 
 
@@ -538,11 +540,12 @@ def qbitmap_linear_cpu(
     kp = 8 * -(-cols // 8)
     if m == 0 or rows == 0 or cols == 0:
         return x.new_zeros(*lead, rows)
-    if m <= qgemv_max_tokens(codes, blocksize, x.dtype):
+    isa_code = _gemv_isa_code()
+    if m <= qgemv_max_tokens(codes, blocksize, x.dtype, isa_code):
         xp = _padded_x(x2, kp)
         y = torch.empty(m, rows, dtype=torch.float32)
         bad = lib.salr_qbitmap_gemv(
-            _gemv_isa_code(), *args, rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows, _threads(rows * kp)
+            isa_code, *args, rows, cols, xp.data_ptr(), m, kp, y.data_ptr(), rows, _threads(rows * kp)
         )
         _check_bad_row(bad)
         return y.to(x.dtype).reshape(*lead, rows)
