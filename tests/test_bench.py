@@ -12,10 +12,16 @@ from salr import memory
 from salr.bases import BitmapBase
 from salr.bench import training as bench_training
 from salr.bench.checkpoint_size import checkpoint_case, checkpoint_sizes
-from salr.bench.generation import _ZeroLinear, generation_compare, generation_report, without_decoder_linears
-from salr.bench.kernel import parse_shape, pruned_weight, weight_bytes
+from salr.bench.generation import (
+    _ZeroLinear,
+    generation_compare,
+    generation_report,
+    pick_onednn,
+    without_decoder_linears,
+)
+from salr.bench.kernel import dense_bf16_paths, parse_shape, pruned_weight, weight_bytes
 from salr.bench.models import LLAMA3_8B, TINYLLAMA_1B, bench_model, random_llama, salr_copy
-from salr.bench.timing import in_child
+from salr.bench.timing import in_child, onednn, time_interleaved
 from salr.bench.training import _over_runtime, enable_checkpointing, method_model, train_memory, train_steps
 from salr.commands import bench as bench_cmd
 from salr.config import SALRConfig
@@ -85,6 +91,57 @@ def test_single_case_json_contract(tmp_path, backend):
     assert r["shape"] == [96, 136] and r["tokens"] == 3 and r["density"] == pytest.approx(0.5, abs=1e-3)
     assert r["backend"] == "reference" if backend == "reference" else r["backend"].startswith(("cpu-", "reference"))
     assert r["max_rel_err"] < 1e-2  # bf16 output of the same bf16 weight
+
+
+@pytest.mark.parametrize("choice, paths", [("auto", {"onednn", "native"}), ("on", {"onednn"}), ("off", {"native"})])
+def test_dense_bf16_is_timed_on_torchs_paths_and_the_faster_is_the_baseline(tmp_path, choice, paths):
+    out = tmp_path / "b.json"
+    argv = ["--kernel", "--shape", "96x136", "--tokens", "1", "--budget", "0", "--onednn", choice]
+    assert _run([*argv, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {p for p in ("onednn", "native") if f"dense_bf16_{p}_ms" in r} == paths
+    assert r["dense_bf16_path"] in paths
+    assert r["dense_bf16_ms"] == min(r[f"dense_bf16_{p}_ms"] for p in paths)
+    assert r["dense_bf16_ms"] == r[f"dense_bf16_{r['dense_bf16_path']}_ms"]
+    assert r["speedup_vs_dense_bf16"] == pytest.approx(r["dense_bf16_ms"] / r["bitmap_ms"])
+
+
+def test_dense_bf16_paths_on_a_gpu_and_a_bad_choice():
+    assert dense_bf16_paths("auto", torch.device("cuda")) == {"dense_bf16": True}
+    with pytest.raises(SALRError, match="--onednn"):
+        dense_bf16_paths("maybe", torch.device("cpu"))
+    with pytest.raises(SALRError, match="--onednn"):
+        pick_onednn(torch.nn.Linear(2, 2), "maybe")
+
+
+def test_onednn_context_sets_and_restores_torchs_flag():
+    before = torch.backends.mkldnn.enabled
+    for enabled in (False, True):
+        with onednn(enabled):
+            assert torch.backends.mkldnn.enabled is enabled
+        assert torch.backends.mkldnn.enabled is before
+    with pytest.raises(RuntimeError), onednn(not before):
+        raise RuntimeError("restored on the way out of an error too")
+    assert torch.backends.mkldnn.enabled is before
+
+
+def test_time_interleaved_runs_each_function_inside_its_own_context():
+    seen = {"off": set(), "on": set(), "plain": set()}
+    fns = {name: (lambda name=name: seen[name].add(torch.backends.mkldnn.enabled)) for name in seen}
+    ms = time_interleaved(fns, torch.device("cpu"), min_rounds=3, budget_s=0,
+                          contexts={"off": lambda: onednn(False), "on": lambda: onednn(True)})  # fmt: skip
+    assert seen == {"off": {False}, "on": {True}, "plain": {torch.backends.mkldnn.enabled}}
+    assert set(ms) == set(fns) and all(v > 0 for v in ms.values())
+
+
+def test_generation_picks_one_onednn_setting_for_every_model(tiny_llama):
+    assert pick_onednn(tiny_llama, "off") == {"choice": "off", "enabled": False}
+    assert pick_onednn(tiny_llama, "on") == {"choice": "on", "enabled": True}
+    auto = pick_onednn(tiny_llama, "auto")
+    largest = max((m.weight for m in tiny_llama.modules() if isinstance(m, torch.nn.Linear)
+                   and m is not tiny_llama.get_output_embeddings()), key=torch.numel)  # fmt: skip
+    assert auto["probe_shape"] == list(largest.shape)
+    assert auto["enabled"] == (auto["probe_ms"]["onednn"] <= auto["probe_ms"]["native"])
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="native kernel not built (python setup.py build_ext -i)")
@@ -262,6 +319,7 @@ def test_train_memory_cpu_runs_both_methods(stories_path):
 def test_generate_report_on_stories(stories_path):
     r = generation_report(str(stories_path), max_new_tokens=4, rounds=1, residual_rank=4, lora_rank=4)
     assert set(r["results"]) == {"dense_bf16", "dense_fp32", "salr", "no_linears"}
+    assert r["onednn"]["choice"] == "auto" and isinstance(r["onednn"]["enabled"], bool)
     measured = {k: v for k, v in r["results"].items() if k != "no_linears"}
     assert all(v["peak_rss_mib"] > v["rss_baseline_mib"] > 0 for v in measured.values())
     assert r["salr_speedup_vs_dense_bf16"] == pytest.approx(

@@ -22,7 +22,7 @@ from torch import nn
 
 from salr import ops
 from salr.bench.models import bench_model, cuda_model, salr_copy
-from salr.bench.timing import environment, in_child, model_bytes, sync, sync_model
+from salr.bench.timing import environment, in_child, model_bytes, onednn, sync, sync_model, time_interleaved
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.memory import peak_rss_mib, rss_mib
@@ -271,6 +271,31 @@ def _generation_memory(
     return out
 
 
+def pick_onednn(model: nn.Module, choice: str = "auto") -> dict[str, Any]:
+    """Whether every model of the run decodes with torch's CPU matmuls on oneDNN (`timing.onednn`): "on" / "off" as
+    asked, or with "auto" the faster of the two for a one-token bf16 linear of the model's largest decoder weight
+    (timed here, side by side). One setting for all models keeps the comparison even: dense and SALR models both
+    run their bf16 attention, norms and lm_head under it."""
+    from salr.bench.kernel import ONEDNN_CHOICES
+
+    if choice not in ONEDNN_CHOICES:
+        raise SALRError(f"--onednn must be one of {', '.join(ONEDNN_CHOICES)}; got {choice!r}")
+    if choice != "auto":
+        return {"choice": choice, "enabled": choice == "on"}
+    head = model.get_output_embeddings()
+    weight = max((m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head), key=torch.numel)
+    w = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def linear() -> torch.Tensor:
+        return torch.nn.functional.linear(x, w)
+
+    contexts = {"onednn": lambda: onednn(True), "native": lambda: onednn(False)}
+    with torch.inference_mode():
+        ms = time_interleaved(dict.fromkeys(contexts, linear), torch.device("cpu"), budget_s=0.5, contexts=contexts)
+    return {"choice": "auto", "enabled": ms["onednn"] <= ms["native"], "probe_shape": list(w.shape), "probe_ms": ms}
+
+
 def _prompt_ids(tokenizer: Any, prompt: str, prompt_tokens: int | None, vocab_size: int) -> torch.Tensor:
     """The tokenized prompt (random ids without a tokenizer) [1, n], repeated or cut to `prompt_tokens` if given."""
     if tokenizer is not None:
@@ -295,13 +320,16 @@ def generation_report(
     quant: str = "none",
     quant_double: bool = False,
     static_cache: bool = False,
+    onednn_choice: str = "auto",
 ) -> dict[str, Any]:
     """`salr bench --generate` on the CPU: dense bf16, dense fp32 and SALR (bitmap base, bf16 adapters unmerged)
     decode the same prompt in one process, next to the dense model with its converted linears stubbed out
     (`no_linears`, for `decode_breakdown`); with `quant` also QSALR (`qsalr`: the same conversion with quantized
     bases). With `memory`, the peak RSS of each model (not `no_linears`) comes from a child process that loads it
-    from disk (a saved checkpoint) and generates. `spec` may be "tinyllama-shape" (random, built in memory)."""
+    from disk (a saved checkpoint) and generates. `spec` may be "tinyllama-shape" (random, built in memory). All
+    models decode under one oneDNN setting (`pick_onednn`; the memory children keep torch's default)."""
     dense_bf16, tokenizer = bench_model(spec, "bfloat16")
+    onednn_pick = pick_onednn(dense_bf16, onednn_choice)
     input_ids = _prompt_ids(tokenizer, prompt, prompt_tokens, dense_bf16.config.vocab_size)
     dense_fp32 = copy.deepcopy(dense_bf16).float().eval()
     t0 = time.perf_counter()
@@ -317,7 +345,8 @@ def generation_report(
         models["qsalr"], configs["qsalr"] = salr_copy(dense_bf16, qconfig)
     # static_cache: every model decodes with transformers' StaticCache (no per-step cache growth), eagerly
     bench = functools.partial(graph_generation_bench, capture=False) if static_cache else generation_bench
-    results = generation_compare(models, input_ids, max_new_tokens, rounds, bench)
+    with onednn(onednn_pick["enabled"]):
+        results = generation_compare(models, input_ids, max_new_tokens, rounds, bench)
     if memory:
         for name, rss in _generation_memory(models, configs, input_ids, max_new_tokens).items():
             results[name].update(rss)
@@ -338,6 +367,7 @@ def generation_report(
         "salr_speedup_vs_dense_fp32": salr_tps / results["dense_fp32"]["decode_tokens_per_s"],
         "salr_tokens_matching_dense_bf16": same / len(results["salr"]["token_ids"]),
         "breakdown": decode_breakdown(results, salr_model),
+        "onednn": onednn_pick,
         "environment": environment(),
         **(_qsalr_fields(results, configs["qsalr"]) if "qsalr" in results else {}),
     }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from salr import bitmap_format, ops
-from salr.bench.timing import environment, time_interleaved
+from salr.bench.timing import environment, onednn, time_interleaved
 from salr.errors import SALRError
 from salr.ops import cpu as cpu_kernel
 from salr.pruning import nm_mask, unstructured_mask
@@ -30,8 +30,25 @@ TOKENS: list[int] = [1, 4, 16, 128, 512]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 TABLE_HEADER = (
-    f"{'shape':>11} {'M':>5} {'bf16 ms':>10} {'fp32 ms':>10} {'bitmap ms':>10} {'vs bf16':>9} {'vs fp32':>9}  backend"
+    f"{'shape':>11} {'M':>5} {'bf16 ms':>10} {'via':>7} {'fp32 ms':>10} {'bitmap ms':>10} {'vs bf16':>9} "
+    f"{'vs fp32':>9}  backend"
 )
+ONEDNN_CHOICES = ("auto", "on", "off")  # --onednn: which of torch's CPU bf16 paths dense bf16 is timed on
+
+
+def dense_bf16_paths(onednn_choice: str, device: torch.device) -> dict[str, bool]:
+    """The dense bf16 timings to take, by name, each with the oneDNN setting it runs under (`timing.onednn`): on
+    the CPU with "auto" both torch paths, and the faster one is the baseline; "on" / "off" one of them; on a GPU
+    torch's default only."""
+    if onednn_choice not in ONEDNN_CHOICES:
+        raise SALRError(f"--onednn must be one of {', '.join(ONEDNN_CHOICES)}; got {onednn_choice!r}")
+    if device.type != "cpu":
+        return {"dense_bf16": True}
+    return {
+        "auto": {"dense_bf16_onednn": True, "dense_bf16_native": False},
+        "on": {"dense_bf16_onednn": True},
+        "off": {"dense_bf16_native": False},
+    }[onednn_choice]
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -93,9 +110,13 @@ def kernel_case(
     budget_s: float = 1.0,
     quant: str = "none",
     quant_double: bool = False,
+    onednn_choice: str = "auto",
 ) -> dict[str, Any]:
     """Time y = x @ W.T for one weight shape (out, in) and token count: dense bf16, dense fp32, bitmap (bf16
     values); median ms of each, speedups, the bitmap output's max relative error and the weight's bytes.
+
+    On the CPU dense bf16 is timed through oneDNN and through torch's own kernels (`dense_bf16_paths`); its
+    `dense_bf16_ms` is the faster, `dense_bf16_path` says which, and the speedups are against it.
 
     With `quant` ("nf4", "int8") `bitmap` is the quantized bitmap op (QSALR: the bf16 kept values quantized) and the
     bf16 bitmap op is timed beside it as `bitmap_bf16`; bytes are then the quantized format's."""
@@ -113,7 +134,9 @@ def kernel_case(
     def bitmap_bf16() -> torch.Tensor:
         return ops.bitmap_linear_with(backend, x16, *args)
 
-    fns = {"dense_bf16": lambda: F.linear(x16, w16), "dense_fp32": lambda: F.linear(x32, w32), "bitmap": bitmap_bf16}
+    paths = dense_bf16_paths(onednn_choice, dev)
+    fns = {**{name: lambda: F.linear(x16, w16) for name in paths}, "dense_fp32": lambda: F.linear(x32, w32)}
+    fns["bitmap"] = bitmap_bf16
     w_ref, nbytes = w16.float(), weight_bytes(shape, bw.nnz, torch.bfloat16)
     gemv_max_tokens = cpu_kernel.GEMV_MAX_TOKENS
     if quant != "none":
@@ -128,7 +151,10 @@ def kernel_case(
         y = fns["bitmap"]().double()
         ref = F.linear(x16.float(), w_ref).double()
         err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        ms = time_interleaved(fns, dev, budget_s=budget_s)
+        contexts = {name: (lambda on=on: onednn(on)) for name, on in paths.items() if name != "dense_bf16"}
+        ms = time_interleaved(fns, dev, budget_s=budget_s, contexts=contexts)
+    dense_path = min(paths, key=lambda name: ms[name])
+    ms["dense_bf16"] = ms[dense_path]
     case = {
         "shape": [rows, cols],
         "tokens": tokens,
@@ -144,6 +170,8 @@ def kernel_case(
             gemv_max_tokens,
         ),
         "dense_bf16_ms": ms["dense_bf16"],
+        "dense_bf16_path": dense_path.removeprefix("dense_bf16_") if dense_path != "dense_bf16" else "default",
+        **{f"{name}_ms": ms[name] for name in paths if name != "dense_bf16"},
         "dense_fp32_ms": ms["dense_fp32"],
         "bitmap_ms": ms["bitmap"],
         "speedup_vs_dense_bf16": ms["dense_bf16"] / ms["bitmap"],
@@ -180,13 +208,14 @@ def kernel_grid(
     progress: Callable[[dict], None] | None = None,
     quant: str = "none",
     quant_double: bool = False,
+    onednn_choice: str = "auto",
 ) -> dict[str, Any]:
     """`kernel_case` for every (shape, tokens); `progress(case)` is called after each one."""
     results = []
     for shape in shapes:
         for m in tokens:
             case = kernel_case(shape, m, sparsity, backend, device, budget_s=budget_s, quant=quant,
-                               quant_double=quant_double)  # fmt: skip
+                               quant_double=quant_double, onednn_choice=onednn_choice)  # fmt: skip
             results.append(case)
             if progress:
                 progress(case)
@@ -197,7 +226,8 @@ def format_row(case: dict[str, Any]) -> str:
     """One `kernel_case` as a line of the table under TABLE_HEADER."""
     shape = "x".join(str(s) for s in case["shape"])
     return (
-        f"{shape:>11} {case['tokens']:>5} {case['dense_bf16_ms']:>10.3f} {case['dense_fp32_ms']:>10.3f} "
+        f"{shape:>11} {case['tokens']:>5} {case['dense_bf16_ms']:>10.3f} {case['dense_bf16_path']:>7} "
+        f"{case['dense_fp32_ms']:>10.3f} "
         f"{case['bitmap_ms']:>10.3f} {case['speedup_vs_dense_bf16']:>8.2f}x {case['speedup_vs_dense_fp32']:>8.2f}x  "
         f"{case['backend']}"
     )

@@ -4,6 +4,7 @@ numbers were measured on, bytes a model occupies, and a spawned child process fo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -37,6 +39,20 @@ def sync_model(model: nn.Module) -> None:
         sync(p.device)
 
 
+@contextlib.contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """Send torch's CPU matmuls to oneDNN (`enabled`, torch's default) or to torch's own kernels while inside.
+    Neither is always the faster for bf16: on an AMD Zen 4 (AVX512-BF16, no AMX) torch 2.13's one-token bf16 linear
+    took 2.97 ms of 4096x4096 through oneDNN and 1.54 ms through its own gemv (docs/benchmarks.md, section 17), so
+    the benchmarks time dense bf16 both ways and compare against the faster."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def _calls_per_sample(fn: Callable[[], object], device: torch.device) -> int:
     """Warm `fn` up, then how many calls make one sample last at least MIN_SAMPLE_S."""
     fn()
@@ -48,23 +64,34 @@ def _calls_per_sample(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, min_rounds: int = 5, budget_s: float = 1.0
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    min_rounds: int = 5,
+    budget_s: float = 1.0,
+    contexts: dict[str, Callable[[], AbstractContextManager]] | None = None,
 ) -> dict[str, float]:
     """Median milliseconds per call of each function, timed in interleaved rounds (order alternates) until
-    `min_rounds` are done and `budget_s` seconds have passed (at most MAX_ROUNDS rounds)."""
-    inner = {name: _calls_per_sample(fn, device) for name, fn in fns.items()}
+    `min_rounds` are done and `budget_s` seconds have passed (at most MAX_ROUNDS rounds). `contexts[name]()` (e.g.
+    `onednn(False)`) is entered around each of that function's samples, not around each call."""
+    contexts = contexts or {}
+    no_context = contextlib.nullcontext
+    inner = {}
+    for name, fn in fns.items():
+        with contexts.get(name, no_context)():
+            inner[name] = _calls_per_sample(fn, device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < MAX_ROUNDS):
         for name in list(fns) if rounds % 2 == 0 else list(reversed(fns)):
             fn, n = fns[name], inner[name]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / n)
+            with contexts.get(name, no_context)():
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync(device)
+                samples[name].append((time.perf_counter() - t0) / n)
         rounds += 1
     return {name: 1e3 * statistics.median(s) for name, s in samples.items()}
 
@@ -79,6 +106,7 @@ def environment() -> dict[str, Any]:
         "cpu_isa": cpu_kernel.isa() if cpu_kernel.available() else "none (native kernel not built)",
         "cpu_bf16_dot": cpu_kernel.available() and cpu_kernel.bf16_dot(),  # vdpbf16ps in the few-token bf16 gemv
         "loadavg_1m": load[0],
+        "onednn_enabled": torch.backends.mkldnn.enabled,  # torch's setting when the report was written
         # glibc's allocator policy changes peak RSS (docs/benchmarks.md, training memory); children inherit it
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
