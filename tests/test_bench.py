@@ -14,6 +14,7 @@ from salr.bench import training as bench_training
 from salr.bench.checkpoint_size import checkpoint_case, checkpoint_sizes
 from salr.bench.generation import (
     _ZeroLinear,
+    generation_bench,
     generation_compare,
     generation_report,
     pick_onednn,
@@ -132,6 +133,26 @@ def test_time_interleaved_runs_each_function_inside_its_own_context():
                           contexts={"off": lambda: onednn(False), "on": lambda: onednn(True)})  # fmt: skip
     assert seen == {"off": {False}, "on": {True}, "plain": {torch.backends.mkldnn.enabled}}
     assert set(ms) == set(fns) and all(v > 0 for v in ms.values())
+
+
+def test_decode_steps_run_under_the_chosen_onednn_setting_and_restore_it(tiny_llama, monkeypatch):
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    seen = []
+    forward = tiny_llama.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["input_ids"].shape[1], torch.backends.mkldnn.enabled))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_llama, "forward", spy)
+    before = torch.backends.mkldnn.enabled
+    runs = {setting: generation_bench(tiny_llama, ids, 3, decode_onednn=setting) for setting in (None, False, True)}
+    assert torch.backends.mkldnn.enabled is before
+    assert runs[None]["token_ids"] == runs[False]["token_ids"] == runs[True]["token_ids"]
+    prefills = [enabled for n, enabled in seen if n == 5]
+    decodes = [enabled for n, enabled in seen if n == 1]
+    assert prefills == [before] * 3  # the prefill keeps torch's setting
+    assert decodes == [before] * 3 + [False] * 3 + [True] * 3
 
 
 def test_generation_picks_one_onednn_setting_for_every_model(tiny_llama):

@@ -49,7 +49,15 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize(
     "shape,ranks",
-    [((37, 29), (5, 3)), ((64, 64), (0, 0)), ((100, 203), (0, 4)), ((576, 192), (64, 16)), ((130, 1031), (7, 0))],
+    [
+        ((37, 29), (5, 3)),
+        ((64, 64), (0, 0)),
+        ((100, 203), (0, 4)),
+        ((576, 192), (64, 16)),
+        ((130, 1031), (7, 0)),
+        ((45, 70), (13, 8)),  # the adapters' 16-row steps: a partial one, the LoRA scale starting inside one
+        ((16, 33), (16, 16)),
+    ],
 )
 def test_fused_layer_matches_exact(cpu_isa, dtype, m, shape, ranks):
     layer = make_layer(*shape, *ranks, dtype)

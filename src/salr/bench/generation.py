@@ -7,6 +7,7 @@ SALR with 2:4 bases on sparse tensor cores and reports torch.cuda.max_memory_all
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -32,9 +33,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
 
 
-def generation_bench(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32) -> dict[str, Any]:
+def _decode_setting(decode_onednn: bool | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if decode_onednn is None else onednn(decode_onednn)
+
+
+def generation_bench(
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, decode_onednn: bool | None = None
+) -> dict[str, Any]:
     """Greedy generation of an already-built model (dense or with SALR layers) from `input_ids` [1, prompt]:
-    prefill ms, decode tokens/s and the generated token ids (the first comes from the prefill)."""
+    prefill ms, decode tokens/s and the generated token ids (the first comes from the prefill). `decode_onednn`:
+    the decode steps' oneDNN setting (`timing.onednn`; None: torch's); the prefill keeps torch's."""
     model.eval()
     with torch.inference_mode():
         sync_model(model)
@@ -45,14 +53,15 @@ def generation_bench(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: 
         prefill_s = time.perf_counter() - t0
         past = out.past_key_values
         tokens = [token]
-        t0 = time.perf_counter()
-        for _ in range(max_new_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(token)
-        sync_model(model)
-        decode_s = time.perf_counter() - t0
+        with _decode_setting(decode_onednn):
+            t0 = time.perf_counter()
+            for _ in range(max_new_tokens):
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+            sync_model(model)
+            decode_s = time.perf_counter() - t0
     return {
         "prompt_tokens": int(input_ids.shape[-1]),
         "new_tokens": max_new_tokens,
@@ -76,12 +85,16 @@ def _rewind(cache: Any, length: int) -> None:
 
 
 def graph_generation_bench(
-    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, capture: bool | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    capture: bool | None = None,
+    decode_onednn: bool | None = None,
 ) -> dict[str, Any]:
     """`generation_bench` with a static KV cache (transformers' StaticCache) and, on CUDA, each decode step replayed
     from one captured CUDA graph (what gpt-fast does): the host's per-layer Python and launch cost leaves the timed
     loop, for dense and SALR models alike. `capture` defaults to whether the model is on CUDA; without it the same
-    static-cache steps run eagerly (how the CPU tests check the token ids)."""
+    static-cache steps run eagerly (how the CPU tests check the token ids). `decode_onednn` as generation_bench."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -90,7 +103,7 @@ def graph_generation_bench(
         raise SALRError(f"a CUDA graph needs the model on a CUDA device, it is on {device}: pass capture=False")
     prompt = input_ids.shape[-1]
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.ExitStack() as decoding:
         cache = StaticCache(config=model.config, max_cache_len=prompt + max(max_new_tokens, GRAPH_WARMUP_STEPS) + 1)
         sync(device)
         t0 = time.perf_counter()
@@ -99,6 +112,7 @@ def graph_generation_bench(
         sync(device)
         prefill_s = time.perf_counter() - t0
         token, position = first.clone(), torch.tensor([prompt], device=device)  # the step's static inputs
+        decoding.enter_context(_decode_setting(decode_onednn))
 
         def step() -> torch.Tensor:
             logits = model(input_ids=token, past_key_values=cache, cache_position=position).logits
@@ -272,10 +286,10 @@ def _generation_memory(
 
 
 def pick_onednn(model: nn.Module, choice: str = "auto") -> dict[str, Any]:
-    """Whether every model of the run decodes with torch's CPU matmuls on oneDNN (`timing.onednn`): "on" / "off" as
-    asked, or with "auto" the faster of the two for a one-token bf16 linear of the model's largest decoder weight
-    (timed here, side by side). One setting for all models keeps the comparison even: dense and SALR models both
-    run their bf16 attention, norms and lm_head under it."""
+    """Whether every model of the run decodes (the steps after the prefill) with torch's CPU matmuls on oneDNN
+    (`timing.onednn`): "on" / "off" as asked, or with "auto" the faster of the two for a one-token bf16 linear of the
+    model's largest decoder weight (timed here, side by side). One setting for all models keeps the comparison even:
+    dense and SALR models both run their bf16 attention, norms and lm_head under it."""
     from salr.bench.kernel import ONEDNN_CHOICES
 
     if choice not in ONEDNN_CHOICES:
@@ -327,7 +341,7 @@ def generation_report(
     (`no_linears`, for `decode_breakdown`); with `quant` also QSALR (`qsalr`: the same conversion with quantized
     bases). With `memory`, the peak RSS of each model (not `no_linears`) comes from a child process that loads it
     from disk (a saved checkpoint) and generates. `spec` may be "tinyllama-shape" (random, built in memory). All
-    models decode under one oneDNN setting (`pick_onednn`; the memory children keep torch's default)."""
+    models decode under one oneDNN setting (`pick_onednn`); prefills and the memory children keep torch's."""
     dense_bf16, tokenizer = bench_model(spec, "bfloat16")
     onednn_pick = pick_onednn(dense_bf16, onednn_choice)
     input_ids = _prompt_ids(tokenizer, prompt, prompt_tokens, dense_bf16.config.vocab_size)
@@ -345,8 +359,8 @@ def generation_report(
         models["qsalr"], configs["qsalr"] = salr_copy(dense_bf16, qconfig)
     # static_cache: every model decodes with transformers' StaticCache (no per-step cache growth), eagerly
     bench = functools.partial(graph_generation_bench, capture=False) if static_cache else generation_bench
-    with onednn(onednn_pick["enabled"]):
-        results = generation_compare(models, input_ids, max_new_tokens, rounds, bench)
+    bench = functools.partial(bench, decode_onednn=onednn_pick["enabled"])
+    results = generation_compare(models, input_ids, max_new_tokens, rounds, bench)
     if memory:
         for name, rss in _generation_memory(models, configs, input_ids, max_new_tokens).items():
             results[name].update(rss)

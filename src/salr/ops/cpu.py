@@ -166,6 +166,15 @@ def _bf16_dot(level: str) -> bool:
 
 
 def _gemv_isa_code() -> int:
+    # Read on every layer call when decoding (~200 per token): the settings' strings key a cache of the code.
+    environ = os.environ
+    return _isa_code(environ.get("SALR_CPU_ISA"), environ.get("SALR_CPU_BF16_DOT"))
+
+
+@functools.lru_cache(maxsize=16)
+def _isa_code(isa_setting: str | None, bf16_dot_setting: str | None) -> int:
+    """The isa argument of the few-token kernels for these SALR_CPU_ISA / SALR_CPU_BF16_DOT values (read by isa()
+    and _bf16_dot, which raise on bad ones; an error is not cached)."""
     level = isa()
     return _ISA_CODES[level] | (_BF16_DOT_FLAG if _bf16_dot(level) else 0)
 
@@ -366,17 +375,18 @@ def _decode_call(
     lib = load()
     xdt = _X_CODES.get(x.dtype)
     adt = _DTYPE_CODES.get(A.dtype)
-    if lib is None or xdt is None or adt is None or x.device.type != "cpu" or A.device.type != "cpu":
+    if lib is None or xdt is None or adt is None or not (x.is_cpu and A.is_cpu):  # (4x cheaper than .device)
         return None
-    m = x.numel() // cols if x.shape[-1] == cols else 0
+    shape = x.shape
+    m = x.numel() // cols if shape[-1] == cols else 0
     if not 0 < m <= GEMV_MAX_TOKENS or not (x.is_contiguous() and A.is_contiguous() and B.is_contiguous()):
         return None
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return None
-    rank = A.shape[0]
-    if A.shape[1] != cols or B.shape[0] != rows or B.shape[1] != rank or B.dtype != A.dtype:
+    rank, a_cols = A.shape
+    if a_cols != cols or B.shape != (rows, rank) or B.dtype != A.dtype:
         raise SALRError(f"adapter shapes A {list(A.shape)}, B {list(B.shape)} do not fit a [{rows}, {cols}] layer")
-    y = torch.empty((*x.shape[:-1], rows), dtype=x.dtype)
+    y = x.new_empty((*shape[:-1], rows))
     return lib, (xdt, x.data_ptr(), m, cols, adt, rank), y
 
 
