@@ -4,6 +4,7 @@ Llama-3-8B-shaped builder, checkpoint bytes on disk, generation and training hel
 import argparse
 import json
 import os
+import platform
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ from salr.bench.generation import (
     pick_onednn,
     without_decoder_linears,
 )
-from salr.bench.kernel import dense_bf16_paths, parse_shape, pruned_weight, weight_bytes
+from salr.bench.kernel import dense_bf16_paths, kernel_case, parse_shape, pruned_weight, weight_bytes
 from salr.bench.models import LLAMA3_8B, TINYLLAMA_1B, bench_model, random_llama, salr_copy
-from salr.bench.timing import in_child, onednn, time_interleaved
+from salr.bench.timing import cold_caches, in_child, onednn, time_interleaved
 from salr.bench.training import _over_runtime, enable_checkpointing, method_model, train_memory, train_steps
 from salr.commands import bench as bench_cmd
 from salr.config import SALRConfig
@@ -153,6 +154,53 @@ def test_decode_steps_run_under_the_chosen_onednn_setting_and_restore_it(tiny_ll
     decodes = [enabled for n, enabled in seen if n == 1]
     assert prefills == [before] * 3  # the prefill keeps torch's setting
     assert decodes == [before] * 3 + [False] * 3 + [True] * 3
+
+
+def test_time_interleaved_runs_before_call_before_every_single_call():
+    log = []
+    fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    before = lambda name: log.append(name.upper())  # noqa: E731
+    time_interleaved(fns, torch.device("cpu"), min_rounds=4, budget_s=0, before_call=before)
+    # one call per sample, each right after its own before_call (the warm-up call of each function comes first)
+    assert log[:2] == ["a", "b"]
+    timed = log[2:]
+    assert len(timed) % 2 == 0 and all(timed[i] == timed[i + 1].upper() for i in range(0, len(timed), 2))
+    assert timed[::2].count("A") == timed[::2].count("B") >= 4
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="native kernel not built (python setup.py build_ext -i)")
+def test_flush_from_caches_keeps_the_data_and_refuses_other_devices():
+    t = torch.randn(1000, 37)
+    before = t.clone()
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    assert cpu_kernel.flush_from_caches([t, t[3:], torch.empty(0)]) is x86
+    assert torch.equal(t, before)
+    assert cpu_kernel.flush_from_caches([torch.empty(3, device="meta")]) is False
+
+
+def test_cold_caches_flushes_each_functions_own_weights(monkeypatch):
+    flushed = []
+    monkeypatch.setattr(cpu_kernel, "flush_from_caches", lambda ts: flushed.append([id(t) for t in ts]) or True)
+    a, b = torch.ones(4), torch.ones(5)
+    before = cold_caches({"dense": [a], "bitmap": [b, a]})
+    flushed.clear()
+    before("bitmap")
+    before("dense")
+    assert flushed == [[id(b), id(a)], [id(a)]]
+
+
+def test_cold_caches_without_a_flush_reads_a_buffer_larger_than_the_cache(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "flush_from_caches", lambda ts: False)
+    before = cold_caches({"dense": [torch.ones(4)]})
+    before("dense")  # reads the buffer; nothing to assert beyond running
+
+
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_kernel_case_reports_its_cache_setting(cache):
+    case = kernel_case((24, 40), 1, budget_s=0, cache=cache)
+    assert case["cache"] == cache and case["bitmap_ms"] > 0 and case["max_rel_err"] < 1e-2
+    with pytest.raises(SALRError, match="--cache"):
+        kernel_case((24, 40), 1, budget_s=0, cache="lukewarm")
 
 
 def test_generation_picks_one_onednn_setting_for_every_model(tiny_llama):

@@ -21,6 +21,7 @@ no pass/fail targets are applied: the reports hold the measurements only.
 from salr.bench.checkpoint_size import checkpoint_sizes
 from salr.bench.generation import cuda_generation_compare, generation_report
 from salr.bench.kernel import (
+    CACHE_CHOICES,
     ONEDNN_CHOICES,
     SHAPES,
     TABLE_HEADER,
@@ -33,6 +34,7 @@ from salr.bench.kernel import (
 from salr.bench.training import train_memory
 
 __all__ = [
+    "CACHE_CHOICES",
     "ONEDNN_CHOICES",
     "SHAPES",
     "TABLE_HEADER",

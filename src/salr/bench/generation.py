@@ -23,7 +23,16 @@ from torch import nn
 
 from salr import ops
 from salr.bench.models import bench_model, cuda_model, salr_copy
-from salr.bench.timing import environment, in_child, model_bytes, onednn, sync, sync_model, time_interleaved
+from salr.bench.timing import (
+    cold_caches,
+    environment,
+    in_child,
+    model_bytes,
+    onednn,
+    sync,
+    sync_model,
+    time_interleaved,
+)
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.memory import peak_rss_mib, rss_mib
@@ -288,8 +297,9 @@ def _generation_memory(
 def pick_onednn(model: nn.Module, choice: str = "auto") -> dict[str, Any]:
     """Whether every model of the run decodes (the steps after the prefill) with torch's CPU matmuls on oneDNN
     (`timing.onednn`): "on" / "off" as asked, or with "auto" the faster of the two for a one-token bf16 linear of the
-    model's largest decoder weight (timed here, side by side). One setting for all models keeps the comparison even:
-    dense and SALR models both run their bf16 attention, norms and lm_head under it."""
+    model's largest decoder weight (timed here, side by side, the weight flushed from the caches before each call). One
+    setting for all models keeps the comparison even: dense and SALR models both run their bf16 attention, norms and
+    lm_head under it."""
     from salr.bench.kernel import ONEDNN_CHOICES
 
     if choice not in ONEDNN_CHOICES:
@@ -306,7 +316,9 @@ def pick_onednn(model: nn.Module, choice: str = "auto") -> dict[str, Any]:
 
     contexts = {"onednn": lambda: onednn(True), "native": lambda: onednn(False)}
     with torch.inference_mode():
-        ms = time_interleaved(dict.fromkeys(contexts, linear), torch.device("cpu"), budget_s=0.5, contexts=contexts)
+        flush = cold_caches(dict.fromkeys(contexts, [w, x]))  # the weight from memory, as when decoding
+        ms = time_interleaved(dict.fromkeys(contexts, linear), torch.device("cpu"), budget_s=0.5, contexts=contexts,
+                              before_call=flush)  # fmt: skip
     return {"choice": "auto", "enabled": ms["onednn"] <= ms["native"], "probe_shape": list(w.shape), "probe_ms": ms}
 
 

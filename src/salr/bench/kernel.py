@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from salr import bitmap_format, ops
-from salr.bench.timing import environment, onednn, time_interleaved
+from salr.bench.timing import cold_caches, environment, onednn, time_interleaved
 from salr.errors import SALRError
 from salr.ops import cpu as cpu_kernel
 from salr.pruning import nm_mask, unstructured_mask
@@ -34,6 +34,7 @@ TABLE_HEADER = (
     f"{'vs fp32':>9}  backend"
 )
 ONEDNN_CHOICES = ("auto", "on", "off")  # --onednn: which of torch's CPU bf16 paths dense bf16 is timed on
+CACHE_CHOICES = ("cold", "warm")  # --cache: weights out of the CPU caches before each call (as decoding), or not
 
 
 def dense_bf16_paths(onednn_choice: str, device: torch.device) -> dict[str, bool]:
@@ -111,18 +112,24 @@ def kernel_case(
     quant: str = "none",
     quant_double: bool = False,
     onednn_choice: str = "auto",
+    cache: str = "cold",
 ) -> dict[str, Any]:
     """Time y = x @ W.T for one weight shape (out, in) and token count: dense bf16, dense fp32, bitmap (bf16
     values); median ms of each, speedups, the bitmap output's max relative error and the weight's bytes.
 
     On the CPU dense bf16 is timed through oneDNN and through torch's own kernels (`dense_bf16_paths`); its
-    `dense_bf16_ms` is the faster, `dense_bf16_path` says which, and the speedups are against it.
+    `dense_bf16_ms` is the faster, `dense_bf16_path` says which, and the speedups are against it. With `cache`
+    "cold" (the CPU default) every call is timed alone after its own weights were flushed from the caches
+    (`timing.cold_caches`), as when decoding; "warm" times calls back to back.
 
     With `quant` ("nf4", "int8") `bitmap` is the quantized bitmap op (QSALR: the bf16 kept values quantized) and the
     bf16 bitmap op is timed beside it as `bitmap_bf16`; bytes are then the quantized format's."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SALRError("--device cuda but no CUDA device is available")
+    if cache not in CACHE_CHOICES:
+        raise SALRError(f"--cache must be one of {', '.join(CACHE_CHOICES)}; got {cache!r}")
+    cold = cache == "cold" and dev.type == "cpu"
     rows, cols = shape
     w32 = pruned_weight(rows, cols, sparsity, seed).to(dev)
     w16 = w32.to(torch.bfloat16)
@@ -147,12 +154,17 @@ def kernel_case(
         if cpu_kernel.available():
             gemv_max_tokens = cpu_kernel.qgemv_max_tokens(qw.q.codes, qw.q.blocksize, x16.dtype)
         nbytes = quantized_weight_bytes(shape, qw.nnz, quant, quant_double)
+    weights = {name: [w16] for name in paths}  # each function's weight, flushed from the caches before its calls
+    weights |= {"dense_fp32": [w32], "bitmap": [bw.bitmask, bw.values, bw.row_offsets]}
+    if quant != "none":
+        weights |= {"bitmap_bf16": weights["bitmap"], "bitmap": [qw.bitmask, *qargs[1:4]]}
     with torch.inference_mode():
         y = fns["bitmap"]().double()
         ref = F.linear(x16.float(), w_ref).double()
         err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         contexts = {name: (lambda on=on: onednn(on)) for name, on in paths.items() if name != "dense_bf16"}
-        ms = time_interleaved(fns, dev, budget_s=budget_s, contexts=contexts)
+        before = cold_caches({name: ts + [x16, x32] for name, ts in weights.items()}) if cold else None
+        ms = time_interleaved(fns, dev, budget_s=budget_s, contexts=contexts, before_call=before)
     dense_path = min(paths, key=lambda name: ms[name])
     ms["dense_bf16"] = ms[dense_path]
     case = {
@@ -162,6 +174,7 @@ def kernel_case(
         "density": bw.nnz / (rows * cols),
         "quant": quant,
         "device": str(dev),
+        "cache": "cold" if cold else "warm",
         "backend": _backend_label(
             backend,
             dev,
@@ -209,13 +222,14 @@ def kernel_grid(
     quant: str = "none",
     quant_double: bool = False,
     onednn_choice: str = "auto",
+    cache: str = "cold",
 ) -> dict[str, Any]:
     """`kernel_case` for every (shape, tokens); `progress(case)` is called after each one."""
     results = []
     for shape in shapes:
         for m in tokens:
             case = kernel_case(shape, m, sparsity, backend, device, budget_s=budget_s, quant=quant,
-                               quant_double=quant_double, onednn_choice=onednn_choice)  # fmt: skip
+                               quant_double=quant_double, onednn_choice=onednn_choice, cache=cache)  # fmt: skip
             results.append(case)
             if progress:
                 progress(case)

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,33 @@ def onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
+def last_level_cache_bytes() -> int | None:
+    """The CPU's largest cache in bytes (Linux sysfs, cpu0), or None where it is not known."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except ValueError:
+            continue
+    return max(sizes, default=None)
+
+
+def cold_caches(weights: dict[str, list[torch.Tensor]]) -> Callable[[str], None]:
+    """`before_call` for time_interleaved that takes function `name`'s weights out of the CPU caches: a clflush of
+    exactly those tensors (salr.ops.cpu.flush_from_caches), or, without the native kernel, a read of a buffer twice the
+    last-level cache, which evicts everything (the interpreter's code and data too, so it costs the Python side more
+    than decoding does). Decoding visits each layer once per token, so its weights come from memory; timed back to
+    back, a weight that fits the cache (a 4096x4096 bitmap does, its dense bf16 matrix does not) would be there."""
+    from salr.ops import cpu as cpu_ops
+
+    if all(cpu_ops.flush_from_caches(ts) for ts in weights.values()):
+        return lambda name: cpu_ops.flush_from_caches(weights[name])
+    buffer = torch.ones(2 * (last_level_cache_bytes() or 32 << 20) // 4, dtype=torch.float32)
+    return lambda name: buffer.sum()
+
+
 def _calls_per_sample(fn: Callable[[], object], device: torch.device) -> int:
     """Warm `fn` up, then how many calls make one sample last at least MIN_SAMPLE_S."""
     fn()
@@ -69,16 +97,24 @@ def time_interleaved(
     min_rounds: int = 5,
     budget_s: float = 1.0,
     contexts: dict[str, Callable[[], AbstractContextManager]] | None = None,
+    before_call: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Median milliseconds per call of each function, timed in interleaved rounds (order alternates) until
     `min_rounds` are done and `budget_s` seconds have passed (at most MAX_ROUNDS rounds). `contexts[name]()` (e.g.
-    `onednn(False)`) is entered around each of that function's samples, not around each call."""
+    `onednn(False)`) is entered around each of that function's samples, not around each call. With `before_call`
+    every sample is one call, and before_call(name) runs untimed before it (e.g. to flush that function's weights
+    from the caches)."""
     contexts = contexts or {}
     no_context = contextlib.nullcontext
     inner = {}
     for name, fn in fns.items():
         with contexts.get(name, no_context)():
-            inner[name] = _calls_per_sample(fn, device)
+            if before_call:
+                fn()  # warm-up (first-call work), untimed
+                sync(device)
+                inner[name] = 1
+            else:
+                inner[name] = _calls_per_sample(fn, device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
@@ -86,6 +122,8 @@ def time_interleaved(
         for name in list(fns) if rounds % 2 == 0 else list(reversed(fns)):
             fn, n = fns[name], inner[name]
             with contexts.get(name, no_context)():
+                if before_call:
+                    before_call(name)
                 sync(device)
                 t0 = time.perf_counter()
                 for _ in range(n):

@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CPU: torch's bf16 matmuls through oneDNN (on) or torch's own kernels (off); auto: --kernel "
                    "times dense bf16 both ways and compares against the faster, --generate runs every model on the "
                    "path that is faster for the model's largest linear")  # fmt: skip
+    p.add_argument("--cache", choices=bench.CACHE_CHOICES, default="cold",
+                   help="--kernel on the CPU: push the weights out of the caches before every timed call (cold, as "
+                   "when decoding a model larger than the cache) or time calls back to back (warm)")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, help="torch / kernel threads (default: torch's)")
     p.add_argument("--json", metavar="OUT", help="write the results here")
@@ -124,7 +127,7 @@ def _kernel(args: argparse.Namespace) -> dict:
         report = bench.kernel_grid(
             shapes, tokens, sparsity, args.backend, args.device, args.budget,
             progress=lambda case: print(bench.format_row(case), flush=True),
-            quant=quant["quant"], quant_double=quant["quant_double"], onednn_choice=args.onednn,
+            quant=quant["quant"], quant_double=quant["quant_double"], onednn_choice=args.onednn, cache=args.cache,
         )  # fmt: skip
     if len(report["results"]) == 1:  # one case: its fields at the top level (the checks read them there)
         report = {**report["results"][0], "environment": report["environment"]}

@@ -27,7 +27,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -79,6 +79,8 @@ def load() -> ctypes.CDLL | None:
     lib.salr_cpu_max_threads.restype = _INT
     lib.salr_cpu_has_bf16_matmul.restype = _INT
     lib.salr_cpu_has_avx512_bf16_dot.restype = _INT
+    lib.salr_cpu_flush.argtypes = [_P, _I64]
+    lib.salr_cpu_flush.restype = _INT
     common = [_INT, _INT, _P, _P, _P, _I64, _I64, _I64]
     lib.salr_bitmap_gemv.argtypes = common + [_P, _I64, _I64, _P, _I64, _INT]
     lib.salr_bitmap_gemv.restype = _I64
@@ -100,6 +102,21 @@ def load() -> ctypes.CDLL | None:
     lib.salr_qlinear_decode.argtypes += [_P, _P, _I64, _INT]
     lib.salr_qlinear_decode.restype = _I64
     return lib
+
+
+def flush_from_caches(tensors: Iterable[torch.Tensor]) -> bool:
+    """Evict these CPU tensors' memory from every cache level (for cold-cache timing); False where the native
+    kernel is not built or cannot (not x86), in which case nothing was done."""
+    lib = load()
+    tensors = list(tensors)
+    if lib is None or not all(t.device.type == "cpu" for t in tensors):
+        return False
+    ok = True
+    for t in tensors:
+        nbytes = t.untyped_storage().nbytes()
+        if nbytes:
+            ok = bool(lib.salr_cpu_flush(t.untyped_storage().data_ptr(), nbytes)) and ok
+    return ok
 
 
 def available() -> bool:
