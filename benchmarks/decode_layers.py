@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from salr.bench.models import bench_model, salr_copy
-from salr.bench.timing import environment, onednn
+from salr.bench.timing import ONEDNN_PATHS, environment, onednn_contexts
 from salr.config import SALRConfig
 from salr.io import atomic_write_json
 from salr.layer import SALRLinear
@@ -54,9 +54,9 @@ def time_sweeps(pairs: list[tuple[SALRLinear, torch.nn.Linear]], rounds: int, re
         for _, d in pairs:
             d(inputs[d.in_features])
 
-    sweeps = {"salr": salr_sweep, "dense_bf16_onednn": dense_sweep, "dense_bf16_native": dense_sweep}
-    contexts = {"salr": contextlib.nullcontext, "dense_bf16_onednn": lambda: onednn(True),
-                "dense_bf16_native": lambda: onednn(False)}  # fmt: skip
+    dense = onednn_contexts({f"dense_bf16_{name}": enabled for name, enabled in ONEDNN_PATHS.items()})
+    contexts = {"salr": contextlib.nullcontext, **dense}
+    sweeps = {"salr": salr_sweep, **dict.fromkeys(dense, dense_sweep)}
     samples: dict[str, list[float]] = {name: [] for name in sweeps}
     with torch.inference_mode():
         for name, fn in sweeps.items():  # warm-up
@@ -70,8 +70,7 @@ def time_sweeps(pairs: list[tuple[SALRLinear, torch.nn.Linear]], rounds: int, re
                         sweeps[name]()
                     samples[name].append((time.perf_counter() - started) / reps * 1e3)
     # the baseline: the faster of torch's two bf16 paths
-    dense = min(("dense_bf16_onednn", "dense_bf16_native"), key=lambda name: statistics.median(samples[name]))
-    samples["dense_bf16"] = samples[dense]
+    samples["dense_bf16"] = min((samples[name] for name in dense), key=statistics.median)
     return samples
 
 

@@ -190,9 +190,17 @@ def test_cold_caches_flushes_each_functions_own_weights(monkeypatch):
 
 
 def test_cold_caches_without_a_flush_reads_a_buffer_larger_than_the_cache(monkeypatch):
-    monkeypatch.setattr(cpu_kernel, "flush_from_caches", lambda ts: False)
+    from salr.bench import timing
+
+    tried, read = [], []
+    monkeypatch.setattr(cpu_kernel, "flush_from_caches", lambda ts: tried.append(ts) or False)
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 1 << 16)
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: read.append(self.numel()))
     before = cold_caches({"dense": [torch.ones(4)]})
-    before("dense")  # reads the buffer; nothing to assert beyond running
+    before("dense")
+    before("dense")
+    assert len(tried) == 1  # asked once whether a flush exists, then only the buffer
+    assert read == [2 * (1 << 16) // 4] * 2  # twice the last-level cache, read before every call
 
 
 @pytest.mark.parametrize("cache", ["cold", "warm"])

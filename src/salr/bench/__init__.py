@@ -22,7 +22,6 @@ from salr.bench.checkpoint_size import checkpoint_sizes
 from salr.bench.generation import cuda_generation_compare, generation_report
 from salr.bench.kernel import (
     CACHE_CHOICES,
-    ONEDNN_CHOICES,
     SHAPES,
     TABLE_HEADER,
     TOKENS,
@@ -31,6 +30,7 @@ from salr.bench.kernel import (
     parse_shape,
     triton_kernel_grid,
 )
+from salr.bench.timing import ONEDNN_CHOICES
 from salr.bench.training import train_memory
 
 __all__ = [

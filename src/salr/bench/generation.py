@@ -24,11 +24,14 @@ from torch import nn
 from salr import ops
 from salr.bench.models import bench_model, cuda_model, salr_copy
 from salr.bench.timing import (
+    ONEDNN_PATHS,
     cold_caches,
     environment,
     in_child,
     model_bytes,
     onednn,
+    onednn_contexts,
+    onednn_paths,
     sync,
     sync_model,
     time_interleaved,
@@ -300,10 +303,7 @@ def pick_onednn(model: nn.Module, choice: str = "auto") -> dict[str, Any]:
     model's largest decoder weight (timed here, side by side, the weight flushed from the caches before each call). One
     setting for all models keeps the comparison even: dense and SALR models both run their bf16 attention, norms and
     lm_head under it."""
-    from salr.bench.kernel import ONEDNN_CHOICES
-
-    if choice not in ONEDNN_CHOICES:
-        raise SALRError(f"--onednn must be one of {', '.join(ONEDNN_CHOICES)}; got {choice!r}")
+    onednn_paths(choice)  # a bad choice raises
     if choice != "auto":
         return {"choice": choice, "enabled": choice == "on"}
     head = model.get_output_embeddings()
@@ -314,7 +314,7 @@ def pick_onednn(model: nn.Module, choice: str = "auto") -> dict[str, Any]:
     def linear() -> torch.Tensor:
         return torch.nn.functional.linear(x, w)
 
-    contexts = {"onednn": lambda: onednn(True), "native": lambda: onednn(False)}
+    contexts = onednn_contexts(ONEDNN_PATHS)
     with torch.inference_mode():
         flush = cold_caches(dict.fromkeys(contexts, [w, x]))  # the weight from memory, as when decoding
         ms = time_interleaved(dict.fromkeys(contexts, linear), torch.device("cpu"), budget_s=0.5, contexts=contexts,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from salr import bitmap_format, ops
-from salr.bench.timing import cold_caches, environment, onednn, time_interleaved
+from salr.bench.timing import cold_caches, environment, onednn_contexts, onednn_paths, time_interleaved
 from salr.errors import SALRError
 from salr.ops import cpu as cpu_kernel
 from salr.pruning import nm_mask, unstructured_mask
@@ -33,7 +33,6 @@ TABLE_HEADER = (
     f"{'shape':>11} {'M':>5} {'bf16 ms':>10} {'via':>7} {'fp32 ms':>10} {'bitmap ms':>10} {'vs bf16':>9} "
     f"{'vs fp32':>9}  backend"
 )
-ONEDNN_CHOICES = ("auto", "on", "off")  # --onednn: which of torch's CPU bf16 paths dense bf16 is timed on
 CACHE_CHOICES = ("cold", "warm")  # --cache: weights out of the CPU caches before each call (as decoding), or not
 
 
@@ -41,15 +40,10 @@ def dense_bf16_paths(onednn_choice: str, device: torch.device) -> dict[str, bool
     """The dense bf16 timings to take, by name, each with the oneDNN setting it runs under (`timing.onednn`): on
     the CPU with "auto" both torch paths, and the faster one is the baseline; "on" / "off" one of them; on a GPU
     torch's default only."""
-    if onednn_choice not in ONEDNN_CHOICES:
-        raise SALRError(f"--onednn must be one of {', '.join(ONEDNN_CHOICES)}; got {onednn_choice!r}")
+    paths = onednn_paths(onednn_choice)
     if device.type != "cpu":
         return {"dense_bf16": True}
-    return {
-        "auto": {"dense_bf16_onednn": True, "dense_bf16_native": False},
-        "on": {"dense_bf16_onednn": True},
-        "off": {"dense_bf16_native": False},
-    }[onednn_choice]
+    return {f"dense_bf16_{name}": enabled for name, enabled in paths.items()}
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -162,7 +156,7 @@ def kernel_case(
         y = fns["bitmap"]().double()
         ref = F.linear(x16.float(), w_ref).double()
         err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        contexts = {name: (lambda on=on: onednn(on)) for name, on in paths.items() if name != "dense_bf16"}
+        contexts = onednn_contexts({name: on for name, on in paths.items() if name != "dense_bf16"})
         before = cold_caches({name: ts + [x16, x32] for name, ts in weights.items()}) if cold else None
         ms = time_interleaved(fns, dev, budget_s=budget_s, contexts=contexts, before_call=before)
     dense_path = min(paths, key=lambda name: ms[name])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salr.errors import SALRError
 from salr.ops import cpu as cpu_kernel
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,22 @@ def onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
+ONEDNN_CHOICES = ("auto", "on", "off")  # --onednn: time dense bf16 on both of torch's CPU paths, or on one
+ONEDNN_PATHS = {"onednn": True, "native": False}  # torch's two CPU bf16 paths: oneDNN enabled, and torch's own kernels
+
+
+def onednn_paths(choice: str) -> dict[str, bool]:
+    """The paths of ONEDNN_PATHS that `--onednn choice` asks for: both with "auto", else the one it names."""
+    if choice not in ONEDNN_CHOICES:
+        raise SALRError(f"--onednn must be one of {', '.join(ONEDNN_CHOICES)}; got {choice!r}")
+    return {name: on for name, on in ONEDNN_PATHS.items() if choice == "auto" or on == (choice == "on")}
+
+
+def onednn_contexts(settings: dict[str, bool]) -> dict[str, Callable[[], AbstractContextManager]]:
+    """time_interleaved's `contexts` that run each named function with oneDNN enabled or not, as `settings` says."""
+    return {name: functools.partial(onednn, enabled) for name, enabled in settings.items()}
+
+
 def last_level_cache_bytes() -> int | None:
     """The CPU's largest cache in bytes (Linux sysfs, cpu0), or None where it is not known."""
     sizes = []
@@ -73,10 +91,8 @@ def cold_caches(weights: dict[str, list[torch.Tensor]]) -> Callable[[str], None]
     last-level cache, which evicts everything (the interpreter's code and data too, so it costs the Python side more
     than decoding does). Decoding visits each layer once per token, so its weights come from memory; timed back to
     back, a weight that fits the cache (a 4096x4096 bitmap does, its dense bf16 matrix does not) would be there."""
-    from salr.ops import cpu as cpu_ops
-
-    if all(cpu_ops.flush_from_caches(ts) for ts in weights.values()):
-        return lambda name: cpu_ops.flush_from_caches(weights[name])
+    if all(cpu_kernel.flush_from_caches(ts) for ts in weights.values()):
+        return lambda name: cpu_kernel.flush_from_caches(weights[name])
     buffer = torch.ones(2 * (last_level_cache_bytes() or 32 << 20) // 4, dtype=torch.float32)
     return lambda name: buffer.sum()
 
