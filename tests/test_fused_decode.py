@@ -168,3 +168,56 @@ def test_adapter_shape_mismatch_is_a_clear_error():
             torch.randn(1, 40), layer.base.bitmask, layer.base.values, layer.base.row_offsets, 30, 40,
             torch.randn(4, 40), torch.randn(31, 4), 2, 2.0,
         )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ salr._fastcall
+
+
+def _ctypes_calls(lib):
+    return cpu.DecodeCalls(lib.salr_linear_decode, lib.salr_qlinear_decode, "ctypes")
+
+
+@native
+def test_decode_calls_go_through_fastcall_where_it_is_built():
+    """setup.py builds salr._fastcall beside the kernel wherever Python's headers exist (CI's machines do): the hot
+    decode calls must not silently fall back to ctypes there."""
+    pytest.importorskip("salr._fastcall", reason="salr._fastcall not built (python setup.py build_ext -i)")
+    assert cpu.decode_calls().binding == "fastcall"
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fastcall_and_ctypes_give_the_same_bits(monkeypatch, cpu_isa, dtype, bias):
+    """Both bindings call the same C function: same arguments (an int64 nnz, a float scale, None for no bias, C ints
+    for the codes) must give identical outputs, for the bitmap and the quantized base."""
+    from salr.bases import QBitmapBase
+
+    pytest.importorskip("salr._fastcall", reason="salr._fastcall not built (python setup.py build_ext -i)")
+    layer = make_layer(70, 90, 6, 3, dtype, bias=bias)
+    qlayer = SALRLinear(QBitmapBase.from_dense(layer.base.to_dense().float(), kind="nf4"), layer.bias,
+                        layer.A_cat, layer.B_cat, 6, lora_scale=0.75).eval()  # fmt: skip
+    x = torch.randn(1, 3, 90).to(dtype)
+    with torch.no_grad():
+        fast = [layer(x), qlayer(x)]
+        monkeypatch.setattr(cpu, "decode_calls", lambda: _ctypes_calls(cpu.load()))
+        slow = [layer(x), qlayer(x)]
+    for f, s in zip(fast, slow, strict=True):
+        assert torch.equal(f, s)
+    assert rel_err(fast[0], exact(layer, x)) < TOL[dtype]
+
+
+@native
+def test_fastcall_refuses_bad_arguments_with_python_errors():
+    fastcall = pytest.importorskip("salr._fastcall", reason="salr._fastcall not built (python setup.py build_ext -i)")
+    cpu.decode_calls()  # binds the module to the kernel
+    with pytest.raises(TypeError, match="expected 22 arguments, got 3"):
+        fastcall.linear_decode(1, 2, 3)
+    with pytest.raises(TypeError, match="expected 24 arguments, got 0"):
+        fastcall.qlinear_decode()
+    with pytest.raises(TypeError):
+        fastcall.linear_decode(*(["not a number"] + [0] * 21))
+    with pytest.raises(OverflowError, match="argument 0 does not fit a C int"):
+        fastcall.linear_decode(*([1 << 40] + [0] * 21))
+    with pytest.raises(ValueError, match="non-null"):
+        fastcall.bind(0, 0)

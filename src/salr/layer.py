@@ -119,7 +119,7 @@ class SALRLinear(FusedAdapters):
         # instead of ~6 small ops whose dispatch costs more than their arithmetic when decoding a token at a time.
         # Runs ~200 times per generated token, hence the direct dict lookups (nn.Module.__getattr__ costs ~1 us).
         fused = getattr(self._modules["base"], "fused_linear", None)
-        if fused is None or x.device.type != "cpu" or (self.training and self.lora_rank > 0):
+        if fused is None or not x.is_cpu or (self.training and self.lora_rank > 0):
             return None
         A, B = self._parameters["A_cat"], self._parameters["B_cat"]
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):

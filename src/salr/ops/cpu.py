@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -102,6 +102,31 @@ def load() -> ctypes.CDLL | None:
     lib.salr_qlinear_decode.argtypes += [_P, _P, _I64, _INT]
     lib.salr_qlinear_decode.restype = _I64
     return lib
+
+
+class DecodeCalls(NamedTuple):
+    """The fused decode entry points of the native library, as the hot path calls them."""
+
+    linear: Callable[..., int]  # salr_linear_decode's arguments -> its int64 result
+    qlinear: Callable[..., int]  # salr_qlinear_decode's
+    binding: str  # "fastcall" (salr._fastcall, ~0.5 us a call) or "ctypes" (~5 us: 22 arguments converted)
+
+
+@functools.cache
+def decode_calls() -> DecodeCalls | None:
+    """How to call the fused decode kernels: through salr._fastcall's CPython bindings of the very same functions
+    where that optional extension was built, else through ctypes. None without the native library."""
+    lib = load()
+    if lib is None:
+        return None
+    try:
+        from salr import _fastcall
+    except ImportError:
+        logger.info("salr._fastcall is not built: the fused decode calls go through ctypes (~5 us more per layer)")
+        return DecodeCalls(lib.salr_linear_decode, lib.salr_qlinear_decode, "ctypes")
+    address = functools.partial(ctypes.cast, typ=ctypes.c_void_p)
+    _fastcall.bind(address(lib.salr_linear_decode).value, address(lib.salr_qlinear_decode).value)
+    return DecodeCalls(_fastcall.linear_decode, _fastcall.qlinear_decode, "fastcall")
 
 
 def flush_from_caches(tensors: Iterable[torch.Tensor]) -> bool:
@@ -182,14 +207,20 @@ def _bf16_dot(level: str) -> bool:
     return support > 0 and (forced == "on" or (forced == "auto" and support == 2))
 
 
+# os.environ.get encodes its key on every call (~0.9 us, measured); the encoded mapping behind it (kept in step by
+# os.environ, so monkeypatch.setenv and os.environ[...] = ... are seen at once) answers in ~0.05 us.
+_ENVIRON_BYTES: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
 def _gemv_isa_code() -> int:
     # Read on every layer call when decoding (~200 per token): the settings' strings key a cache of the code.
-    environ = os.environ
-    return _isa_code(environ.get("SALR_CPU_ISA"), environ.get("SALR_CPU_BF16_DOT"))
+    if _ENVIRON_BYTES is None:
+        return _isa_code(os.environ.get("SALR_CPU_ISA"), os.environ.get("SALR_CPU_BF16_DOT"))
+    return _isa_code(_ENVIRON_BYTES.get(b"SALR_CPU_ISA"), _ENVIRON_BYTES.get(b"SALR_CPU_BF16_DOT"))
 
 
 @functools.lru_cache(maxsize=16)
-def _isa_code(isa_setting: str | None, bf16_dot_setting: str | None) -> int:
+def _isa_code(isa_setting: str | bytes | None, bf16_dot_setting: str | bytes | None) -> int:
     """The isa argument of the few-token kernels for these SALR_CPU_ISA / SALR_CPU_BF16_DOT values (read by isa()
     and _bf16_dot, which raise on bad ones; an error is not cached)."""
     level = isa()
@@ -386,13 +417,13 @@ def bitmap_grad_input_cpu(
 
 def _decode_call(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, rows: int, cols: int
-) -> tuple[Any, tuple, torch.Tensor] | None:
-    """What the one-call layer kernels share: (library, the arguments after the base's (x dtype code, x, m, ldx,
+) -> tuple[DecodeCalls, tuple, torch.Tensor] | None:
+    """What the one-call layer kernels share: (decode_calls(), the arguments after the base's (x dtype code, x, m, ldx,
     adapter dtype code, rank), y to fill) when the fused decode path applies, else None (see salr_linear_decode)."""
-    lib = load()
+    calls = decode_calls()
     xdt = _X_CODES.get(x.dtype)
     adt = _DTYPE_CODES.get(A.dtype)
-    if lib is None or xdt is None or adt is None or not (x.is_cpu and A.is_cpu):  # (4x cheaper than .device)
+    if calls is None or xdt is None or adt is None or not (x.is_cpu and A.is_cpu):  # (4x cheaper than .device)
         return None
     shape = x.shape
     m = x.numel() // cols if shape[-1] == cols else 0
@@ -404,7 +435,7 @@ def _decode_call(
     if a_cols != cols or B.shape != (rows, rank) or B.dtype != A.dtype:
         raise SALRError(f"adapter shapes A {list(A.shape)}, B {list(B.shape)} do not fit a [{rows}, {cols}] layer")
     y = x.new_empty((*shape[:-1], rows))
-    return lib, (xdt, x.data_ptr(), m, cols, adt, rank), y
+    return calls, (xdt, x.data_ptr(), m, cols, adt, rank), y
 
 
 def _decode_result(bad: int, y: torch.Tensor) -> torch.Tensor | None:
@@ -437,8 +468,8 @@ def salr_linear_decode(
     call = _decode_call(x, A, B, bias, rows, cols)
     if call is None:
         return None
-    lib, x_args, y = call
-    bad = lib.salr_linear_decode(
+    calls, x_args, y = call
+    bad = calls.linear(
         _gemv_isa_code(), _DTYPE_CODES[values.dtype], bitmask.data_ptr(), values.data_ptr(), row_offsets.data_ptr(),
         values.numel(), rows, cols, *x_args, residual_rank, lora_scale, A.data_ptr(), B.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
@@ -624,8 +655,8 @@ def qsalr_linear_decode(
     call = _decode_call(x, A, B, bias, rows, cols)
     if call is None:
         return None
-    lib, x_args, y = call
-    bad = lib.salr_qlinear_decode(
+    calls, x_args, y = call
+    bad = calls.qlinear(
         _gemv_isa_code(), _KIND_CODES[codes.dtype], bitmask.data_ptr(), codes.data_ptr(), absmax.data_ptr(),
         blocksize, row_offsets.data_ptr(), n, rows, cols, *x_args, residual_rank, lora_scale, A.data_ptr(),
         B.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(),
