@@ -221,3 +221,21 @@ def test_fastcall_refuses_bad_arguments_with_python_errors():
         fastcall.linear_decode(*([1 << 40] + [0] * 21))
     with pytest.raises(ValueError, match="non-null"):
         fastcall.bind(0, 0)
+
+
+@native
+def test_without_fastcall_the_decode_calls_fall_back_to_ctypes(monkeypatch):
+    import sys
+
+    layer = make_layer(40, 50, 4, 2, torch.bfloat16)
+    x = torch.randn(1, 2, 50).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+    monkeypatch.setitem(sys.modules, "salr._fastcall", None)  # importing it raises ImportError
+    cpu.decode_calls.cache_clear()
+    try:
+        assert cpu.decode_calls().binding == "ctypes"
+        with torch.no_grad():
+            assert torch.equal(layer(x), expected)
+    finally:
+        cpu.decode_calls.cache_clear()

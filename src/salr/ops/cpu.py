@@ -120,7 +120,7 @@ def decode_calls() -> DecodeCalls | None:
     if lib is None:
         return None
     try:
-        from salr import _fastcall
+        _fastcall = importlib.import_module("salr._fastcall")
     except ImportError:
         logger.info("salr._fastcall is not built: the fused decode calls go through ctypes (~5 us more per layer)")
         return DecodeCalls(lib.salr_linear_decode, lib.salr_qlinear_decode, "ctypes")
