@@ -60,9 +60,12 @@
  * shared machine) does not hold up the others at the end of the call. */
 #define ROW_CHUNK 32
 
-/* The gemvs' work item: larger, so that each thread's value and bitmap streams restart (cold, before the prefetches
- * run ahead) less often, yet ~16 items per thread keep the dynamic schedule's balance. 4096 rows on 2 threads: 128
- * rows, measured ~6 % less time than 32 for the M = 1 bf16 gemv on a weight out of cache. */
+/* The few-token gemvs' smallest work item. They take rows in a guided schedule: each thread's first chunk is a
+ * share of all the rows, later ones shrink down to this, so each thread streams one long run of values and bitmap
+ * (a new chunk restarts both streams cold, before the prefetches run ahead) and the small last chunks still balance
+ * a thread that the OS delays. On the default model's small layers (576-1536 rows) a dynamic schedule of 32-row
+ * chunks restarted the streams ~18 times per call: the 210 fused layers took 11.1-12.2 ms per token on 2 threads
+ * against 9.2-9.8 ms guided; the 1B-class model's 44.6 against 40.6-41.7 ms (docs/benchmarks.md, section 18). */
 static inline int gemv_chunk(int64_t rows, int nthreads) {
     const int64_t c = rows / (16 * (int64_t)(nthreads > 1 ? nthreads : 1));
     return (int)(c < ROW_CHUNK ? ROW_CHUNK : (c > 256 ? 256 : c));
@@ -746,7 +749,7 @@ int64_t salr_bitmap_gemv(int isa, int dt, const uint8_t *bitmask, const void *va
     const int dot = wide && wide_x(bf16_dot, x, m, ldx, nbytes * 8, kq, xq, (uint16_t *)xq);
 #endif
     const int chunk = gemv_chunk(rows, nthreads);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)
+#pragma omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *bm = bitmask + r * nbytes;
         int64_t start, end;
@@ -1696,7 +1699,7 @@ int64_t salr_qbitmap_gemv(int isa, int kind, const uint8_t *bitmask, const void 
 #pragma omp atomic write
             oom = 1;
         }
-#pragma omp for schedule(dynamic, chunk) nowait /* one barrier (the region's end), not two */
+#pragma omp for schedule(guided, chunk) nowait /* one barrier (the region's end), not two */
         for (int64_t r = 0; r < rows; r++) {
             int64_t start, end;
             if (!buf) continue;
@@ -1921,7 +1924,7 @@ static int64_t linear_decode(int isa, int dt, const qstream *q, const uint8_t *b
             for (int64_t t = 0; t < m; t++) h[t * rank + k] = s * dot_any(isa, adt, ak, xf + t * kp, cols);
         }
         /* implicit barrier: every row needs all of h */
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(guided, chunk)
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *bm = bitmask + r * nbytes;
             float acc[MAX_NT] = {0};
