@@ -156,16 +156,20 @@ def test_decode_steps_run_under_the_chosen_onednn_setting_and_restore_it(tiny_ll
     assert decodes == [before] * 3 + [False] * 3 + [True] * 3
 
 
-def test_time_interleaved_runs_before_call_before_every_single_call():
+def test_time_interleaved_runs_each_timed_call_after_an_untimed_one_and_before_call():
     log = []
     fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
     before = lambda name: log.append(name.upper())  # noqa: E731
     time_interleaved(fns, torch.device("cpu"), min_rounds=4, budget_s=0, before_call=before)
-    # one call per sample, each right after its own before_call (the warm-up call of each function comes first)
+    # one timed call per sample, right after its own before_call, which follows an untimed call of the same
+    # function (the warm-up call of each function comes first)
     assert log[:2] == ["a", "b"]
-    timed = log[2:]
-    assert len(timed) % 2 == 0 and all(timed[i] == timed[i + 1].upper() for i in range(0, len(timed), 2))
-    assert timed[::2].count("A") == timed[::2].count("B") >= 4
+    samples = log[2:]
+    assert len(samples) % 3 == 0
+    for i in range(0, len(samples), 3):
+        untimed, flush, timed = samples[i : i + 3]
+        assert untimed == timed and flush == timed.upper()
+    assert samples[1::3].count("A") == samples[1::3].count("B") >= 4
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="native kernel not built (python setup.py build_ext -i)")
