@@ -120,9 +120,8 @@ def time_interleaved(
     `onednn(False)`) is entered around each of that function's samples, not around each call. With `before_call`
     every sample is one timed call, after an untimed call of the same function and then before_call(name) (e.g. to
     flush that function's weights from the caches): the timed call finds its own code, the interpreter's path and
-    its buffers warm, as a layer does when decoding, whatever ran before it. (Without the untimed call, a dense
-    bf16 call through oneDNN slowed the next function's call by 14 %: a 4096x4096 bitmap gemv, weights flushed,
-    0.885 -> 1.005 ms on 1 thread; with it 0.86 ms either way.)"""
+    its buffers warm, as a layer does when decoding, whatever ran before it (a oneDNN bf16 call before a flushed
+    4096x4096 bitmap gemv had slowed it by up to 14 %, docs/benchmarks.md section 18)."""
     contexts = contexts or {}
     no_context = contextlib.nullcontext
     inner = {}
