@@ -4,7 +4,7 @@ A plain C shared library over raw buffers, loaded with ctypes (salr/ops/cpu.py):
 headers, so it builds in pip's isolated environment. The AVX2/FMA/F16C code carries target attributes and is
 picked at run time, so the library runs on any x86-64 CPU. If compiling fails the install goes on without it and
 salr uses the reference backend. `salr._fastcall`, also optional, binds the two fused decode calls for CPython
-(Python.h): ctypes' argument conversion costs more than a small layer's arithmetic. Build in place for
+(Python.h): ctypes' argument conversion costs about as much as a small layer's arithmetic. Build in place for
 development: `python setup.py build_ext --inplace`.
 """
 
@@ -27,7 +27,7 @@ setup(
             extra_link_args=link_args,
             optional=True,
         ),
-        # CPython bindings of the fused decode calls (~0.5 us a call instead of ctypes' ~5 us); needs Python.h.
+        # CPython bindings of the fused decode calls (~2 us less per call than ctypes); needs Python.h.
         Extension("salr._fastcall", sources=["csrc/fastcall.c"], extra_compile_args=["-O2", "-Wall"], optional=True),
     ]
 )

@@ -109,7 +109,7 @@ class DecodeCalls(NamedTuple):
 
     linear: Callable[..., int]  # salr_linear_decode's arguments -> its int64 result
     qlinear: Callable[..., int]  # salr_qlinear_decode's
-    binding: str  # "fastcall" (salr._fastcall, ~0.5 us a call) or "ctypes" (~5 us: 22 arguments converted)
+    binding: str  # "fastcall" (salr._fastcall) or "ctypes" (~2.3 us more a call: 22 arguments converted)
 
 
 @functools.cache
@@ -122,7 +122,7 @@ def decode_calls() -> DecodeCalls | None:
     try:
         _fastcall = importlib.import_module("salr._fastcall")
     except ImportError:
-        logger.info("salr._fastcall is not built: the fused decode calls go through ctypes (~5 us more per layer)")
+        logger.info("salr._fastcall is not built: the fused decode calls go through ctypes (~2 us more per layer)")
         return DecodeCalls(lib.salr_linear_decode, lib.salr_qlinear_decode, "ctypes")
     address = functools.partial(ctypes.cast, typ=ctypes.c_void_p)
     _fastcall.bind(address(lib.salr_linear_decode).value, address(lib.salr_qlinear_decode).value)
