@@ -1,9 +1,10 @@
 /* salr._fastcall: CPython bindings of the fused decode entry points of salr._bitmap_cpu.
 
 Decoding calls one SALR layer ~200 times per generated token, and ctypes converts each call's 22 arguments: 5.2 us a
-call against 2.9 us through this binding, for a 64x64 layer whose kernel itself takes ~2.5 us (measured, 1 thread). These METH_FASTCALL functions take the same arguments as plain Python ints / floats / None and
-call the kernel through a function pointer that salr.ops.cpu binds from the ctypes library, so both paths run the
-very same code. Optional: without Python's headers setup.py skips it and salr keeps the ctypes calls. */
+call against 2.9 us through this binding, for a 64x64 layer whose kernel itself takes ~2.5 us (measured, 1 thread).
+These METH_FASTCALL functions take the same arguments as plain Python ints / floats / None and call the kernel
+through a function pointer that salr.ops.cpu binds from the ctypes library, so both paths run the very same code.
+Optional: without Python's headers setup.py skips it and salr keeps the ctypes calls. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -57,6 +58,15 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, const char *kinds, arg
     return 1;
 }
 
+/* Whether the entry point `fn` is bound and args parse as `kinds` into a; else a Python error is set. */
+static int ready(const void *fn, PyObject *const *args, Py_ssize_t nargs, const char *kinds, arg_t *a) {
+    if (!fn) {
+        PyErr_SetString(PyExc_RuntimeError, "salr._fastcall is not bound to the kernel");
+        return 0;
+    }
+    return parse(args, nargs, kinds, a);
+}
+
 #define I(k) ((int)a[k].l)
 #define L(k) ((int64_t)a[k].l)
 #define P(k) (a[k].p)
@@ -65,8 +75,7 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, const char *kinds, arg
 static PyObject *call_linear_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     arg_t a[22];
-    if (!linear_decode) return PyErr_Format(PyExc_RuntimeError, "salr._fastcall is not bound to the kernel");
-    if (!parse(args, nargs, "iippplllipllillfppppli", a)) return NULL;
+    if (!ready((const void *)linear_decode, args, nargs, "iippplllipllillfppppli", a)) return NULL;
     int64_t r;
     Py_BEGIN_ALLOW_THREADS;
     r = linear_decode(I(0), I(1), P(2), P(3), P(4), L(5), L(6), L(7), I(8), P(9), L(10), L(11), I(12), L(13), L(14),
@@ -78,8 +87,7 @@ static PyObject *call_linear_decode(PyObject *self, PyObject *const *args, Py_ss
 static PyObject *call_qlinear_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     arg_t a[24];
-    if (!qlinear_decode) return PyErr_Format(PyExc_RuntimeError, "salr._fastcall is not bound to the kernel");
-    if (!parse(args, nargs, "iippplplllipllillfppppli", a)) return NULL;
+    if (!ready((const void *)qlinear_decode, args, nargs, "iippplplllipllillfppppli", a)) return NULL;
     int64_t r;
     Py_BEGIN_ALLOW_THREADS;
     r = qlinear_decode(I(0), I(1), P(2), P(3), P(4), L(5), P(6), L(7), L(8), L(9), I(10), P(11), L(12), L(13), I(14),
