@@ -24,6 +24,7 @@ import torch
 from salr.bench.models import bench_model, salr_copy
 from salr.bench.timing import ONEDNN_PATHS, environment, onednn_contexts
 from salr.config import SALRConfig
+from salr.hugepages import place_on_huge_pages
 from salr.io import atomic_write_json
 from salr.layer import SALRLinear
 
@@ -33,6 +34,8 @@ def layer_pairs(model_spec: str, residual_rank: int, lora_rank: int) -> list[tup
     dense, _ = bench_model(model_spec, "bfloat16")
     dense.eval()
     salr_model, _ = salr_copy(dense, SALRConfig(sparsity=0.5, residual_rank=residual_rank, r=lora_rank))
+    for model in (dense, salr_model):  # both on huge pages where the system offers them, as a loaded model is
+        place_on_huge_pages(model)
     return [(s, dense.get_submodule(n)) for n, s in salr_model.named_modules() if isinstance(s, SALRLinear)]
 
 

@@ -43,6 +43,7 @@ from salr.bitmap_format import ideal_bitmap_nbytes
 from salr.config import SALRConfig
 from salr.convert import base_format, base_slots, convert, mark_trainable
 from salr.errors import SALRError
+from salr.hugepages import place_on_huge_pages
 from salr.integrity import SHA256_RE, check_finite, check_plain_name, read_safetensors_header, sha256_file
 from salr.io import (
     atomic_write_json,
@@ -421,8 +422,14 @@ def _hf_config(directory: Path, where: Path) -> Any:
 
 def load(directory: str | os.PathLike, verify_checksums: bool = True) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) from a SALR checkpoint, with the same logits as the model that was saved; also from a pair
-    written by `salr export --to peft` (or a PEFT LoRA adapter directory), see salr.peft_adapter."""
-    directory = Path(directory)
+    written by `salr export --to peft` (or a PEFT LoRA adapter directory), see salr.peft_adapter. The model's tensors
+    are on transparent huge pages where the system offers them (salr.hugepages: faster decoding on the CPU)."""
+    model, tokenizer = _load(Path(directory), verify_checksums)
+    place_on_huge_pages(model)
+    return model, tokenizer
+
+
+def _load(directory: Path, verify_checksums: bool) -> tuple[PreTrainedModel, Any]:
     if not (directory / CONFIG_NAME).is_file():
         from salr import peft_adapter  # lazy: it builds on this module's neighbours
 

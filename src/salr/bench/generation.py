@@ -38,6 +38,7 @@ from salr.bench.timing import (
 )
 from salr.config import SALRConfig
 from salr.errors import SALRError
+from salr.hugepages import place_on_huge_pages
 from salr.memory import peak_rss_mib, rss_mib
 
 logger = logging.getLogger(__name__)
@@ -355,20 +356,22 @@ def generation_report(
     from disk (a saved checkpoint) and generates. `spec` may be "tinyllama-shape" (random, built in memory). All
     models decode under one oneDNN setting (`pick_onednn`); prefills and the memory children keep torch's."""
     dense_bf16, tokenizer = bench_model(spec, "bfloat16")
-    onednn_pick = pick_onednn(dense_bf16, onednn_choice)
     input_ids = _prompt_ids(tokenizer, prompt, prompt_tokens, dense_bf16.config.vocab_size)
     dense_fp32 = copy.deepcopy(dense_bf16).float().eval()
     t0 = time.perf_counter()
     salr_model, config = salr_copy(dense_bf16, SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank))
     convert_s = time.perf_counter() - t0
     models = {"dense_bf16": dense_bf16, "dense_fp32": dense_fp32, "salr": salr_model}
-    # The same model with its decoder linears stubbed out: what decoding costs outside the layers SALR replaces.
-    models["no_linears"] = without_decoder_linears(dense_bf16, salr_model)
     configs = {"salr": config}
     if quant != "none":
         qconfig = SALRConfig(sparsity=sparsity, residual_rank=residual_rank, r=lora_rank, quant=quant,
                              quant_double=quant_double)  # fmt: skip
         models["qsalr"], configs["qsalr"] = salr_copy(dense_bf16, qconfig)
+    # every model on huge pages where the system offers them, as salr.checkpoint.load places a loaded one
+    huge_page_bytes = {name: place_on_huge_pages(model) for name, model in models.items()}
+    onednn_pick = pick_onednn(dense_bf16, onednn_choice)
+    # The same model with its decoder linears stubbed out: what decoding costs outside the layers SALR replaces.
+    models["no_linears"] = without_decoder_linears(dense_bf16, salr_model)
     # static_cache: every model decodes with transformers' StaticCache (no per-step cache growth), eagerly
     bench = functools.partial(graph_generation_bench, capture=False) if static_cache else generation_bench
     bench = functools.partial(bench, decode_onednn=onednn_pick["enabled"])
@@ -394,6 +397,7 @@ def generation_report(
         "salr_tokens_matching_dense_bf16": same / len(results["salr"]["token_ids"]),
         "breakdown": decode_breakdown(results, salr_model),
         "onednn": onednn_pick,
+        "huge_page_bytes": huge_page_bytes,
         "environment": environment(),
         **(_qsalr_fields(results, configs["qsalr"]) if "qsalr" in results else {}),
     }

@@ -8,6 +8,7 @@ and PyTorch 2:4 (`bench_gpu_kernel`), or, on the CPU under TRITON_INTERPRET=1, c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from salr import bitmap_format, ops
 from salr.bench.timing import cold_caches, environment, onednn_contexts, onednn_paths, time_interleaved
 from salr.errors import SALRError
+from salr.hugepages import huge_page_copies
 from salr.ops import cpu as cpu_kernel
 from salr.pruning import nm_mask, unstructured_mask
 
@@ -95,6 +97,24 @@ def _backend_label(
     return name
 
 
+def _on_huge_pages(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """CPU weights as copies on transparent huge pages (salr.hugepages), as a loaded model's are; else as they are."""
+    if any(t.device.type != "cpu" or t.numel() == 0 for t in tensors):
+        return list(tensors)
+    return huge_page_copies(tensors) or list(tensors)
+
+
+def _case_weights(
+    shape: tuple[int, int], sparsity: float, seed: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, bitmap_format.BitmapWeight]:
+    """The case's pruned weight in fp32 and bf16 and its bitmap, all on huge pages where the system offers them."""
+    w32 = pruned_weight(*shape, sparsity, seed).to(dev)
+    w16 = w32.to(torch.bfloat16)
+    bw = bitmap_format.encode(w16)
+    w32, w16, *stored = _on_huge_pages(w32, w16, bw.bitmask, bw.values, bw.row_offsets)
+    return w32, w16, dataclasses.replace(bw, bitmask=stored[0], values=stored[1], row_offsets=stored[2])
+
+
 def kernel_case(
     shape: tuple[int, int],
     tokens: int,
@@ -126,9 +146,7 @@ def kernel_case(
         raise SALRError(f"--cache must be one of {', '.join(CACHE_CHOICES)}; got {cache!r}")
     cold = cache == "cold" and dev.type == "cpu"
     rows, cols = shape
-    w32 = pruned_weight(rows, cols, sparsity, seed).to(dev)
-    w16 = w32.to(torch.bfloat16)
-    bw = bitmap_format.encode(w16)
+    w32, w16, bw = _case_weights(shape, sparsity, seed, dev)
     x32 = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     x16 = x32.to(torch.bfloat16)
     args = (bw.bitmask, bw.values, bw.row_offsets, rows, cols)
@@ -142,7 +160,8 @@ def kernel_case(
     gemv_max_tokens = cpu_kernel.GEMV_MAX_TOKENS
     if quant != "none":
         qw = bitmap_format.encode_quantized(w16, w16 != 0, quant, double_quant=quant_double)
-        qargs = (qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets, rows, cols, qw.q.blocksize)
+        qstored = _on_huge_pages(qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets)
+        qargs = (*qstored, rows, cols, qw.q.blocksize)
         fns = {**fns, "bitmap_bf16": bitmap_bf16, "bitmap": lambda: ops.qbitmap_linear_with(backend, x16, *qargs)}
         w_ref = bitmap_format.decode_quantized(qw, torch.float32)
         if cpu_kernel.available():
@@ -151,7 +170,7 @@ def kernel_case(
     weights = {name: [w16] for name in paths}  # each function's weight, flushed from the caches before its calls
     weights |= {"dense_fp32": [w32], "bitmap": [bw.bitmask, bw.values, bw.row_offsets]}
     if quant != "none":
-        weights |= {"bitmap_bf16": weights["bitmap"], "bitmap": [qw.bitmask, *qargs[1:4]]}
+        weights |= {"bitmap_bf16": weights["bitmap"], "bitmap": list(qstored)}
     with torch.inference_mode():
         y = fns["bitmap"]().double()
         ref = F.linear(x16.float(), w_ref).double()

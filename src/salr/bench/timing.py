@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from salr.errors import SALRError
+from salr.hugepages import huge_pages_available
 from salr.ops import cpu as cpu_kernel
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def environment() -> dict[str, Any]:
         "cpu_bf16_dot": cpu_kernel.available() and cpu_kernel.bf16_dot(),  # vdpbf16ps in the few-token bf16 gemv
         "loadavg_1m": load[0],
         "onednn_enabled": torch.backends.mkldnn.enabled,  # torch's setting when the report was written
+        "huge_pages": huge_pages_available(),  # weights placed on transparent huge pages (salr.hugepages)
         # glibc's allocator policy changes peak RSS (docs/benchmarks.md, training memory); children inherit it
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
