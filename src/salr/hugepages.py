@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from salr.memory import return_freed_memory
+
 logger = logging.getLogger(__name__)
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -138,5 +140,6 @@ def place_on_huge_pages(module: nn.Module) -> int:
             table[name] = new
         moved += new.numel() * new.element_size()
     del old
+    return_freed_memory()  # glibc keeps freed heap chunks; without this the old copies would stay resident
     logger.debug("placed %d tensors (%.1f MiB) on transparent huge pages", len(slots), moved / 2**20)
     return moved
