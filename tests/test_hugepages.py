@@ -152,3 +152,11 @@ def test_refused_mapping_leaves_tensors(thp, monkeypatch):
     address = model.body.weight.data_ptr()
     assert place_on_huge_pages(model) == 0 and huge_page_copies([torch.ones(2)]) is None
     assert model.body.weight.data_ptr() == address
+
+
+def test_freed_memory_is_handed_back_while_placing(thp, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hugepages, "return_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(hugepages, "TRIM_BYTES", 100)  # _Tiny: 264 + 120 + 20 + 20 + 56 + 18 bytes
+    assert place_on_huge_pages(_Tiny()) > 0
+    assert len(calls) >= 3  # during the copies, then once at the end

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE_PAGE_BYTES = 2 << 20
 ALIGN = 64  # each tensor starts on a cache line, as torch's allocator places them
+TRIM_BYTES = 256 << 20  # placing hands freed heap memory back this often, so the peak stays near one model
 MARK = "_salr_on_huge_pages"  # set on a moved Parameter or buffer: a second call leaves it where it is
 
 
@@ -118,8 +119,8 @@ def place_on_huge_pages(module: nn.Module) -> int:
     """Move the module's CPU parameters and buffers into one huge-page mapping, in place; returns the bytes moved (0
     where huge pages are unavailable). Outputs are unchanged. Parameters stay the same objects (their `.data` moves),
     so tied weights stay tied and optimizers keep working; tensors that share a storage with another, and those
-    moved before, stay where they are. Each tensor is swapped as soon as it is copied, so the peak is one tensor
-    more than the model (when nothing else holds the old tensors)."""
+    moved before, stay where they are. Each tensor is swapped as soon as it is copied and the freed memory is handed
+    back every TRIM_BYTES, so the peak stays near the model's size (when nothing else holds the old tensors)."""
     slots = list(_slots(module))
     users = Counter(t.untyped_storage().data_ptr() for _, _, t in slots if t.device.type == "cpu" and t.numel())
     slots = [(table, name) for table, name, t in slots if t.numel() and _movable(t, users)]
@@ -128,7 +129,7 @@ def place_on_huge_pages(module: nn.Module) -> int:
     arena = _arena([table[name] for table, name in slots])
     if arena is None:
         return 0
-    moved = 0
+    moved = trimmed = 0
     for table, name in slots:
         old = table[name]
         new = arena.copy(old)
@@ -139,7 +140,10 @@ def place_on_huge_pages(module: nn.Module) -> int:
             setattr(new, MARK, True)
             table[name] = new
         moved += new.numel() * new.element_size()
+        if moved - trimmed >= TRIM_BYTES:  # glibc keeps freed heap chunks: the old copies would stay resident
+            return_freed_memory()
+            trimmed = moved
     del old
-    return_freed_memory()  # glibc keeps freed heap chunks; without this the old copies would stay resident
+    return_freed_memory()
     logger.debug("placed %d tensors (%.1f MiB) on transparent huge pages", len(slots), moved / 2**20)
     return moved
