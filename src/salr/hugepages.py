@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE_PAGE_BYTES = 2 << 20
 ALIGN = 64  # each tensor starts on a cache line, as torch's allocator places them
-TRIM_BYTES = 256 << 20  # placing hands freed heap memory back this often, so the peak stays near one model
+TRIM_BYTES = 256 << 20  # freed heap goes back this often: the peak stays ~ one tensor or this above the model
 MARK = "_salr_on_huge_pages"  # set on a moved Parameter or buffer: a second call leaves it where it is
 
 
@@ -120,7 +120,9 @@ def place_on_huge_pages(module: nn.Module) -> int:
     where huge pages are unavailable). Outputs are unchanged. Parameters stay the same objects (their `.data` moves),
     so tied weights stay tied and optimizers keep working; tensors that share a storage with another, and those
     moved before, stay where they are. Each tensor is swapped as soon as it is copied and the freed memory is handed
-    back every TRIM_BYTES, so the peak stays near the model's size (when nothing else holds the old tensors)."""
+    back every TRIM_BYTES, so the peak stays near the model's size when the old tensors were on the heap. Tensors
+    that safetensors mapped from a file (`salr.load`) keep that mapping until the last one moves: the peak resident
+    set then rises by up to the model's size, in clean file pages the kernel can reclaim."""
     slots = list(_slots(module))
     users = Counter(t.untyped_storage().data_ptr() for _, _, t in slots if t.device.type == "cpu" and t.numel())
     slots = [(table, name) for table, name, t in slots if t.numel() and _movable(t, users)]
