@@ -160,3 +160,15 @@ def test_freed_memory_is_handed_back_while_placing(thp, monkeypatch):
     monkeypatch.setattr(hugepages, "TRIM_BYTES", 100)  # _Tiny: 264 + 120 + 20 + 20 + 56 + 18 bytes
     assert place_on_huge_pages(_Tiny()) > 0
     assert len(calls) >= 3  # during the copies, then once at the end
+
+
+def test_load_can_leave_pages_and_load_model_places_after_a_cast(thp, stories_path, tmp_path):
+    model, tokenizer = salr.load_model(str(stories_path), dtype="bfloat16")
+    config = salr.SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=2, adapter_dtype="bfloat16")
+    salr.convert(model, config, progress=False)
+    salr.save(model, tmp_path / "c", config, tokenizer=tokenizer)
+    unplaced, _ = salr.load(tmp_path / "c", huge_pages=False)  # for a GPU, or merge / export
+    assert not any(getattr(t, MARK, False) for t in [*unplaced.parameters(), *unplaced.buffers()])
+    cast, _ = salr.load_model(str(tmp_path / "c"), dtype="float32")
+    lora_b = cast.model.layers[0].mlp.up_proj.B_cat
+    assert lora_b.dtype == torch.float32 and getattr(lora_b, MARK, False) and _advised(lora_b)

@@ -420,12 +420,16 @@ def _hf_config(directory: Path, where: Path) -> Any:
     return config_from_dir(directory, where)
 
 
-def load(directory: str | os.PathLike, verify_checksums: bool = True) -> tuple[PreTrainedModel, Any]:
+def load(
+    directory: str | os.PathLike, verify_checksums: bool = True, huge_pages: bool = True
+) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) from a SALR checkpoint, with the same logits as the model that was saved; also from a pair
-    written by `salr export --to peft` (or a PEFT LoRA adapter directory), see salr.peft_adapter. The model's tensors
-    are on transparent huge pages where the system offers them (salr.hugepages: faster decoding on the CPU)."""
+    written by `salr export --to peft` (or a PEFT LoRA adapter directory), see salr.peft_adapter. With `huge_pages`
+    the model's tensors are moved onto transparent huge pages where the system offers them (salr.hugepages: faster
+    decoding on the CPU); pass False when the model goes to a GPU or is only rewritten."""
     model, tokenizer = _load(Path(directory), verify_checksums)
-    place_on_huge_pages(model)
+    if huge_pages:
+        place_on_huge_pages(model)
     return model, tokenizer
 
 

@@ -257,7 +257,7 @@ def merge_checkpoint(
 
     started = time.perf_counter()
     source = resolve_run(run)
-    model, tokenizer = load(source)
+    model, tokenizer = load(source, huge_pages=False)  # rewritten, not decoded
     pattern = read_salr_config(source)["salr"].get("pattern", "unstructured")
     ids = reference = None
     if windows > 0:

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, ADAPTER_DIR, "export")
     source = resolve_run(args.run)
-    model, tokenizer = load(source)
+    model, tokenizer = load(source, huge_pages=False)  # rewritten, not decoded
     summary = export_peft(model, tokenizer, SALRConfig.from_dict(read_salr_config(source)["salr"]), args.out)
     print(
         f"exported {summary['targets']} adapted weights ({summary['expert_targets']} fused expert parameters), "

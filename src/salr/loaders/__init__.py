@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from salr.config import DTYPES
 from salr.errors import SALRError
+from salr.hugepages import place_on_huge_pages
 from salr.integrity import check_finite
 from salr.loaders.default import load_default
 from salr.loaders.hf import load_hf_dir, load_hub, looks_like_salr
@@ -49,7 +50,7 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
     elif path.is_dir() and (path / "salr_config.json").is_file():
         from salr.checkpoint import load  # local import: checkpoint imports this module
 
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, huge_pages=False)  # placed below, after any cast
     elif path.is_dir() and _is_peft(path):
         from salr.peft_adapter import load_peft  # local import: it imports this module
 
@@ -73,11 +74,14 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
             f"model {spec!r} not found: pass 'default', a Hugging Face model directory or hub id, a llama2.c "
             "checkpoint (*.bin with its tokenizer beside it), or a SALR checkpoint directory"
         )
-    if not (path.is_dir() and (path / "salr_config.json").is_file()):  # salr.load checked its own
+    salr_checkpoint = path.is_dir() and (path / "salr_config.json").is_file()
+    if not salr_checkpoint:  # salr.load checked its own
         check_finite(model, spec)
     if dtype is not None:
         cast_weights(model, DTYPES[dtype])
         check_finite(model, f"{spec} cast to {dtype}")  # fp16 overflows to infinity
+    if salr_checkpoint:  # as salr.load places them: the compressed model decodes faster on the CPU
+        place_on_huge_pages(model)
     return model.eval(), tokenizer
 
 
