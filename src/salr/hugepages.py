@@ -123,10 +123,12 @@ def place_on_huge_pages(module: nn.Module) -> int:
     back every TRIM_BYTES, so the peak stays near the model's size when the old tensors were on the heap. Tensors
     that safetensors mapped from a file (`salr.load`) keep that mapping until the last one moves: the peak resident
     set then rises by up to the model's size, in clean file pages the kernel can reclaim."""
+    if not huge_pages_available():
+        return 0
     slots = list(_slots(module))
     users = Counter(t.untyped_storage().data_ptr() for _, _, t in slots if t.device.type == "cpu" and t.numel())
     slots = [(table, name) for table, name, t in slots if t.numel() and _movable(t, users)]
-    if not slots or not huge_pages_available():
+    if not slots:
         return 0
     arena = _arena([table[name] for table, name in slots])
     if arena is None:
@@ -145,7 +147,7 @@ def place_on_huge_pages(module: nn.Module) -> int:
         if moved - trimmed >= TRIM_BYTES:  # glibc keeps freed heap chunks: the old copies would stay resident
             return_freed_memory()
             trimmed = moved
-    del old
+    del old  # the last old tensor too, before the final trim
     return_freed_memory()
     logger.debug("placed %d tensors (%.1f MiB) on transparent huge pages", len(slots), moved / 2**20)
     return moved

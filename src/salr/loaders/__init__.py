@@ -37,6 +37,7 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
     if dtype is not None and dtype not in DTYPES:
         raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(spec).expanduser()
+    salr_checkpoint = path.is_dir() and (path / "salr_config.json").is_file()
     if spec == "default":
         model, tokenizer = load_default()
     elif path.is_file() and path.suffix == ".bin":
@@ -47,7 +48,7 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
                 f"{_llama2c_tokenizer_path(path)} has {len(tokenizer)} tokens but {path} only "
                 f"{model.config.vocab_size}: the tokenizer belongs to another model"
             )
-    elif path.is_dir() and (path / "salr_config.json").is_file():
+    elif salr_checkpoint:
         from salr.checkpoint import load  # local import: checkpoint imports this module
 
         model, tokenizer = load(path, huge_pages=False)  # placed below, after any cast
@@ -74,7 +75,6 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
             f"model {spec!r} not found: pass 'default', a Hugging Face model directory or hub id, a llama2.c "
             "checkpoint (*.bin with its tokenizer beside it), or a SALR checkpoint directory"
         )
-    salr_checkpoint = path.is_dir() and (path / "salr_config.json").is_file()
     if not salr_checkpoint:  # salr.load checked its own
         check_finite(model, spec)
     if dtype is not None:
