@@ -172,3 +172,21 @@ def test_load_can_leave_pages_and_load_model_places_after_a_cast(thp, stories_pa
     cast, _ = salr.load_model(str(tmp_path / "c"), dtype="float32")
     lora_b = cast.model.layers[0].mlp.up_proj.B_cat
     assert lora_b.dtype == torch.float32 and getattr(lora_b, MARK, False) and _advised(lora_b)
+    unplaced, _ = salr.load_model(str(tmp_path / "c"), huge_pages=False)
+    assert not any(getattr(t, MARK, False) for t in [*unplaced.parameters(), *unplaced.buffers()])
+
+
+def test_training_places_only_for_the_cpu(thp, stories_path, tmp_path, monkeypatch):
+    from salr.train import loop
+
+    model, tokenizer = salr.load_model(str(stories_path))
+    config = salr.SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=2)
+    salr.convert(model, config, progress=False)
+    salr.save(model, tmp_path / "d", config, tokenizer=tokenizer)
+
+    def placed(model: torch.nn.Module) -> bool:
+        return all(getattr(t, MARK, False) for t in model.model.layers[0].mlp.up_proj.base.buffers())
+
+    assert placed(loop.prepare_model(str(tmp_path / "d"), "salr", config)[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the run would move the model to the GPU
+    assert not placed(loop.prepare_model(str(tmp_path / "d"), "salr", config)[0])

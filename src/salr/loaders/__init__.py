@@ -32,8 +32,10 @@ def is_hub_id(spec: str) -> bool:
     return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
 
 
-def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, object]:
-    """(model, tokenizer) for `spec`; `dtype` ('float32', 'bfloat16', 'float16') casts the weights."""
+def load_model(spec: str, dtype: str | None = None, huge_pages: bool = True) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) for `spec`; `dtype` ('float32', 'bfloat16', 'float16') casts the weights. A SALR checkpoint
+    is placed on transparent huge pages (salr.hugepages) unless `huge_pages` is False: pass False when the model goes
+    to a GPU, where the CPU copy would be wasted."""
     if dtype is not None and dtype not in DTYPES:
         raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(spec).expanduser()
@@ -80,7 +82,7 @@ def load_model(spec: str, dtype: str | None = None) -> tuple[PreTrainedModel, ob
     if dtype is not None:
         cast_weights(model, DTYPES[dtype])
         check_finite(model, f"{spec} cast to {dtype}")  # fp16 overflows to infinity
-    if salr_checkpoint:  # as salr.load places them: the compressed model decodes faster on the CPU
+    if salr_checkpoint and huge_pages:  # as salr.load places them: the compressed model decodes faster on the CPU
         place_on_huge_pages(model)
     return model.eval(), tokenizer
 

@@ -372,7 +372,7 @@ def run_losa(
             raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL), or --distill")
         records = data.load_sft_records(data_path, limit)
     teacher = load_teacher(model_spec, dtype) if cfg.distill else None
-    model, tokenizer = load_model(model_spec, dtype=dtype)
+    model, tokenizer = load_model(model_spec, dtype=dtype, huge_pages=run_state.trains_on_cpu())
     if records is None:
         examples = distill_examples(teacher, cfg)
     else:

@@ -88,14 +88,14 @@ def prepare_model(
     path = Path(model_spec)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         saved = effective_config(model_spec, method, config)
-        model, tokenizer = load_model(model_spec, dtype=dtype)
+        model, tokenizer = load_model(model_spec, dtype=dtype, huge_pages=run_state.trains_on_cpu())
         if not saved.train_residual:
             for module in model.modules():
                 if isinstance(module, FusedAdapters):
                     module.train_residual = False
         return model, tokenizer, saved, None
     config = method_config(method, config)
-    model, tokenizer = load_model(model_spec, dtype=dtype)
+    model, tokenizer = load_model(model_spec, dtype=dtype, huge_pages=run_state.trains_on_cpu())
     calibration = None
     if config.needs_calibration and config.calibration == TRAINING_DATA:
         if not records:

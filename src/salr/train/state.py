@@ -61,11 +61,16 @@ class Dist:
         return self.rank == 0
 
 
+def trains_on_cpu() -> bool:
+    """Whether a run keeps its model on the CPU: init_distributed picks a CUDA device whenever there is one."""
+    return not torch.cuda.is_available()
+
+
 def init_distributed() -> Dist:
     """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; start the process group (NCCL on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = not trains_on_cpu()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
