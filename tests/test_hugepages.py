@@ -190,3 +190,20 @@ def test_training_places_only_for_the_cpu(thp, stories_path, tmp_path, monkeypat
     assert placed(loop.prepare_model(str(tmp_path / "d"), "salr", config)[0])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the run would move the model to the GPU
     assert not placed(loop.prepare_model(str(tmp_path / "d"), "salr", config)[0])
+
+
+def test_default_is_the_embedded_model_whatever_the_working_directory_holds(
+    thp, stories_path, tmp_path, monkeypatch
+):
+    model, tokenizer = salr.load_model(str(stories_path))
+    config = salr.SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=2)
+    salr.convert(model, config, progress=False)
+    salr.save(model, tmp_path / "default", config, tokenizer=tokenizer)  # a SALR run named "default"
+    monkeypatch.chdir(tmp_path)
+    placed = []
+    monkeypatch.setattr(salr.loaders, "place_on_huge_pages", placed.append)
+    monkeypatch.setattr(salr.loaders, "load_default", lambda: (torch.nn.Linear(2, 2), None))
+    checked = []
+    monkeypatch.setattr(salr.loaders, "check_finite", lambda model, spec: checked.append(spec))
+    salr.load_model("default")
+    assert checked == ["default"] and placed == []  # the dense model, checked and not placed as a checkpoint

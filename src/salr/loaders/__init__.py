@@ -39,7 +39,8 @@ def load_model(spec: str, dtype: str | None = None, huge_pages: bool = True) -> 
     if dtype is not None and dtype not in DTYPES:
         raise SALRError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(spec).expanduser()
-    salr_checkpoint = path.is_dir() and (path / "salr_config.json").is_file()
+    # 'default' names the embedded model even where the working directory holds a folder of that name
+    salr_checkpoint = spec != "default" and path.is_dir() and (path / "salr_config.json").is_file()
     if spec == "default":
         model, tokenizer = load_default()
     elif path.is_file() and path.suffix == ".bin":
