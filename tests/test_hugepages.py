@@ -192,9 +192,7 @@ def test_training_places_only_for_the_cpu(thp, stories_path, tmp_path, monkeypat
     assert not placed(loop.prepare_model(str(tmp_path / "d"), "salr", config)[0])
 
 
-def test_default_is_the_embedded_model_whatever_the_working_directory_holds(
-    thp, stories_path, tmp_path, monkeypatch
-):
+def test_default_is_the_embedded_model_whatever_the_working_directory_holds(thp, stories_path, tmp_path, monkeypatch):
     model, tokenizer = salr.load_model(str(stories_path))
     config = salr.SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=2)
     salr.convert(model, config, progress=False)
