@@ -19,6 +19,7 @@ from salr.bench.generation import (
     generation_compare,
     generation_report,
     pick_onednn,
+    timed_linears_ms,
     without_decoder_linears,
 )
 from salr.bench.kernel import dense_bf16_paths, kernel_case, parse_shape, pruned_weight, weight_bytes
@@ -418,8 +419,26 @@ def test_generate_report_with_a_static_cache_gives_the_same_tokens(stories_path)
     static = generation_report(str(stories_path), static_cache=True, **kwargs)
     plain = generation_report(str(stories_path), **kwargs)
     assert static["static_cache"] is True and plain["static_cache"] is False
-    for name in ("dense_bf16", "dense_fp32", "salr"):
-        assert static["results"][name]["token_ids"] == plain["results"][name]["token_ids"]
+    timed = plain["breakdown"]["timed"]  # the hooked split runs with the dynamic cache only
+    assert set(timed) == {"dense_bf16", "salr"} and "timed" not in static["breakdown"]
+    for split in timed.values():
+        assert split["linears_ms"] > 0 and split["step_ms"] == pytest.approx(split["linears_ms"] + split["outside_ms"])
+
+
+def test_timed_linears_count_only_the_named_modules_while_decoding(tiny_llama, monkeypatch):
+    """A clock that ticks one second per reading: each hooked call inside a decode step adds exactly 1 s, the
+    prefill's calls add nothing, and the hooks are gone afterwards."""
+    from salr.bench import generation
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(generation.time, "perf_counter", lambda: float(next(ticks)))
+    names = [f"model.layers.{i}.mlp.{proj}" for i in range(2) for proj in ("up_proj", "down_proj")]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    timed = timed_linears_ms(tiny_llama, names, ids, max_new_tokens=3)
+    assert timed["linears_ms"] == pytest.approx(1e3 * len(names))
+    assert timed["outside_ms"] == pytest.approx(timed["step_ms"] - timed["linears_ms"]) and timed["outside_ms"] > 0
+    assert all(not tiny_llama.get_submodule(n)._forward_hooks and not tiny_llama.get_submodule(n)._forward_pre_hooks
+               for n in names)  # fmt: skip
 
 
 def test_without_decoder_linears_stubs_exactly_the_converted_layers(tiny_llama):

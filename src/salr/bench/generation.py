@@ -226,6 +226,48 @@ def without_decoder_linears(dense: nn.Module, salr_model: nn.Module) -> nn.Modul
     return stub
 
 
+def timed_linears_ms(
+    model: nn.Module, names: list[str], input_ids: torch.Tensor, max_new_tokens: int, decode_onednn: bool | None = None
+) -> dict[str, float]:
+    """One greedy generation of its own with forward hooks on the modules `names` (the converted linears): per decoded
+    token, the step's milliseconds (`step_ms`), those spent inside the modules (`linears_ms`) and the rest
+    (`outside_ms`), all from this one run. The hooks cost ~1 us a call, so the tokens/s runs stay unhooked.
+    `decode_breakdown`'s split subtracts another model's run and also charges the linears with whatever the rest of
+    a step loses beside them (docs/benchmarks.md, section 20); this one does not."""
+    inside = {"s": 0.0, "on": False}
+    started: dict[int, float] = {}  # by id(module)
+
+    def start(module: nn.Module, args: tuple) -> None:
+        started[id(module)] = time.perf_counter()
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        if inside["on"]:
+            inside["s"] += time.perf_counter() - started[id(module)]
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    try:
+        with torch.inference_mode():
+            past = model(input_ids=input_ids, use_cache=True).past_key_values  # the prefill is not counted
+            token = input_ids[:, -1:]
+            with _decode_setting(decode_onednn):
+                inside["on"] = True
+                t0 = time.perf_counter()
+                for _ in range(max_new_tokens):
+                    out = model(input_ids=token, past_key_values=past, use_cache=True)
+                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                step_s = time.perf_counter() - t0
+                inside["on"] = False
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_token = 1e3 / max(max_new_tokens, 1)
+    step, linears = step_s * per_token, inside["s"] * per_token
+    return {"step_ms": step, "linears_ms": linears, "outside_ms": step - linears}
+
+
 def decode_breakdown(results: dict[str, dict], salr_model: nn.Module) -> dict[str, Any]:
     """Split decode ms per token into the converted linears and everything else (attention, norms, lm_head,
     Python), from the `no_linears` run; the speedup of the linears alone; and the end-to-end ceiling if the
@@ -379,6 +421,19 @@ def generation_report(
     if memory:
         for name, rss in _generation_memory(models, configs, input_ids, max_new_tokens).items():
             results[name].update(rss)
+    breakdown = decode_breakdown(results, salr_model)
+    if not static_cache:  # the hooked run decodes with the dynamic cache, as the timed runs do
+        from salr.layer import SALRLinear
+
+        names = [name for name, module in salr_model.named_modules() if isinstance(module, SALRLinear)]
+        timed = {
+            name: timed_linears_ms(models[name], names, input_ids, max_new_tokens, onednn_pick["enabled"])
+            for name in ("dense_bf16", "salr", "qsalr")
+            if name in models
+        }
+        breakdown["timed"] = timed
+        salr_linears = timed["salr"]["linears_ms"]
+        breakdown["timed_linears_speedup"] = timed["dense_bf16"]["linears_ms"] / salr_linears if salr_linears else None
     salr_tps = results["salr"]["decode_tokens_per_s"]
     same = sum(a == b for a, b in zip(results["salr"]["token_ids"], results["dense_bf16"]["token_ids"], strict=True))
     return {
@@ -395,7 +450,7 @@ def generation_report(
         "salr_speedup_vs_dense_bf16": salr_tps / results["dense_bf16"]["decode_tokens_per_s"],
         "salr_speedup_vs_dense_fp32": salr_tps / results["dense_fp32"]["decode_tokens_per_s"],
         "salr_tokens_matching_dense_bf16": same / len(results["salr"]["token_ids"]),
-        "breakdown": decode_breakdown(results, salr_model),
+        "breakdown": breakdown,
         "onednn": onednn_pick,
         "huge_page_bytes": huge_page_bytes,
         "environment": environment(),

@@ -189,6 +189,13 @@ def _generate(args: argparse.Namespace) -> dict:
         f"({b['linears_speedup']:.2f}x; byte ratio {b['linears_byte_ratio']:.2f}x, so end-to-end <= "
         f"{b['speedup_ceiling_at_byte_ratio']:.2f}x)"
     )
+    if "timed" in b:
+        dense, salr = b["timed"]["dense_bf16"], b["timed"]["salr"]
+        print(
+            f"hooked run of each (linears timed inside decoding): dense bf16 {dense['linears_ms']:.1f} of "
+            f"{dense['step_ms']:.1f} ms per token, SALR {salr['linears_ms']:.1f} of {salr['step_ms']:.1f} ms "
+            f"(linears {b['timed_linears_speedup']:.2f}x)"
+        )
     print(f"SALR / dense bf16 decode: {report['salr_speedup_vs_dense_bf16']:.2f}x")
     if "qsalr_speedup_vs_dense_bf16" in report:
         print(f"QSALR ({report['qsalr_config']['quant']}) / dense bf16 decode: "
