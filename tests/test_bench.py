@@ -216,6 +216,16 @@ def test_kernel_case_reports_its_cache_setting(cache):
         kernel_case((24, 40), 1, budget_s=0, cache="lukewarm")
 
 
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_kernel_case_says_whether_its_weights_are_on_huge_pages(quant, monkeypatch):
+    from salr import hugepages
+
+    placed = kernel_case((24, 64), 1, budget_s=0, quant=quant)["weights_on_huge_pages"]
+    assert placed is hugepages.huge_pages_available()
+    monkeypatch.setenv("SALR_HUGE_PAGES", "0")
+    assert kernel_case((24, 64), 1, budget_s=0, quant=quant)["weights_on_huge_pages"] is False
+
+
 def test_generation_picks_one_onednn_setting_for_every_model(tiny_llama):
     assert pick_onednn(tiny_llama, "off") == {"choice": "off", "enabled": False}
     assert pick_onednn(tiny_llama, "on") == {"choice": "on", "enabled": True}

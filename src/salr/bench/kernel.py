@@ -97,22 +97,25 @@ def _backend_label(
     return name
 
 
-def _on_huge_pages(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """CPU weights as copies on transparent huge pages (salr.hugepages), as a loaded model's are; else as they are."""
+def _on_huge_pages(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    """CPU weights as copies on transparent huge pages (salr.hugepages), as a loaded model's are, else as they are;
+    and whether they were placed."""
     if any(t.device.type != "cpu" or t.numel() == 0 for t in tensors):
-        return list(tensors)
-    return huge_page_copies(tensors) or list(tensors)
+        return list(tensors), False
+    copies = huge_page_copies(tensors)
+    return (list(tensors), False) if copies is None else (copies, True)
 
 
 def _case_weights(
     shape: tuple[int, int], sparsity: float, seed: int, dev: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, bitmap_format.BitmapWeight]:
-    """The case's pruned weight in fp32 and bf16 and its bitmap, all on huge pages where the system offers them."""
+) -> tuple[torch.Tensor, torch.Tensor, bitmap_format.BitmapWeight, bool]:
+    """The case's pruned weight in fp32 and bf16 and its bitmap, all on huge pages where the system offers them (the
+    last item: whether they are)."""
     w32 = pruned_weight(*shape, sparsity, seed).to(dev)
     w16 = w32.to(torch.bfloat16)
     bw = bitmap_format.encode(w16)
-    w32, w16, *stored = _on_huge_pages(w32, w16, bw.bitmask, bw.values, bw.row_offsets)
-    return w32, w16, dataclasses.replace(bw, bitmask=stored[0], values=stored[1], row_offsets=stored[2])
+    (w32, w16, *stored), placed = _on_huge_pages(w32, w16, bw.bitmask, bw.values, bw.row_offsets)
+    return w32, w16, dataclasses.replace(bw, bitmask=stored[0], values=stored[1], row_offsets=stored[2]), placed
 
 
 def kernel_case(
@@ -146,7 +149,7 @@ def kernel_case(
         raise SALRError(f"--cache must be one of {', '.join(CACHE_CHOICES)}; got {cache!r}")
     cold = cache == "cold" and dev.type == "cpu"
     rows, cols = shape
-    w32, w16, bw = _case_weights(shape, sparsity, seed, dev)
+    w32, w16, bw, on_huge_pages = _case_weights(shape, sparsity, seed, dev)
     x32 = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     x16 = x32.to(torch.bfloat16)
     args = (bw.bitmask, bw.values, bw.row_offsets, rows, cols)
@@ -160,7 +163,8 @@ def kernel_case(
     gemv_max_tokens = cpu_kernel.GEMV_MAX_TOKENS
     if quant != "none":
         qw = bitmap_format.encode_quantized(w16, w16 != 0, quant, double_quant=quant_double)
-        qstored = _on_huge_pages(qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets)
+        qstored, q_placed = _on_huge_pages(qw.bitmask, qw.q.codes, qw.q.scales(), qw.row_offsets)
+        on_huge_pages = on_huge_pages and q_placed
         qargs = (*qstored, rows, cols, qw.q.blocksize)
         fns = {**fns, "bitmap_bf16": bitmap_bf16, "bitmap": lambda: ops.qbitmap_linear_with(backend, x16, *qargs)}
         w_ref = bitmap_format.decode_quantized(qw, torch.float32)
@@ -192,6 +196,7 @@ def kernel_case(
         "quant": quant,
         "device": str(dev),
         "cache": "cold" if cold else "warm",
+        "weights_on_huge_pages": on_huge_pages,  # every compared weight placed (salr.hugepages), else none or some
         "backend": _backend_label(
             backend,
             dev,
