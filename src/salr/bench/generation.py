@@ -229,42 +229,35 @@ def without_decoder_linears(dense: nn.Module, salr_model: nn.Module) -> nn.Modul
 def timed_linears_ms(
     model: nn.Module, names: list[str], input_ids: torch.Tensor, max_new_tokens: int, decode_onednn: bool | None = None
 ) -> dict[str, float]:
-    """One greedy generation of its own with forward hooks on the modules `names` (the converted linears): per decoded
-    token, the step's milliseconds (`step_ms`), those spent inside the modules (`linears_ms`) and the rest
+    """One `generation_bench` run of its own with forward hooks on the modules `names` (the converted linears): per
+    decoded token, the step's milliseconds (`step_ms`), those spent inside the modules (`linears_ms`) and the rest
     (`outside_ms`), all from this one run. The hooks cost ~1 us a call, so the tokens/s runs stay unhooked.
     `decode_breakdown`'s split subtracts another model's run and also charges the linears with whatever the rest of
     a step loses beside them (docs/benchmarks.md, section 20); this one does not."""
-    inside = {"s": 0.0, "on": False}
+    inside = {"s": 0.0, "model_calls": 0}
     started: dict[int, float] = {}  # by id(module)
+
+    def count_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inside["model_calls"] += 1  # the first is the prefill, not counted
 
     def start(module: nn.Module, args: tuple) -> None:
         started[id(module)] = time.perf_counter()
 
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
-        if inside["on"]:
+        if inside["model_calls"] > 1:
             inside["s"] += time.perf_counter() - started[id(module)]
 
-    handles = []
+    handles = [model.register_forward_pre_hook(count_call, with_kwargs=True)]
     for name in names:
         module = model.get_submodule(name)
         handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
     try:
-        with torch.inference_mode():
-            past = model(input_ids=input_ids, use_cache=True).past_key_values  # the prefill is not counted
-            token = input_ids[:, -1:]
-            with _decode_setting(decode_onednn):
-                inside["on"] = True
-                t0 = time.perf_counter()
-                for _ in range(max_new_tokens):
-                    out = model(input_ids=token, past_key_values=past, use_cache=True)
-                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                step_s = time.perf_counter() - t0
-                inside["on"] = False
+        run = generation_bench(model, input_ids, max_new_tokens, decode_onednn)
     finally:
         for handle in handles:
             handle.remove()
-    per_token = 1e3 / max(max_new_tokens, 1)
-    step, linears = step_s * per_token, inside["s"] * per_token
+    step = 1e3 / run["decode_tokens_per_s"]
+    linears = 1e3 * inside["s"] / max(max_new_tokens, 1)
     return {"step_ms": step, "linears_ms": linears, "outside_ms": step - linears}
 
 
