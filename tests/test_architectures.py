@@ -1,23 +1,40 @@
 """The paper's architectures, first try (issue 12): tiny random-weight Llama-2 (MHA), Llama-3 (GQA), Mixtral,
 DeepSeek-V2-Lite-like (MLA attention, shared + routed experts) and Qwen3-MoE, built from transformers 5.23's config
 classes and saved as Hugging Face directories: compress, train a few steps, save, reload (identical logits), merge.
-What salr cannot convert is refused naming the module, before anything is converted."""
+The same first try on other families users bring (biases, fused projections, extra norms, parallel blocks). What
+salr cannot convert is refused naming the module, before anything is converted."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
     DeepseekV2Config,
     DeepseekV2ForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
@@ -50,6 +67,23 @@ ARCHITECTURES = {
         head_dim=16, num_experts=4, num_experts_per_tok=2)),
 }  # fmt: skip
 CONFIG = salr.SALRConfig(sparsity=0.5, residual_rank=4, r=4)
+
+# Other families, one per feature the converter must carry through: biases on q/k/v (Qwen2), fused q/k/v and gate/up
+# projections (Phi-3), fused query_key_value and a parallel residual (GPT-NeoX), partial rotary with dense biases
+# (Phi), logit soft-capping and pre/post norms (Gemma 2), sliding-window layer types (Gemma 3), post-norms with q/k
+# norms (OLMo 2), a parallel block with LayerNorm and a logit scale (Cohere). Token ids within the small vocabulary.
+IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SMALL = dict(**COMMON, **IDS, intermediate_size=128, num_attention_heads=4)
+FAMILIES = {
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SMALL, num_key_value_heads=2)),
+    "phi3": (Phi3ForCausalLM, Phi3Config(**SMALL, num_key_value_heads=2)),
+    "gpt-neox": (GPTNeoXForCausalLM, GPTNeoXConfig(**SMALL)),
+    "phi": (PhiForCausalLM, PhiConfig(**SMALL)),
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=16)),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=16)),
+    "olmo2": (Olmo2ForCausalLM, Olmo2Config(**SMALL, num_key_value_heads=2)),
+    "cohere": (CohereForCausalLM, CohereConfig(**SMALL, num_key_value_heads=2)),
+}
 
 
 def examples(n: int = 16) -> list[dict[str, list[int]]]:
@@ -101,6 +135,34 @@ def test_compress_train_save_reload_merge(arch, tmp_path, make_tokenizer):
     merged = merge_and_unload(reloaded)
     assert not salr_modules(merged) and not any(isinstance(m, SALRExperts) for m in merged.modules())
     assert type(merged.model.layers[-1].mlp).__name__ == type(dense.model.layers[-1].mlp).__name__
+    torch.testing.assert_close(logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_other_families_compress_generate_train_reload_merge(family, tmp_path, make_tokenizer):
+    cls, config = FAMILIES[family]
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "hf")
+    make_tokenizer().save_pretrained(tmp_path / "hf")
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+
+    compress(str(tmp_path / "hf"), CONFIG, tmp_path / "ckpt")
+    model, tokenizer = salr.load(tmp_path / "ckpt")
+    dense, _ = salr.load_model(str(tmp_path / "hf"))
+    head = dense.get_output_embeddings()
+    linears = {n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    assert {n for n, m in model.named_modules() if isinstance(m, SALRLinear)} == linears
+    assert not torch.allclose(logits(model, ids), logits(dense, ids))
+    generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)  # the decode path, KV cache and all
+    assert generated.shape == (1, ids.shape[1] + 4)
+
+    cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=4, warmup_steps=0, max_length=64, progress=False)
+    train(model, tokenizer, examples(), CONFIG, cfg, tmp_path / "run", base_model=family)
+    trained = logits(model, ids)
+    reloaded, _ = salr.load(tmp_path / "run")
+    assert torch.equal(logits(reloaded, ids), trained)
+    merged = merge_and_unload(reloaded)
+    assert not salr_modules(merged)
     torch.testing.assert_close(logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
 
 
