@@ -37,6 +37,25 @@ def test_salr_checkpoint_loads_through_load_model(saved):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_checkpoint_cast_on_load_runs_prefill_and_training(saved, dtype):
+    # `salr eval --dtype bfloat16` on a checkpoint with fp32 adapters: the adapters are cast, and so must be the
+    # per-rank scales they are multiplied by (a buffer derived from them, never saved), or the adapter path (prefill,
+    # training) mixes dtypes. Ten tokens: more than the fused decode path takes.
+    model, tokenizer, out = saved
+    loaded, _ = salr.load_model(str(out), dtype=dtype)
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert layer.A_cat.dtype == getattr(torch, dtype)
+    ids = tokenizer("Once upon a time there was a little dog named", return_tensors="pt").input_ids[:, :10]
+    assert ids.shape[1] == 10
+    expected = model(ids).logits
+    got = loaded(ids).logits.float()
+    assert torch.allclose(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    loaded.train()
+    loaded(ids, labels=ids).loss.backward()
+    assert layer.B_cat.grad is not None and torch.isfinite(layer.B_cat.grad).all()
+
+
 def test_corrupt_weights_are_detected(saved):
     _, _, out = saved
     weights = out / "model.safetensors"

@@ -207,6 +207,21 @@ def test_unmasked_training_ablation_updates_pruned_positions_but_merges_sparse()
     assert layer.merged and torch.equal(layer.base.to_dense(), merged)  # the merge is the masked one
 
 
+def test_a_layer_cast_as_load_model_casts_keeps_working():
+    """salr.loaders.cast_weights casts parameters and persistent buffers but not rank_scale (non-persistent, like
+    RoPE's inv_freq): the layer must still multiply its bf16 factors, forward and backward."""
+    layer = _losa_layer()
+    from salr.loaders import cast_weights
+
+    model = torch.nn.Sequential(layer)
+    model.config = type("Config", (), {})()
+    cast_weights(model, torch.bfloat16)
+    assert layer.B_cat.dtype == torch.bfloat16 and layer.rank_scale.dtype == torch.float32
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    assert torch.isfinite(layer.B_cat.grad).all() and layer.B_cat.grad.abs().sum() > 0
+
+
 def test_active_rank_switches_components_off_and_scale_is_fixed():
     layer = _losa_layer(rank=6)
     layer.set_rank(2)

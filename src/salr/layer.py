@@ -83,7 +83,9 @@ class FusedAdapters(nn.Module):
             h = torch.cat([F.linear(x, A[:r]), F.linear(self.lora_dropout(x), A[r:])], dim=-1)
         else:
             h = F.linear(x, A)
-        return F.linear(h * self.rank_scale, B)
+        # rank_scale in h's dtype: a non-persistent buffer is left as it was by casts that follow from_pretrained's
+        # rule (salr.loaders.cast_weights keeps RoPE's inv_freq in fp32), while A and B are cast
+        return F.linear(h * self.rank_scale.to(h.dtype), B)
 
     def delta_weight(self) -> torch.Tensor:
         """B_cat diag(scale) A_cat in fp32 ([out, in], or [E, out, in] for experts): what the adapters add."""

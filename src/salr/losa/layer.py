@@ -68,7 +68,7 @@ class LoSALinear(SALRLinear):
         if k == 0 or self.merged:
             y = self.base(x)
             return y if self.bias is None else y + self.bias
-        delta = (self.B_cat[:, :k] * self.rank_scale[:k]) @ self.A_cat[:k]
+        delta = (self.B_cat[:, :k] * self.rank_scale[:k].to(self.B_cat.dtype)) @ self.A_cat[:k]
         if self.masked_training:
             delta = delta * self.mask
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
