@@ -545,3 +545,18 @@ def test_static_cache_generation_gives_the_dynamic_cache_tokens():
     assert report["dense"]["token_ids"] == generation_bench(dense, ids, 4)["token_ids"]
     with pytest.raises(SALRError, match="CUDA graph needs the model on a CUDA device"):
         graph_generation_bench(dense, ids, 2, capture=True)
+
+
+def test_a_salr_checkpoint_as_the_bench_model_is_refused_naming_its_dense_model(stories, tmp_path):
+    import salr
+    from salr.bench.models import bench_model
+
+    model, tokenizer = stories
+    config = salr.SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=2)
+    salr.convert(model, config, progress=False)
+    salr.save(model, tmp_path / "ckpt", config, tokenizer=tokenizer, base_model="stories260K")
+    with pytest.raises(SALRError, match=r"already a SALR checkpoint.*made from 'stories260K'\)\.$"):
+        bench_model(str(tmp_path / "ckpt"))  # no salr_report.json: none named
+    (tmp_path / "ckpt" / "salr_report.json").write_text("{}")
+    with pytest.raises(SALRError, match=r"made from 'stories260K'\)\. The checkpoint's own sizes are in .*report"):
+        bench_model(str(tmp_path / "ckpt"))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salr.bench.models import LLAMA3_8B, random_llama, salr_copy
+from salr.bench.models import LLAMA3_8B, bench_model, random_llama, salr_copy
 from salr.bench.timing import environment
 from salr.config import SALRConfig
 
@@ -73,13 +73,11 @@ def checkpoint_sizes(
     """`salr bench --checkpoint`: `checkpoint_case` for a model (`spec`, skipped if None) and for one Llama-3-8B-shaped
     decoder layer (a 1-layer LlamaForCausalLM with a 256-token vocabulary so the embeddings, kept dense in both, do
     not dominate; `llama_layer` overrides its shape, e.g. for tests)."""
-    from salr.loaders import load_model
-
     ranks = {"sparsity": sparsity, "residual_rank": residual_rank, "lora_rank": lora_rank, "quant": quant}
     ranks["quant_double"] = quant_double
     cases = []
     if spec:
-        model, _ = load_model(spec, dtype="bfloat16")
+        model, _ = bench_model(spec, "bfloat16")
         cases.append(checkpoint_case(model, spec, **ranks))
         del model
     layer = random_llama("cpu", torch.bfloat16, **{"num_hidden_layers": 1, "vocab_size": 256, **(llama_layer or {})})

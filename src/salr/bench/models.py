@@ -5,13 +5,16 @@ benchmark model spec on the CPU (`bench_model`) or the GPU (`cuda_model`), and t
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from salr.config import PRESETS, SALRConfig
+from salr.errors import SALRError
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +77,28 @@ def bench_model(
         return random_llama(device, getattr(torch, dtype), **shapes), None
     from salr.loaders import load_model
 
+    _refuse_compressed(spec)
     model, tokenizer = load_model(spec, dtype=dtype)
     return model.to(device), tokenizer
+
+
+def _refuse_compressed(spec: str) -> None:
+    """The benchmarks compress the model themselves to compare it with its dense self: a SALR checkpoint or run is
+    refused before it is loaded, naming the dense model it came from where its salr_config.json records one."""
+    config = Path(spec) / "salr_config.json"
+    if spec == "default" or not config.is_file():
+        return
+    try:
+        base = json.loads(config.read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    origin = f" (it was made from {base!r})" if base else ""
+    report = Path(spec) / "salr_report.json"
+    sizes = f" The checkpoint's own sizes are in {report}." if report.is_file() else ""
+    raise SALRError(
+        f"{spec} is already a SALR checkpoint: salr bench compresses --model itself to compare it with the dense "
+        f"model, so give the dense model{origin}.{sizes}"
+    )
 
 
 def cuda_model(spec: str, **llama_overrides: Any) -> nn.Module:
