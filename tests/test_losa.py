@@ -375,6 +375,10 @@ def test_losa_refuses_no_calibration_and_a_foreign_output(tiny_llama, tmp_path):
     with pytest.raises(SALRError, match="not a salr run"):
         train_losa(tiny_llama, None, tiny_examples(), _losa_config(), _cfg(), LoSAConfig(), foreign, calibration=calib)
     assert not any(isinstance(m, LoSALinear) for m in tiny_llama.modules())  # refused before touching the model
+    with pytest.raises(SALRError, match=r"5 rounds of at least one step each: 2 steps are too few.*--max-steps >= 5"):
+        train_losa(tiny_llama, None, tiny_examples(), _losa_config(), _cfg(max_steps=2), LoSAConfig(), tmp_path / "r2",
+                   calibration=calib)  # fmt: skip
+    assert not (tmp_path / "r2").exists()  # refused before the run directory is made
 
 
 def test_rmi_gives_blocks_different_sparsities_and_training_moves_the_merged_weights(tiny_llama, tmp_path):

@@ -212,6 +212,10 @@ def train_losa(
         raise SALRError("LoSA prunes with Wanda / SparseGPT on calibration data: pass --calibration self or a file")
     if config.sparsity_pattern is not None:
         raise SALRError("LoSA allocates each layer's sparsity itself (its RMI allocation): drop --sparsity-pattern")
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch(len(examples), cfg)))
+    if total < losa.rounds:
+        raise SALRError(f"LoSA trains in {losa.rounds} rounds of at least one step each: {total} steps are too few; "
+                        f"give --max-steps >= {losa.rounds} or fewer --rounds")  # fmt: skip
     started = time.perf_counter()
     run = run_state.run_record({**(run_info or {}), "method": "losa", "losa_config": dataclasses.asdict(losa)},
                                   base_model, config, cfg, run_state.examples_digest(list(examples)))  # fmt: skip
@@ -221,7 +225,6 @@ def train_losa(
         calibration = calibration_ids(model, tokenizer, config.calibration, config.calibration_samples,
                                       config.calibration_length, config.seed)  # fmt: skip
     attach(model, config, losa)
-    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch(len(examples), cfg)))
     steps = apportion(total, losa.weights(), minimum=1)
     parts = split_examples(examples, losa.weights(), cfg.batch_size)
     log = {"output": output, "metrics": output / run_state.METRICS_NAME, "teacher": teacher, "eval_fn": eval_fn,
