@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from salr import data, evaluate
 from salr.cli import main
+from salr.errors import SALRError
 from salr.harness import DEFAULT_DATA, TASKS_DIR, cross_check, parse_tasks, run_harness
 
 pytest.importorskip("lm_eval")
@@ -100,3 +101,11 @@ def test_salr_eval_harness_cli_checks_its_arguments(tmp_path, capsys):
     assert "with several --harness tasks" in capsys.readouterr().err
     assert main(["eval", "--harness", "gsm8k", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_generation_budget_longer_than_the_context_is_refused_before_lm_eval_runs(small, tmp_path):
+    model, tokenizer = small  # a 1024-token context
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_arithmetic(2, seed=3)))
+    with pytest.raises(SALRError, match=r"budget of 1024 new tokens does not fit this model's 1024.*below 1024"):
+        run_harness(model, tokenizer, "gsm8k", gsm, limit=1, max_new_tokens=1024)

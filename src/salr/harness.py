@@ -80,10 +80,16 @@ def run_harness(
     from lm_eval.tasks import TaskManager
 
     name = HARNESS_TASKS[task]
+    context = context_length(model)
+    if task == "gsm8k" and max_new_tokens >= context:
+        raise SALRError(
+            f"lm-eval generates fewer tokens than the model's context: GSM8K's budget of {max_new_tokens} new tokens "
+            f"does not fit this model's {context}; pass --max-new-tokens below {context}"
+        )
     device = next(model.parameters()).device
     lm = HFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
-        max_length=context_length(model),
+        max_length=context,
     )  # fmt: skip
     # the metadata reaches the task's custom dataset through the TaskManager (simple_evaluate's own `metadata`
     # is only used when it builds the manager itself)
