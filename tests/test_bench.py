@@ -429,6 +429,10 @@ def test_generate_report_with_a_static_cache_gives_the_same_tokens(stories_path)
     static = generation_report(str(stories_path), static_cache=True, **kwargs)
     plain = generation_report(str(stories_path), **kwargs)
     assert static["static_cache"] is True and plain["static_cache"] is False
+    assert set(plain["attention"].values()) == {"salr_decode"}  # every model alike
+    sdpa = generation_report(str(stories_path), attention="sdpa", **kwargs)
+    assert set(sdpa["attention"].values()) == {"sdpa"}
+    assert sdpa["results"]["salr"]["token_ids"] == plain["results"]["salr"]["token_ids"]
     timed = plain["breakdown"]["timed"]  # the hooked split runs with the dynamic cache only
     assert set(timed) == {"dense_bf16", "salr"} and "timed" not in static["breakdown"]
     for split in timed.values():

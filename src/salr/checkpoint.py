@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from salr.attention import use_decode_attention
 from salr.bases import BitmapBase, QBitmapBase, base_for_saved
 from salr.bitmap_format import ideal_bitmap_nbytes
 from salr.config import SALRConfig
@@ -430,6 +431,7 @@ def load(
     model, tokenizer = _load(Path(directory), verify_checksums)
     if huge_pages:
         place_on_huge_pages(model)
+    use_decode_attention(model)  # one-token decode steps on the CPU without torch's slow bf16 SDPA kernel
     return model, tokenizer
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from salr import ops
+from salr.attention import use_decode_attention
 from salr.bench.models import bench_model, cuda_model, salr_copy
 from salr.bench.timing import (
     ONEDNN_PATHS,
@@ -383,13 +384,16 @@ def generation_report(
     quant_double: bool = False,
     static_cache: bool = False,
     onednn_choice: str = "auto",
+    attention: str = "salr",
 ) -> dict[str, Any]:
     """`salr bench --generate` on the CPU: dense bf16, dense fp32 and SALR (bitmap base, bf16 adapters unmerged)
     decode the same prompt in one process, next to the dense model with its converted linears stubbed out
     (`no_linears`, for `decode_breakdown`); with `quant` also QSALR (`qsalr`: the same conversion with quantized
     bases). With `memory`, the peak RSS of each model (not `no_linears`) comes from a child process that loads it
     from disk (a saved checkpoint) and generates. `spec` may be "tinyllama-shape" (random, built in memory). All
-    models decode under one oneDNN setting (`pick_onednn`); prefills and the memory children keep torch's."""
+    models decode under one oneDNN setting (`pick_onednn`); prefills and the memory children keep torch's. Every
+    model attends through `attention`: "salr" (salr.attention's one-token path, what salr's loaders set) or "sdpa"
+    (transformers' own)."""
     dense_bf16, tokenizer = bench_model(spec, "bfloat16")
     input_ids = _prompt_ids(tokenizer, prompt, prompt_tokens, dense_bf16.config.vocab_size)
     dense_fp32 = copy.deepcopy(dense_bf16).float().eval()
@@ -407,6 +411,11 @@ def generation_report(
     onednn_pick = pick_onednn(dense_bf16, onednn_choice)
     # The same model with its decoder linears stubbed out: what decoding costs outside the layers SALR replaces.
     models["no_linears"] = without_decoder_linears(dense_bf16, salr_model)
+    for model in models.values():
+        if attention == "sdpa":
+            model.set_attn_implementation("sdpa")
+        else:
+            use_decode_attention(model)
     # static_cache: every model decodes with transformers' StaticCache (no per-step cache growth), eagerly
     bench = functools.partial(graph_generation_bench, capture=False) if static_cache else generation_bench
     bench = functools.partial(bench, decode_onednn=onednn_pick["enabled"])
@@ -445,6 +454,7 @@ def generation_report(
         "salr_tokens_matching_dense_bf16": same / len(results["salr"]["token_ids"]),
         "breakdown": breakdown,
         "onednn": onednn_pick,
+        "attention": {name: model.config._attn_implementation for name, model in models.items()},
         "huge_page_bytes": huge_page_bytes,
         "environment": environment(),
         **(_qsalr_fields(results, configs["qsalr"]) if "qsalr" in results else {}),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salr.attention import use_decode_attention
 from salr.config import PRESETS, SALRConfig
 from salr.errors import SALRError
 
@@ -62,6 +63,7 @@ def random_llama(
             else:
                 p.normal_(0.0, 0.02, generator=g)
     model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its tables are buffers to_empty left empty
+    use_decode_attention(model)  # as salr's loaders do for the models they load
     return model.eval()
 
 

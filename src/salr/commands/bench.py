@@ -75,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--train-memory: gradient checkpointing of the decoder layers, for both methods")  # fmt: skip
     p.add_argument("--layers", type=int, metavar="N",
                    help="--train-memory, tinyllama-shape or llama3-8b: keep only N decoder layers")  # fmt: skip
+    p.add_argument("--attention", choices=("salr", "sdpa"), default="salr",
+                   help="CPU --generate: every model's one-token attention through salr.attention (what salr's "
+                   "loaders set) or transformers' SDPA (torch's kernel, slow for one bf16 query)")  # fmt: skip
     p.add_argument("--onednn", choices=bench.ONEDNN_CHOICES, default="auto",
                    help="CPU: torch's bf16 matmuls through oneDNN (on) or torch's own kernels (off); auto: --kernel "
                    "times dense bf16 both ways and compares against the faster, --generate runs every model on the "
@@ -173,12 +176,12 @@ def _generate(args: argparse.Namespace) -> dict:
     report = bench.generation_report(
         args.model or "default", args.new_tokens, args.rounds, prompt_tokens=args.prompt_tokens,
         memory=not args.no_memory, **_ranks(args), **_quant(args), static_cache=args.static_cache,
-        onednn_choice=args.onednn,
+        onednn_choice=args.onednn, attention=args.attention,
     )  # fmt: skip
     pick = report["onednn"]
     probe = f" ({pick['probe_ms']['onednn']:.3f} vs {pick['probe_ms']['native']:.3f} ms)" if "probe_ms" in pick else ""
     path = "oneDNN" if pick["enabled"] else "native kernels"
-    print(f"torch's bf16 matmuls: {path}, --onednn {pick['choice']}{probe}")
+    print(f"torch's bf16 matmuls: {path}, --onednn {pick['choice']}{probe}; attention: {report['attention']['salr']}")
     for name, r in report["results"].items():
         mem = f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""
         print(f"{name:>11}: prefill {r['prefill_ms']:8.1f} ms  decode {r['decode_tokens_per_s']:6.2f} tok/s{mem}")

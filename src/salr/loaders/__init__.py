@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from salr.attention import use_decode_attention
 from salr.config import DTYPES
 from salr.errors import SALRError
 from salr.hugepages import place_on_huge_pages
@@ -85,6 +86,7 @@ def load_model(spec: str, dtype: str | None = None, huge_pages: bool = True) -> 
         check_finite(model, f"{spec} cast to {dtype}")  # fp16 overflows to infinity
     if salr_checkpoint and huge_pages:  # as salr.load places them: the compressed model decodes faster on the CPU
         place_on_huge_pages(model)
+    use_decode_attention(model)  # dense and SALR models alike (salr.attention)
     return model.eval(), tokenizer
 
 
