@@ -1,13 +1,13 @@
 """A faster attention for one-token decode steps on the CPU, registered with transformers' AttentionInterface.
 
 Torch's CPU kernel behind `scaled_dot_product_attention` is slow for a single bf16 / fp16 query: its time grows by
-~1.8 us per cached token at 32 heads, so at a 2,000-token context one attention call takes 3.6 ms, ~10x what the same
-arithmetic costs as two matmuls and a softmax (docs/benchmarks.md, section 22: 3.5 ms against 0.26 ms). A 1B-class model then spends more of
-each token in attention than in its linear layers. `decode_attention` computes those steps in fp32 (the query and the
-cache widened, scores, softmax and the weighted sum, the result rounded once to the model's dtype: the same numbers
-as the SDPA kernel, which also works in fp32 inside) and hands every other call to transformers' own SDPA
-implementation unchanged: prefill, training, the GPU, fp32 models, masks with a position bias, soft-capping, paged
-caches and short contexts where the kernel is still the faster one.
+~1.8 us per cached token at 32 heads, so at a 2,000-token context one call takes 3.5 ms, ~14x what the same
+arithmetic costs as two matmuls and a softmax (0.26 ms; docs/benchmarks.md, section 22). A 1B-class model then
+spends more of each token in attention than in its linear layers. `decode_attention` computes those steps in fp32
+(the query and the cache widened, scores, softmax and the weighted sum, the result rounded once to the model's
+dtype: SDPA's own error, since its kernel also works in fp32 inside) and hands every other call to transformers' own
+SDPA implementation unchanged: prefill, training, the GPU, fp32 models, masks with a position bias, soft-capping,
+paged caches and short contexts where the kernel is still as fast.
 
 `use_decode_attention(model)` switches a model that runs transformers' "sdpa" to it; salr's loaders do this for the
 models they load (salr.load_model, salr.load), for dense baselines and SALR models alike. It is a runtime setting:
