@@ -7,8 +7,11 @@ model, tok = salr.load("out/")
 
 The pipeline, one module each: loaders (load) -> convert (targets) -> pruning (masks) -> residual (SVD) ->
 layer (SALRLinear) -> train (fine-tuning) -> checkpoint (save / load) -> bases + ops (frozen formats, kernels).
+Models loaded here decode one token at a time on the CPU through salr.attention; `salr.use_decode_attention(model)`
+does the same for a model loaded with transformers directly.
 """
 
+from salr.attention import use_decode_attention
 from salr.bases import BitmapBase, DenseBase
 from salr.checkpoint import load, save
 from salr.config import SALRConfig
@@ -31,6 +34,7 @@ __all__ = [
     "merge_and_unload",
     "pack_bases",
     "save",
+    "use_decode_attention",
     "use_semi_structured",
 ]
 __version__ = "0.1.0"
