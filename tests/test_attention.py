@@ -103,3 +103,33 @@ def test_only_sdpa_models_switch():
     sdpa.set_attn_implementation("sdpa")
     assert use_decode_attention(sdpa) and sdpa.config._attn_implementation == NAME
     assert not use_decode_attention(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gpt-neox", "phi", "gemma3", "olmo2", "cohere"])
+def test_each_family_decodes_as_with_sdpa(family, monkeypatch):
+    """The fast path on the families of test_architectures (biases, fused projections, partial rotary, sliding
+    windows, q/k norms, parallel blocks), threshold lifted, bf16, a left-padded batch: SDPA's logits step by step."""
+    from test_architectures import FAMILIES
+
+    monkeypatch.setattr("salr.attention.MIN_HEAD_TOKENS", 0)
+    cls, config = FAMILIES[family]
+    torch.manual_seed(0)
+    model = cls(config).to(torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+
+    def steps() -> torch.Tensor:
+        with torch.inference_mode():
+            out = model(ids[:, :16], attention_mask=mask[:, :16], use_cache=True)
+            past, logits = out.past_key_values, []
+            for t in range(16, 24):
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits.append(out.logits[:, -1].float())
+        return torch.stack(logits, 1)
+
+    expected = steps()
+    assert use_decode_attention(model)
+    torch.testing.assert_close(steps(), expected, rtol=0.02, atol=0.02)
