@@ -95,75 +95,67 @@ def examples(n: int = 16) -> list[dict[str, list[int]]]:
     return out
 
 
+IDS = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(ids).logits
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_compress_train_save_reload_merge(arch, tmp_path, make_tokenizer):
-    cls, config = ARCHITECTURES[arch]
+def compressed(cls: type, config: object, tmp_path, make_tokenizer) -> tuple[dict, torch.nn.Module, object, object]:
+    """A random `cls(config)` saved as a Hugging Face directory with the test tokenizer and compressed as `salr
+    compress` does: (report, SALR model, tokenizer, dense model), after checking that every linear layer but the LM
+    head, no more, became a SALR layer and that the model really is pruned."""
     torch.manual_seed(0)
     cls(config).save_pretrained(tmp_path / "hf")
     make_tokenizer().save_pretrained(tmp_path / "hf")
-    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
-
-    # compress, as `salr compress` does: the loader checks the directory, every target is converted, bitmap bases
     report = compress(str(tmp_path / "hf"), CONFIG, tmp_path / "ckpt")
-    model, tokenizer = salr.load(tmp_path / "ckpt")
-    dense, _ = salr.load_model(str(tmp_path / "hf"))
-    linears = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and m is not dense.lm_head]
-    converted = {n for n, m in model.named_modules() if isinstance(m, SALRLinear)}
-    assert converted == set(linears), set(linears) ^ converted  # every linear layer but the LM head, no more
-    experts = [m for m in model.modules() if isinstance(m, SALRExperts)]
-    assert len(experts) == {"mixtral": 2, "qwen3-moe": 2, "deepseek-v2-lite": 1}.get(arch, 0)
-    assert report["totals"]["target_layers"] > 0 and abs(report["totals"]["sparsity"] - 0.5) < 0.02
-    assert not torch.allclose(logits(model, ids), logits(dense, ids))  # really pruned
-
-    # train a few steps, save the run, reload it: the same logits, bit for bit
-    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, warmup_steps=0, max_length=64, progress=False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train(model, tokenizer, examples(), CONFIG, cfg, tmp_path / "run", base_model=arch)
-    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert len(moved) == len(before)  # every adapter trained, experts included
-    trained = logits(model, ids)
-    reloaded, _ = salr.load(tmp_path / "run")
-    assert torch.equal(logits(reloaded, ids), trained)
-
-    # merge: plain dense modules again (the model's own experts class), the same function up to rounding
-    merged = merge_and_unload(reloaded)
-    assert not salr_modules(merged) and not any(isinstance(m, SALRExperts) for m in merged.modules())
-    assert type(merged.model.layers[-1].mlp).__name__ == type(dense.model.layers[-1].mlp).__name__
-    torch.testing.assert_close(logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_other_families_compress_generate_train_reload_merge(family, tmp_path, make_tokenizer):
-    cls, config = FAMILIES[family]
-    torch.manual_seed(0)
-    cls(config).save_pretrained(tmp_path / "hf")
-    make_tokenizer().save_pretrained(tmp_path / "hf")
-    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
-
-    compress(str(tmp_path / "hf"), CONFIG, tmp_path / "ckpt")
     model, tokenizer = salr.load(tmp_path / "ckpt")
     dense, _ = salr.load_model(str(tmp_path / "hf"))
     head = dense.get_output_embeddings()
     linears = {n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    assert {n for n, m in model.named_modules() if isinstance(m, SALRLinear)} == linears
-    assert not torch.allclose(logits(model, ids), logits(dense, ids))
-    generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)  # the decode path, KV cache and all
-    assert generated.shape == (1, ids.shape[1] + 4)
+    converted = {n for n, m in model.named_modules() if isinstance(m, SALRLinear)}
+    assert converted == linears, linears ^ converted
+    assert not torch.allclose(logits(model, IDS), logits(dense, IDS))  # really pruned
+    return report, model, tokenizer, dense
 
-    cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=4, warmup_steps=0, max_length=64, progress=False)
-    train(model, tokenizer, examples(), CONFIG, cfg, tmp_path / "run", base_model=family)
-    trained = logits(model, ids)
+
+def trained_reloaded_merged(model: torch.nn.Module, tokenizer: object, name: str, tmp_path) -> torch.nn.Module:
+    """Train 3 steps (every adapter moves, experts included), save the run and reload it (the same logits, bit for
+    bit), merge it (no SALR module left, the same function up to rounding); returns the merged model."""
+    cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, warmup_steps=0, max_length=64, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, tokenizer, examples(), CONFIG, cfg, tmp_path / "run", base_model=name)
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) == len(before)
+    trained = logits(model, IDS)
     reloaded, _ = salr.load(tmp_path / "run")
-    assert torch.equal(logits(reloaded, ids), trained)
+    assert torch.equal(logits(reloaded, IDS), trained)
     merged = merge_and_unload(reloaded)
-    assert not salr_modules(merged)
-    torch.testing.assert_close(logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
+    assert not salr_modules(merged) and not any(isinstance(m, SALRExperts) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, IDS), trained, rtol=1e-4, atol=1e-4)
+    return merged
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_compress_train_save_reload_merge(arch, tmp_path, make_tokenizer):
+    report, model, tokenizer, dense = compressed(*ARCHITECTURES[arch], tmp_path, make_tokenizer)
+    experts = [m for m in model.modules() if isinstance(m, SALRExperts)]
+    assert len(experts) == {"mixtral": 2, "qwen3-moe": 2, "deepseek-v2-lite": 1}.get(arch, 0)
+    assert report["totals"]["target_layers"] > 0 and abs(report["totals"]["sparsity"] - 0.5) < 0.02
+    merged = trained_reloaded_merged(model, tokenizer, arch, tmp_path)
+    # plain dense modules again: the model's own experts class
+    assert type(merged.model.layers[-1].mlp).__name__ == type(dense.model.layers[-1].mlp).__name__
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_other_families_compress_generate_train_reload_merge(family, tmp_path, make_tokenizer):
+    _, model, tokenizer, _ = compressed(*FAMILIES[family], tmp_path, make_tokenizer)
+    generated = model.generate(IDS[:1], max_new_tokens=4, do_sample=False)  # the decode path, KV cache and all
+    assert generated.shape == (1, IDS.shape[1] + 4)
+    trained_reloaded_merged(model, tokenizer, family, tmp_path)
 
 
 @pytest.mark.parametrize(
