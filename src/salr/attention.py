@@ -16,7 +16,6 @@ models they load (salr.load_model, salr.load), for dense baselines and SALR mode
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -24,8 +23,6 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-logger = logging.getLogger(__name__)
 
 NAME = "salr_decode"
 # Below this many (query head, cached token) pairs the SDPA kernel is as fast (measured on a Zen 4 VM, 2 threads:
