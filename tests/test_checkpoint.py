@@ -113,6 +113,26 @@ def test_save_refuses_to_overwrite_a_foreign_directory(stories, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
+def test_save_replaces_a_checkpoint_but_not_a_run_or_files_beside_a_checkpoint(stories, tmp_path):
+    model, tokenizer = stories
+    config = salr.SALRConfig.from_preset("paper", residual_rank=2, r=2)
+    salr.convert(model, config, progress=False)
+    target = tmp_path / "ckpt"
+    salr.save(model, target, config)
+    salr.save(model, target, config)  # an earlier checkpoint holding only its own files: replaced
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(SALRError, match="holds notes.txt, which salr did not write there"):
+        salr.save(model, target, config)
+    assert (target / "notes.txt").read_text() == "keep me"
+    (target / "notes.txt").unlink()
+    (target / "checkpoints").mkdir()  # a finished training run: the final model plus its history
+    (target / "run.json").write_text("{}")
+    with pytest.raises(SALRError, match="holds checkpoints, run.json, which salr did not write there"):
+        salr.save(model, target, config)
+    assert (target / "run.json").is_file() and (target / "checkpoints").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_mixtral_round_trip(tiny_mixtral, tmp_path):
     config = salr.SALRConfig.from_preset("paper", residual_rank=4, r=2)
     salr.convert(tiny_mixtral, config, progress=False)

@@ -196,6 +196,12 @@ def test_export_refuses_a_foreign_output_directory(tiny_llama, tmp_path, capsys)
     assert main(["export", str(tmp_path / "ckpt"), "--to", "peft", "--out", str(tmp_path / "o")]) == 2
     assert "not an earlier export" in capsys.readouterr().err
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+    argv = ["export", str(tmp_path / "ckpt"), "--to", "peft", "--out", str(tmp_path / "e")]
+    assert main(argv) == 0 and main(argv) == 0  # an earlier export is replaced
+    (tmp_path / "e" / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    assert "holds notes.txt, which salr did not write there" in capsys.readouterr().err
+    assert (tmp_path / "e" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow

@@ -182,6 +182,32 @@ def test_merge_refuses_a_foreign_output_directory(tiny_llama, tmp_path):
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
 
 
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_merge_never_replaces_its_source_a_run_a_model_or_files_it_did_not_write(tiny_llama, tmp_path, capsys):
+    """Every model directory has a config.json: a merge replaces only an earlier merge (merge_report.json), and
+    only when that holds nothing the new merge does not write."""
+    run, ckpt, dense = tmp_path / "run", tmp_path / "ckpt", tmp_path / "dense"
+    tiny_llama.config.save_pretrained(dense)  # stands for a user's transformers model directory
+    salr.save(trained_like(copy.deepcopy(tiny_llama)), ckpt, CONFIG)
+    _train_run(tiny_llama, run, max_steps=2, save_every=1)
+    for target in (run, ckpt, dense):
+        before = _listing(target)
+        assert main(["merge", str(run), "--out", str(target), "--check-windows", "0", "--quiet"]) == 2
+        assert "not an earlier model directory (no merge_report.json)" in capsys.readouterr().err
+        assert _listing(target) == before
+    out = tmp_path / "merged"
+    argv = ["merge", str(run), "--out", str(out), "--check-windows", "0", "--quiet"]
+    assert main(argv) == 0 and main(argv) == 0  # an earlier merge is replaced
+    (out / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    assert "holds notes.txt, which salr did not write there" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and (out / REPORT_NAME).is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
 def test_a_mask_preserving_method_merges_exactly_in_both_modes():
     """A FusedAdapters layer whose update is M ⊙ (B A) (LoSA's LoSALinear does this): merged through its own
     merged_weight(), the sparse merge equals the dense one and keeps the base's sparsity exactly."""

@@ -52,6 +52,7 @@ from salr.io import (
     fsync_tree,
     make_temp_dir,
     read_json,
+    refuse_foreign_entries,
     remove_stale_temps,
     swap_dir,
     umask,
@@ -310,11 +311,14 @@ def prepare_output(output: str | os.PathLike) -> Path:
 
 
 def check_replaceable(target: Path) -> None:
-    """`target` may be created or replaced by a checkpoint: absent, empty, or a SALR checkpoint already."""
+    """`target` may be created or replaced by a checkpoint: absent, empty, or a SALR checkpoint already that holds
+    nothing but its own files (not a training run, whose checkpoints/ and metrics a new checkpoint would delete)."""
     if target.exists() and not target.is_dir():
         raise SALRError(f"{target} exists and is not a directory: refusing to overwrite it")
-    if target.is_dir() and not (target / CONFIG_NAME).is_file() and any(target.iterdir()):
-        raise SALRError(f"{target} exists and is not a SALR checkpoint: refusing to overwrite it")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / CONFIG_NAME).is_file():
+            raise SALRError(f"{target} exists and is not a SALR checkpoint: refusing to overwrite it")
+        refuse_foreign_entries(target, _previous_files(target) | {CONFIG_NAME}, "SALR checkpoint")
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -92,15 +92,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_path(path.parent)
 
 
-def check_output_dir(out: str | os.PathLike, marker: str, what: str = "output") -> Path:
+def check_output_dir(
+    out: str | os.PathLike, marker: str, what: str = "output", entries: set[str] | None = None
+) -> Path:
     """Before any work: `out` can be written (see check_writable_dir) and is absent, empty or holds `marker` (an
-    earlier output of the same kind, which `write_dir` may replace). Returns the absolute path."""
+    earlier output of the same kind, which `write_dir` may replace) and, when `entries` names everything this kind
+    of output holds, nothing else. Returns the absolute path."""
     path = check_writable_dir(out, what)
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
-        raise SALRError(
-            f"{what} {path} exists and is not an earlier {what} (no {marker}): choose a new or empty directory"
-        )
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / marker).exists():
+            raise SALRError(
+                f"{what} {path} exists and is not an earlier {what} (no {marker}): choose a new or empty directory"
+            )
+        if entries is not None:
+            refuse_foreign_entries(path, entries | {marker}, what)
     return path
+
+
+def refuse_foreign_entries(path: Path, entries: set[str], what: str) -> None:
+    """Replacing `path` would delete what it holds beyond `entries` (the names salr wrote there): refuse instead."""
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in entries)
+    if foreign:
+        names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise SALRError(
+            f"{what} {path} holds {names}, which salr did not write there; replacing it would delete them: "
+            "choose a new or empty directory, or move them out"
+        )
 
 
 def swap_dir(new: Path, target: Path) -> None:
@@ -119,14 +136,17 @@ def swap_dir(new: Path, target: Path) -> None:
 
 def write_dir(out: str | os.PathLike, fill: Callable[[Path], None], marker: str, what: str = "output") -> Path:
     """Build directory `out` atomically: `fill(tmp)` writes into a temporary sibling, which is fsynced and renamed to
-    `out`. An existing `out` is replaced only when it is empty or holds `marker` (a file or directory that this kind
-    of output always has), and is removed only after the new one is in place."""
+    `out`. An existing `out` is replaced only when it is empty, or holds `marker` (a file or directory that this kind
+    of output always has) and nothing the new output does not replace; it is removed only after the new one is in
+    place."""
     out = check_output_dir(out, marker, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent, {out.name})
     tmp = make_temp_dir(out.parent, out.name)
     try:
         fill(tmp)
+        if out.is_dir():  # nothing of the earlier output's directory may go that the new one does not replace
+            refuse_foreign_entries(out, {p.name for p in tmp.iterdir()}, what)
         fsync_tree(tmp)
         swap_dir(tmp, out)
     except BaseException:

@@ -206,19 +206,20 @@ def compare(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tenso
 # ----------------------------------------------------------------------------- salr merge
 
 
-def save_plain(model: nn.Module, tokenizer: Any, out: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Save a plain transformers checkpoint (safetensors, the model's dtype) + tokenizer + JSON files, atomically.
+def save_plain(model: nn.Module, tokenizer: Any, out: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """Save a plain transformers checkpoint (safetensors, the model's dtype) + tokenizer + `report` as
+    merge_report.json, atomically.
 
-    An existing `out` is replaced only when it is empty or holds a transformers checkpoint (config.json)."""
+    An existing `out` is replaced only when it is empty or an earlier merge (merge_report.json) holding nothing the
+    new one does not replace: never a source model, a SALR checkpoint or a run, which also have a config.json."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, obj in (extra or {}).items():
-            atomic_write_json(tmp / name, obj)
+        atomic_write_json(tmp / REPORT_NAME, report)
 
-    return write_dir(out, fill, "config.json", "model directory")
+    return write_dir(out, fill, REPORT_NAME, "model directory")
 
 
 def resolve_run(path: str | os.PathLike) -> Path:
@@ -269,7 +270,7 @@ def merge_checkpoint(
     if report["accuracy"] is not None:
         report["accuracy"]["text"] = text
     report["seconds"] = time.perf_counter() - started
-    save_plain(model, tokenizer, out, extra={REPORT_NAME: report})
+    save_plain(model, tokenizer, out, report)
     return report
 
 

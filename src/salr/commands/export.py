@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from salr.checkpoint import load, read_salr_config
     from salr.config import SALRConfig
     from salr.merge import resolve_run
-    from salr.peft_adapter import ADAPTER_DIR, export_peft
+    from salr.peft_adapter import ADAPTER_DIR, BASE_DIR, export_peft
 
-    check_output_dir(args.out, ADAPTER_DIR, "export")
+    check_output_dir(args.out, ADAPTER_DIR, "export", entries={BASE_DIR})
     source = resolve_run(args.run)
     model, tokenizer = load(source, huge_pages=False)  # rewritten, not decoded
     summary = export_peft(model, tokenizer, SALRConfig.from_dict(read_salr_config(source)["salr"]), args.out)

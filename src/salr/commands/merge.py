@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace, out: str) -> dict:
-    check_output_dir(out, "config.json", "model directory")  # before loading and merging, not after
+    check_output_dir(out, REPORT_NAME, "model directory")  # before loading and merging, not after
     report = merge_checkpoint(
         args.run, out, args.mode, args.rule, args.check_windows, args.check_length, args.check_text
     )
