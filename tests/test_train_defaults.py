@@ -156,3 +156,34 @@ def test_default_prompt_distillation_steps_aside_without_a_dense_teacher(stories
     capsys.readouterr()
     assert main([*base, "--prompt-distill", "1", "--output", str(tmp_path / "run2")]) == 2
     assert "does not record its dense base model" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_trained_as_saved_and_conversion_flags_are_refused(stories_path, tmp_path, capsys):
+    """`salr train --model CKPT` trains the checkpoint's own mask and adapters: a conversion flag, a preset or a method
+    that converts a dense model would change nothing and is one clear error before anything is written."""
+    from salr.loaders import load_model
+
+    model, tok = load_model(str(stories_path))
+    config = salr.SALRConfig.from_preset("paper", residual_rank=4, r=4)
+    salr.convert(model, config, progress=False)
+    ckpt = tmp_path / "ckpt"
+    salr.save(model, ckpt, config, tokenizer=tok, base_model=None)
+    records = tmp_path / "train.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_arithmetic(16, seed=2)))
+    base = ["train", "--model", str(ckpt), "--data", str(records), "--max-steps", "1", "--batch-size", "4",
+            "--no-progress", "--output", str(tmp_path / "run")]  # fmt: skip
+    refused = {
+        ("--sparsity", "0.9", "--lora-rank", "2"): "--sparsity, --lora-rank would change nothing",
+        ("--preset", "paper"): "--preset would change nothing",
+        ("--method", "lora"): "unquantized base): --method lora converts a dense model",
+        ("--method", "qsalr"): "unquantized base): --method qsalr converts a dense model",
+    }
+    for flags, message in refused.items():
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "trained as saved (sparsity 0.5, residual rank 4, LoRA rank 4" in err
+        assert not (tmp_path / "run").exists()
+    assert main([*base, "--method", "salr-frozen-residual", "--seed", "3"]) == 0
+    trained, _ = salr.load(tmp_path / "run")
+    layer = trained.model.layers[0].mlp.up_proj
+    assert layer.residual_rank == 4 and layer.lora_rank == 4

@@ -7,6 +7,7 @@ Single process: `salr train ...`; several: `torchrun --nproc_per_node N -m salr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -19,8 +20,9 @@ from salr.commands.common import (
     at_least,
     config_from_args,
     dataclass_from_args,
+    flag,
 )
-from salr.config import TRAINING_DATA
+from salr.config import TRAINING_DATA, SALRConfig
 from salr.errors import SALRError
 from salr.io import check_writable_dir
 from salr.losa.config import LoSAConfig
@@ -72,6 +74,38 @@ def training_conversion(args: argparse.Namespace) -> dict[str, Any]:
     return unset
 
 
+# Methods that train a SALR checkpoint as saved: the others describe a conversion of a dense model.
+CHECKPOINT_METHODS = ("salr", "salr-frozen-residual", "qsalr")
+
+
+def refuse_conversion_of_a_checkpoint(args: argparse.Namespace) -> None:
+    """A SALR checkpoint is trained as saved (its mask, ranks and adapters): a conversion flag or a method that would
+    build another model is refused, not silently ignored."""
+    from salr.checkpoint import CONFIG_NAME, read_salr_config
+
+    if not (Path(args.model) / CONFIG_NAME).is_file():
+        return
+    saved = read_salr_config(args.model)["salr"]
+    quantized = saved.get("quant", "none") != "none"
+    what = (
+        f"--model {args.model} is a SALR checkpoint, trained as saved (sparsity {saved.get('sparsity')}, residual "
+        f"rank {saved.get('residual_rank')}, LoRA rank {saved.get('r')}, {'quantized' if quantized else 'unquantized'}"
+        " base)"
+    )
+    given = [flag(f.name) for f in dataclasses.fields(SALRConfig) if f.name != "seed" and hasattr(args, f.name)]
+    given += ["--preset"] if getattr(args, "preset", None) else []
+    if given:
+        raise SALRError(
+            f"{what}: {', '.join(given)} would change nothing; drop them, or pass the dense model to convert it "
+            "with them"
+        )
+    if args.method not in CHECKPOINT_METHODS or (args.method == "qsalr" and not quantized):
+        raise SALRError(
+            f"{what}: --method {args.method} converts a dense model; pass the dense model for it, or --method salr "
+            "(salr-frozen-residual freezes the residual block)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from salr import data
     from salr.integrity import sha256_file
@@ -83,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and not Path(args.data).is_file():
         raise SALRError(f"--data {args.data}: no such file; pass a GSM8K or Alpaca JSON/JSONL file")
     check_writable_dir(args.output, "--output")
+    refuse_conversion_of_a_checkpoint(args)
     config = config_from_args(args, **training_conversion(args))
     eval_fn, eval_info = None, None
     if args.eval_data and cfg.eval_every:
