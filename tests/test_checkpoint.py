@@ -3,6 +3,7 @@ import torch
 
 import salr
 from salr.errors import SALRError
+from salr.layer import SALRLinear
 
 
 @pytest.fixture
@@ -163,3 +164,34 @@ def test_bitmap_base_checkpoint_round_trip_and_size(stories_path, tmp_path):
     # Above the ideal only by the int64 row offsets (8 bytes per 64-wide row here: ~11 %) and the header.
     assert sizes["ideal_bytes"] < sizes["checkpoint_bytes"] < 1.15 * sizes["ideal_bytes"]
     assert sizes["checkpoint_bytes"] < sizes["dense_bytes"]
+
+
+def test_a_converted_tied_lm_head_is_untied_and_its_checkpoint_loads(tmp_path):
+    """lm_head named explicitly on a model with tied embeddings: the embeddings stay dense, the saved config no longer
+    ties them, and the checkpoint loads to the same logits (it was written unloadable before)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+    ).eval()
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    config = salr.SALRConfig.from_preset("paper", residual_rank=4, r=2, target_modules=["lm_head", "q_proj"])
+    salr.convert(model, config, progress=False)
+    assert isinstance(model.lm_head, SALRLinear) and not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    salr.save(model, tmp_path / "c", config)
+    loaded, _ = salr.load(tmp_path / "c")
+    assert isinstance(loaded.lm_head, SALRLinear) and torch.equal(loaded.model.embed_tokens.weight, embeddings)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

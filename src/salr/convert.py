@@ -155,6 +155,7 @@ def convert(
             check_supported(modules[target.module_name], target.name)
         if init and not weight.is_meta and not bool(torch.isfinite(weight).all()):
             raise SALRError(f"{target.name} has non-finite weights (NaN or infinity): the model is corrupt")
+    _untie_converted_output(model, targets)
     threshold = None
     if init and config.granularity == "global" and config.nm is None:
         threshold = global_threshold([_target_weight(modules, t) for t in targets], config.sparsity)
@@ -178,6 +179,17 @@ def convert(
         report["block_tuning"] = converter.block_rows
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _untie_converted_output(model: nn.Module, targets: list[Target]) -> None:
+    """A converted lm_head tied to the input embeddings stops sharing their weight (the embeddings stay dense): the
+    config must say so, or loading the saved checkpoint would tie them again, onto a layer that has no weight."""
+    if not any(t.kind == "output" for t in targets) or getattr(model, "config", None) is None:
+        return
+    for cfg in (model.config, model.config.get_text_config()):
+        if getattr(cfg, "tie_word_embeddings", False):
+            logger.info("lm_head is converted: untying it from the input embeddings, which stay dense")
+            cfg.tie_word_embeddings = False
 
 
 def _convert_blockwise(converter: _Converter, targets: list[Target], ids: torch.Tensor, progress: bool) -> None:
