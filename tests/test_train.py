@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import socket
 
 import pytest
@@ -113,6 +114,26 @@ def test_frozen_residual_block_is_bit_identical(tiny_llama, tmp_path):
         assert torch.equal(layer.B_cat[:, :r], before[f"{name}.B_cat"][:, :r])
         assert not torch.equal(layer.A_cat[r:], before[f"{name}.A_cat"][r:])
         assert not torch.equal(layer.B_cat[:, r:], before[f"{name}.B_cat"][:, r:])
+
+
+def test_float16_adapters_are_refused_before_training_and_bfloat16_ones_train(tiny_llama, tmp_path, capsys):
+    """AdamW's eps underflows in float16 (the first step gave NaN and 'lower --lr'): refused in one line, before a
+    dense model is converted or a run directory exists; bfloat16 adapters train."""
+    half = salr.SALRConfig.from_dict({**SALR_CFG.to_dict(), "adapter_dtype": "float16"})
+    with pytest.raises(salr.SALRError, match="adapters are float16, which AdamW cannot train"):
+        train(converted(copy.deepcopy(tiny_llama), half), None, tiny_examples(), half, cfg(), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(salr.SALRError, match="adapters are float16"):
+        prepare_model("unused: refused before loading", "salr", half)
+    tiny_llama.save_pretrained(tmp_path / "dense")
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_arithmetic(8, seed=0)))
+    argv = ["train", "--model", str(tmp_path / "dense"), "--data", str(records), "--output", str(tmp_path / "b")]
+    assert main([*argv, "--adapter-dtype", "float16", "--preset", "paper", "--no-progress"]) == 2
+    assert "adapters are float16" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    bf16 = salr.SALRConfig.from_dict({**SALR_CFG.to_dict(), "adapter_dtype": "bfloat16"})
+    report = train(converted(tiny_llama, bf16), None, tiny_examples(), bf16, cfg(max_steps=3), tmp_path / "c")
+    assert len(report["history"]) == 3 and all(math.isfinite(row["loss"]) for row in report["history"])
 
 
 def test_methods_and_equal_parameter_lora(tiny_llama):

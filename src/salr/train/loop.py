@@ -72,6 +72,16 @@ def effective_config(model_spec: str, method: str, config: SALRConfig) -> SALRCo
     return method_config(method, config)
 
 
+def refuse_float16_adapters(adapter_dtype: str) -> None:
+    """AdamW cannot train float16 parameters: its eps (1e-8) is 0 in float16, so a zero gradient's update is 0 / 0."""
+    if adapter_dtype == "float16":
+        raise SALRError(
+            "the adapters are float16, which AdamW cannot train (its eps, 1e-8, is 0 in float16: a zero gradient "
+            "gives NaN at the first step): train float32 (the default) or bfloat16 adapters (--adapter-dtype, set "
+            "when a model is compressed; --dtype float16 casts a checkpoint's adapters too: use bfloat16)"
+        )
+
+
 def prepare_model(
     model_spec: str,
     method: str,
@@ -86,6 +96,7 @@ def prepare_model(
     training `records` where its calibration is 'data' (TRAINING_DATA).
     """
     path = Path(model_spec)
+    refuse_float16_adapters(effective_config(model_spec, method, config).adapter_dtype)  # before any conversion
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         saved = effective_config(model_spec, method, config)
         model, tokenizer = load_model(model_spec, dtype=dtype, huge_pages=run_state.trains_on_cpu())
@@ -404,6 +415,8 @@ def train(
     refuses different ones except run_state.SAFE_TRAIN_ARGS. The report covers the whole run.
     """
     output = Path(os.path.abspath(output))
+    if any(p.dtype == torch.float16 for _, p in trainable_parameters(model)):
+        refuse_float16_adapters("float16")  # before the run directory is claimed
     resume_from = None if resume_from is None else Path(resume_from)
     record = run_state.run_record(run_info, base_model, config, cfg, run_state.examples_digest(list(examples)))
     if int(os.environ.get("RANK", "0")) == 0:
