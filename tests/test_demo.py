@@ -73,3 +73,21 @@ def test_demo_bad_data_fails_before_loading(tmp_path, capsys):
     bad.write_text('[{"prompt": "x"}]')
     assert main(["demo", "--model", "does-not-matter", "--data", str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "unknown record format" in capsys.readouterr().err
+
+
+def test_demo_checks_its_outputs_before_loading(tmp_path, capsys):
+    """A bad --output or --json is refused before the model is loaded (it failed at stage 3 or at the very end, after
+    the whole demo's work, the --json one naming a temporary file)."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    base = ["demo", "--model", "does-not-matter"]
+    cases = {
+        ("--output", str(foreign)): "already holds ['notes.txt'] and is not a salr run",
+        ("--output", str(foreign), "--train-steps", "0"): "is not a SALR checkpoint: refusing to overwrite it",
+        ("--output", str(tmp_path / "o"), "--json", str(foreign)): "is a directory: pass a file name",
+    }
+    for flags, message in cases.items():
+        assert main([*base, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (foreign / "notes.txt").read_text() == "keep"

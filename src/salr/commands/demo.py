@@ -24,14 +24,14 @@ from typing import Any
 import torch
 
 from salr.calibration import SELF, calibration_ids, self_generated_ids
-from salr.checkpoint import load
+from salr.checkpoint import load, prepare_output
 from salr.commands.common import add_model_arg, add_salr_args, config_from_args
 from salr.compress import format_report
 from salr.config import NO_CALIBRATION, PRESETS, SALRConfig
 from salr.convert import convert
 from salr.errors import SALRError
 from salr.evaluate import complete, continue_text, perplexity, score_tokens
-from salr.io import atomic_write_json
+from salr.io import atomic_write_json, check_writable_dir, check_writable_file
 from salr.loaders import load_model
 from salr.train.config import LR_TASK
 
@@ -233,8 +233,22 @@ def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
     seconds[key] = time.perf_counter() - started
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """--output and --json, before the first stage rather than after minutes of work: fine-tuning makes --output a
+    run directory, --train-steps 0 a checkpoint."""
+    from salr.train.state import check_fresh_output
+
+    if args.json:
+        check_writable_file(args.json, "--json")
+    if args.train_steps > 0:
+        check_fresh_output(check_writable_dir(args.output, "--output"))
+    else:
+        prepare_output(args.output)
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_outputs(args)
     records = demo_records(args.data, args.train_examples, args.eval_examples, config.seed)  # check data first
     started = time.perf_counter()
     dense, tokenizer = load_model(args.model, dtype=args.dtype)
