@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import salr
+from salr.checkpoint import read_salr_config
 from salr.errors import SALRError
 from salr.layer import SALRLinear
 
@@ -195,3 +196,16 @@ def test_a_converted_tied_lm_head_is_untied_and_its_checkpoint_loads(tmp_path):
     loaded, _ = salr.load(tmp_path / "c")
     assert isinstance(loaded.lm_head, SALRLinear) and torch.equal(loaded.model.embed_tokens.weight, embeddings)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_local_base_model_is_recorded_as_an_absolute_path(stories, tmp_path, monkeypatch):
+    """`salr compress --model ./dense` recorded "dense", so a run started from another directory distilled from
+    whatever ./dense was there (or from nothing); hub ids and names that are not local paths stay as given."""
+    model, tokenizer = stories
+    config = salr.SALRConfig.from_preset("paper", residual_rank=2, r=2)
+    salr.convert(model, config, progress=False)
+    (tmp_path / "dense").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spec, recorded in (("dense", str(tmp_path / "dense")), ("org/model-1b", "org/model-1b")):
+        salr.save(model, tmp_path / "c", config, base_model=spec)
+        assert read_salr_config(tmp_path / "c")["base_model"] == recorded

@@ -141,7 +141,8 @@ def write_checkpoint(
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "salr": config.to_dict(),
-        "base_model": base_model,
+        # a local path as typed would name another model (or none) from another working directory: keep it absolute
+        "base_model": os.path.abspath(base_model) if base_model and os.path.exists(base_model) else base_model,
         "base_format": base_format(model),
         "tied_tensors": aliases,
     }
