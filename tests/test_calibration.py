@@ -90,6 +90,9 @@ def test_file_ids_windows_from_text_and_gsm8k(tmp_path, make_tokenizer):
     gsm = tmp_path / "g.jsonl"
     gsm.write_text(GSM8K_LINE * 20)
     assert file_ids(tok, gsm, samples=2, length=16).shape == (2, 16)
+    for name in ("wiki.test.tokens", "corpus"):  # any name but .json / .jsonl is plain text (they were parsed as JSON)
+        (tmp_path / name).write_text(text.read_text())
+        assert torch.equal(file_ids(tok, tmp_path / name, samples=3, length=16, seed=0), ids)
     short = tmp_path / "s.txt"
     short.write_text("too short")
     with pytest.raises(SALRError, match="fewer than one calibration window"):

@@ -34,7 +34,7 @@ from salr.experts import EXPERT_PARAMS, is_fused_experts
 logger = logging.getLogger(__name__)
 
 SELF = "self"
-TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
+RECORD_SUFFIXES = (".json", ".jsonl")  # GSM8K / Alpaca records; any other file is plain text, as for wikitext2
 
 
 # ----------------------------------------------------------------------------- token windows
@@ -137,15 +137,16 @@ def records_text(records: Sequence[dict[str, str]]) -> str:
 
 
 def _file_text(path: Path) -> str:
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        return data.load_text(path)
-    return records_text(data.load_sft_records(path))
+    if path.suffix.lower() in RECORD_SUFFIXES:
+        return records_text(data.load_sft_records(path))
+    return data.load_text(path)
 
 
 def file_ids(tokenizer: Any, path: str | Path, samples: int, length: int, seed: int = 0) -> torch.Tensor:
     """[samples, length] windows of a file's tokens at random offsets (seeded), each starting with BOS.
 
-    Plain text files are read as they are; GSM8K / Alpaca JSON(L) records become "prompt\\nresponse" paragraphs."""
+    A .json / .jsonl file holds GSM8K / Alpaca records, which become "prompt\\nresponse" paragraphs; any other file
+    (wiki.test.raw, WikiText-103's wiki.test.tokens, a name without a suffix) is read as plain text."""
     return text_ids(tokenizer, _file_text(Path(path)), samples, length, seed, what=str(path))
 
 

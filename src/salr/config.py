@@ -128,9 +128,9 @@ class SALRConfig:
     calibration: str = field(
         default="self",
         metadata={
-            "help": "calibration text: 'self' (sampled from the model itself, no file needed), a text / GSM8K / "
-            "Alpaca file, 'data' (salr train: its training records; its default there) or 'none' (magnitude + svd "
-            "only)"
+            "help": "calibration text: 'self' (sampled from the model itself, no file needed), a GSM8K / Alpaca "
+            ".json / .jsonl file or a plain-text file (any other name), 'data' (salr train: its training records; "
+            "its default there) or 'none' (magnitude + svd only)"
         },
     )
     calibration_samples: int = field(default=64, metadata={"help": "calibration windows"})
