@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     check_writable_dir(args.output, "--output")
     refuse_conversion_of_a_checkpoint(args)
     config = config_from_args(args, **training_conversion(args))
+    if bool(args.eval_data) != bool(cfg.eval_every):  # either alone would silently evaluate nothing
+        raise SALRError(
+            "--eval-data and --eval-every go together: pass both (--eval-every N scores --eval-data every N steps)"
+        )
     eval_fn, eval_info = None, None
     if args.eval_data and cfg.eval_every:
         from salr.evaluate import answer_nll
