@@ -103,6 +103,11 @@ BAD_INPUTS = [
     ("eval-json-unwritable", lambda w: w.eval("--json", w.path("f.txt", "x") + "/r.json"), "is a file, so the"),
     ("train-output-is-file", lambda w: w.train("--output", w.path("f.txt", "x")), "exists and is not a directory"),
     ("binary-jsonl", lambda w: w.train("--data", w.path("bin.jsonl", bytes(range(256)) * 4)), "not UTF-8 text"),
+    (
+        "gsm8k-budget-past-context",
+        lambda w: [*w.eval(), "--task", "gsm8k", "--data", str(w.data), "--max-new-tokens", "100000"],
+        "is more than this model's whole context",
+    ),
     ("eval-data-alone", lambda w: w.train("--eval-data", str(w.data)), "--eval-data and --eval-every go together"),
     ("eval-every-alone", lambda w: w.train("--eval-every", "2"), "--eval-data and --eval-every go together"),
     (

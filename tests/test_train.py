@@ -136,6 +136,14 @@ def test_float16_adapters_are_refused_before_training_and_bfloat16_ones_train(ti
     assert len(report["history"]) == 3 and all(math.isfinite(row["loss"]) for row in report["history"])
 
 
+def test_distillation_sequences_are_cut_to_the_teachers_context(tiny_llama):
+    """--distill-length past the context sampled on for as long as asked (100,000 tokens ran for minutes)."""
+    from salr.train.loop import distill_examples
+
+    examples = distill_examples(tiny_llama, TrainConfig(distill=True, distill_samples=2, distill_length=100_000))
+    assert [len(e["input_ids"]) for e in examples] == [tiny_llama.config.max_position_embeddings] * 2
+
+
 def test_methods_and_equal_parameter_lora(tiny_llama):
     lora = method_config(
         "lora", salr.SALRConfig.from_preset("paper", sparsity=0.5, residual_rank=4, r=8, lora_alpha=16)

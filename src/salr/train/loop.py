@@ -151,7 +151,12 @@ def every_position_examples(rows: list[list[int]]) -> list[dict[str, list[int]]]
 
 def distill_examples(teacher: nn.Module, cfg: TrainConfig) -> list[dict[str, list[int]]]:
     """Sequences sampled from the teacher itself (data-free recovery), every position a training target."""
-    ids = self_generated_ids(teacher, cfg.distill_samples, cfg.distill_length, seed=cfg.seed + 1)
+    length = cfg.distill_length
+    limit = getattr(teacher.config, "max_position_embeddings", None)
+    if limit is not None and length > limit:  # as calibration windows: sampling past the context never ends well
+        logger.info("distillation sequences of %d tokens cut to the model's context of %d", length, limit)
+        length = limit
+    ids = self_generated_ids(teacher, cfg.distill_samples, length, seed=cfg.seed + 1)
     return every_position_examples(ids.tolist())
 
 
