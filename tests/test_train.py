@@ -204,6 +204,23 @@ def test_resume_matches_uninterrupted(tiny_llama, tmp_path):
     assert steps == list(range(1, 9))  # the log was cut back to the checkpoint, then continued
 
 
+def test_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(tiny_llama, tmp_path):
+    """Extending a finished 4-step run to 8: every step after the checkpoint takes the 8-step schedule's lr (the first
+    one took the old schedule's, restored with the optimizer)."""
+    from salr.train.loop import lr_factor
+
+    examples, short = tiny_examples(), cfg(max_steps=4, save_every=4, batch_size=4, warmup_steps=2, log_every=1)
+    train(converted(tiny_llama), None, examples, SALR_CFG, short, tmp_path / "run")
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    longer = TrainConfig(**{**vars(short), "max_steps": 8})
+    resumed, _ = salr.load(checkpoint)
+    report = train(resumed, None, examples, SALR_CFG, longer, tmp_path / "run", resume_from=checkpoint)
+    lrs = {row["step"]: row["lr"] for row in report["history"]}
+    for step in range(5, 9):
+        assert lrs[step] == pytest.approx(longer.lr * lr_factor(step - 1, 2, 8, longer.min_lr_ratio), rel=1e-9)
+    assert lrs[5] != pytest.approx(short.lr * lr_factor(4, 2, 4, short.min_lr_ratio))
+
+
 # Adam divides by sqrt(v): on entries whose gradient is near zero, float reordering between 1 and 2 processes is
 # amplified to about lr, so the comparison uses a small lr (the losses agree to ~1e-7 at any lr).
 DDP_CFG = cfg(lr=1e-3, max_steps=4, batch_size=8, grad_accum=2)

@@ -321,6 +321,11 @@ class Trainer:
                     f"--resume: the checkpoint is at step {self.start}, beyond the {self.total} steps asked for: "
                     "pass --max-steps of at least the checkpoint's step"
                 )
+            # the restored lr is the old schedule's: a resume with another --max-steps takes this run's from its step
+            for group, base, factor in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * factor(self.scheduler.last_epoch)
             logger.info("resumed from %s at step %d", resume_from, self.start)
         else:
             self.scales = residual_lr_scales(model, cfg, examples)
