@@ -126,6 +126,20 @@ def test_wrong_types_and_empty_files(tmp_path):
     blank.write_text("\n \n")
     assert str(blank) in _error(data.load_text, blank)
     assert "no such file" in _error(data.load_text, tmp_path / "nope.txt")
+    assert f"{tmp_path} is a directory: pass the path of a data file in it" in _error(data.load_gsm8k, tmp_path)
+    null = tmp_path / "null.jsonl"
+    null.write_text('{"question": "q", "answer": null}\n')
+    assert "field 'answer' is null; it must be a string" in _error(data.load_gsm8k, null)
+
+
+def test_a_byte_order_mark_is_not_content(tmp_path):
+    """Files some editors save with a UTF-8 BOM: the first JSONL line was invalid JSON, the text began with U+FEFF."""
+    line = '{"question": "q", "answer": "#### 1"}\n'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode())
+    (tmp_path / "plain.jsonl").write_text(line)
+    assert data.load_gsm8k(tmp_path / "bom.jsonl") == data.load_gsm8k(tmp_path / "plain.jsonl")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfSome text.")
+    assert data.load_text(tmp_path / "bom.txt") == "Some text."
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text('{"prompt": "p", "completion": "c"}\n')
     assert "unknown record format" in _error(data.load_sft_records, unknown)

@@ -38,6 +38,8 @@ MMLU_SPLITS = ("_dev.csv", "_val.csv", "_test.csv")
 
 def _check_file(path: str | os.PathLike) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise SALRError(f"{path} is a directory: pass the path of a data file in it")
     if not path.is_file():
         raise SALRError(f"{path}: no such file; pass the path of an existing data file")
     if path.stat().st_size == 0:
@@ -47,7 +49,7 @@ def _check_file(path: str | os.PathLike) -> Path:
 
 def _read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not content
     except UnicodeDecodeError as err:
         raise SALRError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it a binary file?") from err
 
@@ -108,6 +110,8 @@ def _load_fields(path: str | os.PathLike, fields: Sequence[str], optional: Seque
     for where, rec in _read_json_items(path):
         for field in (*fields, *optional):
             value = rec.get(field, "" if field in optional else None)
+            if value is None and field in rec:
+                raise SALRError(f"{path}:{where}: field {field!r} is null; it must be a string")
             if value is None:
                 raise SALRError(f"{path}:{where}: missing field {field!r} (fields present: {sorted(rec)})")
             if not isinstance(value, str):
