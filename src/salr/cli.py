@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         message = f"an input file is not UTF-8 text ({err.reason} at byte {err.start})"
     except RecursionError:
         message = "an input file is nested too deeply to be read"
+    except KeyboardInterrupt:
+        # Ctrl-C: outputs are written atomically (complete or absent), so a line says so instead of a traceback.
+        print(
+            f"salr {args.command}: interrupted; outputs are complete or absent, never half-written "
+            "(an interrupted salr train continues with --resume)",
+            file=sys.stderr,
+        )
+        return 130
     print(f"salr {args.command}: error: {one_line(message)}", file=sys.stderr)
     return 2
 
