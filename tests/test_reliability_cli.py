@@ -231,6 +231,24 @@ def test_usage_errors_exit_2(capsys):
     assert len(capsys.readouterr().err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+        (["--budget", "-1"], "argument --budget: must be a finite number >= 0, got -1"),
+        (["--shape", "abc"], "argument --shape: shape must look like OUTxIN, e.g. 4096x4096; got 'abc'"),
+        (["--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
+        (["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    ],
+)
+def test_bench_numbers_are_checked_as_usage_errors(flags, expected, capsys):
+    """They were accepted (--threads 0, --budget -1) or named an internal function (invalid parse_shape value)."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--kernel", *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and expected in err and "parse_shape" not in err
+
+
 def test_lora_rank_flag_reaches_the_config(stories_path, tmp_path):
     out = tmp_path / "D"
     argv = ["compress", "--model", str(stories_path), "--residual-rank", "4", "--lora-rank", "3", "--quiet"]

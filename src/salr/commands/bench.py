@@ -12,7 +12,7 @@ import torch
 
 from salr import bench
 from salr.bench.models import RANDOM_SPECS
-from salr.commands.common import add_dataclass_args, dataclass_from_args
+from salr.commands.common import add_dataclass_args, at_least, dataclass_from_args, non_negative_float
 from salr.config import DEFAULT_SPARSITY, PRESETS, SALRConfig
 from salr.errors import SALRError
 from salr.io import atomic_write_json, check_writable_file
@@ -32,6 +32,14 @@ WHAT_CAN_RUN = (
 )
 
 
+def shape_arg(text: str) -> tuple[int, int]:
+    """argparse type for --shape: bench.parse_shape's message as the usage error."""
+    try:
+        return bench.parse_shape(text)
+    except SALRError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -44,11 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--generate", action="store_true", help="end-to-end greedy generation tokens/s and memory")
     mode.add_argument("--checkpoint", action="store_true", help="checkpoint bytes: dense bf16 vs SALR")
     mode.add_argument("--train-memory", action="store_true", help="fine-tuning peak memory: SALR vs LoRA")
-    p.add_argument("--shape", action="append", type=bench.parse_shape, metavar="OUTxIN",
+    p.add_argument("--shape", action="append", type=shape_arg, metavar="OUTxIN",
                    help="--kernel: weight shape, repeatable (default: the whole grid)")  # fmt: skip
-    p.add_argument("--tokens", action="append", type=int, metavar="M", help="--kernel: tokens per call, repeatable")
+    p.add_argument("--tokens", action="append", type=at_least(1), metavar="M",
+                   help="--kernel: tokens per call, repeatable")  # fmt: skip
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="--kernel: bitmap backend (auto: the op's)")
-    p.add_argument("--budget", type=float, default=1.0, help="--kernel: seconds of timing per case (>= 5 rounds)")
+    p.add_argument("--budget", type=non_negative_float, default=1.0,
+                   help="--kernel: seconds of timing per case (>= 5 rounds)")  # fmt: skip
     p.add_argument(
         "--model",
         help="model spec (default: 'default'; --device cuda --generate runs 'llama3-8b' and 'default'; "
@@ -61,19 +71,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         only=["sparsity", "residual_rank", "r", "quant", "quant_double"],
         defaults={"sparsity": DEFAULT_SPARSITY},
     )
-    p.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens to decode per round")
-    p.add_argument("--prompt-tokens", type=int, help="--generate: prompt length (default: the built-in prompt)")
-    p.add_argument("--rounds", type=int, default=3, help="--generate: interleaved rounds (median reported)")
+    p.add_argument("--new-tokens", type=at_least(1), default=32, help="--generate: tokens to decode per round")
+    p.add_argument("--prompt-tokens", type=at_least(1),
+                   help="--generate: prompt length (default: the built-in prompt)")  # fmt: skip
+    p.add_argument("--rounds", type=at_least(1), default=3, help="--generate: interleaved rounds (median reported)")
     p.add_argument("--no-memory", action="store_true", help="--generate on CPU: skip the child-process RSS runs")
     p.add_argument("--static-cache", action="store_true",
                    help="--generate: every model decodes with a static KV cache (transformers' StaticCache); on "
                         "CUDA each decode step is also replayed from a CUDA graph")  # fmt: skip
-    p.add_argument("--batch", type=int, default=4, help="--train-memory: sequences per step")
-    p.add_argument("--seq", type=int, default=256, help="--train-memory: tokens per sequence")
-    p.add_argument("--steps", type=int, default=2, help="--train-memory: optimizer steps (first is warm-up)")
+    p.add_argument("--batch", type=at_least(1), default=4, help="--train-memory: sequences per step")
+    p.add_argument("--seq", type=at_least(2), default=256, help="--train-memory: tokens per sequence")
+    p.add_argument("--steps", type=at_least(1), default=2, help="--train-memory: optimizer steps (first is warm-up)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="--train-memory: gradient checkpointing of the decoder layers, for both methods")  # fmt: skip
-    p.add_argument("--layers", type=int, metavar="N",
+    p.add_argument("--layers", type=at_least(1), metavar="N",
                    help="--train-memory, tinyllama-shape or llama3-8b: keep only N decoder layers")  # fmt: skip
     p.add_argument("--attention", choices=("salr", "sdpa"), default="salr",
                    help="CPU --generate: every model's one-token attention through salr.attention (what salr's "
@@ -86,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--kernel on the CPU: push the weights out of the caches before every timed call (cold, as "
                    "when decoding a model larger than the cache) or time calls back to back (warm)")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, help="torch / kernel threads (default: torch's)")
+    p.add_argument("--threads", type=at_least(1), help="torch / kernel threads (default: torch's)")
     p.add_argument("--json", metavar="OUT", help="write the results here")
     p.set_defaults(func=run)
 

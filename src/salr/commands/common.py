@@ -35,6 +35,20 @@ def at_least(minimum: int) -> Any:
     return parse
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+non_negative_float.__name__ = "number >= 0"
+
+
 def flag(name: str) -> str:
     return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
 
