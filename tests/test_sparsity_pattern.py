@@ -116,3 +116,17 @@ def test_compress_flag_takes_json(stories_path, tmp_path):
     rows = {row["name"]: row["sparsity"] for row in report["layers"]}
     assert {round(s, 2) for n, s in rows.items() if n.endswith("up_proj")} == {0.25}
     assert {round(s, 2) for n, s in rows.items() if n.endswith("q_proj")} == {0.5}
+
+
+@pytest.mark.parametrize("field", ["sparsity_pattern", "residual_rank_pattern"])
+def test_a_key_that_names_no_layer_is_refused_before_anything_changes(tiny_llama, field):
+    """'mlp' matches no layer name's end (gate_proj, up_proj, down_proj do): those layers silently got the global
+    value. Refused with the matching rule; a key that does match converts."""
+    value = {"sparsity_pattern": 0.7, "residual_rank_pattern": 2}[field]
+    bad = salr.SALRConfig.from_preset("paper", residual_rank=4, r=2, **{field: {"down_proj": value, "mlp": value}})
+    with pytest.raises(SALRError, match=f"{field} key 'mlp' matches no converted layer"):
+        salr.convert(tiny_llama, bad, progress=False)
+    assert not list(salr_modules(tiny_llama))  # nothing was converted
+    good = salr.SALRConfig.from_preset("paper", residual_rank=4, r=2, **{field: {r"mlp\..*": value}})
+    salr.convert(tiny_llama, good, progress=False)
+    assert len(list(salr_modules(tiny_llama))) == 14

@@ -64,11 +64,16 @@ def _check_layer_pattern(name: str, pattern: Any, what: str) -> None:
             raise SALRError(f"{name} key {key!r} is not a valid regular expression ({err})") from err
 
 
+def pattern_key_matches(key: str, name: str) -> bool:
+    """PEFT's rank_pattern rule for one key: its regex matches the end of `name` (the whole name, or what follows a
+    dot)."""
+    return re.fullmatch(rf"(?:.*\.)?(?:{key})", name) is not None
+
+
 def _first_match(pattern: dict[str, Any] | None, name: str, default: Any) -> Any:
-    """PEFT's rank_pattern rule: the value of the first key whose regex matches the end of `name` (the whole name, or
-    what follows a dot), else `default`."""
+    """The value of the first key of `pattern` that matches `name` (pattern_key_matches), else `default`."""
     for key, value in (pattern or {}).items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+        if pattern_key_matches(key, name):
             return value
     return default
 

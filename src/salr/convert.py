@@ -26,7 +26,7 @@ from salr import bases
 from salr.bases import DenseBase
 from salr.block_tuning import tune_block
 from salr.calibration import BlockwiseCalibration, LayerStats, calibration_ids, iterate_blocks
-from salr.config import DTYPES, SALRConfig
+from salr.config import DTYPES, SALRConfig, pattern_key_matches
 from salr.decompose import Decomposition, decompose, decompose_group
 from salr.errors import SALRError
 from salr.experts import EXPERT_PARAMS, SALRExperts, SALRExpertsProjection, check_supported, is_fused_experts
@@ -145,6 +145,7 @@ def convert(
     """
     started = time.perf_counter()
     targets = find_targets(model, config)
+    _refuse_unmatched_pattern_keys(config, targets)
     modules = dict(model.named_modules())
     for target in targets:  # everything is checked before any layer is converted: never a half-converted model
         if isinstance(modules[target.module_name], SALRLinear):
@@ -179,6 +180,19 @@ def convert(
         report["block_tuning"] = converter.block_rows
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _refuse_unmatched_pattern_keys(config: SALRConfig, targets: list[Target]) -> None:
+    """A per-layer key that names no converted layer is a typo whose layers would silently get the global value."""
+    for field_name in ("sparsity_pattern", "residual_rank_pattern"):
+        for key in getattr(config, field_name) or {}:
+            if not any(pattern_key_matches(key, t.name) for t in targets):
+                example = targets[0].name if targets else "model.layers.0.mlp.gate_proj"
+                raise SALRError(
+                    f"{field_name} key {key!r} matches no converted layer: a key is a regex matched against the end "
+                    f"of a layer name after a dot, as PEFT's rank_pattern (e.g. 'gate_proj', 'mlp\\..*' or "
+                    f"'layers\\.0\\..*' for {example})"
+                )
 
 
 def _untie_converted_output(model: nn.Module, targets: list[Target]) -> None:
