@@ -155,3 +155,11 @@ def test_merge_and_unload_mixtral_restores_native_experts(tiny_mixtral):
     experts = tiny_mixtral.model.layers[0].mlp.experts
     assert type(experts) is experts_type and experts.gate_up_proj.shape == (4, 96, 32)
     assert torch.allclose(tiny_mixtral(ids).logits, before, atol=1e-4)
+
+
+def test_a_model_directory_without_tokenizer_files_is_named_as_such(tiny_llama, tmp_path):
+    """It said "the tokenizer cannot be loaded (ValueError: Couldn't instantiate the backend tokenizer from one of:
+    )"."""
+    tiny_llama.save_pretrained(tmp_path / "m")
+    with pytest.raises(SALRError, match=r"m has no tokenizer files \(tokenizer.json, tokenizer_config.json"):
+        salr.load_model(str(tmp_path / "m"))

@@ -155,9 +155,18 @@ def load_hf_weights(directory: Path, hint: str = "") -> PreTrainedModel:
     return model
 
 
+# Files one of which every tokenizer transformers can load from a directory has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_hf_dir(directory: Path, hint: str = "") -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of a local Hugging Face model directory, every weight loaded from its files."""
     model = load_hf_weights(directory, hint)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise SALRError(
+            f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): salr loads a model with "
+            "its tokenizer; save it there too (tokenizer.save_pretrained) or copy the base model's tokenizer files"
+        )
     return model, _tokenizer(directory, str(directory), hint)
 
 
