@@ -380,6 +380,8 @@ def test_mmlu_picks_the_most_likely_letter_micro_and_macro(tokenizer):
     assert len(history) == 2 and all("Answer: D\n\nQ1 of history?" in p and "Answer: C\n\n" in p for p in history)
     with pytest.raises(SALRError, match="no dev examples for subject"):
         evaluate.mmlu(stub, tokenizer, dev[:5], rows, k=2)
+    with pytest.raises(SALRError, match=r"6-shot MMLU: subject\(s\) algebra, history have only 5 dev questions"):
+        evaluate.mmlu(stub, tokenizer, dev, rows, k=6)  # it reported "6-shot" for prompts holding 5
 
 
 def test_mmlu_matches_letter_logprobs_by_hand(model, tokenizer):

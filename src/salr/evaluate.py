@@ -509,6 +509,13 @@ def mmlu(
         missing = sorted({r["subject"] for r in records} - set(dev))
         if missing:
             raise SALRError(f"no dev examples for subject(s) {', '.join(missing)}; pass a dev split covering them")
+        short = sorted(subject for subject in {r["subject"] for r in records} if len(dev[subject]) < k)
+        if short:  # the report would say k-shot while the prompts held fewer
+            fewest = min(len(dev[subject]) for subject in short)
+            raise SALRError(
+                f"{k}-shot MMLU: subject(s) {', '.join(short[:3])}{' ...' if len(short) > 3 else ''} have only "
+                f"{fewest} dev questions; pass --shots {fewest} or fewer (MMLU's dev split has 5 per subject)"
+            )
     budget = context_length(model)
     requests: list[Request] = []
     spans, shots_dropped, n_truncated = [], 0, 0
