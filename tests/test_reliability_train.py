@@ -108,6 +108,18 @@ def test_resume_of_a_finished_run_is_a_no_op(stories_path, gsm8k, tmp_path, caps
     assert tree(out) == before  # nothing rewritten, the report keeps its whole history
 
 
+def test_a_local_model_is_one_model_however_its_path_is_written(stories_path, gsm8k, tmp_path, capsys, monkeypatch):
+    """A run started with --model stories260K.bin resumes with ./stories260K.bin (it was refused as another model)."""
+    monkeypatch.chdir(stories_path.parent)
+    out = tmp_path / "R"
+    argv = train_argv(stories_path.name, gsm8k, out)
+    assert main([*argv[:-1], "--max-steps", "2", "--no-progress"]) == 0
+    assert json.loads((out / "run.json").read_text())["model"] == str(stories_path)
+    capsys.readouterr()
+    assert main(train_argv(f"./{stories_path.name}", gsm8k, out, "--resume")) == 0
+    assert "differ from the run being resumed" not in capsys.readouterr().err
+
+
 def test_resume_refuses_different_arguments_and_accepts_safe_ones(stories_path, gsm8k, tmp_path, capsys, caplog):
     out = tmp_path / "R"
     argv = train_argv(stories_path, gsm8k, out)

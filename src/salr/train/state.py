@@ -175,12 +175,17 @@ def load_train_state(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the run directory
 
 
+def local_spec(spec: str | None) -> str | None:
+    """A model spec that names a local path, made absolute ('./llama' and 'llama' are one model); others as given."""
+    return os.path.abspath(spec) if spec and os.path.exists(spec) else spec
+
+
 def run_record(
     run_info: dict[str, Any] | None, base_model: str, config: SALRConfig, cfg: Any, examples_sha256: str | None
 ) -> dict[str, Any]:
     """What run.json stores: the arguments that define the run (`run_info` adds method, dtype, data, eval)."""
     train_config = {k: v for k, v in vars(cfg).items() if k != "progress"}
-    record = {"model": base_model, "salr_config": config.to_dict(), "train_config": train_config}
+    record = {"model": local_spec(base_model), "salr_config": config.to_dict(), "train_config": train_config}
     if examples_sha256 is not None:
         record["examples_sha256"] = examples_sha256
     return {**(run_info or {}), **record}
@@ -232,6 +237,8 @@ def compare_run(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if key in ("run_id", "format_version") or key not in stored:
             continue
         was = stored[key]
+        if key == "model":  # runs recorded before local paths were made absolute
+            was = local_spec(was)
         if isinstance(now, dict) and isinstance(was, dict):
             pairs = [(key, name, was.get(name), now.get(name)) for name in sorted(set(was) | set(now))]
         else:
