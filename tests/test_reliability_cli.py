@@ -108,6 +108,7 @@ BAD_INPUTS = [
         lambda w: [*w.eval(), "--task", "gsm8k", "--data", str(w.data), "--max-new-tokens", "100000"],
         "is more than this model's whole context",
     ),
+    ("fewer-records-than-a-batch", lambda w: w.train("--limit", "2", "--batch-size", "4"), "only 2 training examples"),
     ("eval-data-alone", lambda w: w.train("--eval-data", str(w.data)), "--eval-data and --eval-every go together"),
     ("eval-every-alone", lambda w: w.train("--eval-every", "2"), "--eval-data and --eval-every go together"),
     (

@@ -72,9 +72,12 @@ def effective_config(model_spec: str, method: str, config: SALRConfig) -> SALRCo
     return method_config(method, config)
 
 
-def refuse_float16_adapters(adapter_dtype: str) -> None:
-    """AdamW cannot train float16 parameters: its eps (1e-8) is 0 in float16, so a zero gradient's update is 0 / 0."""
-    if adapter_dtype == "float16":
+def refuse_float16_adapters(adapters: str | nn.Module) -> None:
+    """AdamW cannot train float16 parameters: its eps (1e-8) is 0 in float16, so a zero gradient's update is 0 / 0.
+    `adapters`: a config's adapter_dtype, or a model whose trainable parameters are checked."""
+    if isinstance(adapters, nn.Module):
+        adapters = "float16" if any(p.dtype == torch.float16 for _, p in trainable_parameters(adapters)) else ""
+    if adapters == "float16":
         raise SALRError(
             "the adapters are float16, which AdamW cannot train (its eps, 1e-8, is 0 in float16: a zero gradient "
             "gives NaN at the first step): train float32 (the default) or bfloat16 adapters (--adapter-dtype, set "
@@ -425,8 +428,7 @@ def train(
     refuses different ones except run_state.SAFE_TRAIN_ARGS. The report covers the whole run.
     """
     output = Path(os.path.abspath(output))
-    if any(p.dtype == torch.float16 for _, p in trainable_parameters(model)):
-        refuse_float16_adapters("float16")  # before the run directory is claimed
+    refuse_float16_adapters(model)  # before the run directory is claimed
     resume_from = None if resume_from is None else Path(resume_from)
     record = run_state.run_record(run_info, base_model, config, cfg, run_state.examples_digest(list(examples)))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -558,6 +560,8 @@ def run_training(
         if data_path is None:
             raise SALRError("no training data: pass --data PATH (GSM8K or Alpaca JSON/JSONL), or --distill")
         records = data.load_sft_records(data_path, limit)
+    if records is not None and len(records) < cfg.batch_size:  # before the model is loaded and converted
+        raise SALRError(f"only {len(records)} training examples for batch_size {cfg.batch_size}: use more data")
     run_info = {
         "method": method,
         "dtype": dtype,
