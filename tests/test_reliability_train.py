@@ -114,7 +114,7 @@ def test_a_local_model_is_one_model_however_its_path_is_written(stories_path, gs
     out = tmp_path / "R"
     argv = train_argv(stories_path.name, gsm8k, out)
     assert main([*argv[:-1], "--max-steps", "2", "--no-progress"]) == 0
-    assert json.loads((out / "run.json").read_text())["model"] == str(stories_path)
+    assert json.loads((out / "run.json").read_text())["model"] == str(Path.cwd() / stories_path.name)  # absolute
     capsys.readouterr()
     assert main(train_argv(f"./{stories_path.name}", gsm8k, out, "--resume")) == 0
     assert "differ from the run being resumed" not in capsys.readouterr().err
