@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -169,24 +170,13 @@ def test_bitmap_base_checkpoint_round_trip_and_size(stories_path, tmp_path):
     assert sizes["checkpoint_bytes"] < sizes["dense_bytes"]
 
 
-def test_a_converted_tied_lm_head_is_untied_and_its_checkpoint_loads(tmp_path):
+def test_a_converted_tied_lm_head_is_untied_and_its_checkpoint_loads(tiny_llama, tmp_path):
     """lm_head named explicitly on a model with tied embeddings: the embeddings stay dense, the saved config no longer
     ties them, and the checkpoint loads to the same logits (it was written unloadable before)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    tied = copy.deepcopy(tiny_llama.config)
+    tied.tie_word_embeddings = True
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )  # fmt: skip
-    ).eval()
+    model = type(tiny_llama)(tied).eval()
     embeddings = model.model.embed_tokens.weight.detach().clone()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     config = salr.SALRConfig.from_preset("paper", residual_rank=4, r=2, target_modules=["lm_head", "q_proj"])

@@ -135,9 +135,8 @@ def test_eval_answer_nll_task(stories, stories_path, tmp_path, capsys):
     assert json.loads(out.read_text())["metrics"]["answer_nll"] == pytest.approx(want["answer_nll"], rel=1e-6)
 
 
-def test_default_prompt_distillation_steps_aside_without_a_dense_teacher(stories_path, tmp_path, caplog, capsys):
-    """A checkpoint that does not record its dense model: the default trains without prompt distillation (with a
-    warning); asking for it explicitly is one clear error."""
+def checkpoint_without_its_dense_model(stories_path, tmp_path):
+    """(a paper-recipe SALR checkpoint of the stories model that records no base model, 16 training records)."""
     from salr.loaders import load_model
 
     model, tok = load_model(str(stories_path))
@@ -147,6 +146,13 @@ def test_default_prompt_distillation_steps_aside_without_a_dense_teacher(stories
     salr.save(model, ckpt, config, tokenizer=tok, base_model=None)
     records = tmp_path / "train.jsonl"
     records.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_arithmetic(16, seed=2)))
+    return ckpt, records
+
+
+def test_default_prompt_distillation_steps_aside_without_a_dense_teacher(stories_path, tmp_path, caplog, capsys):
+    """A checkpoint that does not record its dense model: the default trains without prompt distillation (with a
+    warning); asking for it explicitly is one clear error."""
+    ckpt, records = checkpoint_without_its_dense_model(stories_path, tmp_path)
     base = ["train", "--model", str(ckpt), "--data", str(records), "--max-steps", "1", "--batch-size", "4",
             "--no-progress"]  # fmt: skip
     with caplog.at_level("WARNING"):
@@ -161,15 +167,7 @@ def test_default_prompt_distillation_steps_aside_without_a_dense_teacher(stories
 def test_a_checkpoint_is_trained_as_saved_and_conversion_flags_are_refused(stories_path, tmp_path, capsys):
     """`salr train --model CKPT` trains the checkpoint's own mask and adapters: a conversion flag, a preset or a method
     that converts a dense model would change nothing and is one clear error before anything is written."""
-    from salr.loaders import load_model
-
-    model, tok = load_model(str(stories_path))
-    config = salr.SALRConfig.from_preset("paper", residual_rank=4, r=4)
-    salr.convert(model, config, progress=False)
-    ckpt = tmp_path / "ckpt"
-    salr.save(model, ckpt, config, tokenizer=tok, base_model=None)
-    records = tmp_path / "train.jsonl"
-    records.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_arithmetic(16, seed=2)))
+    ckpt, records = checkpoint_without_its_dense_model(stories_path, tmp_path)
     base = ["train", "--model", str(ckpt), "--data", str(records), "--max-steps", "1", "--batch-size", "4",
             "--no-progress", "--output", str(tmp_path / "run")]  # fmt: skip
     refused = {

@@ -165,6 +165,16 @@ def text_ids(tokenizer: Any, text: str, samples: int, length: int, seed: int = 0
     return torch.tensor(rows, dtype=torch.long)
 
 
+def within_context(model: nn.Module, length: int, what: str) -> int:
+    """`length` cut to the model's context (max_position_embeddings), logged: sampling or reading windows past it
+    never ends well."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        logger.info("%s of %d tokens cut to the model's context of %d", what, length, limit)
+        return limit
+    return length
+
+
 def calibration_ids(
     model: nn.Module,
     tokenizer: Any,
@@ -178,10 +188,7 @@ def calibration_ids(
     "data" (TRAINING_DATA): windows of the training `records` salr train passes."""
     if samples < 1 or length < 2:
         raise SALRError(f"calibration needs samples >= 1 and length >= 2, got {samples} x {length}")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and length > limit:
-        logger.info("calibration windows of %d tokens cut to the model's context of %d", length, limit)
-        length = limit
+    length = within_context(model, length, "calibration windows")
     if source == SELF:
         return self_generated_ids(model, samples, length, seed)
     if source == TRAINING_DATA:

@@ -118,6 +118,12 @@ def _write_binding(weights: Path, value: str) -> None:
         f.write(value.encode())
 
 
+def local_spec(spec: str | None) -> str | None:
+    """A model spec that names a local path, made absolute: as typed it would name another model (or none) from
+    another working directory, and './llama' and 'llama' are one model. Hub ids and names stay as given."""
+    return os.path.abspath(spec) if spec and os.path.exists(spec) else spec
+
+
 def write_checkpoint(
     model: PreTrainedModel,
     directory: Path,
@@ -141,8 +147,7 @@ def write_checkpoint(
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "salr": config.to_dict(),
-        # a local path as typed would name another model (or none) from another working directory: keep it absolute
-        "base_model": os.path.abspath(base_model) if base_model and os.path.exists(base_model) else base_model,
+        "base_model": local_spec(base_model),
         "base_format": base_format(model),
         "tied_tensors": aliases,
     }

@@ -398,10 +398,11 @@ def gsm8k(
     records = list(records)[:limit] if limit is not None else list(records)
     if not records:
         raise SALRError("no GSM8K records to evaluate")
-    if max_new_tokens > context_length(model):
+    context = context_length(model)
+    if max_new_tokens > context:
         raise SALRError(
-            f"max_new_tokens {max_new_tokens} is more than this model's whole context of {context_length(model)} "
-            "tokens: pass --max-new-tokens below it (GSM8K answers need ~100-300)"
+            f"max_new_tokens {max_new_tokens} is more than this model's whole context of {context} tokens: pass "
+            "--max-new-tokens below it (GSM8K answers need ~100-300)"
         )
     prompts = [data.encode_prompt(tokenizer, r["question"]) for r in records]
     with _eval_mode(model):

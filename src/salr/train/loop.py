@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salr import data
-from salr.calibration import calibration_ids, self_generated_ids
+from salr.calibration import calibration_ids, self_generated_ids, within_context
 from salr.checkpoint import CONFIG_NAME, read_salr_config
 from salr.config import TRAINING_DATA, SALRConfig
 from salr.convert import convert, mark_trainable
@@ -99,16 +99,15 @@ def prepare_model(
     training `records` where its calibration is 'data' (TRAINING_DATA).
     """
     path = Path(model_spec)
-    refuse_float16_adapters(effective_config(model_spec, method, config).adapter_dtype)  # before any conversion
+    config = effective_config(model_spec, method, config)
+    refuse_float16_adapters(config.adapter_dtype)  # before any conversion
     if path.is_dir() and (path / CONFIG_NAME).is_file():
-        saved = effective_config(model_spec, method, config)
         model, tokenizer = load_model(model_spec, dtype=dtype, huge_pages=run_state.trains_on_cpu())
-        if not saved.train_residual:
+        if not config.train_residual:
             for module in model.modules():
                 if isinstance(module, FusedAdapters):
                     module.train_residual = False
-        return model, tokenizer, saved, None
-    config = method_config(method, config)
+        return model, tokenizer, config, None
     model, tokenizer = load_model(model_spec, dtype=dtype, huge_pages=run_state.trains_on_cpu())
     calibration = None
     if config.needs_calibration and config.calibration == TRAINING_DATA:
@@ -154,11 +153,7 @@ def every_position_examples(rows: list[list[int]]) -> list[dict[str, list[int]]]
 
 def distill_examples(teacher: nn.Module, cfg: TrainConfig) -> list[dict[str, list[int]]]:
     """Sequences sampled from the teacher itself (data-free recovery), every position a training target."""
-    length = cfg.distill_length
-    limit = getattr(teacher.config, "max_position_embeddings", None)
-    if limit is not None and length > limit:  # as calibration windows: sampling past the context never ends well
-        logger.info("distillation sequences of %d tokens cut to the model's context of %d", length, limit)
-        length = limit
+    length = within_context(teacher, cfg.distill_length, "distillation sequences")
     ids = self_generated_ids(teacher, cfg.distill_samples, length, seed=cfg.seed + 1)
     return every_position_examples(ids.tolist())
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from salr.checkpoint import CONFIG_NAME, read_salr_config, save, save_into
+from salr.checkpoint import CONFIG_NAME, local_spec, read_salr_config, save, save_into
 from salr.config import SALRConfig
 from salr.errors import SALRError
 from salr.integrity import SHA256_RE
@@ -173,11 +173,6 @@ def load_train_state(path: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the run directory
-
-
-def local_spec(spec: str | None) -> str | None:
-    """A model spec that names a local path, made absolute ('./llama' and 'llama' are one model); others as given."""
-    return os.path.abspath(spec) if spec and os.path.exists(spec) else spec
 
 
 def run_record(
